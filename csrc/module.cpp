@@ -1,0 +1,140 @@
+// retina_fast._C: validates arguments and dispatches to csrc/cpu and csrc/cuda.
+//
+// CPU tensors arrive as NumPy arrays (torch.Tensor.numpy() shares memory); shapes, dtypes and
+// contiguity are checked here. CUDA tensors arrive as raw device pointers plus the caller's stream; the
+// Python wrapper (retina_fast/_ext.py) checks device, dtype and contiguity before passing them.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <omp.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "cpu/philox_cpu.h"
+#include "cpu/nearest_code_cpu.h"
+#if defined(RETINA_FAST_WITH_CUDA)
+#include "cuda/philox_cuda.h"
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+using CArray = py::array_t<T, py::array::c_style>;
+
+template <typename T>
+void require(const py::array& a, const char* name, int ndim) {
+  if (!py::isinstance<py::array_t<T>>(a))
+    throw py::type_error(std::string(name) + ": wrong dtype " + std::string(py::str(a.dtype())));
+  if (a.ndim() != ndim)
+    throw py::value_error(std::string(name) + ": expected " + std::to_string(ndim) + " dims, got " +
+                          std::to_string(a.ndim()));
+  if (!(a.flags() & py::array::c_style))
+    throw py::value_error(std::string(name) + ": must be C-contiguous");
+}
+
+void randn_cpu(py::array keys, uint64_t offset, py::array out) {
+  require<uint64_t>(keys, "keys", 1);
+  require<float>(out, "out", 2);
+  if (out.shape(0) != keys.shape(0)) throw py::value_error("out.shape[0] must equal len(keys)");
+  if (!out.writeable()) throw py::value_error("out is read-only");
+  const auto* k = static_cast<const uint64_t*>(keys.data());
+  auto* o = static_cast<float*>(out.mutable_data());
+  const int64_t rows = out.shape(0), n = out.shape(1);
+  py::gil_scoped_release nogil;
+  rf::philox_randn_cpu(k, rows, n, offset, o);
+}
+
+py::array randint4x(py::array counters, py::array keys) {
+  require<uint32_t>(counters, "counters", 2);
+  require<uint32_t>(keys, "keys", 2);
+  if (counters.shape(1) != 4 || keys.shape(1) != 2 || counters.shape(0) != keys.shape(0))
+    throw py::value_error("counters must be (n, 4) and keys (n, 2)");
+  const int64_t n = counters.shape(0);
+  CArray<uint32_t> out({n, static_cast<int64_t>(4)});
+  rf::philox_randint4x_cpu(static_cast<const uint32_t*>(counters.data()),
+                           static_cast<const uint32_t*>(keys.data()), n, out.mutable_data());
+  return out;
+}
+
+py::array derive_keys(uint64_t seed, py::array images, uint32_t step, uint32_t stream) {
+  require<int64_t>(images, "images", 1);
+  const int64_t n = images.shape(0);
+  const auto* im = static_cast<const int64_t*>(images.data());
+  for (int64_t i = 0; i < n; ++i)
+    if (im[i] < 0 || im[i] > 0xffffffffLL) throw py::value_error("image index out of range [0, 2^32)");
+  CArray<uint64_t> out(n);
+  rf::derive_keys_cpu(seed, im, n, step, stream, out.mutable_data());
+  return out;
+}
+
+void nearest_code(py::array x, py::array codebook, py::array code_sqnorm, py::array idx, py::array dist) {
+  require<float>(x, "x", 2);
+  require<float>(codebook, "codebook", 2);
+  require<float>(code_sqnorm, "code_sqnorm", 1);
+  require<int64_t>(idx, "idx", 1);
+  require<float>(dist, "dist", 1);
+  const int64_t n = x.shape(0), d = x.shape(1), k = codebook.shape(0);
+  if (codebook.shape(1) != d) throw py::value_error("codebook dim does not match x");
+  if (code_sqnorm.shape(0) != k) throw py::value_error("code_sqnorm must have one entry per code");
+  if (idx.shape(0) != n || dist.shape(0) != n) throw py::value_error("idx/dist must have one entry per row");
+  if (k == 0) throw py::value_error("empty codebook");
+  const auto* xp = static_cast<const float*>(x.data());
+  const auto* cp = static_cast<const float*>(codebook.data());
+  const auto* np_ = static_cast<const float*>(code_sqnorm.data());
+  auto* ip = static_cast<int64_t*>(idx.mutable_data());
+  auto* dp = static_cast<float*>(dist.mutable_data());
+  py::gil_scoped_release nogil;
+  rf::nearest_code_cpu(xp, cp, np_, n, d, k, ip, dp);
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["build_type"] = RF_BUILD_TYPE;
+  d["isa"] = RF_BUILD_ISA;
+  d["cuda"] = RF_BUILD_CUDA;
+  d["compiler"] = RF_BUILD_COMPILER;
+  d["openmp"] = _OPENMP;
+  d["omp_max_threads"] = omp_get_max_threads();
+  d["cpu_avx512f"] = static_cast<bool>(__builtin_cpu_supports("avx512f"));
+  d["cpu_avx512bf16"] = static_cast<bool>(__builtin_cpu_supports("avx512bf16"));
+  d["cpu_amx_bf16"] = static_cast<bool>(__builtin_cpu_supports("amx-bf16"));
+  d["cpu_avx2"] = static_cast<bool>(__builtin_cpu_supports("avx2"));
+#if defined(RETINA_FAST_WITH_CUDA)
+  d["with_cuda"] = true;
+#else
+  d["with_cuda"] = false;
+#endif
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "retina_fast compiled core (C++17/OpenMP, optional CUDA); no libtorch dependency";
+  m.def("randn_cpu", &randn_cpu, py::arg("keys"), py::arg("offset"), py::arg("out"),
+        "Fill out (rows, n) float32 with Philox normals: out[r, j] = normal(keys[r], offset + j).");
+  m.def("randint4x", &randint4x, py::arg("counters"), py::arg("keys"),
+        "Raw Philox4x32-10: counters (n, 4) uint32, keys (n, 2) uint32 -> (n, 4) uint32.");
+  m.def("derive_keys", &derive_keys, py::arg("seed"), py::arg("images"), py::arg("step"), py::arg("stream"),
+        "Per-image, per-step 64-bit keys (see retina_fast.noise.derive_keys).");
+  m.def("nearest_code", &nearest_code, py::arg("x"), py::arg("codebook"), py::arg("code_sqnorm"),
+        py::arg("idx"), py::arg("dist"),
+        "Nearest codebook row by L2 for each row of x (n, d); writes idx (n,) int64 and squared dist (n,).");
+  m.def("build_info", &build_info);
+#if defined(RETINA_FAST_WITH_CUDA)
+  m.def("randn_cuda", [](uintptr_t keys, int64_t rows, int64_t n, uint64_t offset, uintptr_t out,
+                         uintptr_t stream) {
+    if (rows < 0 || n < 0) throw py::value_error("negative size");
+    const char* err = rf::philox_randn_cuda(reinterpret_cast<const uint64_t*>(keys), rows, n, offset,
+                                            reinterpret_cast<float*>(out), stream);
+    if (err[0] != '\0') throw std::runtime_error(std::string("randn_cuda: ") + err);
+  });
+  m.def("cuda_device_count", []() {
+    int count = 0;
+    const char* err = rf::cuda_device_summary(&count);
+    return py::make_tuple(count, std::string(err));
+  });
+#endif
+}

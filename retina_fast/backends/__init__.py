@@ -1,0 +1,231 @@
+"""Backend registry: capabilities as data, reasons when unusable, explicit selection, no silent fallback.
+
+Each backend declares what it supports (devices, dtypes, minimum CUDA compute capability, software it
+needs) and answers :meth:`Backend.not_supported_reasons`. Selection, highest precedence first:
+
+1. the ``backend=`` argument of a call (``"auto"`` means "no preference here"),
+2. the innermost ``with use_backend(name):`` block,
+3. the ``RETINA_FAST_BACKEND`` environment variable,
+4. ``auto``: the fastest usable backend for the device.
+
+Asking for an unusable backend raises :class:`BackendUnavailable` listing every reason. ``auto`` never
+falls back silently: when a faster backend for the same device is unusable it warns with the reasons
+(``RETINA_FAST_STRICT=1`` turns that warning into an error). Resolution happens once per pipeline.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from retina_fast import _env, _ext
+
+__all__ = [
+    "Backend",
+    "BackendUnavailable",
+    "BackendFallbackWarning",
+    "register",
+    "get",
+    "names",
+    "all_backends",
+    "resolve",
+    "use_backend",
+    "cpu_features",
+]
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here; the message lists every reason."""
+
+
+class BackendFallbackWarning(RuntimeWarning):
+    """``auto`` skipped a faster backend for this device; the message says why."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    description: str
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    speed_rank: int  # auto prefers the highest usable rank
+    min_compute_capability: tuple[int, int] | None = None
+    requirements: tuple[Callable[[], str | None], ...] = field(default=(), repr=False)
+
+    def not_supported_reasons(self, device: str | torch.device | None = None,
+                              dtype: torch.dtype | None = None) -> list[str]:
+        """Why this backend cannot run for (device, dtype) here; empty when it can."""
+        reasons = [r for r in (req() for req in self.requirements) if r]
+        dev = torch.device(device) if device is not None else torch.device(self.devices[0])
+        if dev.type not in self.devices:
+            reasons.append(f"runs on {'/'.join(self.devices)}, not {dev.type}")
+        if dtype is not None and dtype not in self.dtypes:
+            names_ = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            reasons.append(f"supports dtypes {names_}, not {str(dtype).replace('torch.', '')}")
+        if dev.type == "cuda" and self.min_compute_capability and not reasons:
+            cc = torch.cuda.get_device_capability(dev)
+            if cc < self.min_compute_capability:
+                need = ".".join(map(str, self.min_compute_capability))
+                reasons.append(f"needs compute capability >= {need}, GPU has {cc[0]}.{cc[1]}")
+        return reasons
+
+    def usable(self, device=None, dtype=None) -> bool:
+        return not self.not_supported_reasons(device, dtype)
+
+
+# --- requirement probes (called lazily, never at import) ---------------------------------------------
+
+def _need_extension() -> str | None:
+    return None if _ext.available() else f"compiled core retina_fast._C not loaded ({_ext.load_error})"
+
+
+def _need_extension_cuda() -> str | None:
+    if not _ext.available():
+        return f"compiled core retina_fast._C not loaded ({_ext.load_error})"
+    return None if _ext.has_cuda() else "retina_fast._C was built without CUDA (no nvcc at build time)"
+
+
+def _need_cuda_device() -> str | None:
+    if not torch.backends.cuda.is_built():
+        return f"this torch ({torch.__version__}) is a CPU-only build"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU visible (torch.cuda.is_available() is False)"
+    return None
+
+
+def _need_triton() -> str | None:
+    from retina_fast import kernels
+
+    return None if kernels.available else f"Triton not importable ({kernels.load_error})"
+
+
+def _need_tensorrt() -> str | None:
+    if importlib.util.find_spec("tensorrt") is None:
+        return "the tensorrt Python package is not installed (not obtainable on this workplace's registries)"
+    return None
+
+
+def cpu_features() -> dict[str, bool]:
+    """x86 features that matter here, from /proc/cpuinfo (Linux) or the extension's cpuid probe."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    if not flags and _ext.available():
+        info = _ext.build_info()
+        return {"avx2": info["cpu_avx2"], "avx512f": info["cpu_avx512f"],
+                "avx512_bf16": info["cpu_avx512bf16"], "amx_bf16": info["cpu_amx_bf16"]}
+    return {"avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
+            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
+
+
+def cpu_has_fast_bf16() -> bool:
+    feats = cpu_features()
+    return feats["amx_bf16"] or feats["avx512_bf16"]
+
+
+# --- the registry -------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, Backend] = {}
+_ACTIVE: contextvars.ContextVar[str | None] = contextvars.ContextVar("retina_fast_backend", default=None)
+
+
+def register(backend: Backend) -> Backend:
+    if backend.name in _REGISTRY or backend.name == "auto":
+        raise ValueError(f"backend name {backend.name!r} is already taken")
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def get(name: str) -> Backend:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; known: auto, {', '.join(_REGISTRY)}") from None
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def all_backends() -> list[Backend]:
+    return list(_REGISTRY.values())
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Select a backend for calls inside the block that pass no explicit ``backend``."""
+    if name != "auto":
+        get(name)
+    token = _ACTIVE.set(name)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def requested_name(explicit: str | None = None) -> str:
+    """The backend name in force for a call: argument > context manager > environment > auto."""
+    for candidate in (explicit, _ACTIVE.get(), _env.backend_override()):
+        if candidate and candidate != "auto":
+            return candidate
+    return "auto"
+
+
+def resolve(name: str | None = None, *, device: str | torch.device | None = None,
+            dtype: torch.dtype | None = None) -> Backend:
+    """The backend to use for (device, dtype). Raises :class:`BackendUnavailable` with all reasons."""
+    name = requested_name(name)
+    if device is None:
+        device = "cuda" if _need_cuda_device() is None else "cpu"
+    device = torch.device(device)
+    if name != "auto":
+        backend = get(name)
+        reasons = backend.not_supported_reasons(device, dtype)
+        if reasons:
+            raise BackendUnavailable(f"backend {name!r} cannot run on {device}: " + "; ".join(reasons))
+        return backend
+    candidates = sorted((b for b in _REGISTRY.values() if device.type in b.devices),
+                        key=lambda b: -b.speed_rank)
+    skipped: list[str] = []
+    for backend in candidates:
+        reasons = backend.not_supported_reasons(device, dtype)
+        if not reasons:
+            if skipped:
+                msg = f"auto chose {backend.name!r} on {device}; faster backends skipped: " + " | ".join(skipped)
+                if _env.strict():
+                    raise BackendUnavailable(msg + " (RETINA_FAST_STRICT=1)")
+                warnings.warn(msg, BackendFallbackWarning, stacklevel=2)
+            return backend
+        if backend.name != "tensorrt":  # TensorRT is optional everywhere here; its absence is not news
+            skipped.append(f"{backend.name}: {'; '.join(reasons)}")
+    raise BackendUnavailable(f"no backend can run on {device}: " + " | ".join(skipped))
+
+
+register(Backend(
+    name="torch", description="eager fp32 PyTorch: exactly the reference",
+    devices=("cpu", "cuda"), dtypes=(torch.float32,), speed_rank=0))
+register(Backend(
+    name="cpu", description="channels-last, bf16 autocast on AMX/AVX512-BF16, fused C++ ops, threads",
+    devices=("cpu",), dtypes=(torch.float32, torch.bfloat16), speed_rank=10,
+    requirements=(_need_extension,)))
+register(Backend(
+    name="cuda", description="Triton kernels, CUDA graphs, bf16/fp16 with fp32 accumulation",
+    devices=("cuda",), dtypes=(torch.float32, torch.bfloat16, torch.float16), speed_rank=20,
+    min_compute_capability=(8, 0),
+    requirements=(_need_cuda_device, _need_triton, _need_extension_cuda)))
+register(Backend(
+    name="tensorrt", description="whole-model TensorRT engines built from ONNX exports",
+    devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32), speed_rank=30,
+    min_compute_capability=(8, 0),
+    requirements=(_need_cuda_device, _need_tensorrt, _need_extension_cuda)))

@@ -1,0 +1,1 @@
+"""Subcommands of the ``retina-fast`` CLI (see retina_fast/cli.py)."""

@@ -1,0 +1,41 @@
+"""Test configuration shared by every test module.
+
+On machines without a CUDA GPU, Triton kernels run in the interpreter: TRITON_INTERPRET=1 must be set
+before Triton decorates any kernel, i.e. before the first test module imports retina_fast.kernels.
+Tests marked ``gpu`` / ``tensorrt`` skip with the backend's own reason.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+def _gpu_reason() -> str | None:
+    if not torch.backends.cuda.is_built():
+        return f"no CUDA GPU: torch {torch.__version__} is a CPU-only build"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU visible"
+    return None
+
+
+GPU_SKIP_REASON = _gpu_reason()
+if GPU_SKIP_REASON is not None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    from retina_fast import backends
+
+    trt_reasons = backends.get("tensorrt").not_supported_reasons("cuda")
+    for item in items:
+        if "gpu" in item.keywords and GPU_SKIP_REASON:
+            item.add_marker(pytest.mark.skip(reason=GPU_SKIP_REASON))
+        if "tensorrt" in item.keywords and trt_reasons:
+            item.add_marker(pytest.mark.skip(reason="; ".join(trt_reasons)))
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return torch.device("cuda" if GPU_SKIP_REASON is None else "cpu")
