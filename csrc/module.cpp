@@ -12,6 +12,7 @@
 
 #include "cpu/philox_cpu.h"
 #include "cpu/nearest_code_cpu.h"
+#include "cpu/sampler_step_cpu.h"
 #if defined(RETINA_FAST_WITH_CUDA)
 #include "cuda/philox_cuda.h"
 #endif
@@ -89,6 +90,41 @@ void nearest_code(py::array x, py::array codebook, py::array code_sqnorm, py::ar
   rf::nearest_code_cpu(xp, cp, np_, n, d, k, ip, dp);
 }
 
+void sampler_step(py::array x, py::array eps, py::object x0_prev, py::object keys, py::tuple coef, bool clip,
+                  py::array out, py::array x0_out) {
+  require<float>(x, "x", 2);
+  require<float>(eps, "eps", 2);
+  require<float>(out, "out", 2);
+  require<float>(x0_out, "x0_out", 2);
+  const int64_t b = x.shape(0), n = x.shape(1);
+  for (const py::array* a : {&eps, &out, &x0_out})
+    if (a->shape(0) != b || a->shape(1) != n) throw py::value_error("x, eps, out, x0_out must share one shape");
+  if (coef.size() != 6) throw py::value_error("coef must be (inv_a1, s1, cx, c0, cp, std)");
+  rf::StepCoefC c{coef[0].cast<float>(), coef[1].cast<float>(), coef[2].cast<float>(),
+                  coef[3].cast<float>(), coef[4].cast<float>(), coef[5].cast<float>()};
+  const float* xp = nullptr;
+  py::array xp_arr, keys_arr;
+  if (!x0_prev.is_none()) {
+    xp_arr = x0_prev.cast<py::array>();
+    require<float>(xp_arr, "x0_prev", 2);
+    if (xp_arr.shape(0) != b || xp_arr.shape(1) != n) throw py::value_error("x0_prev must match x");
+    xp = static_cast<const float*>(xp_arr.data());
+  }
+  const uint64_t* kp = nullptr;
+  if (!keys.is_none()) {
+    keys_arr = keys.cast<py::array>();
+    require<uint64_t>(keys_arr, "keys", 1);
+    if (keys_arr.shape(0) != b) throw py::value_error("one key per image expected");
+    kp = static_cast<const uint64_t*>(keys_arr.data());
+  }
+  const auto* xd = static_cast<const float*>(x.data());
+  const auto* ed = static_cast<const float*>(eps.data());
+  auto* od = static_cast<float*>(out.mutable_data());
+  auto* x0d = static_cast<float*>(x0_out.mutable_data());
+  py::gil_scoped_release nogil;
+  rf::sampler_step_cpu(xd, ed, xp, kp, b, n, c, clip, od, x0d);
+}
+
 py::dict build_info() {
   py::dict d;
   d["build_type"] = RF_BUILD_TYPE;
@@ -122,6 +158,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("nearest_code", &nearest_code, py::arg("x"), py::arg("codebook"), py::arg("code_sqnorm"),
         py::arg("idx"), py::arg("dist"),
         "Nearest codebook row by L2 for each row of x (n, d); writes idx (n,) int64 and squared dist (n,).");
+  m.def("sampler_step", &sampler_step, py::arg("x"), py::arg("eps"), py::arg("x0_prev"), py::arg("keys"),
+        py::arg("coef"), py::arg("clip"), py::arg("out"), py::arg("x0_out"),
+        "Fused generic sampler update with in-loop Philox noise; arrays are (batch, n) float32.");
   m.def("build_info", &build_info);
 #if defined(RETINA_FAST_WITH_CUDA)
   m.def("randn_cuda", [](uintptr_t keys, int64_t rows, int64_t n, uint64_t offset, uintptr_t out,

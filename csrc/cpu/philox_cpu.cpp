@@ -57,6 +57,8 @@ inline float cos_approx(float t) {
   return sign * (c + odd * (s - c));
 }
 
+}  // namespace
+
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 void randn_chunk(uint32_t k0, uint32_t k1, uint64_t first, int64_t n, float* __restrict out) {
   // 32-bit lanes only: the counter's high word is first_hi + carry, so the loop runs 16 wide on AVX-512
@@ -72,8 +74,6 @@ void randn_chunk(uint32_t k0, uint32_t k1, uint64_t first, int64_t n, float* __r
     out[j] = rad * cos_approx(kTwoPi * u1);
   }
 }
-
-}  // namespace
 
 void philox_randn_cpu(const uint64_t* keys, int64_t rows, int64_t n, uint64_t offset, float* out) {
   constexpr int64_t kChunk = 4096;
