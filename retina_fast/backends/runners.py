@@ -1,0 +1,157 @@
+"""Backend runners: the same modules the trainers train, with ops swapped per backend.
+
+A runner is built once per (pipeline, backend, device, dtype) and offers the four things the sampling
+loop needs, every one with the same meaning as the reference:
+
+    denoise(x fp32 (B, C, h, w), t int64 (B,)) -> eps fp32
+    step(x, eps, coef, x0_prev, keys, clip) -> (x_out, x0)         (retina_fast.ops.sampler_step)
+    decode(x0 scaled latents fp32) -> reflectance (B, bands, H, W) in [0, 1]
+
+``torch`` is exactly the reference (eager fp32, reference ops). ``cpu`` converts a copy of the U-Net to
+channels-last (bf16 where the CPU has AVX512-BF16 / AMX, unless dtype=float32 is asked), and uses the
+fused C++ sampler step (noise in the loop) and C++ nearest-code lookup. ``cuda`` swaps in the Triton
+GroupNorm+SiLU and attention kernels, runs the U-Net in bf16 with fp32 accumulation, and replays the
+denoising step from a CUDA graph per batch shape (no host synchronisation inside the loop).
+"""
+from __future__ import annotations
+
+import copy
+import types
+
+import torch
+
+from retina_fast.models.attention import Attention, LinearAttention
+from retina_fast.models.layers import GroupNormSiLU
+from retina_fast.models.vqgan import model_to_reflectance, unscale_latent
+from retina_fast.ops import nearest_code, sampler_step
+
+__all__ = ["Runner", "make_runner", "default_dtype"]
+
+
+def default_dtype(backend: str, device: torch.device) -> torch.dtype:
+    """fp32 for ``torch``; bf16 for ``cuda`` and for ``cpu`` on CPUs with fast bf16, else fp32."""
+    from retina_fast.backends import cpu_has_fast_bf16
+
+    if backend == "cuda":
+        return torch.bfloat16
+    if backend == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+class Runner:
+    """The reference (``torch`` backend); subclasses override what they accelerate."""
+
+    nearest_impl = "torch"
+    step_impl = "torch"
+
+    def __init__(self, loaded, device: torch.device, dtype: torch.dtype) -> None:
+        self.loaded = loaded
+        self.device = device
+        self.dtype = dtype
+        self.unet = loaded.unet.to(device)
+        self.vqgan = loaded.vqgan.to(device)
+
+    @torch.no_grad()
+    def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t)
+
+    def step(self, x, eps, coef, x0_prev, keys, clip):
+        return sampler_step(x, eps, coef, x0_prev=x0_prev, keys=keys, clip_x0=clip, impl=self.step_impl)
+
+    @torch.no_grad()
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.loaded.latent_range
+        z = unscale_latent(x0, lo, hi)
+        b, c, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, c)
+        idx, _ = nearest_code(flat, self.vqgan.codebook.embedding.float(), impl=self.nearest_impl)
+        cube = self.decode_indices(idx.view(b, h, w))
+        return model_to_reflectance(cube.float(), self.vqgan.config)
+
+    def decode_indices(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.vqgan.decode_indices(idx)
+
+
+def _fast_copy(module: torch.nn.Module, dtype: torch.dtype, channels_last: bool) -> torch.nn.Module:
+    fast = copy.deepcopy(module).eval().to(dtype)
+    return fast.to(memory_format=torch.channels_last) if channels_last else fast
+
+
+class CPURunner(Runner):
+    nearest_impl = "cpp"
+    step_impl = "cpp"
+
+    def __init__(self, loaded, device, dtype) -> None:
+        super().__init__(loaded, device, dtype)
+        self.fast_unet = _fast_copy(loaded.unet, dtype, channels_last=True)
+        self.fast_decoder = _fast_copy(loaded.vqgan, torch.float32, channels_last=True)
+
+    @torch.no_grad()
+    def denoise(self, x, t):
+        xin = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        return self.fast_unet(xin, t).float().contiguous()
+
+    def decode_indices(self, idx):
+        return self.fast_decoder.decode_indices(idx)
+
+
+def _swap_cuda_kernels(unet: torch.nn.Module) -> None:
+    from retina_fast.kernels import attention as tk_attn
+    from retina_fast.kernels.group_norm_silu import group_norm_silu
+
+    def gn_forward(self, x, scale_shift=None):
+        scale, shift = scale_shift if scale_shift is not None else (None, None)
+        return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps, scale, shift, self.act)
+
+    for m in unet.modules():
+        if isinstance(m, GroupNormSiLU):
+            m.forward = types.MethodType(gn_forward, m)
+        elif isinstance(m, LinearAttention):
+            m.attention_fn = tk_attn.linear_attention
+        elif isinstance(m, Attention):
+            m.attention_fn = tk_attn.softmax_attention
+
+
+class CUDARunner(Runner):
+    nearest_impl = "triton"
+    step_impl = "triton"
+
+    def __init__(self, loaded, device, dtype) -> None:
+        super().__init__(loaded, device, dtype)
+        self.fast_unet = _fast_copy(loaded.unet, dtype, channels_last=False).to(device)
+        _swap_cuda_kernels(self.fast_unet)
+        self._graphs: dict[tuple, tuple] = {}
+
+    @torch.no_grad()
+    def denoise(self, x, t):
+        key = tuple(x.shape)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(x, t)
+        graph, x_in, t_in, out = self._graphs[key]
+        x_in.copy_(x)
+        t_in.copy_(t)
+        graph.replay()
+        return out.clone()
+
+    def _capture(self, x, t):
+        x_in, t_in = x.clone(), t.clone()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up: Triton compilation and allocator pools outside the graph
+                self.fast_unet(x_in.to(self.dtype), t_in)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.fast_unet(x_in.to(self.dtype), t_in).float()
+        return graph, x_in, t_in, out
+
+
+RUNNERS = {"torch": Runner, "cpu": CPURunner, "cuda": CUDARunner}
+
+
+def make_runner(backend: str, loaded, device: torch.device, dtype: torch.dtype) -> Runner:
+    if backend not in RUNNERS:
+        raise ValueError(f"backend {backend!r} has no sampling runner here (tensorrt needs its own issue)")
+    return RUNNERS[backend](loaded, device, dtype)

@@ -1,0 +1,118 @@
+"""retina_fast engine: drop-in equivalence with the reference loop, batch/split invariance, backends.
+
+Uses a small random-weight model (speed and equivalence do not need trained weights); the shipped
+model's equivalence with training.reference_sample is tested in tests/test_reference.py.
+"""
+from __future__ import annotations
+
+import copy
+import types
+
+import pytest
+import torch
+
+from retina_fast import _ext, backends
+from retina_fast.engine import Pipeline
+from retina_fast.models.config import LDMConfig, UNetConfig, VQGANConfig
+from retina_fast.models.unet import UNet2D
+from retina_fast.models.vqgan import VQGAN
+from retina_fast.schedules import cosine_schedule
+
+needs_ext = pytest.mark.skipif(not _ext.available(), reason=f"extension not loaded: {_ext.load_error}")
+
+
+def small_loaded(seed: int = 0):
+    torch.manual_seed(seed)
+    vq = VQGANConfig(image_size=32, f=4, base_channels=8, latent_channels=4, codebook_size=64, gn_groups=8)
+    un = UNetConfig(in_channels=4, base_channels=16, channel_mults=(1, 2), attn_heads=2, attn_head_dim=8, groups=4)
+    cfg = LDMConfig(vqgan=vq, unet=un, name="test-small")
+    vqgan, unet = VQGAN(vq).eval(), UNet2D(un).eval()
+    with torch.no_grad():  # spread the codebook so nearest-code choices are well separated
+        vqgan.codebook.embedding.copy_(torch.randn_like(vqgan.codebook.embedding))
+    return types.SimpleNamespace(config=cfg, vqgan=vqgan, unet=unet, schedule=cosine_schedule(1000),
+                                 latent_range=vqgan.latent_range(), wavelengths=vq.wavelengths)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline(small_loaded(), "test")
+
+
+def relerr(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@needs_ext
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 0.7), ("ddpm", 0.0), ("dpmpp_2m", 0.0)])
+def test_cpu_fp32_is_a_drop_in_replacement(pipe, sampler, eta):
+    ref_cube, ref_lat = pipe.sample(3, 12, seed=5, sampler=sampler, eta=eta, backend="torch", return_latents=True)
+    cube, lat = pipe.sample(3, 12, seed=5, sampler=sampler, eta=eta, backend="cpu", dtype=torch.float32,
+                            return_latents=True)
+    assert cube.shape == (3, 16, 32, 32) and lat.shape == (3, 4, 8, 8)
+    assert relerr(lat, ref_lat) <= 1e-4 and relerr(cube, ref_cube) <= 1e-4
+    assert float(cube.min()) >= 0 and float(cube.max()) <= 1
+
+
+@needs_ext
+def test_cpu_bf16_error_is_that_of_plain_pytorch_bf16(pipe):
+    """Tolerance rule: err(engine bf16, fp32 ref) <= 2 err(eager PyTorch bf16, fp32 ref) + 1e-3."""
+    ref = pipe.sample(4, 10, seed=1, backend="torch", return_latents=True)[1]
+    fast = pipe.sample(4, 10, seed=1, backend="cpu", dtype=torch.bfloat16, return_latents=True)[1]
+    loaded = copy.copy(pipe.loaded)
+    loaded.unet = copy.deepcopy(pipe.loaded.unet).to(torch.bfloat16)
+    eager_bf16 = Pipeline(loaded, "bf16-eager")
+    runner = eager_bf16.runner("torch", "cpu", torch.float32)
+    runner.denoise = lambda x, t: loaded.unet(x.to(torch.bfloat16), t).float()  # plain PyTorch at bf16
+    plain = eager_bf16.sample(4, 10, seed=1, backend="torch", return_latents=True)[1]
+    assert relerr(fast, ref) <= 2 * relerr(plain, ref) + 1e-3
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_ext)])
+def test_image_i_never_depends_on_batch_or_split(pipe, backend):
+    whole = pipe.sample(5, 6, seed=9, sampler="ddpm", backend=backend, dtype=torch.float32, batch_size=5)
+    split = pipe.sample(5, 6, seed=9, sampler="ddpm", backend=backend, dtype=torch.float32, batch_size=2)
+    tail = pipe.sample(2, 6, seed=9, sampler="ddpm", backend=backend, dtype=torch.float32, first_index=3)
+    torch.testing.assert_close(split, whole, rtol=0, atol=1e-5)
+    torch.testing.assert_close(tail, whole[3:], rtol=0, atol=1e-5)
+
+
+def test_same_seed_same_images_and_different_seeds_differ(pipe):
+    a = pipe.sample(2, 5, seed=4, backend="torch")
+    assert torch.equal(a, pipe.sample(2, 5, seed=4, backend="torch"))
+    assert not torch.allclose(a, pipe.sample(2, 5, seed=5, backend="torch"))
+
+
+def test_bad_arguments(pipe):
+    with pytest.raises(ValueError, match="positive"):
+        pipe.sample(0)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        pipe.sample(1, 5, sampler="euler")
+    with pytest.raises(ValueError, match="steps"):
+        pipe.sample(1, 0)
+    with pytest.raises(backends.BackendUnavailable, match="cuda"):
+        pipe.sample(1, 2, backend="cuda", device="cpu")
+    with pytest.raises(backends.BackendUnavailable, match="float16"):
+        pipe.sample(1, 2, backend="torch", dtype=torch.float16)
+
+
+def test_non_finite_latents_raise_a_clear_error():
+    loaded = small_loaded()
+    with torch.no_grad():
+        loaded.unet.final_conv.bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        Pipeline(loaded, "nan").sample(1, 3, backend="torch")
+
+
+def test_runner_is_resolved_once_per_pipeline(pipe):
+    r1 = pipe.runner("torch", "cpu")
+    assert pipe.runner("torch", "cpu") is r1
+
+
+@pytest.mark.gpu
+def test_cuda_backend_matches_reference_within_bf16_tolerance():
+    p = Pipeline(small_loaded(), "gpu")
+    ref = p.sample(4, 10, seed=2, backend="torch", return_latents=True)[1]
+    fp32 = p.sample(4, 10, seed=2, backend="cuda", device="cuda", dtype=torch.float32, return_latents=True)[1]
+    assert relerr(fp32, ref) <= 1e-4
+    bf16 = p.sample(4, 10, seed=2, backend="cuda", device="cuda", return_latents=True)[1]
+    assert relerr(bf16, ref) <= 0.1
