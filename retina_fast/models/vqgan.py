@@ -1,0 +1,206 @@
+"""2D VQ-GAN for 16-band cubes: a 2D reading of Medical Diffusion's (TATS-derived) autoencoder.
+
+With encoder channels c_0 = base, c_i = base * mult_i (default doubling) and S = log2(f) stages:
+
+    Encoder:  conv3x3 bands -> c_0
+              stage i = 0..S-1: conv4x4 stride 2 (c_i -> c_{i+1}), ResBlock(c_{i+1}) x enc_res_blocks
+              GroupNorm + SiLU, conv1x1 c_S -> D                                   -> z (B, D, H/f, W/f)
+    Codebook: nearest code, straight-through, EMA, K-Means (retina_fast.models.codebook)
+    Decoder:  conv1x1 D -> c_S, GroupNorm + SiLU
+              stage j = 0..S-1: transposed conv4x4 stride 2 (c_{S-j+1} or c_S at j = 0 -> c_{S-j}),
+                                ResBlock(c_{S-j}) x dec_res_blocks
+              conv3x3 c_1 -> bands                                                  (no output clamp)
+
+So, as in the source, the decoder carries one level more channels than the encoder at each
+resolution and ends at c_1 = 2 base. ResBlock = GN -> SiLU -> conv3 -> GN -> SiLU -> conv3, + x;
+GroupNorm(32, eps 1e-6), or the largest divisor of the channel count below 32 when 32 does not divide
+it (``group_count``). Convs pad by replication (the source's SamePadConv; ``padding_mode``).
+
+Data range inside the model: [-1, 1], x = 2 r - 1 for reflectance r (``config.reflectance_*``).
+Latent scaling for diffusion (FACTS §2): z' = 2 (z - min E) / (max E - min E) - 1 with min/max scalars
+over the whole codebook E, applied to the continuous pre-quantisation z; decoding inverts it, takes the
+nearest code and decodes.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from retina_fast.models.codebook import Codebook, QuantizeOutput
+from retina_fast.models.config import VQGANConfig
+from retina_fast.models.layers import GroupNormSiLU, group_count
+from retina_fast.ops import nearest_code
+
+__all__ = ["VQGAN", "VQGANOutput", "ResBlock", "scale_latent", "unscale_latent",
+           "reflectance_to_model", "model_to_reflectance"]
+
+
+def scale_latent(z: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """z' = 2 (z - lo) / (hi - lo) - 1 (codebook range -> [-1, 1])."""
+    return 2.0 * (z - lo) / (hi - lo) - 1.0
+
+
+def unscale_latent(z: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Inverse of ``scale_latent``: z = (z' + 1) (hi - lo) / 2 + lo."""
+    return (z + 1.0) * (hi - lo) / 2.0 + lo
+
+
+def reflectance_to_model(r: torch.Tensor, config: VQGANConfig) -> torch.Tensor:
+    """Reflectance in [0, 1] -> model range (default 2 r - 1)."""
+    return r * config.reflectance_scale + config.reflectance_shift
+
+
+def model_to_reflectance(x: torch.Tensor, config: VQGANConfig, clamp: bool = True) -> torch.Tensor:
+    """Model range -> reflectance (default (x + 1) / 2), clamped to [0, 1] unless ``clamp=False``."""
+    r = (x - config.reflectance_shift) / config.reflectance_scale
+    return r.clamp(0.0, 1.0) if clamp else r
+
+
+class VQGANOutput(NamedTuple):
+    """recon (B, bands, H, W); z (B, D, h, w) continuous; quant: the codebook's QuantizeOutput."""
+
+    recon: torch.Tensor
+    z: torch.Tensor
+    quant: QuantizeOutput
+
+
+def _conv(c_in: int, c_out: int, k: int, stride: int, mode: str) -> nn.Conv2d:
+    pad = (k - stride) // 2 if stride > 1 else k // 2
+    return nn.Conv2d(c_in, c_out, k, stride=stride, padding=pad, padding_mode=mode)
+
+
+class _UpConv(nn.Module):
+    """x2 upsampling: pad the input by 1 (``mode``), then a 4x4 stride-2 transposed conv with padding 3
+    (the source's SamePadConvTranspose): (B, C_in, h, w) -> (B, C_out, 2h, 2w)."""
+
+    def __init__(self, c_in: int, c_out: int, mode: str) -> None:
+        super().__init__()
+        self.mode = "constant" if mode == "zeros" else mode
+        self.conv = nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (1, 1, 1, 1), mode=self.mode))
+
+
+class ResBlock(nn.Module):
+    """GN -> SiLU -> conv3 -> GN -> SiLU -> conv3, + x.  (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, channels: int, groups: int, eps: float, mode: str) -> None:
+        super().__init__()
+        g = group_count(channels, groups)
+        self.norm1 = GroupNormSiLU(channels, g, eps)
+        self.conv1 = _conv(channels, channels, 3, 1, mode)
+        self.norm2 = GroupNormSiLU(channels, g, eps)
+        self.conv2 = _conv(channels, channels, 3, 1, mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(self.norm2(self.conv1(self.norm1(x))))
+
+
+class Encoder(nn.Module):
+    """(B, bands, H, W) -> (B, c_S, H/f, W/f), before the 1x1 projection to the embedding dim."""
+
+    def __init__(self, cfg: VQGANConfig) -> None:
+        super().__init__()
+        ch, mode = cfg.stage_channels, cfg.padding_mode
+        self.conv_in = _conv(cfg.bands, ch[0], 3, 1, mode)
+        self.stages = nn.ModuleList()
+        for i in range(cfg.stages):
+            blocks = [_conv(ch[i], ch[i + 1], 4, 2, mode)]
+            blocks += [ResBlock(ch[i + 1], cfg.gn_groups, cfg.gn_eps, mode) for _ in range(cfg.enc_res_blocks)]
+            self.stages.append(nn.Sequential(*blocks))
+        self.norm_out = GroupNormSiLU(ch[-1], group_count(ch[-1], cfg.gn_groups), cfg.gn_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for stage in self.stages:
+            h = stage(h)
+        return self.norm_out(h)
+
+
+class Decoder(nn.Module):
+    """(B, c_S, h, w) (after the 1x1 projection from the embedding dim) -> (B, bands, h f, w f)."""
+
+    def __init__(self, cfg: VQGANConfig) -> None:
+        super().__init__()
+        ch, mode, s = cfg.stage_channels, cfg.padding_mode, cfg.stages
+        self.norm_in = GroupNormSiLU(ch[-1], group_count(ch[-1], cfg.gn_groups), cfg.gn_eps)
+        self.stages = nn.ModuleList()
+        c_prev = ch[s]
+        for j in range(s):
+            c_out = ch[s - j]
+            blocks: list[nn.Module] = [_UpConv(c_prev, c_out, mode)]
+            blocks += [ResBlock(c_out, cfg.gn_groups, cfg.gn_eps, mode) for _ in range(cfg.dec_res_blocks)]
+            self.stages.append(nn.Sequential(*blocks))
+            c_prev = c_out
+        self.conv_out = _conv(c_prev, cfg.bands, 3, 1, mode)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.norm_in(h)
+        for stage in self.stages:
+            h = stage(h)
+        return self.conv_out(h)
+
+
+class VQGAN(nn.Module):
+    """Autoencoder + codebook. Images in model range [-1, 1], (B, bands, H, W) with H, W divisible by f."""
+
+    def __init__(self, config: VQGANConfig) -> None:
+        super().__init__()
+        self.config = config
+        c_top = config.stage_channels[-1]
+        self.encoder = Encoder(config)
+        self.pre_quant = nn.Conv2d(c_top, config.latent_channels, 1)
+        self.codebook = Codebook(config.codebook_size, config.latent_channels,
+                                 commitment=config.commitment, decay=config.ema_decay, eps=config.ema_eps,
+                                 restart_threshold=config.restart_threshold,
+                                 kmeans_iters=config.kmeans_iters, kmeans_tol=config.kmeans_tol,
+                                 samples_per_code=config.kmeans_samples_per_code)
+        self.post_quant = nn.Conv2d(config.latent_channels, c_top, 1)
+        self.decoder = Decoder(config)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, bands, H, W) -> continuous pre-quantisation z (B, D, H/f, W/f)."""
+        f = self.config.f
+        if x.dim() != 4 or x.shape[1] != self.config.bands or x.shape[-1] % f or x.shape[-2] % f:
+            raise ValueError(f"VQGAN.encode expects (B, {self.config.bands}, H, W) with H, W divisible by "
+                             f"f={f}, got {tuple(x.shape)}")
+        return self.pre_quant(self.encoder(x))
+
+    def quantize(self, z: torch.Tensor) -> QuantizeOutput:
+        """z (B, D, h, w) -> QuantizeOutput(zq_st, indices (B, h, w), commit_loss, perplexity).
+        In training mode this also runs the codebook's EMA update and dead-code restart."""
+        return self.codebook(z)
+
+    def decode(self, zq: torch.Tensor) -> torch.Tensor:
+        """Quantised latents (B, D, h, w) -> x (B, bands, h f, w f) in model range (not clamped)."""
+        return self.decoder(self.post_quant(zq))
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code indices (B, h, w) int64 -> x (B, bands, h f, w f)."""
+        return self.decode(self.codebook.lookup(indices))
+
+    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """Continuous (unscaled) latents (B, D, h, w) -> nearest codes -> decoder (no codebook update)."""
+        idx, _ = self.codebook_nearest(z)
+        return self.decode_indices(idx)
+
+    def codebook_nearest(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z (B, D, h, w) -> (indices (B, h, w), squared distances (B, h, w)), never updating the codebook."""
+        b, _, h, w = z.shape
+        idx, dist = nearest_code(Codebook.flatten(z.detach()).float(), self.codebook.embedding.float())
+        return idx.view(b, h, w), dist.view(b, h, w)
+
+    def latent_range(self) -> tuple[float, float]:
+        """(min, max) over every entry of the codebook: the latent scaling constants."""
+        emb = self.codebook.embedding
+        return float(emb.min()), float(emb.max())
+
+    def forward(self, x: torch.Tensor) -> VQGANOutput:
+        """Training pass: encode, quantise (EMA update in training mode), decode."""
+        z = self.encode(x)
+        q = self.quantize(z)
+        return VQGANOutput(self.decode(q.zq_st), z, q)

@@ -1,0 +1,125 @@
+"""VQ-GAN training losses (Medical Diffusion's recipe in 2D, plus a spectral-angle term).
+
+Generator (autoencoder) objective at step s, with x, x̂ in model range [-1, 1]:
+
+    L_G = w_l1 |x - x̂|_1 + w_sam SAM(x, x̂) + commit
+          + g(s) [ w_gan (-mean D(x̂)) + w_fm FM(x, x̂) ] + w_p P(x, x̂)
+    g(s) = 1 if s >= gan_warmup_steps else 0
+
+Discriminator objective (hinge): L_D = g(s) * 0.5 [mean relu(1 - D(x)) + mean relu(1 + D(x̂))].
+
+SAM(x, y) = mean over pixels of arccos(<r_x, r_y> / (|r_x| |r_y|)) in radians, r = x + 1 (proportional
+to reflectance, the angle is scale invariant). FM(x, x̂) = mean over discriminator blocks of
+|f(x̂) - sg(f(x))|_1. Defaults (VQGANConfig): w_l1 = 4, w_sam = 1, w_gan = 1, w_fm = 4, w_p = 0.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from retina_fast.models.config import VQGANConfig
+from retina_fast.models.vqgan import VQGANOutput
+from retina_fast.training.discriminator import PatchDiscriminator
+from retina_fast.training.perceptual import PerceptualLoss
+
+__all__ = ["l1_loss", "spectral_angle", "hinge_d_loss", "hinge_g_loss", "feature_matching_loss",
+           "gan_factor", "VQGANLoss"]
+
+
+def l1_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """mean |x - y| over every element."""
+    return (x - y).abs().mean()
+
+
+def spectral_angle(x: torch.Tensor, y: torch.Tensor, *, offset: float = 1.0, eps: float = 1e-8) -> torch.Tensor:
+    """Mean spectral angle (radians) between x and y (B, bands, H, W), spectra along dim 1.
+
+    Angles are taken between (x + offset) and (y + offset); with offset 1 that is 2 x reflectance for
+    model-range inputs. The cosine is clamped to [-1 + 1e-7, 1 - 1e-7] so the gradient stays finite."""
+    a, b = x + offset, y + offset
+    cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+    return torch.acos(cos.clamp(-1 + 1e-7, 1 - 1e-7)).mean()
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """0.5 (mean relu(1 - D(x)) + mean relu(1 + D(x̂)))."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """-mean D(x̂)."""
+    return -logits_fake.mean()
+
+
+def feature_matching_loss(feats_fake: Sequence[torch.Tensor], feats_real: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean over blocks of mean |f_fake - sg(f_real)|."""
+    if len(feats_fake) != len(feats_real) or not feats_fake:
+        raise ValueError("feature lists must be non-empty and of equal length")
+    return torch.stack([l1_loss(a, b.detach()) for a, b in zip(feats_fake, feats_real)]).mean()
+
+
+def gan_factor(step: int, warmup: int) -> float:
+    """0 before ``warmup`` steps, 1 from then on."""
+    return 1.0 if step >= warmup else 0.0
+
+
+class VQGANLoss(nn.Module):
+    """Holds the discriminator (and the optional perceptual net) and computes both objectives.
+
+    generator_loss(x, out, step) -> (L_G, parts);  discriminator_loss(x, recon, step) -> (L_D, parts),
+    with L_D None before the warm-up (no discriminator work is done then).
+    ``parts`` maps term names to detached scalar tensors for logging.
+    """
+
+    def __init__(self, config: VQGANConfig, discriminator: nn.Module | None = None,
+                 perceptual: PerceptualLoss | None = None, disc_norm: str = "batch") -> None:
+        super().__init__()
+        self.config = config
+        self.discriminator = discriminator if discriminator is not None else PatchDiscriminator(
+            config.bands, config.disc_channels, config.disc_layers, disc_norm)
+        if config.perceptual_weight > 0 and perceptual is None:
+            raise ValueError("perceptual_weight > 0 needs a PerceptualLoss built from a user-supplied weights "
+                             "file (PerceptualLoss.from_file(path)); nothing is downloaded")
+        self.perceptual = perceptual
+
+    def generator_loss(self, x: torch.Tensor, out: VQGANOutput, step: int
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = self.config
+        recon = out.recon
+        parts = {"l1": l1_loss(recon, x), "sam": spectral_angle(recon, x), "commit": out.quant.commit_loss}
+        total = cfg.l1_weight * parts["l1"] + cfg.spectral_angle_weight * parts["sam"] + parts["commit"]
+        g = gan_factor(step, cfg.gan_warmup_steps)
+        if g > 0 and (cfg.gan_weight > 0 or cfg.feature_matching_weight > 0):
+            logits_fake, feats_fake = self.discriminator(recon)
+            parts["gan"] = hinge_g_loss(logits_fake)
+            total = total + g * cfg.gan_weight * parts["gan"]
+            if cfg.feature_matching_weight > 0:
+                with torch.no_grad():
+                    _, feats_real = self.discriminator(x)
+                parts["fm"] = feature_matching_loss(feats_fake, feats_real)
+                total = total + g * cfg.feature_matching_weight * parts["fm"]
+        if self.perceptual is not None and cfg.perceptual_weight > 0:
+            parts["perceptual"] = self.perceptual(recon, x)
+            total = total + cfg.perceptual_weight * parts["perceptual"]
+        parts["perplexity"] = out.quant.perplexity
+        parts = {k: v.detach() for k, v in parts.items()}
+        parts["total"] = total.detach()
+        return total, parts
+
+    def gan_active(self, step: int) -> bool:
+        return gan_factor(step, self.config.gan_warmup_steps) > 0
+
+    def discriminator_loss(self, x: torch.Tensor, recon: torch.Tensor, step: int
+                           ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Hinge loss of the discriminator; (None, {}) before the GAN warm-up (skip the D step)."""
+        g = gan_factor(step, self.config.gan_warmup_steps)
+        if g == 0:
+            return None, {}
+        logits_real, _ = self.discriminator(x.detach())
+        logits_fake, _ = self.discriminator(recon.detach())
+        loss = g * hinge_d_loss(logits_real, logits_fake)
+        return loss, {"d_loss": loss.detach(), "logits_real": logits_real.detach().mean(),
+                      "logits_fake": logits_fake.detach().mean()}
