@@ -71,6 +71,7 @@ setup(
         "retina_fast",
         "retina_fast.backends",
         "retina_fast.commands",
+        "retina_fast.metrics",
         "retina_fast.models",
         "retina_fast.ops",
         "retina_fast.kernels",
@@ -99,6 +100,7 @@ setup(
         "test": [
             "pytest>=7.4",
             "pytest-benchmark>=4.0",
+            "pytorch-msssim>=1.0",
             "triton>=3.0",
             "tifffile>=2023.1",
             "h5py>=3.8",
