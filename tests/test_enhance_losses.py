@@ -1,0 +1,103 @@
+"""Enhancement and segmentation losses against hand-computed values."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from retina_fast.models.magenet import MAGENetOutput
+from retina_fast.models.rsp import RSPOutput
+from retina_fast.training.enhance_losses import (EDGE_WEIGHT, SEG_LAMBDA, charbonnier, conv_gauss, dice_loss,
+                                                 edge_loss, gauss_kernel, laplacian_residual, magenet_loss,
+                                                 rsp_loss, segmentation_loss)
+
+
+def test_charbonnier_by_hand():
+    x = torch.tensor([0.0, 1.0, 0.5, -2.0])
+    y = torch.zeros(4)
+    expected = (math.sqrt(1e-6) + math.sqrt(1 + 1e-6) + math.sqrt(0.25 + 1e-6) + math.sqrt(4 + 1e-6)) / 4
+    assert float(charbonnier(x, y)) == pytest.approx(expected, rel=1e-6)
+    assert float(charbonnier(y, y)) == pytest.approx(1e-3)
+
+
+def _np_gauss(img: np.ndarray) -> np.ndarray:
+    """5×5 filter with replicate borders, written out with loops."""
+    g = np.array([0.05, 0.25, 0.4, 0.25, 0.05])
+    k = np.outer(g, g)
+    h, w = img.shape
+    p = np.pad(img, 2, mode="edge")
+    return np.array([[np.sum(p[i:i + 5, j:j + 5] * k) for j in range(w)] for i in range(h)])
+
+
+def _np_laplacian(img: np.ndarray) -> np.ndarray:
+    up = np.zeros_like(img)
+    up[::2, ::2] = 4 * _np_gauss(img)[::2, ::2]
+    return img - _np_gauss(up)
+
+
+def test_laplacian_residual_by_hand():
+    rng = np.random.default_rng(0)
+    img = rng.random((7, 6))
+    got = laplacian_residual(torch.from_numpy(img)[None, None].float())[0, 0].double().numpy()
+    np.testing.assert_allclose(got, _np_laplacian(img), atol=1e-5)
+    assert float(gauss_kernel(3).sum()) == pytest.approx(3.0)
+    const = torch.full((1, 3, 8, 8), 0.3)
+    torch.testing.assert_close(conv_gauss(const), const)
+    # MPRNet's zero-insertion upsampling with replicate borders: a constant leaves residuals only
+    # on the border rows/columns, none inside.
+    res = laplacian_residual(const)[0, 0]
+    assert float(res[2:-2, 2:-2].abs().max()) < 1e-6 and float(res.abs().max()) > 0.01
+
+
+def _edge_of_constant_shift(shape, shift: float, eps: float = 1e-3) -> float:
+    r = _np_laplacian(np.full(shape, shift))
+    return float(np.mean(np.sqrt(r * r + eps * eps)))
+
+
+def test_edge_loss_values():
+    x = torch.rand(2, 3, 10, 12)
+    assert float(edge_loss(x, x)) == pytest.approx(1e-3)  # identical -> ε
+    assert float(edge_loss(x + 0.2, x)) == pytest.approx(_edge_of_constant_shift((10, 12), 0.2), rel=1e-4)
+    y = torch.rand(2, 3, 10, 12)
+    expected = charbonnier(laplacian_residual(x), laplacian_residual(y))
+    torch.testing.assert_close(edge_loss(x, y), expected)
+    assert float(edge_loss(x, y, levels=2)) > float(expected)
+
+
+def test_segmentation_losses_by_hand():
+    zeros = torch.zeros(2, 1, 4, 4)
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[:, :, :2] = 1
+    assert float(segmentation_loss(zeros, mask)) == pytest.approx(math.log(2), rel=1e-6)
+    assert float(segmentation_loss([zeros] * 4, mask[:, 0])) == pytest.approx(4 * math.log(2), rel=1e-6)
+    # Dice with p = 0.5 everywhere: 1 − (2·0.5·8 + 1) / (8 + 8 + 1)
+    assert float(dice_loss(zeros, mask)) == pytest.approx(1 - 9 / 17, rel=1e-6)
+    both = segmentation_loss(zeros, mask, kind="bce+dice")
+    assert float(both) == pytest.approx(math.log(2) + 1 - 9 / 17, rel=1e-6)
+    with pytest.raises(ValueError):
+        segmentation_loss(zeros, mask, kind="focal")
+    with pytest.raises(ValueError):
+        segmentation_loss(zeros, torch.zeros(2, 1, 3, 3))
+
+
+def test_magenet_total_loss_by_hand():
+    target = torch.rand(2, 3, 8, 8)
+    sides = [torch.zeros(2, 1, 8, 8)] * 4
+    rsp = RSPOutput(sides=sides, mean=torch.zeros(2, 1, 8, 8), features=[])
+    out = MAGENetOutput(stage1=target + 1.0, stage2=target.clone(), rsp=rsp)
+    mask = (torch.rand(2, 1, 8, 8) > 0.5).float()
+    total, parts = magenet_loss(out, target, mask)
+    eps = 1e-3
+    stage1 = math.sqrt(1 + eps * eps) + EDGE_WEIGHT * _edge_of_constant_shift((8, 8), 1.0)
+    stage2 = eps + EDGE_WEIGHT * eps
+    expected = stage1 + stage2 + SEG_LAMBDA * 4 * math.log(2)
+    assert float(total) == pytest.approx(expected, rel=1e-5)
+    assert set(parts) == {"char_s1", "edge_s1", "char_s2", "edge_s2", "seg", "total"}
+    assert SEG_LAMBDA == 0.5 and EDGE_WEIGHT == 0.05
+    no_seg, parts = magenet_loss(out, target)  # no mask -> no segmentation term
+    assert float(no_seg) == pytest.approx(stage1 + stage2, rel=1e-5) and "seg" not in parts
+    s1_only = MAGENetOutput(stage1=target + 1.0, stage2=None, rsp=None)
+    assert float(magenet_loss(s1_only, target, mask)[0]) == pytest.approx(stage1, rel=1e-5)
+    assert float(rsp_loss(rsp, mask)) == pytest.approx(5 * math.log(2), rel=1e-6)
