@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["backend_override", "strict", "triton_interpret", "num_threads", "cache_dir"]
+__all__ = ["backend_override", "strict", "triton_interpret", "num_threads", "cache_dir", "dist_env", "local_rank"]
 
 
 def _flag(name: str) -> bool:
@@ -35,3 +35,13 @@ def num_threads() -> int | None:
 def cache_dir() -> str:
     """RETINA_FAST_CACHE: engine / compilation cache directory."""
     return os.environ.get("RETINA_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "retina_fast")
+
+
+def dist_env() -> tuple[int, int]:
+    """(rank, world_size) set by torchrun (RANK / WORLD_SIZE); (0, 1) outside torchrun."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    """LOCAL_RANK set by torchrun: which GPU of this node a rank uses."""
+    return int(os.environ.get("LOCAL_RANK", "0"))

@@ -6,31 +6,16 @@ model's equivalence with training.reference_sample is tested in tests/test_refer
 from __future__ import annotations
 
 import copy
-import types
 
 import pytest
 import torch
 
 from retina_fast import _ext, backends
 from retina_fast.engine import Pipeline
-from retina_fast.models.config import LDMConfig, UNetConfig, VQGANConfig
-from retina_fast.models.unet import UNet2D
-from retina_fast.models.vqgan import VQGAN
-from retina_fast.schedules import cosine_schedule
+
+from _small_model import small_loaded
 
 needs_ext = pytest.mark.skipif(not _ext.available(), reason=f"extension not loaded: {_ext.load_error}")
-
-
-def small_loaded(seed: int = 0):
-    torch.manual_seed(seed)
-    vq = VQGANConfig(image_size=32, f=4, base_channels=8, latent_channels=4, codebook_size=64, gn_groups=8)
-    un = UNetConfig(in_channels=4, base_channels=16, channel_mults=(1, 2), attn_heads=2, attn_head_dim=8, groups=4)
-    cfg = LDMConfig(vqgan=vq, unet=un, name="test-small")
-    vqgan, unet = VQGAN(vq).eval(), UNet2D(un).eval()
-    with torch.no_grad():  # spread the codebook so nearest-code choices are well separated
-        vqgan.codebook.embedding.copy_(torch.randn_like(vqgan.codebook.embedding))
-    return types.SimpleNamespace(config=cfg, vqgan=vqgan, unet=unet, schedule=cosine_schedule(1000),
-                                 latent_range=vqgan.latent_range(), wavelengths=vq.wavelengths)
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,16 @@ denoising step from a CUDA graph per batch shape (no host synchronisation inside
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import types
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from retina_fast import _env
 from retina_fast.models.attention import Attention, LinearAttention
 from retina_fast.models.layers import GroupNormSiLU
 from retina_fast.models.vqgan import model_to_reflectance, unscale_latent
@@ -78,22 +83,87 @@ def _fast_copy(module: torch.nn.Module, dtype: torch.dtype, channels_last: bool)
     return fast.to(memory_format=torch.channels_last) if channels_last else fast
 
 
+class _DecodeIndices(torch.nn.Module):
+    def __init__(self, vqgan: torch.nn.Module) -> None:
+        super().__init__()
+        self.vqgan = vqgan
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.vqgan.decode_indices(idx)
+
+
+class _ShardedGraphs:
+    """Run a module on a batch split into per-core shards, each through a frozen TorchScript graph.
+
+    Measured on the 2-core CPU (tiny U-Net, B = 8, bf16): eager fp32 with 2 intra-op threads 50.7 ms,
+    one frozen graph with 2 threads 26.5 ms, two single-threaded shards in parallel 16.7 ms — small
+    convolutions scale badly across intra-op threads, independent images scale perfectly. The graphs
+    release the GIL while they run. One graph per shard shape, traced on first use (~1 s).
+    """
+
+    def __init__(self, module: torch.nn.Module, workers: int) -> None:
+        self.module = module
+        self.workers = max(1, workers)
+        self._graphs: dict[tuple, torch.jit.ScriptModule] = {}
+        self._pool = None
+
+    def _graph(self, *args: torch.Tensor) -> torch.jit.ScriptModule:
+        key = tuple((tuple(a.shape), a.dtype) for a in args)
+        if key not in self._graphs:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tracer notes on shape checks: shapes are fixed per graph
+                traced = torch.jit.trace(self.module, args, check_trace=False)
+                self._graphs[key] = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+        return self._graphs[key]
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        b = args[0].shape[0]
+        shards = min(self.workers, b)
+        if shards == 1:
+            return self._graph(*args)(*args)
+        bounds = [round(i * b / shards) for i in range(shards + 1)]
+        parts = [tuple(a[bounds[i]:bounds[i + 1]] for a in args) for i in range(shards)]
+        graphs = [self._graph(*p) for p in parts]  # trace on the calling thread
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="retina_fast_cpu")
+        with single_intra_op_thread():
+            futures = [self._pool.submit(g, *p) for g, p in zip(graphs, parts)]
+            return torch.cat([f.result() for f in futures])
+
+
+@contextlib.contextmanager
+def single_intra_op_thread():
+    """torch intra-op threads = 1 inside the block (shards provide the parallelism), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _physical_cores() -> int:
+    return _env.num_threads() or os.cpu_count() or 1
+
+
 class CPURunner(Runner):
     nearest_impl = "cpp"
     step_impl = "cpp"
 
     def __init__(self, loaded, device, dtype) -> None:
         super().__init__(loaded, device, dtype)
-        self.fast_unet = _fast_copy(loaded.unet, dtype, channels_last=True)
-        self.fast_decoder = _fast_copy(loaded.vqgan, torch.float32, channels_last=True)
+        workers = _physical_cores()
+        self.fast_unet = _ShardedGraphs(_fast_copy(loaded.unet, dtype, channels_last=True), workers)
+        self.fast_decode = _ShardedGraphs(_DecodeIndices(_fast_copy(loaded.vqgan, torch.float32, True)), workers)
 
     @torch.no_grad()
     def denoise(self, x, t):
         xin = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
         return self.fast_unet(xin, t).float().contiguous()
 
+    @torch.no_grad()
     def decode_indices(self, idx):
-        return self.fast_decoder.decode_indices(idx)
+        return self.fast_decode(idx)
 
 
 def _swap_cuda_kernels(unet: torch.nn.Module) -> None:

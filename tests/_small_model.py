@@ -1,0 +1,40 @@
+"""A small random-weight LDM shared by engine / CLI tests (speed and equivalence need no training)."""
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import torch
+
+from retina_fast.checkpoint import model_config, save_checkpoint
+from retina_fast.models.config import LDMConfig, UNetConfig, VQGANConfig
+from retina_fast.models.unet import UNet2D
+from retina_fast.models.vqgan import VQGAN
+from retina_fast.schedules import cosine_schedule
+
+
+def small_config() -> LDMConfig:
+    vq = VQGANConfig(image_size=32, f=4, base_channels=8, latent_channels=4, codebook_size=64, gn_groups=8)
+    un = UNetConfig(in_channels=4, base_channels=16, channel_mults=(1, 2), attn_heads=2, attn_head_dim=8, groups=4)
+    return LDMConfig(vqgan=vq, unet=un, name="test-small")
+
+
+def small_modules(seed: int = 0) -> tuple[LDMConfig, VQGAN, UNet2D]:
+    torch.manual_seed(seed)
+    cfg = small_config()
+    vqgan, unet = VQGAN(cfg.vqgan).eval(), UNet2D(cfg.unet).eval()
+    with torch.no_grad():  # spread the codebook so nearest-code choices are well separated
+        vqgan.codebook.embedding.copy_(torch.randn_like(vqgan.codebook.embedding))
+    return cfg, vqgan, unet
+
+
+def small_loaded(seed: int = 0):
+    cfg, vqgan, unet = small_modules(seed)
+    return types.SimpleNamespace(config=cfg, vqgan=vqgan, unet=unet, schedule=cosine_schedule(1000),
+                                 latent_range=vqgan.latent_range(), wavelengths=cfg.vqgan.wavelengths)
+
+
+def save_small_checkpoint(directory: Path, seed: int = 0) -> Path:
+    cfg, vqgan, unet = small_modules(seed)
+    return save_checkpoint(directory, {"vqgan": vqgan, "unet": unet}, model_config(cfg, vqgan.latent_range()),
+                           {"data": "random weights (tests)"})

@@ -1,0 +1,118 @@
+"""retina-fast sample: shards + manifest, --resume after a crash, mismatch errors, formats, torchrun."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from retina_fast import cli, engine, shards
+
+from _small_model import save_small_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_small_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+def _run(model_dir, out, *extra, n=5):
+    return cli.main(["sample", "--n", str(n), "--steps", "4", "--seed", "7", "--model", str(model_dir),
+                     "--out", str(out), "--shard-size", "2", "--backend", "torch", "--quiet", *extra])
+
+
+def _images(out):
+    return np.concatenate([shards.read_shard(p) for _, p in shards.iter_manifest(out)])
+
+
+def test_run_writes_shards_and_manifest_equal_to_the_api(model_dir, tmp_path):
+    assert _run(model_dir, tmp_path / "run") == 0
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert [s["count"] for s in manifest["shards"]] == [2, 2, 1] and manifest["images"] == 5
+    expected = engine.load(str(model_dir)).sample(5, 4, seed=7, backend="torch").numpy()
+    np.testing.assert_allclose(_images(tmp_path / "run"), expected, rtol=0, atol=1e-6)
+
+
+def test_resume_after_a_crash_has_no_gaps_and_no_duplicates(model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert _run(model_dir, out) == 0
+    full = _images(out)
+    (out / "manifest.json").unlink()
+    (out / "shard-00001.done.json").unlink()                         # killed before the marker
+    (out / "shard-00002.npy").write_bytes(b"truncated")              # killed mid-write (marker stale)
+    before = (out / "shard-00000.npy").stat().st_mtime_ns
+    assert _run(model_dir, out, "--resume") == 0
+    assert (out / "shard-00000.npy").stat().st_mtime_ns == before    # done shard untouched
+    np.testing.assert_array_equal(_images(out), full)
+    assert sorted(p.name for p in out.glob("shard-*.npy")) == [f"shard-0000{k}.npy" for k in range(3)]
+
+
+def test_existing_run_needs_resume_and_matching_settings(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(model_dir, out) == 0
+    assert _run(model_dir, out) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert _run(model_dir, out, "--resume", n=6) == 2
+    assert "n: 5 -> 6" in capsys.readouterr().err
+
+
+def test_bad_input_exits_with_a_reason(model_dir, tmp_path, capsys):
+    assert cli.main(["sample", "--n", "0", "--out", str(tmp_path / "x"), "--model", str(model_dir)]) == 2
+    assert cli.main(["sample", "--n", "2", "--out", str(tmp_path / "y"), "--model", str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert cli.main(["sample", "--n", "2", "--out", str(tmp_path / "z"), "--model", str(model_dir),
+                     "--backend", "cuda"]) == 2
+
+
+@pytest.mark.parametrize("fmt", ["tiff", "h5"])
+def test_formats_round_trip(model_dir, tmp_path, fmt):
+    assert _run(model_dir, tmp_path / fmt, "--format", fmt, n=3) == 0
+    ref = engine.load(str(model_dir)).sample(3, 4, seed=7, backend="torch").numpy()
+    np.testing.assert_allclose(_images(tmp_path / fmt), ref, rtol=0, atol=1e-6)
+
+
+def test_unreadable_shard_names_the_file(tmp_path):
+    bad = tmp_path / "shard-00000.npy"
+    bad.write_bytes(b"not numpy")
+    with pytest.raises(ValueError, match="shard-00000.npy"):
+        shards.read_shard(bad)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_the_single_process_run(model_dir, tmp_path):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    assert _run(model_dir, single, n=5) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "retina_fast.cli", "sample", "--num-images", "5", "--steps", "4", "--seed", "7", "--model",
+           str(model_dir), "--out", str(multi), "--shard-size", "2", "--backend", "torch", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    np.testing.assert_allclose(_images(multi), _images(single), rtol=0, atol=1e-6)
+    assert torch.tensor(_images(multi)).shape[0] == 5
+
+
+def test_synthetic_dataset_over_shards_and_on_the_fly(model_dir, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from retina_fast.synthetic import SyntheticRetinaDataset
+
+    out = tmp_path / "run"
+    assert _run(model_dir, out) == 0
+    ds = SyntheticRetinaDataset(out)
+    assert len(ds) == 5
+    seen = torch.stack(list(ds))
+    np.testing.assert_array_equal(seen.numpy(), _images(out))
+    # two workers split the shards: every image exactly once
+    loaded = torch.cat([b for b in DataLoader(ds, batch_size=2, num_workers=2)])
+    assert sorted(loaded.sum((1, 2, 3)).tolist()) == sorted(seen.sum((1, 2, 3)).tolist())
+    shuffled = SyntheticRetinaDataset(out, shuffle=True, seed=3)
+    assert sorted(torch.stack(list(shuffled)).sum((1, 2, 3)).tolist()) == sorted(seen.sum((1, 2, 3)).tolist())
+    fly = SyntheticRetinaDataset.from_model(str(model_dir), n=5, seed=7, steps=4, backend="torch", batch_size=2)
+    np.testing.assert_allclose(torch.stack(list(fly)).numpy(), _images(out), rtol=0, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        SyntheticRetinaDataset(tmp_path)
