@@ -1,0 +1,122 @@
+"""Engine benchmarks: each op against its torch reference, one U-Net step, decode, and a full sample.
+
+Random weights (speed does not depend on training). Every benchmark checks its result against the
+reference once before timing. Groups put each contender beside its reference in the table.
+Run: pytest benchmarks/test_bench_engine.py --benchmark-json=benchmarks/results/<machine>.json
+"""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from retina_fast import _ext, noise
+from retina_fast.engine import Pipeline
+from retina_fast.models.config import get_preset
+from retina_fast.models.unet import UNet2D
+from retina_fast.models.vqgan import VQGAN
+from retina_fast.ops import nearest_code, nearest_code_ref, sampler_step, sampler_step_ref
+from retina_fast.samplers import plan
+from retina_fast.schedules import cosine_schedule
+
+needs_ext = pytest.mark.skipif(not _ext.available(), reason=f"extension not loaded: {_ext.load_error}")
+HAS_GPU = torch.backends.cuda.is_built() and torch.cuda.is_available()
+
+
+def random_pipeline(preset: str) -> Pipeline:
+    torch.manual_seed(0)
+    cfg = get_preset(preset)
+    vq, un = VQGAN(cfg.vqgan).eval(), UNet2D(cfg.unet).eval()
+    loaded = types.SimpleNamespace(config=cfg, vqgan=vq, unet=un, schedule=cosine_schedule(1000),
+                                   latent_range=vq.latent_range(), wavelengths=cfg.vqgan.wavelengths)
+    return Pipeline(loaded, f"random-{preset}")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return random_pipeline("tiny")
+
+
+# --- ops ---------------------------------------------------------------------------------------------
+
+@needs_ext
+@pytest.mark.benchmark(group="nearest_code N=8192 K=1024 D=8")
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+def test_nearest_code(benchmark, impl):
+    x, e = torch.randn(8192, 8), torch.randn(1024, 8)
+    assert torch.equal(nearest_code(x, e, impl=impl)[0], nearest_code_ref(x, e)[0])
+    benchmark(lambda: nearest_code(x, e, impl=impl))
+
+
+@needs_ext
+@pytest.mark.benchmark(group="sampler_step DDPM (16, 8, 16, 16)")
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+def test_sampler_step(benchmark, impl):
+    c = plan("ddpm", cosine_schedule(1000), 50)[10]
+    x, eps = torch.randn(16, 8, 16, 16), torch.randn(16, 8, 16, 16)
+    keys = noise.derive_keys(0, range(16), 10, noise.STREAM_STEP)
+    ref, _ = sampler_step_ref(x, eps, c, keys=keys)
+    torch.testing.assert_close(sampler_step(x, eps, c, keys=keys, impl=impl)[0], ref, rtol=1e-5, atol=2e-6)
+    benchmark(lambda: sampler_step(x, eps, c, keys=keys, impl=impl))
+
+
+# --- one U-Net step and decode ----------------------------------------------------------------------
+
+@pytest.mark.benchmark(group="tiny U-Net step B=8")
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_ext)])
+def test_unet_step(benchmark, tiny, backend):
+    runner = tiny.runner(backend, "cpu")
+    x, t = torch.randn(8, *tiny.config.latent_shape), torch.full((8,), 500)
+    ref = tiny.runner("torch", "cpu").denoise(x, t)
+    err = ((runner.denoise(x, t) - ref).norm() / ref.norm()).item()
+    assert err < (0.05 if runner.dtype == torch.bfloat16 else 1e-5)
+    benchmark.extra_info["dtype"] = str(runner.dtype)
+    benchmark(lambda: runner.denoise(x, t))
+
+
+@pytest.mark.benchmark(group="tiny decode B=8")
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_ext)])
+def test_decode(benchmark, tiny, backend):
+    runner = tiny.runner(backend, "cpu")
+    x0 = torch.rand(8, *tiny.config.latent_shape) * 2 - 1
+    ref = tiny.runner("torch", "cpu").decode(x0)
+    assert ((runner.decode(x0) - ref).norm() / ref.norm()).item() < 1e-4
+    benchmark(lambda: runner.decode(x0))
+
+
+# --- full sampling ----------------------------------------------------------------------------------
+
+@pytest.mark.benchmark(group="tiny sample n=8 DDIM-50", min_rounds=2)
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_ext)])
+def test_sample_tiny(benchmark, tiny, backend):
+    tiny.sample(2, 2, backend=backend)
+    benchmark.pedantic(lambda: tiny.sample(8, 50, seed=0, backend=backend), rounds=2, iterations=1)
+
+
+@pytest.mark.slow
+@pytest.mark.benchmark(group="paper-224 U-Net step B=1")
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_ext)])
+def test_unet_step_paper224(benchmark, backend):
+    pipe = random_pipeline("paper-224")
+    runner = pipe.runner(backend, "cuda" if HAS_GPU else "cpu")
+    x = torch.randn(1, *pipe.config.latent_shape, device=runner.device)
+    t = torch.full((1,), 500, device=runner.device)
+    runner.denoise(x, t)
+    benchmark.pedantic(lambda: runner.denoise(x, t), rounds=2, iterations=1)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU")
+@pytest.mark.benchmark(group="paper-224 sample n=64 DDIM-50 (GPU)")
+@pytest.mark.parametrize("mode", ["eager-fp32", "torch.compile", "cuda"])
+def test_sample_paper224_gpu(benchmark, mode):
+    pipe = random_pipeline("paper-224")
+    if mode == "torch.compile":
+        runner = pipe.runner("torch", "cuda")
+        runner.unet = torch.compile(runner.unet)
+        fn = lambda: pipe.sample(64, 50, backend="torch", device="cuda")  # noqa: E731
+    else:
+        fn = lambda: pipe.sample(64, 50, backend="torch" if mode == "eager-fp32" else "cuda", device="cuda")  # noqa: E731
+    pipe.sample(2, 2, backend="torch" if mode != "cuda" else "cuda", device="cuda")
+    benchmark.pedantic(fn, rounds=1, iterations=1)
+    benchmark.extra_info["images_per_s"] = 64 / benchmark.stats["median"]
