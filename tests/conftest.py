@@ -12,15 +12,9 @@ import pytest
 import torch
 
 
-def _gpu_reason() -> str | None:
-    if not torch.backends.cuda.is_built():
-        return f"no CUDA GPU: torch {torch.__version__} is a CPU-only build"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU visible"
-    return None
+from retina_fast.backends import cuda_device_reason  # noqa: E402  (imports no Triton)
 
-
-GPU_SKIP_REASON = _gpu_reason()
+GPU_SKIP_REASON = cuda_device_reason()
 if GPU_SKIP_REASON is not None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -36,6 +36,7 @@ __all__ = [
     "resolve",
     "use_backend",
     "cpu_features",
+    "cuda_device_reason",
 ]
 
 
@@ -90,7 +91,8 @@ def _need_extension_cuda() -> str | None:
     return None if _ext.has_cuda() else "retina_fast._C was built without CUDA (no nvcc at build time)"
 
 
-def _need_cuda_device() -> str | None:
+def cuda_device_reason() -> str | None:
+    """Why no CUDA GPU can be used here (None when one can). Never touches CUDA when torch is CPU-only."""
     if not torch.backends.cuda.is_built():
         return f"this torch ({torch.__version__}) is a CPU-only build"
     if not torch.cuda.is_available():
@@ -187,7 +189,7 @@ def resolve(name: str | None = None, *, device: str | torch.device | None = None
     """The backend to use for (device, dtype). Raises :class:`BackendUnavailable` with all reasons."""
     name = requested_name(name)
     if device is None:
-        device = "cuda" if _need_cuda_device() is None else "cpu"
+        device = "cuda" if cuda_device_reason() is None else "cpu"
     device = torch.device(device)
     if name != "auto":
         backend = get(name)
@@ -223,9 +225,9 @@ register(Backend(
     name="cuda", description="Triton kernels, CUDA graphs, bf16/fp16 with fp32 accumulation",
     devices=("cuda",), dtypes=(torch.float32, torch.bfloat16, torch.float16), speed_rank=20,
     min_compute_capability=(8, 0),
-    requirements=(_need_cuda_device, _need_triton, _need_extension_cuda)))
+    requirements=(cuda_device_reason, _need_triton, _need_extension_cuda)))
 register(Backend(
     name="tensorrt", description="whole-model TensorRT engines built from ONNX exports",
     devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32), speed_rank=30,
     min_compute_capability=(8, 0),
-    requirements=(_need_cuda_device, _need_tensorrt, _need_extension_cuda)))
+    requirements=(cuda_device_reason, _need_tensorrt, _need_extension_cuda)))
