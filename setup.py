@@ -96,11 +96,15 @@ setup(
         # Triton kernels (the `cuda` backend; CPU tests run them under TRITON_INTERPRET=1).
         "gpu": ["triton>=3.0"],
         "io": ["tifffile>=2023.1", "h5py>=3.8"],
+        # ONNX export, the onnxruntime CPU backend (and TensorRT engines are built from these exports)
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],
         "eval": ["scipy>=1.10", "scikit-image>=0.21", "matplotlib>=3.6"],
         "test": [
             "pytest>=7.4",
             "pytest-benchmark>=4.0",
             "pytorch-msssim>=1.0",
+            "onnx>=1.16",
+            "onnxruntime>=1.18",
             "triton>=3.0",
             "tifffile>=2023.1",
             "h5py>=3.8",

@@ -10,7 +10,7 @@ from retina_fast import _ext, backends, cli
 
 
 def test_table_has_the_design_backends():
-    assert backends.names() == ["torch", "cpu", "cuda", "tensorrt"]
+    assert backends.names() == ["torch", "cpu", "onnxruntime", "cuda", "tensorrt"]
     torch_b = backends.get("torch")
     assert torch_b.usable("cpu") and torch_b.dtypes == (torch.float32,)
 
@@ -29,8 +29,19 @@ def test_unusable_backend_raises_with_every_reason():
 
 
 def test_auto_on_cpu_picks_the_fastest_usable():
-    expected = "cpu" if _ext.available() else "torch"
+    usable = [b for b in backends.all_backends() if b.usable("cpu")]
+    expected = max(usable, key=lambda b: b.speed_rank).name
     assert backends.resolve("auto", device="cpu").name == expected
+    assert expected in ("onnxruntime", "cpu", "torch")
+
+
+def test_missing_optional_package_is_skipped_quietly(monkeypatch, recwarn):
+    monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: None)
+    chosen = backends.resolve("auto", device="cpu")
+    assert chosen.name != "onnxruntime"
+    assert not [w for w in recwarn if issubclass(w.category, backends.BackendFallbackWarning)]
+    with pytest.raises(backends.BackendUnavailable, match="onnx and onnxruntime not installed"):
+        backends.resolve("onnxruntime", device="cpu")
 
 
 def test_precedence_argument_context_environment(monkeypatch):
@@ -78,7 +89,7 @@ def test_info_cli_text_and_json(capsys):
     assert "backends:" in text and "torch" in text and "auto ->" in text
     assert cli.main(["info", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert {b["name"] for b in data["backends"]} == {"torch", "cpu", "cuda", "tensorrt"}
+    assert {b["name"] for b in data["backends"]} == {"torch", "cpu", "onnxruntime", "cuda", "tensorrt"}
     if _ext.available():
         assert data["extension"] == "loaded" and "isa" in data["extension_build"]
     trt = [b for b in data["backends"] if b["name"] == "tensorrt"][0]

@@ -57,6 +57,7 @@ class Backend:
     speed_rank: int  # auto prefers the highest usable rank
     min_compute_capability: tuple[int, int] | None = None
     requirements: tuple[Callable[[], str | None], ...] = field(default=(), repr=False)
+    optional: bool = False  # needs an optional package: ``auto`` skips it quietly when that is missing
 
     def not_supported_reasons(self, device: str | torch.device | None = None,
                               dtype: torch.dtype | None = None) -> list[str]:
@@ -104,6 +105,11 @@ def _need_triton() -> str | None:
     from retina_fast import kernels
 
     return None if kernels.available else f"Triton not importable ({kernels.load_error})"
+
+
+def need_onnxruntime() -> str | None:
+    missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+    return f"{' and '.join(missing)} not installed (pip install 'retina_fast[onnx]')" if missing else None
 
 
 def _need_tensorrt() -> str | None:
@@ -209,7 +215,7 @@ def resolve(name: str | None = None, *, device: str | torch.device | None = None
                     raise BackendUnavailable(msg + " (RETINA_FAST_STRICT=1)")
                 warnings.warn(msg, BackendFallbackWarning, stacklevel=2)
             return backend
-        if backend.name != "tensorrt":  # TensorRT is optional everywhere here; its absence is not news
+        if not backend.optional:  # an optional package's absence is not news
             skipped.append(f"{backend.name}: {'; '.join(reasons)}")
     raise BackendUnavailable(f"no backend can run on {device}: " + " | ".join(skipped))
 
@@ -222,6 +228,10 @@ register(Backend(
     devices=("cpu",), dtypes=(torch.float32, torch.bfloat16), speed_rank=10,
     requirements=(_need_extension,)))
 register(Backend(
+    name="onnxruntime", description="U-Net and decoder as onnxruntime CPU sessions (fp32), fused C++ step",
+    devices=("cpu",), dtypes=(torch.float32,), speed_rank=15, optional=True,
+    requirements=(_need_extension, need_onnxruntime)))
+register(Backend(
     name="cuda", description="Triton kernels, CUDA graphs, bf16/fp16 with fp32 accumulation",
     devices=("cuda",), dtypes=(torch.float32, torch.bfloat16, torch.float16), speed_rank=20,
     min_compute_capability=(8, 0),
@@ -229,5 +239,5 @@ register(Backend(
 register(Backend(
     name="tensorrt", description="whole-model TensorRT engines built from ONNX exports",
     devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32), speed_rank=30,
-    min_compute_capability=(8, 0),
+    min_compute_capability=(8, 0), optional=True,
     requirements=(cuda_device_reason, _need_tensorrt, _need_extension_cuda)))

@@ -39,6 +39,8 @@ def default_dtype(backend: str, device: torch.device) -> torch.dtype:
 
     if backend == "cuda":
         return torch.bfloat16
+    if backend == "tensorrt":
+        return torch.float16
     if backend == "cpu" and cpu_has_fast_bf16():
         return torch.bfloat16
     return torch.float32
@@ -223,5 +225,8 @@ RUNNERS = {"torch": Runner, "cpu": CPURunner, "cuda": CUDARunner}
 
 def make_runner(backend: str, loaded, device: torch.device, dtype: torch.dtype) -> Runner:
     if backend not in RUNNERS:
-        raise ValueError(f"backend {backend!r} has no sampling runner here (tensorrt needs its own issue)")
+        raise ValueError(f"backend {backend!r} has no sampling runner here (tensorrt registers a runner only where the tensorrt package imports)")
     return RUNNERS[backend](loaded, device, dtype)
+
+
+from retina_fast.backends import onnxruntime_backend, tensorrt_backend  # noqa: E402,F401  (they add to RUNNERS)
