@@ -101,3 +101,22 @@ def test_cuda_backend_matches_reference_within_bf16_tolerance():
     assert relerr(fp32, ref) <= 1e-4
     bf16 = p.sample(4, 10, seed=2, backend="cuda", device="cuda", return_latents=True)[1]
     assert relerr(bf16, ref) <= 0.1
+
+
+def test_out_of_memory_splits_the_batch_and_retries(pipe, monkeypatch):
+    """A batch that does not fit is halved and retried; the images are the same as without the OOM."""
+    expected = pipe.sample(5, 4, seed=8, backend="torch", batch_size=5)
+    runner = pipe.runner("torch", "cpu")
+    real = runner.denoise
+    sizes = []
+
+    def tight_memory(x, t):
+        sizes.append(x.shape[0])
+        if x.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("simulated: batch too large")
+        return real(x, t)
+
+    monkeypatch.setattr(runner, "denoise", tight_memory)
+    got = pipe.sample(5, 4, seed=8, backend="torch", batch_size=5)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert max(sizes) == 5 and set(sizes[1:]) <= {1, 2}
