@@ -82,7 +82,8 @@ setup(
         "retina_fast.kernels": "kernels",
         "retina_fast.training": "training",
     },
-    package_data={"retina_fast": ["weights/*/*.json", "weights/*/*.safetensors", "data/*"]},
+    package_data={"retina_fast": ["weights/*/*.json", "weights/*/*.safetensors", "weights/*/*.md",
+                                  "weights/*/*.csv", "data/*"]},
     ext_modules=[CMakeExtension("retina_fast._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[

@@ -90,12 +90,15 @@ def test_hs_fid_plumbing():
         M.hs_fid(real, syn, extractor=lambda x: x.mean(3))
 
 
-def test_hs_fid_without_extractor_is_a_clear_error():
-    x = torch.rand(4, 16, 8, 8)
-    with pytest.raises(NotImplementedError, match="structure network"):
-        M.hs_fid(x, x)
-    with pytest.raises(NotImplementedError, match="extractor="):
-        M.default_extractor()
+def test_hs_fid_defaults_to_the_shipped_structure_network():
+    from retina_fast.phantom import render
+
+    x = torch.stack([render(s, 64).cube for s in range(6)])
+    ext = M.default_extractor()
+    assert ext.feature_dim == 128 and ext(x).shape == (6, 128)
+    with pytest.warns(M.MetricWarning):  # N = 6 < 128 features
+        assert M.hs_fid(x, x) == pytest.approx(0.0, abs=1e-6)
+        assert M.hs_fid(x, x.flip(-1)) > 0
 
 
 def _kid_naive(x, y, f):

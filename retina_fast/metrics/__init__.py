@@ -6,7 +6,8 @@ Images are (N, C, H, W) float tensors in a stated ``data_range`` (default 1.0: r
 
 - Enhancement: :func:`psnr`, :func:`ssim`, :func:`ms_ssim`.
 - Fidelity: :func:`hs_fid` (Fréchet distance of extractor features), :func:`frechet_distance`,
-  :func:`frechet_distance_from_features`, :func:`kid`, :func:`bootstrap_ci`.
+  :func:`frechet_distance_from_features`, :func:`kid`, :func:`bootstrap_ci`;
+  :func:`default_extractor` / :func:`default_segmenter` (the shipped 16-band structure network).
 - Spectra: :func:`spectral_kl` inside vein / artery / ONH masks.
 - Diversity: :func:`ms_ssim_diversity` (|Δ mean pairwise MS-SSIM|, validation vs synthetic).
 - Authenticity: :func:`nn_authenticity` (nearest neighbours, ratio test, percentile rule).
@@ -17,8 +18,8 @@ from retina_fast.metrics._common import MetricWarning, extract_features
 from retina_fast.metrics.authenticity import nearest_two, nn_authenticity
 from retina_fast.metrics.bootstrap import bootstrap_ci, bootstrap_indices
 from retina_fast.metrics.diversity import ms_ssim_diversity, pairwise_ms_ssim, sample_pairs
-from retina_fast.metrics.fid import (default_extractor, feature_statistics, frechet_distance,
-                                     frechet_distance_from_features, hs_fid, kid)
+from retina_fast.metrics.fid import (default_extractor, default_segmenter, feature_statistics,
+                                     frechet_distance, frechet_distance_from_features, hs_fid, kid)
 from retina_fast.metrics.inception import BandTriplets, InceptionBandTriplets, default_triplets
 from retina_fast.metrics.spectral import kl_divergence_hist, spectral_kl
 from retina_fast.metrics.ssim import MS_SSIM_WEIGHTS, gaussian_window, ms_ssim, ms_ssim_scales, psnr, ssim
@@ -26,7 +27,8 @@ from retina_fast.metrics.ssim import MS_SSIM_WEIGHTS, gaussian_window, ms_ssim, 
 __all__ = [
     "psnr", "ssim", "ms_ssim", "ms_ssim_scales", "gaussian_window", "MS_SSIM_WEIGHTS",
     "frechet_distance", "frechet_distance_from_features", "feature_statistics", "hs_fid", "kid",
-    "default_extractor", "extract_features", "BandTriplets", "InceptionBandTriplets", "default_triplets",
+    "default_extractor", "default_segmenter", "extract_features",
+    "BandTriplets", "InceptionBandTriplets", "default_triplets",
     "bootstrap_ci", "bootstrap_indices",
     "spectral_kl", "kl_divergence_hist",
     "ms_ssim_diversity", "pairwise_ms_ssim", "sample_pairs",

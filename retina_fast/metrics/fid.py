@@ -31,7 +31,7 @@ import torch
 from retina_fast.metrics._common import ImagesLike, as_features, extract_features, warn
 
 __all__ = ["frechet_distance", "frechet_distance_from_features", "feature_statistics", "hs_fid",
-           "default_extractor", "kid"]
+           "default_extractor", "default_segmenter", "kid"]
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
@@ -94,17 +94,29 @@ def frechet_distance_from_features(f1: ArrayLike, f2: ArrayLike) -> float:
 
 def default_extractor() -> torch.nn.Module:
     """The default HS-FID feature extractor: the encoder of the shipped 16-band retinal structure
-    network (trained on the phantom's artery / vein / ONH / fovea masks, issue 6).
+    network (``retina_fast/weights/structure-net``, trained on the phantom's artery / vein / ONH /
+    fovea masks; see :mod:`retina_fast.models.structure_net`).
 
-    Not shipped yet, so this raises ``NotImplementedError``. There is deliberately no stand-in
-    (band statistics, random networks): an FD on such features would not be comparable with the
-    numbers the shipped network will give. Pass ``extractor=...`` explicitly until then, e.g.
-    :class:`retina_fast.metrics.InceptionBandTriplets` with a local Inception-v3 weights file.
+    Returns a fresh ``nn.Module`` (eval mode, CPU) mapping (N, 16, H, W) reflectance in [0, 1] to
+    (N, F) features, F = 128 for the shipped network (global average of the U-Net bottleneck).
+    Any image size works (inputs are padded internally); compare HS-FID only at equal size and N.
+    Raises ``retina_fast.checkpoint.CheckpointError`` naming the file if the shipped weights are
+    missing or fail their sha256 check.
     """
-    raise NotImplementedError(
-        "hs_fid has no default feature extractor yet: the 16-band retinal structure network that will "
-        "provide it is not shipped in this version of retina_fast. Pass extractor=<callable or nn.Module "
-        "mapping (N, 16, H, W) -> (N, F)>, e.g. retina_fast.metrics.InceptionBandTriplets('inception_v3.pth').")
+    from retina_fast.models.structure_net import StructureFeatures, load_structure_net
+
+    return StructureFeatures(load_structure_net())
+
+
+def default_segmenter(batch_size: int = 16) -> Callable[[torch.Tensor], dict]:
+    """Masks for synthetic images from the shipped structure network (same weights as
+    :func:`default_extractor`): a callable ``nn.Module`` mapping (N, 16, H, W) reflectance to
+    {"artery", "vein", "onh", "fovea": bool (N, H, W) CPU tensors} (sigmoid > 0.5), run without
+    gradients in chunks of ``batch_size``. Pass it as ``spectral_kl(..., segmenter=...)``.
+    """
+    from retina_fast.models.structure_net import StructureSegmenter, load_structure_net
+
+    return StructureSegmenter(load_structure_net(), batch_size=batch_size)
 
 
 def hs_fid(real: Union[ImagesLike, Iterable[torch.Tensor]], synthetic: Union[ImagesLike, Iterable[torch.Tensor]],
@@ -114,7 +126,7 @@ def hs_fid(real: Union[ImagesLike, Iterable[torch.Tensor]], synthetic: Union[Ima
 
     real, synthetic: (N, C, H, W) tensors (reflectance, C = 16 for the diffusion model) or iterables
     of such batches. extractor: any callable / ``nn.Module`` mapping (B, C, H, W) → (B, F); ``None``
-    means :func:`default_extractor` (which raises until the structure network ships).
+    means :func:`default_extractor` (the shipped structure network's encoder, 16 bands).
     Returns FD as a float. For intervals use :func:`extract_features` once and
     :func:`bootstrap_ci` with :func:`frechet_distance_from_features`.
     """
