@@ -1,0 +1,91 @@
+"""retina_fast.modelzoo: resolving model names / directories and loading LDM sampling checkpoints."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from retina_fast.checkpoint import CheckpointError, model_config, save_checkpoint
+from retina_fast.models import VQGAN, LDMConfig, UNet2D, UNetConfig, VQGANConfig
+from retina_fast.modelzoo import (DEFAULT_MODEL, WEIGHTS_DIR, LoadedLDM, available_models, load_ldm,
+                                  resolve_model)
+
+TINY = LDMConfig(vqgan=VQGANConfig(image_size=32, f=8, base_channels=8, latent_channels=4, codebook_size=32),
+                 unet=UNetConfig(in_channels=4, base_channels=16, channel_mults=(1, 2), attn_heads=2,
+                                 attn_head_dim=8), name="test-tiny")
+
+
+def make_checkpoint(path, seed: int = 0, modules=("vqgan", "unet")):
+    torch.manual_seed(seed)
+    vq, unet = VQGAN(TINY.vqgan), UNet2D(TINY.unet)
+    mods = {"vqgan": vq, "unet": unet}
+    save_checkpoint(path, {k: mods[k] for k in modules}, model_config(TINY, vq.latent_range()),
+                    {"data": "random weights", "steps": 0})
+    return vq, unet
+
+
+def test_load_ldm_round_trip(tmp_path):
+    vq, unet = make_checkpoint(tmp_path / "ck")
+    ldm = load_ldm(tmp_path / "ck")
+    assert isinstance(ldm, LoadedLDM) and ldm.config == TINY and ldm.path == tmp_path / "ck"
+    assert not ldm.vqgan.training and not ldm.unet.training
+    assert ldm.latent_range == pytest.approx(vq.latent_range())
+    assert ldm.wavelengths == tuple(float(w) for w in TINY.vqgan.wavelengths)
+    assert ldm.schedule.num_timesteps == TINY.timesteps
+    assert ldm.meta["provenance"]["data"] == "random weights"
+    for k, v in unet.state_dict().items():
+        assert torch.equal(ldm.unet.state_dict()[k], v)
+    assert torch.equal(ldm.vqgan.codebook.embedding, vq.codebook.embedding)
+    assert load_ldm(str(tmp_path / "ck")).config == TINY      # str paths too
+
+
+def test_load_ldm_detects_tampering_and_missing_modules(tmp_path):
+    make_checkpoint(tmp_path / "ck")
+    data = bytearray((tmp_path / "ck" / "unet.safetensors").read_bytes())
+    data[-5] ^= 0xFF
+    (tmp_path / "ck" / "unet.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="unet.safetensors.*sha256"):
+        load_ldm(tmp_path / "ck")
+    make_checkpoint(tmp_path / "vq_only", modules=("vqgan",))
+    with pytest.raises(CheckpointError, match="unet"):
+        load_ldm(tmp_path / "vq_only")
+    make_checkpoint(tmp_path / "norange")
+    doc = json.loads((tmp_path / "norange" / "config.json").read_text())
+    doc["latent_range"] = None
+    (tmp_path / "norange" / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="latent_range"):
+        load_ldm(tmp_path / "norange")
+
+
+def test_resolve_model_errors_list_what_exists(tmp_path):
+    with pytest.raises(FileNotFoundError, match="packaged models"):
+        resolve_model("no-such-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_model(tmp_path / "empty")
+    with pytest.raises(TypeError):
+        resolve_model(3)
+    make_checkpoint(tmp_path / "ck")
+    assert resolve_model(tmp_path / "ck") == tmp_path / "ck"
+
+
+def test_default_model_is_packaged():
+    if DEFAULT_MODEL not in available_models():
+        pytest.skip(f"no packaged weights in {WEIGHTS_DIR} yet")
+    assert resolve_model("default") == WEIGHTS_DIR / DEFAULT_MODEL == resolve_model(DEFAULT_MODEL)
+    ldm = load_ldm("default")
+    assert ldm.config.name == "tiny" and ldm.config.vqgan.bands == 16 and ldm.config.vqgan.image_size >= 128
+    prov = ldm.meta["provenance"]
+    assert prov["data"] and prov["steps"] > 0 and prov["command"]
+    sizes = sum(p.stat().st_size for p in (WEIGHTS_DIR / DEFAULT_MODEL).iterdir())
+    assert sizes < 20e6
+
+
+def test_engine_side_does_not_import_training():
+    code = ("import sys, retina_fast.modelzoo; "
+            "bad = [m for m in sys.modules if m.startswith('retina_fast.training')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

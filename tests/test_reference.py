@@ -1,0 +1,81 @@
+"""retina_fast.training.reference_sample: the fp32 eager reference sampler."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from retina_fast.checkpoint import model_config, save_checkpoint
+from retina_fast.models import VQGAN, LDMConfig, UNet2D, UNetConfig, VQGANConfig
+from retina_fast.modelzoo import DEFAULT_MODEL, available_models, load_ldm
+from retina_fast.training import reference_sample
+from retina_fast.training.reference import decode_latents
+
+TINY = LDMConfig(vqgan=VQGANConfig(image_size=32, f=8, base_channels=8, latent_channels=4, codebook_size=32),
+                 unet=UNetConfig(in_channels=4, base_channels=16, channel_mults=(1, 2), attn_heads=2,
+                                 attn_head_dim=8), name="test-tiny")
+
+
+@pytest.fixture(scope="module")
+def ldm(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ref") / "ck"
+    torch.manual_seed(0)
+    vq, unet = VQGAN(TINY.vqgan), UNet2D(TINY.unet)
+    save_checkpoint(path, {"vqgan": vq, "unet": unet}, model_config(TINY, vq.latent_range()))
+    return load_ldm(path)
+
+
+def test_shape_range_and_determinism(ldm):
+    a = reference_sample(3, steps=4, seed=5, model=ldm)
+    b = reference_sample(3, steps=4, seed=5, model=ldm.path)        # from the directory: the same
+    assert a.shape == (3, 16, 32, 32) and a.dtype == torch.float32
+    assert torch.isfinite(a).all() and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b)
+    assert not torch.equal(a, reference_sample(3, steps=4, seed=6, model=ldm))
+
+
+def test_batch_size_and_prefix_invariance(ldm):
+    full, lat = reference_sample(5, steps=4, seed=1, model=ldm, return_latents=True)
+    ones, lat1 = reference_sample(5, steps=4, seed=1, model=ldm, batch_size=1, return_latents=True)
+    pairs = reference_sample(5, steps=4, seed=1, model=ldm, batch_size=2)
+    assert lat.shape == (5, 4, 4, 4)
+    # Batched convolutions may reassociate sums: latents agree to float32 rounding, cubes exactly
+    # unless a latent sits on a nearest-code boundary (not the case here).
+    torch.testing.assert_close(lat1, lat, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ones, full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pairs, full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(reference_sample(2, steps=4, seed=1, model=ldm), full[:2], atol=1e-5, rtol=0)
+
+
+def test_other_samplers_and_latent_decoding(ldm):
+    ddpm, lat = reference_sample(2, steps=4, seed=3, sampler="ddpm", model=ldm, return_latents=True)
+    assert lat.abs().max() <= 1.0 + 1e-6 and torch.equal(decode_latents(ldm, lat), ddpm)
+    dpm = reference_sample(2, steps=4, seed=3, sampler="dpmpp_2m", model=ldm)
+    stochastic = reference_sample(2, steps=4, seed=3, eta=1.0, model=ldm)      # DDIM, eta = 1: noise per step
+    assert torch.equal(stochastic, reference_sample(2, steps=4, seed=3, eta=1.0, model=ldm))
+    for a in (ddpm, dpm, stochastic):
+        assert torch.isfinite(a).all() and a.min() >= 0 and a.max() <= 1
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(n=0), "n must be"), (dict(n=2.0), "n must be"), (dict(steps=0), "steps"),
+    (dict(steps=1001), "at most"), (dict(sampler="euler"), "unknown sampler"), (dict(eta=-0.1), "eta"),
+    (dict(batch_size=0), "batch_size"), (dict(device="meta"), "loaded on"),
+])
+def test_argument_errors(ldm, kwargs, match):
+    args = {"n": 2, "steps": 4, "model": ldm, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        reference_sample(args.pop("n"), **args)
+
+
+def test_unknown_model_lists_packaged():
+    with pytest.raises(FileNotFoundError, match="packaged models"):
+        reference_sample(1, model="definitely-not-a-model")
+
+
+def test_shipped_default_model():
+    if DEFAULT_MODEL not in available_models():
+        pytest.skip("no packaged default weights yet")
+    a = reference_sample(4, steps=50, seed=0)
+    assert a.shape[:2] == (4, 16) and a.shape[-1] >= 128
+    assert torch.isfinite(a).all() and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, reference_sample(4, steps=50, seed=0))

@@ -1,0 +1,162 @@
+"""Trainers (``retina-fast train vqgan|ldm``): exact resume, DDP equivalence, checkpoints, CLI errors.
+
+Everything runs on a tiny model (32x32x16 images, f = 8, 32 codes, U-Net base 16) for a few steps. The
+epoch is 2 steps long (8 images, batch 4), so K-Means runs at steps 0, 2, 4 and resume crosses it;
+the GAN starts at step 2.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from retina_fast.cli import main
+from retina_fast.modelzoo import load_ldm
+from retina_fast.training import reference_sample
+
+TINY_JSON = json.dumps({
+    "vqgan": {"image_size": 32, "f": 8, "base_channels": 8, "latent_channels": 4, "codebook_size": 32,
+              "disc_channels": 8, "gan_warmup_steps": 2, "kmeans_iters": 5, "dec_res_blocks": 1},
+    "unet": {"base_channels": 16, "channel_mults": [1, 2], "attn_heads": 2, "attn_head_dim": 8},
+})
+COMMON = ["--config-json", TINY_JSON, "--batch-size", "4", "--num-images", "8", "--log-every", "1",
+          "--sample-every", "0", "--ckpt-every", "2", "--device", "cpu"]
+VQ = ["train", "vqgan", *COMMON, "--kmeans-images", "4"]
+
+
+def _ldm_args(vq_run) -> list[str]:
+    return ["train", "ldm", *COMMON, "--vqgan", str(vq_run), "--ema-start", "1", "--sample-steps", "3"]
+
+
+def _state(run, step: int, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / f"step_{step:08d}" / f"{name}.safetensors"))
+
+
+def _assert_same(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=lambda m: f"{k}: {m}")
+
+
+def _assert_close_adam(a: dict, b: dict, lr: float) -> None:
+    """Weights after a few Adam steps from slightly differently rounded gradients: Adam's m / sqrt(v) is
+    ~sign(g) early on, so a weight whose gradient is at rounding level (e.g. a conv bias right before a
+    GroupNorm) may move by up to 2 lr more or less per step; all but 1 % of all weights agree to 1e-5."""
+    assert a.keys() == b.keys()
+    far = total = 0
+    for k in a:
+        diff = (a[k].double() - b[k].double()).abs()
+        assert diff.max() <= 2 * lr, f"{k}: max |diff| {float(diff.max()):.3g}"
+        far, total = far + int((diff > 1e-5).sum()), total + diff.numel()
+    assert far <= 0.01 * total, f"{far} of {total} weights differ by more than 1e-5"
+
+
+def _losses(run, column: str = "loss") -> list[float]:
+    import csv
+
+    with open(run / "log.csv", newline="") as fh:
+        return [float(r[column]) for r in csv.DictReader(fh) if r[column]]
+
+
+@pytest.fixture(scope="module")
+def vq_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("train") / "vq"
+    assert main([*VQ, "--out", str(run), "--steps", "4"]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def ldm_run(vq_run):
+    run = vq_run.parent / "ldm"
+    assert main([*_ldm_args(vq_run), "--out", str(run), "--steps", "4", "--sample-every", "4"]) == 0
+    return run
+
+
+def test_vqgan_resume_is_exact(vq_run, tmp_path):
+    run = tmp_path / "vq"
+    assert main([*VQ, "--out", str(run), "--steps", "2"]) == 0
+    assert main([*VQ, "--out", str(run), "--steps", "4", "--resume"]) == 0
+    for name in ("vqgan", "disc", "optim_g", "optim_d", "rng"):
+        _assert_same(_state(run, 4, name), _state(vq_run, 4, name))
+    assert (run / "log.csv").read_text().count("\n") == 5      # header + 4 rows, no duplicates
+    assert int(_state(run, 4, "vqgan")["codebook.kmeans_epoch"]) == 1
+
+
+def test_ldm_resume_is_exact_and_final_loads(ldm_run, vq_run, tmp_path):
+    run = tmp_path / "ldm"
+    args = _ldm_args(vq_run)
+    assert main([*args, "--out", str(run), "--steps", "2"]) == 0
+    assert main([*args, "--out", str(run), "--steps", "4", "--resume"]) == 0
+    for name in ("unet", "ema", "optim_unet", "rng"):
+        _assert_same(_state(run, 4, name), _state(ldm_run, 4, name))
+    ldm = load_ldm(ldm_run / "final")
+    assert ldm.config.latent_shape == (4, 4, 4) and ldm.meta["kind"] == "ldm"
+    prov = ldm.meta["provenance"]
+    assert prov["steps"] == 4 and "phantom" in prov["data"] and "retina-fast train ldm" in prov["command"]
+    assert prov["vqgan"]["sha256"] == json.loads((vq_run / "final" / "config.json").read_text())[
+        "weights"]["vqgan"]["sha256"]
+    ema = _state(ldm_run, 4, "ema")
+    for k, v in ldm.unet.state_dict().items():
+        assert torch.equal(v, ema[k])
+    cubes = reference_sample(2, steps=3, model=ldm_run / "final")
+    assert cubes.shape == (2, 16, 32, 32) and 0 <= cubes.min() and cubes.max() <= 1
+    assert (ldm_run / "samples" / "step_00000004.png").stat().st_size > 1000
+    header = (ldm_run / "log.csv").read_text().splitlines()[0]
+    assert header.startswith("step,epoch,loss")
+
+
+def test_cli_errors(vq_run, tmp_path, capsys):
+    assert main([*VQ, "--out", str(vq_run), "--steps", "4"]) == 2          # would clobber a run
+    assert "--resume" in capsys.readouterr().err
+    assert main([*VQ, "--out", str(vq_run), "--steps", "4", "--resume", "--batch-size", "2"]) == 2
+    assert "batch-size" in capsys.readouterr().err
+    assert main([*VQ, "--out", str(tmp_path / "a"), "--resume"]) == 2
+    assert main([*VQ, "--out", str(tmp_path / "b"), "--data", str(tmp_path / "missing")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert main(["train", "ldm", *COMMON, "--out", str(tmp_path / "c")]) == 2
+    assert "--vqgan" in capsys.readouterr().err
+    assert main([*VQ, "--out", str(tmp_path / "d"), "--steps", "0"]) == 2
+    assert main([*VQ, "--out", str(tmp_path / "e"), "--preset", "huge"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "vqgan" in capsys.readouterr().out
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, argv: list[str]) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        assert main(argv) == 0
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(argv: list[str], init_file) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(init_file), argv), nprocs=2, join=True)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(vq_run, ldm_run, tmp_path):
+    """2 gloo processes x 2 images == 1 process x 4 images (same global batch), for both trainers.
+    The discriminator uses GroupNorm here: BatchNorm statistics depend on the per-rank batch.
+    The gradient all-reduce sums in another order, so weights agree as ``_assert_close_adam`` describes
+    and the logged losses agree to float32 rounding."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    vq = [*VQ, "--steps", "4", "--disc-norm", "group"]
+    assert main([*vq, "--out", str(one)]) == 0
+    _spawn([*vq, "--out", str(two)], tmp_path / "init_vq")
+    for name in ("vqgan", "disc"):
+        _assert_close_adam(_state(one, 4, name), _state(two, 4, name), lr=3e-4)
+    for column in ("l1", "loss", "d_loss"):
+        assert _losses(two, column) == pytest.approx(_losses(one, column), rel=1e-5)
+    _spawn([*_ldm_args(vq_run), "--steps", "4", "--out", str(tmp_path / "ldm2")], tmp_path / "init_ldm")
+    for name in ("unet", "ema"):
+        _assert_close_adam(_state(ldm_run, 4, name), _state(tmp_path / "ldm2", 4, name), lr=1e-4)
+    assert _losses(tmp_path / "ldm2") == pytest.approx(_losses(ldm_run), rel=1e-5)

@@ -1,0 +1,221 @@
+"""``retina-fast train ldm``: train the latent diffusion U-Net on the latents of a frozen VQ-GAN.
+
+Latents: every training image is encoded once by the frozen VQ-GAN (``--vqgan``: a ``train vqgan`` run
+directory or its ``final/``), continuous pre-quantisation output z, scaled by the codebook range to
+z' = 2 (z - min E) / (max E - min E) - 1, and cached in ``RUN/cache/latents.safetensors``.
+
+Per step s with global batch z'_0 (B, C, h, w), t ~ U{0 .. T-1} and eps ~ N(0, I), both drawn for the
+whole global batch from a generator seeded by (seed, s) (so neither resume nor the DDP split changes
+them)::
+
+    z'_t = sqrt(abar_t) z'_0 + sqrt(1 - abar_t) eps,    L = mean |UNet(z'_t, t) - eps|     (cosine schedule)
+
+Adam, gradient norm clipping, EMA of the weights (``--ema-decay`` 0.995; a plain copy for the first
+``--ema-start`` steps). Outputs in RUN: ``log.csv``, ``samples/step_<s>.png`` (EMA model, DDIM, fixed
+seed), ``checkpoints/`` (exact resume) and ``final/``: a sampling checkpoint (vqgan + EMA unet,
+``retina_fast.modelzoo.load_ldm`` loads it) with the latent range and provenance in config.json.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from retina_fast.checkpoint import load_checkpoint, load_state_into, model_config, save_checkpoint
+from retina_fast.models import VQGAN, LDMConfig, UNet2D
+from retina_fast.models.vqgan import scale_latent
+from retina_fast.modelzoo import LoadedLDM, schedule_for
+from retina_fast.training.trainer import (EMA, BatchPlan, DistInfo, MetricLogger, command_line, init_distributed,
+                                          latest_checkpoint, load_train_state, provenance, save_train_state,
+                                          seed_everything, step_generator)
+from retina_fast.training.trainer_setup import (DataSource, add_common_arguments, load_data, resolve_config,
+                                                resolve_options)
+
+__all__ = ["add_arguments", "run", "DEFAULTS", "load_vqgan"]
+
+DEFAULTS: dict[str, Any] = {
+    "preset": "tiny", "config_json": None, "data": "phantom", "steps": 5000, "batch_size": 32, "lr": 1e-4,
+    "seed": 0, "num_workers": 0, "num_images": 2048, "device": None, "amp": "off", "grad_clip": 1.0,
+    "log_every": 25, "sample_every": 1000, "ckpt_every": 500, "vqgan": None, "ema_decay": 0.995,
+    "ema_start": 200, "sample_steps": 50,
+}
+FIELDS = ["epoch", "loss", "grad_norm", "lr", "s_per_step"]
+
+
+def add_arguments(p) -> None:
+    add_common_arguments(p, DEFAULTS)
+    p.add_argument("--vqgan", metavar="RUN_DIR", help="trained VQ-GAN: a 'train vqgan' run directory or its final/")
+    p.add_argument("--ema-decay", type=float, help=f"EMA decay of the weights (default {DEFAULTS['ema_decay']})")
+    p.add_argument("--ema-start", type=int, help=f"steps before the EMA starts averaging (default "
+                   f"{DEFAULTS['ema_start']})")
+    p.add_argument("--sample-steps", type=int, help="DDIM steps of the preview samples (default 50)")
+
+
+def load_vqgan(path: str | Path) -> tuple[VQGAN, dict]:
+    """A trained VQ-GAN (eval, frozen) and its config.json from a run directory or a checkpoint directory."""
+    path = Path(path)
+    if (path / "final" / "config.json").is_file():
+        path = path / "final"
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--vqgan {path}: no config.json here or in final/ (train it with 'retina-fast train "
+                         f"vqgan' first)")
+    doc, states = load_checkpoint(path, ["vqgan"])
+    vq = VQGAN(LDMConfig.from_dict(doc["architecture"]).vqgan)
+    load_state_into(vq, states["vqgan"], str(path / "vqgan.safetensors"))
+    return vq.eval().requires_grad_(False), {**doc, "path": str(path)}
+
+
+def run(args) -> int:
+    """Entry point of the command (args from ``add_arguments``); also callable in a spawned DDP worker."""
+    run_dir = Path(args.out)
+    ck = latest_checkpoint(run_dir)
+    if args.resume and ck is None:
+        raise ValueError(f"--resume: {run_dir} has no checkpoint to resume from")
+    if not args.resume and ck is not None:
+        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    saved = load_checkpoint(ck, [])[0]["options"] if ck is not None else None
+    opts = resolve_options(args, DEFAULTS, saved)
+    if not opts.get("vqgan"):
+        raise ValueError("train ldm needs --vqgan RUN_DIR (a trained VQ-GAN)")
+    if not 0.0 <= opts["ema_decay"] < 1.0:
+        raise ValueError(f"--ema-decay must be in [0, 1), got {opts['ema_decay']}")
+    info = init_distributed(opts["device"])
+    try:
+        return _train(opts, info, run_dir, ck)
+    finally:
+        info.close()
+
+
+def _config(opts: dict, vq_doc: dict) -> LDMConfig:
+    """The preset (+ override) with the trained VQ-GAN's architecture."""
+    if "architecture" in opts:
+        return LDMConfig.from_dict(opts["architecture"])
+    base = resolve_config(opts["preset"], opts["config_json"])
+    vq_cfg = LDMConfig.from_dict(vq_doc["architecture"]).vqgan
+    if base.unet.in_channels != vq_cfg.latent_channels:
+        raise ValueError(f"the VQ-GAN has {vq_cfg.latent_channels} latent channels but the preset's U-Net takes "
+                         f"{base.unet.in_channels}")
+    return LDMConfig(vqgan=vq_cfg, unet=base.unet, timesteps=base.timesteps, schedule=base.schedule,
+                     cosine_s=base.cosine_s, max_beta=base.max_beta, prediction=base.prediction, name=base.name)
+
+
+@torch.no_grad()
+def encode_latents(vq: VQGAN, data: DataSource, lo: float, hi: float, device: torch.device,
+                   batch: int = 32) -> torch.Tensor:
+    """Scaled continuous latents (N, C, h, w) float32 of every image of ``data``."""
+    from tqdm import tqdm
+
+    out = []
+    for i in tqdm(range(0, len(data), batch), desc="encode latents", unit="batch", leave=False):
+        x = data.get(list(range(i, min(i + batch, len(data))))).to(device)
+        out.append(scale_latent(vq.encode(x), lo, hi).float().cpu())
+    return torch.cat(out)
+
+
+def _latents(opts: dict, vq: VQGAN, vq_doc: dict, info: DistInfo, run_dir: Path) -> tuple[torch.Tensor, str]:
+    lo, hi = vq.latent_range()
+    data = load_data(opts["data"], opts["num_images"], vq.config, info, run_dir, opts["num_workers"])
+    sha = vq_doc["weights"]["vqgan"]["sha256"]
+    cache = run_dir / "cache" / f"latents_{sha[:16]}_n{len(data)}.safetensors"
+    if info.is_main and not cache.is_file():
+        lat = encode_latents(vq, data, lo, hi, info.device)
+        tmp = cache.with_suffix(".tmp")
+        save_file({"latents": lat}, str(tmp), metadata={"vqgan_sha256": sha, "data": data.description})
+        tmp.replace(cache)
+    info.barrier()
+    return load_file(str(cache))["latents"], data.description
+
+
+def _train(opts: dict, info: DistInfo, run_dir: Path, ck: Path | None) -> int:
+    from tqdm import tqdm
+
+    dev = info.device
+    run_dir.mkdir(parents=True, exist_ok=True)
+    vq, vq_doc = load_vqgan(opts["vqgan"])
+    if ck is not None and opts.get("vqgan_sha256") not in (None, vq_doc["weights"]["vqgan"]["sha256"]):
+        raise ValueError(f"--vqgan {opts['vqgan']}: the VQ-GAN weights changed since this run started")
+    opts["vqgan_sha256"] = vq_doc["weights"]["vqgan"]["sha256"]
+    cfg = _config(opts, vq_doc)
+    opts["architecture"] = cfg.to_dict()
+    vq.to(dev)
+    latents, data_desc = _latents(opts, vq, vq_doc, info, run_dir)
+    schedule = schedule_for(cfg)
+    abar = schedule.alphas_cumprod.to(torch.float32)
+    seed_everything(opts["seed"])
+    unet = UNet2D(cfg.unet).to(dev)
+    ema = EMA(unet, opts["ema_decay"], opts["ema_start"])
+    opt = torch.optim.Adam(unet.parameters(), lr=opts["lr"])
+    start = 0
+    if ck is not None:
+        start = load_train_state(ck, {"unet": unet, "ema": ema.module}, {"unet": opt})["step"]
+    model = nn.parallel.DistributedDataParallel(unet) if info.world > 1 else unet
+    plan = BatchPlan(len(latents), opts["batch_size"], opts["seed"], info.rank, info.world)
+    per = opts["batch_size"] // info.world
+    mine = slice(info.rank * per, (info.rank + 1) * per)
+    logger = MetricLogger(run_dir, FIELDS, info.is_main, resume_step=start if ck is not None else None)
+    total = opts["steps"]
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if opts["amp"] == "bf16" else contextlib.nullcontext()
+    bar = tqdm(total=total, initial=start, desc="train ldm", unit="step", disable=not info.is_main)
+    t_last, s_last, loss_sum, n_sum = time.time(), start, 0.0, 0
+    for step in range(start, total):
+        z0 = latents[plan.local_indices(step)].to(dev)
+        g = step_generator(opts["seed"], step, 1)
+        t = torch.randint(0, schedule.num_timesteps, (opts["batch_size"],), generator=g)[mine]
+        eps = torch.randn((opts["batch_size"],) + tuple(latents.shape[1:]), generator=g)[mine]
+        t, eps = t.to(dev), eps.to(dev)
+        a = abar.to(dev)[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        unet.train()
+        with amp:
+            pred = model(zt, t)
+        loss = (pred.float() - eps).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(unet.parameters(), opts["grad_clip"] or float("inf"))
+        opt.step()
+        ema.update(unet, step)
+        loss_sum, n_sum = loss_sum + float(loss.detach()), n_sum + 1
+        done = step + 1
+        bar.update(1)
+        if done % opts["log_every"] == 0 or done == total:
+            vals = torch.tensor([loss_sum / n_sum, float(gnorm)], dtype=torch.float64)
+            if info.world > 1:
+                torch.distributed.all_reduce(vals)
+                vals /= info.world
+            now = time.time()
+            logger.log(done, {"epoch": plan.epoch(step), "loss": vals[0], "grad_norm": vals[1], "lr": opts["lr"],
+                              "s_per_step": (now - t_last) / (done - s_last)})
+            bar.set_postfix(loss=f"{float(vals[0]):.4f}")
+            t_last, s_last, loss_sum, n_sum = now, done, 0.0, 0
+        if info.is_main and opts["sample_every"] and (done % opts["sample_every"] == 0 or done == total):
+            ldm = LoadedLDM(cfg, vq, ema.module, schedule, vq.latent_range(), tuple(cfg.vqgan.wavelengths))
+            _preview(ldm, run_dir / "samples" / f"step_{done:08d}.png", opts["sample_steps"])
+        if done % opts["ckpt_every"] == 0 or done == total:
+            if info.is_main:
+                save_train_state(run_dir, done, {"unet": unet, "ema": ema.module}, {"unet": opt}, opts)
+            info.barrier()
+    bar.close()
+    logger.close()
+    if info.is_main:
+        vq_prov = vq_doc.get("provenance", {})
+        cmd = command_line("ldm", opts, ["out", *DEFAULTS])
+        prov = provenance(opts, total, data_desc, cmd, trainer="ldm", vqgan={"path": vq_doc["path"], "sha256":
+                          opts["vqgan_sha256"], "steps": vq_prov.get("steps"), "command": vq_prov.get("command")})
+        config = {**model_config(cfg, vq.latent_range()), "kind": "ldm"}
+        save_checkpoint(run_dir / "final", {"vqgan": vq, "unet": ema.module}, config, prov)
+    info.barrier()
+    return 0
+
+
+def _preview(ldm: LoadedLDM, path: Path, steps: int, n: int = 4) -> None:
+    """``n`` samples of the EMA model (reference sampler, DDIM, seed 0)."""
+    from retina_fast.preview import contact_sheet
+    from retina_fast.training.reference import sample_loaded
+
+    cubes = sample_loaded(ldm, n, min(steps, ldm.schedule.num_timesteps), seed=0)
+    contact_sheet(cubes, ldm.wavelengths, path=path, titles=[f"sample {i}" for i in range(n)])
