@@ -299,6 +299,9 @@ def onnxruntime_session(path: str | Path, *, threads: int | None = None):
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
+    # no busy-waiting between runs: spinning workers would steal the cores from everything else the
+    # process does between U-Net calls (the sampler step, decode, other libraries, other backends)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 

@@ -27,6 +27,7 @@ from retina_fast.training.trainer import BatchPlan, DistInfo
 __all__ = ["MUTABLE", "add_common_arguments", "resolve_options", "resolve_config", "DataSource", "load_data"]
 
 MUTABLE = {"steps", "num_workers", "log_every", "sample_every", "ckpt_every", "device", "out", "resume"}
+_CLI_ROUTING = {"func", "command", "model"}  # argparse sub-command selectors, not run options
 
 
 def add_common_arguments(p: argparse.ArgumentParser, defaults: Mapping[str, Any]) -> None:
@@ -44,7 +45,8 @@ def add_common_arguments(p: argparse.ArgumentParser, defaults: Mapping[str, Any]
     p.add_argument("--lr", type=float, help="Adam learning rate" + d("lr"))
     p.add_argument("--seed", type=int, help="seed of initialisation, data order and noise" + d("seed"))
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--num-workers", type=int, help="DataLoader workers for a cube directory" + d("num_workers"))
+    p.add_argument("--num-workers", type=int,
+                   help="worker processes rendering phantoms / reading a cube directory" + d("num_workers"))
     p.add_argument("--num-images", type=int, help="phantom eyes to render (--data phantom)" + d("num_images"))
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--amp", choices=("off", "bf16"), help="bf16 autocast" + d("amp"))
@@ -57,7 +59,7 @@ def add_common_arguments(p: argparse.ArgumentParser, defaults: Mapping[str, Any]
 def resolve_options(args: argparse.Namespace, defaults: Mapping[str, Any],
                     saved: Mapping[str, Any] | None) -> dict[str, Any]:
     """Command-line values, else saved values (resume), else defaults; checks resume consistency."""
-    given = {k: v for k, v in vars(args).items() if k != "func" and v is not None}
+    given = {k: v for k, v in vars(args).items() if k not in _CLI_ROUTING and v is not None}
     if saved is None:
         opts = {**defaults, **given}
     else:
