@@ -73,8 +73,7 @@ def test_resolve_model_errors_list_what_exists(tmp_path):
 
 
 def test_default_model_is_packaged():
-    if DEFAULT_MODEL not in available_models():
-        pytest.skip(f"no packaged weights in {WEIGHTS_DIR} yet")
+    assert DEFAULT_MODEL in available_models(), f"no packaged weights in {WEIGHTS_DIR}"
     assert resolve_model("default") == WEIGHTS_DIR / DEFAULT_MODEL == resolve_model(DEFAULT_MODEL)
     ldm = load_ldm("default")
     assert ldm.config.name == "tiny" and ldm.config.vqgan.bands == 16 and ldm.config.vqgan.image_size >= 128

@@ -73,9 +73,25 @@ def test_unknown_model_lists_packaged():
 
 
 def test_shipped_default_model():
-    if DEFAULT_MODEL not in available_models():
-        pytest.skip("no packaged default weights yet")
+    assert DEFAULT_MODEL in available_models(), "the package must ship its default model"
     a = reference_sample(4, steps=50, seed=0)
     assert a.shape[:2] == (4, 16) and a.shape[-1] >= 128
     assert torch.isfinite(a).all() and a.min() >= 0 and a.max() <= 1
     assert torch.equal(a, reference_sample(4, steps=50, seed=0))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "onnxruntime"])
+def test_engine_is_a_drop_in_replacement_on_the_shipped_model(backend):
+    """Same seed -> same images as reference_sample, relative L2 <= 1e-4 at fp32 (DESIGN: drop-in)."""
+    import retina_fast
+    from retina_fast import backends
+
+    reasons = backends.get(backend).not_supported_reasons("cpu", torch.float32)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    ref, ref_lat = reference_sample(3, steps=20, seed=11, return_latents=True)
+    got, lat = retina_fast.sample(3, 20, seed=11, backend=backend, dtype=torch.float32, return_latents=True)
+    assert ((lat - ref_lat).norm() / ref_lat.norm()).item() <= 1e-4
+    assert ((got - ref).norm() / ref.norm()).item() <= 1e-4
+    torch.testing.assert_close(retina_fast.sample(1, 20, seed=11, backend=backend, dtype=torch.float32,
+                                                  first_index=2), got[2:], rtol=0, atol=1e-5)
