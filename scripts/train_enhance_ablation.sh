@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Train the MAGE-Net ablation on a CPU and evaluate it (docs/enhance_eval/).
+#
+#   scripts/train_enhance_ablation.sh [RUNS_DIR]        (default runs/enhance_ablation)
+#
+# Runs: RSP pretraining; Stage-1 only; MAGE-Net without RSP; MAGE-Net; T-MAGE-Net (the last two start
+# their RSP module from the pretrained one); MAGE-Net with STEPS_LONG steps (outside the ablation,
+# to see what longer training buys); then the evaluation, which writes
+# docs/enhance_eval/{ablation.md,ablation.json,examples.png} and copies the best of the MAGE-Net /
+# T-MAGE-Net runs on the held-out real half to retina_fast/weights/magenet-tiny/.
+# A finished run (RUN/final/config.json) is skipped and an interrupted one resumed, so the script can be
+# re-run after a stop. Every job runs under `nice -n 15` with one thread (OMP_NUM_THREADS=1): this is
+# a shared 2-core machine and other training has priority. After the RSP pretraining, the long MAGE-Net
+# run goes beside the four ablation runs (two single-threaded jobs at a time; PARALLEL=0 runs
+# everything in sequence). Scaled down for a CPU: tiny preset, 128² crops of 256-px fundus images, batch 4 labelled
+# (+ 2 unlabelled real for T-MAGE-Net) instead of the paper's 16 + 8, a few hundred steps; EMA
+# α = 0.99 instead of 0.999 because the runs are short.
+set -euo pipefail
+
+RUNS=${1:-runs/enhance_ablation}
+PY=${PYTHON:-python}
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+NICE="nice -n 15"
+TRAIN="$NICE $PY -m retina_fast.training.train_enhance"   # == retina-fast train rsp|magenet|tmagenet
+COMMON="--size 256 --crop 128 --batch-size 4 --eyes 48 --per-eye 4 --threads 1 --no-progress --data-cache $RUNS/data"
+STEPS_RSP=${STEPS_RSP:-500}
+STEPS=${STEPS:-600}
+STEPS_LONG=${STEPS_LONG:-2000}
+PARALLEL=${PARALLEL:-1}
+mkdir -p "$RUNS"
+WALL="$RUNS/walltimes.txt"
+
+train() {  # name kind extra-args...
+  local name=$1 kind=$2; shift 2
+  local out="$RUNS/$name"
+  if [[ -f "$out/final/config.json" ]]; then
+    echo "skip $name (finished)"; return
+  fi
+  local resume=""
+  [[ -f "$out/checkpoints/latest" ]] && resume="--resume"
+  local t0=$(date +%s)
+  echo "train $name ($kind) $(date -u +%FT%TZ), load: $(cut -d' ' -f1-3 /proc/loadavg)"
+  $TRAIN "$kind" --out "$out" $COMMON "$@" $resume > "$RUNS/$name.stdout" 2>&1
+  echo "$name $(( $(date +%s) - t0 )) s (this invocation; total in $out/final/config.json)" | tee -a "$WALL"
+}
+
+train rsp         rsp      --steps "$STEPS_RSP" --lr 2e-3
+long_run() {  # MAGE-Net trained longer (not part of the ablation ladder; STEPS_LONG=0 skips it)
+  [[ "$STEPS_LONG" -gt 0 ]] && train magenet-long magenet --steps "$STEPS_LONG" --rsp-init "$RUNS/rsp/final"
+  return 0
+}
+pid=""
+if [[ "$PARALLEL" == 1 ]]; then long_run & pid=$!; fi
+train stage1-only magenet  --steps "$STEPS" --stage1-only
+train no-rsp      magenet  --steps "$STEPS" --no-rsp
+train magenet     magenet  --steps "$STEPS" --rsp-init "$RUNS/rsp/final"
+train tmagenet    tmagenet --steps "$STEPS" --rsp-init "$RUNS/rsp/final" --unlabelled-batch-size 2 \
+                           --real-images 48 --ema 0.99 --warmup 0.3 --consistency-weight 1.0 --noise-std 0.05
+if [[ -n "$pid" ]]; then wait "$pid"; else long_run; fi
+
+t0=$(date +%s)
+$NICE $PY -m retina_fast.training.eval_enhance --runs "$RUNS" --out docs/enhance_eval \
+    --ship-to retina_fast/weights/magenet-tiny
+echo "eval $(( $(date +%s) - t0 )) s" | tee -a "$WALL"

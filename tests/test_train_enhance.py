@@ -1,0 +1,148 @@
+"""Enhancement trainers: tiny few-step runs of rsp / magenet / tmagenet, checkpoints, exact resume, CLI."""
+from __future__ import annotations
+
+import argparse
+import csv
+
+import pytest
+import torch
+
+from retina_fast.checkpoint import load_checkpoint
+from retina_fast.training import train_enhance as T
+
+TINY = ["--size", "48", "--crop", "24", "--eyes", "2", "--per-eye", "1", "--batch-size", "2",
+        "--unlabelled-batch-size", "1", "--real-images", "2", "--log-every", "1", "--no-progress", "--threads", "1"]
+
+
+def _args(kind: str, *extra: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    T.add_arguments(p)
+    args = p.parse_args([*TINY, *extra])
+    args.model = kind  # what `retina-fast train KIND` sets
+    return args
+
+
+@pytest.fixture(scope="module")
+def rsp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "rsp"
+    assert T.run(_args("rsp", "--out", str(out), "--steps", "2")) == 0
+    return out
+
+
+def test_rsp_run_writes_final_and_log(rsp_run):
+    doc, states = load_checkpoint(rsp_run / "final")
+    assert doc["kind"] == "rsp" and set(doc["architecture"]) == {"base", "gf_radius", "gf_eps"}
+    assert doc["provenance"]["steps"] == 2 and doc["provenance"]["wall_time_s"] >= 0
+    assert "cpu" in doc["provenance"]["hardware"]
+    rows = list(csv.DictReader(open(rsp_run / "log.csv")))
+    assert [r["step"] for r in rows] == ["1", "2"] and float(rows[0]["seg"]) > 0
+
+
+def test_magenet_starts_from_pretrained_rsp(rsp_run, tmp_path):
+    from retina_fast.models.magenet import MAGENet
+
+    net = MAGENet()
+    T.load_rsp(rsp_run / "final", net.rsp)
+    _, states = load_checkpoint(rsp_run / "final")
+    for k, v in net.rsp.state_dict().items():
+        assert torch.equal(v, states["model"][k])
+    out = tmp_path / "mage"
+    T.run(_args("magenet", "--out", str(out), "--steps", "1", "--rsp-init", str(rsp_run / "final")))
+    doc = load_checkpoint(out / "final", [])[0]
+    assert doc["kind"] == "magenet" and doc["variant"] == "MAGE-Net full"
+    assert doc["provenance"]["rsp_init"]["sha256"] == load_checkpoint(rsp_run / "final", [])[0]["weights"]["model"]["sha256"]
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert all(float(rows[0][k]) > 0 for k in ("char_s1", "edge_s1", "char_s2", "edge_s2", "seg"))
+
+
+@pytest.mark.parametrize("flag,use_rsp,stage1", [("--no-rsp", False, False), ("--stage1-only", True, True)])
+def test_ablation_flags(tmp_path, flag, use_rsp, stage1):
+    T.run(_args("magenet", "--out", str(tmp_path / "r"), "--steps", "1", flag))
+    doc = load_checkpoint(tmp_path / "r" / "final", [])[0]
+    assert doc["architecture"]["use_rsp"] is use_rsp and doc["architecture"]["stage1_only"] is stage1
+
+
+def test_bad_option_combinations(tmp_path, rsp_run):
+    with pytest.raises(ValueError, match="ablations"):
+        T.run(_args("rsp", "--out", str(tmp_path / "a"), "--steps", "1", "--no-rsp"))
+    with pytest.raises(ValueError, match="no RSP"):
+        T.run(_args("magenet", "--out", str(tmp_path / "b"), "--steps", "1", "--no-rsp",
+                    "--rsp-init", str(rsp_run / "final")))
+    with pytest.raises(ValueError, match="not an RSP"):
+        T.run(_args("magenet", "--out", str(tmp_path / "c"), "--steps", "1", "--rsp-init", str(_magenet_ckpt(tmp_path))))
+    with pytest.raises(ValueError, match="no checkpoint"):
+        T.run(_args("magenet", "--out", str(tmp_path / "d"), "--steps", "1", "--resume"))
+
+
+def _magenet_ckpt(tmp_path):
+    out = tmp_path / "m1"
+    T.run(_args("magenet", "--out", str(out), "--steps", "1", "--stage1-only"))
+    return out / "final"
+
+
+def test_tmagenet_resume_is_bit_identical(tmp_path, rsp_run, monkeypatch):
+    extra = ["--steps", "4", "--ckpt-every", "2", "--rsp-init", str(rsp_run / "final")]
+    T.run(_args("tmagenet", "--out", str(tmp_path / "straight"), *extra))
+
+    real_save = T.save_train_state
+
+    def save_then_stop(run_dir, step, *a, **k):
+        path = real_save(run_dir, step, *a, **k)
+        if step == 2:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(T, "save_train_state", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        T.run(_args("tmagenet", "--out", str(tmp_path / "split"), *extra))
+    monkeypatch.setattr(T, "save_train_state", real_save)
+    with pytest.raises(ValueError, match="already holds a run"):
+        T.run(_args("tmagenet", "--out", str(tmp_path / "split"), *extra))
+    with pytest.raises(ValueError, match="differ"):
+        T.run(_args("tmagenet", "--out", str(tmp_path / "split"), *extra, "--resume", "--lr", "0.5"))
+    T.run(_args("tmagenet", "--out", str(tmp_path / "split"), *extra, "--resume"))
+    a_doc, a = load_checkpoint(tmp_path / "straight" / "final")
+    b_doc, b = load_checkpoint(tmp_path / "split" / "final")
+    assert set(a) == {"model", "student"} and a_doc["variant"] == "T-MAGE-Net full"
+    for name in a:
+        for k in a[name]:
+            assert torch.equal(a[name][k], b[name][k]), (name, k)
+    rows_a = list(csv.DictReader(open(tmp_path / "straight" / "log.csv")))
+    rows_b = list(csv.DictReader(open(tmp_path / "split" / "log.csv")))
+    assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
+    assert float(rows_a[-1]["ema_alpha"]) == pytest.approx(0.75)  # min(1 - 1/(t+1), α) at t = 3
+    assert 0 < float(rows_a[0]["con_weight"]) < float(rows_a[-1]["con_weight"]) <= 1.0
+
+
+def test_registered_in_train_cli():
+    from retina_fast.cli import build_parser
+
+    for kind in ("rsp", "magenet", "tmagenet"):
+        args = build_parser().parse_args(["train", kind, "--out", "x", "--steps", "3"])
+        assert args.model == kind and args.steps == 3
+
+
+def test_kind_is_required():
+    with pytest.raises(ValueError, match="unknown enhancement trainer"):
+        T.run(argparse.Namespace(out="x", resume=False, model="vqgan"))
+
+
+def test_eval_report_and_ship(tmp_path, rsp_run):
+    """The whole ablation pipeline at toy scale: four variants, evaluation, report, shipped copy."""
+    from retina_fast.training import eval_enhance
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "rsp").symlink_to(rsp_run, target_is_directory=True)
+    for name, kind, flags in (("stage1-only", "magenet", ["--stage1-only"]), ("no-rsp", "magenet", ["--no-rsp"]),
+                              ("magenet", "magenet", []), ("tmagenet", "tmagenet", [])):
+        T.run(_args(kind, "--out", str(runs / name), "--steps", "1", *flags))
+    eval_enhance.main(["--runs", str(runs), "--out", str(tmp_path / "doc"), "--n-test", "2", "--size", "48",
+                       "--ship-to", str(tmp_path / "ship")])
+    md = (tmp_path / "doc" / "ablation.md").read_text()
+    for label in ("Degraded input", "CLAHE", "Stage-1 only", "MAGE-Net w/o RSP", "| MAGE-Net |", "T-MAGE-Net"):
+        assert label in md
+    assert (tmp_path / "doc" / "examples.png").is_file() and (tmp_path / "doc" / "ablation.json").is_file()
+    doc, states = load_checkpoint(tmp_path / "ship")
+    assert set(states) == {"model"} and "selection" in doc["provenance"]
+    assert (tmp_path / "ship" / "TRAINING.md").is_file() and (tmp_path / "ship" / "log.csv").is_file()

@@ -1,0 +1,319 @@
+"""``retina-fast train rsp|magenet|tmagenet``: train MAGE-Net / T-MAGE-Net fundus enhancement or its RSP module.
+
+- ``rsp``: pretrain the RSP module (AG-Net-style vessel segmentation) on phantom vessel masks with
+  ``rsp_loss`` (BCE over the 4 side outputs and their mean). Each image of a batch is the degraded
+  input or, with probability 1/2, the clean image: MAGE-Net's RSP sees degraded inputs, and the
+  evaluation segments clean, degraded and enhanced images with the same network.
+- ``magenet``: supervised MAGE-Net on synthetic pairs, ``magenet_loss`` = Σ_stages (Charbonnier +
+  0.05·edge) + λ·Σ_4 scales BCE, λ = 0.5; the RSP module starts from ``--rsp-init`` (an ``rsp`` run's
+  ``final/``). ``--no-rsp`` / ``--stage1-only`` are the paper's ablations.
+- ``tmagenet``: the same supervised loss on a labelled synthetic batch plus, on an unlabelled real batch
+  (left half of ``skimage.data.retina()``, degraded), the mean-teacher consistency (every stage and
+  every segmentation scale, MSE) weighted by the Gaussian warm-up w(t) = w_max·exp(−5(1 − t/T)²);
+  the teacher (EMA of the student, α_t = min(1 − 1/(t+1), α)) sees the real crop, the student a
+  Gaussian-noise augment (σ = ``--noise-std``, inside the field of view).
+
+Choices where the paper is silent (both documented in config.json's options): the clean phantoms are
+recoloured per pair by per-channel gains exp(U(−a, a)), a = ``--colour-jitter`` (domain randomisation:
+the phantom's colour varies little between eyes and differs from real photographs), and the two image
+heads (SAM's image conv, the Stage-2 tail) start at zero, so MAGE-Net starts as the identity and learns
+corrections (``--no-identity-init`` keeps PyTorch's default init).
+
+Data: training/enhance_data.py (phantom pairs, the real halves). Per step s every random choice (batch
+rows, crops, flips, clean/degraded choice, student noise) comes from a generator seeded by (seed, s), so
+a resumed run is bit-identical to an uninterrupted one. Adam (β = 0.9, 0.999) with a cosine learning
+rate from ``--lr`` to ``--lr-min``. The paper's batch is 16 labelled + 8 unlabelled 256² crops on a GPU;
+the CPU defaults are 4 + 2 crops of 128² (the same 2:1 ratio).
+
+RUN holds ``log.csv`` (+ TensorBoard when installed), ``checkpoints/`` (exact resume: model, teacher,
+Adam, RNG, wall time) and ``final/`` (``model.safetensors`` + config.json: ``kind`` "magenet" or "rsp",
+the architecture, the preset and provenance with the wall time and hardware; for ``tmagenet`` the model
+is the EMA teacher and ``student.safetensors`` is kept beside it).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from retina_fast.checkpoint import load_checkpoint, load_state_into, save_checkpoint
+from retina_fast.models.magenet import MAGENET_PRESETS, MAGENet, MAGENetConfig
+from retina_fast.models.rsp import RSPNet
+from retina_fast.training import enhance_data
+from retina_fast.training.enhance_losses import magenet_loss, rsp_loss
+from retina_fast.training.mean_teacher import MeanTeacher
+from retina_fast.training.trainer import (MetricLogger, latest_checkpoint, load_train_state, provenance,
+                                          save_train_state, step_generator)
+from retina_fast.training.trainer_setup import resolve_options
+
+__all__ = ["KINDS", "DEFAULTS", "add_arguments", "run", "train", "build_model", "rsp_config", "load_rsp"]
+
+KINDS = ("rsp", "magenet", "tmagenet")
+DEFAULTS: dict[str, Any] = {
+    "preset": "tiny", "steps": 600, "batch_size": 4, "unlabelled_batch_size": 2, "crop": 128, "size": 256,
+    "eyes": 48, "per_eye": 4, "real_images": 48, "colour_jitter": 0.25, "no_identity_init": False,
+    "lr": 1e-3, "lr_min": 1e-5, "seed": 0, "no_rsp": False,
+    "stage1_only": False, "rsp_init": None, "ema": 0.999, "consistency_weight": 1.0, "warmup": 0.3,
+    "noise_std": 0.05, "log_every": 10, "ckpt_every": 100, "device": None, "threads": None, "data_cache": None,
+}
+FIELDS = ["loss", "char_s1", "edge_s1", "char_s2", "edge_s2", "seg", "consistency", "con_weight", "ema_alpha",
+          "lr", "s_per_step"]
+_STREAM = 0xE7A
+_MUTABLE = ("threads", "data_cache")  # besides trainer_setup.MUTABLE (steps, log/ckpt intervals, device, out)
+
+
+def add_arguments(p) -> None:
+    """Options of ``train rsp|magenet|tmagenet`` (all parse to None when absent; see DEFAULTS)."""
+    def d(key: str) -> str:
+        return f" (default {DEFAULTS[key]})"
+
+    p.add_argument("--out", required=True, metavar="RUN", help="run directory (log.csv, checkpoints/, final/)")
+    p.add_argument("--preset", choices=sorted(MAGENET_PRESETS), help="MAGE-Net preset" + d("preset"))
+    p.add_argument("--steps", type=int, help="optimisation steps" + d("steps"))
+    p.add_argument("--batch-size", type=int, help="labelled synthetic crops per step" + d("batch_size"))
+    p.add_argument("--unlabelled-batch-size", type=int,
+                   help="unlabelled real crops per step (tmagenet; the paper uses 16 + 8)" + d("unlabelled_batch_size"))
+    p.add_argument("--crop", type=int, help="square crop side in pixels" + d("crop"))
+    p.add_argument("--size", type=int, help="whole-fundus size of phantoms and of the real photograph" + d("size"))
+    p.add_argument("--eyes", type=int, help="phantom eyes in the training set" + d("eyes"))
+    p.add_argument("--per-eye", type=int, help="degraded versions per eye" + d("per_eye"))
+    p.add_argument("--colour-jitter", type=float, help="per-channel colour gains exp(U(-a, a)) on the clean phantoms "
+                   "(domain randomisation; 0 = off)" + d("colour_jitter"))
+    p.add_argument("--no-identity-init", action="store_true", default=None,
+                   help="keep PyTorch's default init of the two image heads (default: zero, so MAGE-Net starts as "
+                        "the identity)")
+    p.add_argument("--real-images", type=int, help="degraded versions of the real left half" + d("real_images"))
+    p.add_argument("--lr", type=float, help="initial Adam learning rate (cosine decay)" + d("lr"))
+    p.add_argument("--lr-min", type=float, help="final learning rate" + d("lr_min"))
+    p.add_argument("--seed", type=int, help="seed of initialisation and every per-step choice" + d("seed"))
+    p.add_argument("--no-rsp", action="store_true", default=None, help="ablation: MAGE-Net without the RSP module")
+    p.add_argument("--stage1-only", action="store_true", default=None, help="ablation: Stage-1 U-Net + SAM only")
+    p.add_argument("--rsp-init", metavar="DIR", help="pretrained RSP checkpoint (final/ of a `train rsp` run)")
+    p.add_argument("--ema", type=float, help="mean-teacher EMA α (tmagenet)" + d("ema"))
+    p.add_argument("--consistency-weight", type=float, help="w_max of the consistency loss" + d("consistency_weight"))
+    p.add_argument("--warmup", type=float, help="Gaussian warm-up length as a fraction of --steps" + d("warmup"))
+    p.add_argument("--noise-std", type=float, help="student Gaussian-noise augment σ" + d("noise_std"))
+    p.add_argument("--log-every", type=int, help="steps between log rows" + d("log_every"))
+    p.add_argument("--ckpt-every", type=int, help="steps between checkpoints" + d("ckpt_every"))
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
+    p.add_argument("--data-cache", metavar="DIR", help="cache the generated training data here (safetensors)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    """Entry point: the trainer kind is ``args.model`` (set by ``retina-fast train``) or ``args.kind``."""
+    kind = getattr(args, "kind", None) or getattr(args, "model", None)
+    if kind not in KINDS:
+        raise ValueError(f"unknown enhancement trainer {kind!r}; choose from {KINDS}")
+    run_dir = Path(args.out)
+    ck = latest_checkpoint(run_dir)
+    if args.resume and ck is None:
+        raise ValueError(f"--resume: {run_dir} has no checkpoint to resume from")
+    if not args.resume and ck is not None:
+        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    saved = load_checkpoint(ck, [])[0]["options"] if ck is not None else None
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "model", "command", "kind", "no_progress")}
+    local = {k: given.pop(k) for k in _MUTABLE if given.get(k) is not None}  # may change on --resume
+    opts = {**resolve_options(argparse.Namespace(**given), {**DEFAULTS, "kind": kind}, saved), **local}
+    if saved is not None and saved.get("kind") != kind:
+        raise ValueError(f"--resume: {run_dir} is a {saved.get('kind')!r} run, not {kind!r}")
+    train(opts, run_dir, ck, progress=not getattr(args, "no_progress", False))
+    return 0
+
+
+def rsp_config(cfg: MAGENetConfig) -> dict[str, Any]:
+    return {"base": cfg.rsp_base, "gf_radius": cfg.gf_radius, "gf_eps": cfg.gf_eps}
+
+
+def build_model(opts: dict[str, Any]) -> tuple[torch.nn.Module, MAGENetConfig]:
+    """The network of a run: RSPNet for ``rsp``, else MAGE-Net of the preset with the ablation flags."""
+    base = MAGENET_PRESETS[opts["preset"]].to_dict()
+    cfg = MAGENetConfig.from_dict({**base, "use_rsp": not opts["no_rsp"], "stage1_only": bool(opts["stage1_only"])})
+    if opts["kind"] == "rsp":
+        if opts["no_rsp"] or opts["stage1_only"]:
+            raise ValueError("--no-rsp / --stage1-only are MAGE-Net ablations, not options of `train rsp`")
+        return RSPNet(**rsp_config(cfg)), cfg
+    net = MAGENet(cfg)
+    if not opts["no_identity_init"]:
+        heads = [net.stage1.sam.conv2] + ([net.tail] if cfg.has_stage2 else [])
+        for conv in heads:  # image = conv(features) + input: zero weights make both stages the identity
+            torch.nn.init.zeros_(conv.weight)
+    return net, cfg
+
+
+def load_rsp(path: str | os.PathLike, target: RSPNet) -> dict[str, Any]:
+    """Load the weights of an ``rsp`` checkpoint directory into ``target``; returns its config.json."""
+    doc, states = load_checkpoint(path, ["model"])
+    if doc.get("kind") != "rsp":
+        raise ValueError(f"{path}: a {doc.get('kind')!r} checkpoint, not an RSP one (`retina-fast train rsp`)")
+    load_state_into(target, states["model"], f"{path}/model.safetensors")
+    return doc
+
+
+def _hardware(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    hw = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
+    if device.type == "cuda":
+        hw["gpu"] = torch.cuda.get_device_name(device)
+    return hw
+
+
+def _lr(opts: dict[str, Any], step: int) -> float:
+    t = step / max(opts["steps"] - 1, 1)
+    return opts["lr_min"] + 0.5 * (opts["lr"] - opts["lr_min"]) * (1 + math.cos(math.pi * t))
+
+
+def _load_data(opts: dict[str, Any], progress: bool):
+    cache = opts["data_cache"]
+    syn = enhance_data.synthetic_pairs(opts["eyes"], opts["per_eye"], opts["size"], colour_jitter=opts["colour_jitter"],
+                                       cache_dir=cache, progress=progress)
+    real = None
+    if opts["kind"] == "tmagenet":
+        real = enhance_data.real_unlabelled(opts["real_images"], opts["size"], cache_dir=cache, progress=progress)
+    desc = (f"phantom eyes 0..{opts['eyes'] - 1} at {opts['size']} px, {opts['per_eye']} Cofe-Net degradations "
+            f"each (random combination, mode=code), colour gains exp(U(-{opts['colour_jitter']}, "
+            f"{opts['colour_jitter']})) per pair")
+    if real is not None:
+        desc += (f"; unlabelled real: left half (columns 0-704) of skimage.data.retina(), "
+                 f"{opts['real_images']} random degradations")
+    return syn, real, desc
+
+
+def _step(model, mt, opts, syn, real, step: int, device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss of one step; all randomness from the (seed, step) generator."""
+    g = step_generator(opts["seed"], step, _STREAM)
+    idx = torch.randint(len(syn), (opts["batch_size"],), generator=g)
+    b = {k: v.to(device) for k, v in enhance_data.random_crops(syn.get(idx), opts["crop"], g).items()}
+    if opts["kind"] == "rsp":
+        clean = (torch.rand(opts["batch_size"], generator=g) < 0.5).to(device)[:, None, None, None]
+        loss = rsp_loss(model(torch.where(clean, b["y"], b["x"])), b["vessels"])
+        return loss, {"seg": loss.detach(), "total": loss.detach()}
+    loss, parts = magenet_loss(model(b["x"]), b["y"], b["vessels"])
+    if mt is not None:
+        ridx = torch.randint(len(real), (opts["unlabelled_batch_size"],), generator=g)
+        rb = enhance_data.random_crops(real.get(ridx), opts["crop"], g)
+        noise_g = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=g)))
+        con, _ = mt.consistency(model, rb["x"].to(device), generator=noise_g, mask=rb["fov"].to(device))
+        w = mt.weight()
+        loss = loss + w * con
+        parts.update(consistency=con.detach(), con_weight=torch.tensor(w), total=loss.detach())
+    return loss, parts
+
+
+def train(opts: dict[str, Any], run_dir: Path, ck: Path | None = None, *, progress: bool = True) -> Path:
+    """Train per ``opts`` (DEFAULTS plus ``kind``) into ``run_dir``; returns ``run_dir / "final"``."""
+    from tqdm import tqdm
+
+    for key in ("crop", "size", "eyes", "per_eye", "real_images", "unlabelled_batch_size"):
+        if not isinstance(opts[key], int) or opts[key] < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {opts[key]!r}")
+    if opts["crop"] > opts["size"] // 2 and opts["kind"] == "tmagenet":
+        raise ValueError(f"--crop {opts['crop']} must fit in the real half ({opts['size']}×~{opts['size'] // 2} px)")
+    if opts["threads"]:
+        torch.set_num_threads(int(opts["threads"]))
+    device = torch.device(opts["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(opts["seed"])
+    model, cfg = build_model(opts)
+    rsp_doc = None
+    if opts["rsp_init"] and opts["kind"] != "rsp":
+        if not cfg.has_rsp:
+            raise ValueError("--rsp-init given but the model has no RSP module (--no-rsp / --stage1-only)")
+        rsp_doc = load_rsp(opts["rsp_init"], model.rsp)
+    model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=opts["lr"], betas=(0.9, 0.999))
+    mt = None
+    if opts["kind"] == "tmagenet":
+        mt = MeanTeacher(model, alpha=opts["ema"], w_max=opts["consistency_weight"],
+                         ramp_steps=int(round(opts["warmup"] * opts["steps"])), noise_std=opts["noise_std"])
+    modules = {"model": model} if mt is None else {"model": model, "teacher": mt.teacher}
+    start, wall = 0, 0.0
+    if ck is not None:
+        doc = load_train_state(ck, modules, {"adam": opt})
+        start, wall = int(doc["step"]), float(doc.get("wall_time_s", 0.0))
+        if mt is not None:
+            mt.step = int(doc["mean_teacher_step"])
+    syn, real, data_desc = _load_data(opts, progress)
+    logger = MetricLogger(run_dir, FIELDS, resume_step=start if ck is not None else None)
+    total = opts["steps"]
+    bar = tqdm(total=total, initial=start, desc=f"train {opts['kind']}", unit="step", disable=not progress)
+    t0 = t_last = time.time()
+    s_last, acc, n_acc = start, {}, 0
+    for step in range(start, total):
+        for group in opt.param_groups:
+            group["lr"] = _lr(opts, step)
+        model.train()
+        loss, parts = _step(model, mt, opts, syn, real, step, device)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if mt is not None:
+            parts["ema_alpha"] = torch.tensor(mt.update(model))
+        for k, v in parts.items():
+            acc[k] = acc.get(k, 0.0) + v.detach().float().cpu()
+        n_acc += 1
+        done = step + 1
+        bar.update(1)
+        if done % opts["log_every"] == 0 or done == total:
+            row = {("loss" if k == "total" else k): float(v) / n_acc for k, v in acc.items()}
+            now = time.time()
+            row.update(lr=_lr(opts, step), s_per_step=(now - t_last) / max(done - s_last, 1))
+            logger.log(done, row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+            t_last, s_last, acc, n_acc = now, done, {}, 0
+        if done % opts["ckpt_every"] == 0 or done == total:
+            extra = {"wall_time_s": wall + time.time() - t0, "kind_trained": opts["kind"]}
+            if mt is not None:
+                extra["mean_teacher_step"] = mt.step
+            save_train_state(run_dir, done, modules, {"adam": opt}, opts, extra)
+    bar.close()
+    logger.close()
+    wall += time.time() - t0
+    return _save_final(run_dir, opts, model, mt, cfg, data_desc, wall, rsp_doc, device)
+
+
+def _save_final(run_dir, opts, model, mt, cfg, data_desc, wall, rsp_doc, device) -> Path:
+    extra = {"trainer": opts["kind"], "wall_time_s": round(wall, 1), "hardware": _hardware(device)}
+    if rsp_doc is not None:
+        extra["rsp_init"] = {"path": str(opts["rsp_init"]),
+                             "sha256": rsp_doc["weights"]["model"]["sha256"]}
+    prov = provenance(opts, opts["steps"], data_desc, **extra)
+    if opts["kind"] == "rsp":
+        config = {"kind": "rsp", "architecture": rsp_config(cfg), "preset": opts["preset"],
+                  "normalisation": {"input": "RGB float in [0, 1]", "output": "vessel logits (N, 1, H, W)"}}
+        return save_checkpoint(run_dir / "final", {"model": model}, config, prov)
+    variant = "stage1-only" if cfg.stage1_only else ("no-rsp" if not cfg.use_rsp else "full")
+    config = {"kind": "magenet", "architecture": cfg.to_dict(), "preset": opts["preset"],
+              "variant": f"{'T-' if mt is not None else ''}MAGE-Net {variant}",
+              "normalisation": {"input": "RGB float in [0, 1]", "output": "RGB in [0, 1] after clamping"}}
+    modules = {"model": model}
+    if mt is not None:
+        config["model_weights"] = "EMA teacher (mean teacher); student.safetensors holds the student"
+        modules = {"model": mt.teacher, "student": model}
+    return save_checkpoint(run_dir / "final", modules, config, prov)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m retina_fast.training.train_enhance KIND --out RUN ...`` (same as ``retina-fast train KIND``)."""
+    p = argparse.ArgumentParser(prog="python -m retina_fast.training.train_enhance",
+                                description=__doc__.split("\n\n")[0].replace("``", ""))
+    p.add_argument("kind", choices=KINDS)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
