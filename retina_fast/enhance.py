@@ -15,8 +15,9 @@ Field of view: the output is clamped to [0, 1] and multiplied by the FOV mask es
 Backends (``retina_fast.backends``; resolved once per enhancer, device and dtype):
 - ``torch``: the reference: eager fp32 ``MAGENet.restore``.
 - ``cpu``: a copy of the same modules in channels-last, bf16 where the CPU has AVX512-BF16 / AMX
-  (fp32 otherwise or with dtype=torch.float32), GroupNorm swapped for the NCHW kernel (ATen's
-  channels-last bf16 GroupNorm is ~20× slower), traced and frozen with TorchScript per input shape
+  (fp32 otherwise or with dtype=torch.float32) except the RSP module, which stays fp32 (its
+  few-channel upsampling / box filters / GroupNorm are slower in bf16 on the CPU), channel attention
+  swapped for a GEMV formulation of the same op, traced and frozen with TorchScript per input shape
   (constant folding, weight pre-packing, dead outputs removed: the segmentation heads).
 - ``cuda``: the same copy in bf16 channels-last on the GPU, channel attention swapped for the fused
   Triton kernel (``retina_fast.kernels.channel_attention``), replayed from a CUDA graph per shape.
@@ -38,12 +39,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from retina_fast import backends
 from retina_fast.checkpoint import CheckpointError, load_checkpoint, load_state_into
-from retina_fast.models.magenet import MAGENet, MAGENetConfig
-from retina_fast.models.rsp import pad_to_multiple
+from retina_fast.models.magenet import ChannelAttention, MAGENet, MAGENetConfig
+from retina_fast.models.rsp import RSPOutput, pad_to_multiple
 
 __all__ = ["enhance", "load_enhancer", "resolve_enhancer", "Enhancer", "DEFAULT_ENHANCER", "WEIGHTS_DIR",
            "MAX_WHOLE_PIXELS", "TILE_OVERLAP", "MIN_SIDE", "AUTO_ORDER"]
@@ -87,14 +87,20 @@ class Enhancer:
         return self.model.config
 
     def runner(self, backend: str = "auto", device=None, dtype: torch.dtype | None = None):
-        from retina_fast.backends.runners import default_dtype
-
         chosen, dev = _resolve(backend, device, dtype)
-        dtype = dtype or (torch.float16 if chosen.name == "tensorrt" else default_dtype(chosen.name, dev))
+        dtype = dtype or _default_dtype(chosen.name)
         key = (chosen.name, str(dev), dtype)
         if key not in self._runners:
             self._runners[key] = _RUNNERS[chosen.name](self.model, dev, dtype)
         return self._runners[key]
+
+
+def _default_dtype(backend: str) -> torch.dtype:
+    """MAGE-Net's own defaults (not the sampler's): bf16 on ``cuda`` and on ``cpu`` where the CPU has
+    AVX512-BF16 / AMX (there it is what makes the cpu backend fast), fp16 on ``tensorrt``, else fp32."""
+    if backend == "cuda" or (backend == "cpu" and backends.cpu_has_fast_bf16()):
+        return torch.bfloat16
+    return torch.float16 if backend == "tensorrt" else torch.float32
 
 
 def _resolve(backend: str, device, dtype) -> tuple[backends.Backend, torch.device]:
@@ -178,20 +184,46 @@ def _fast_copy(model: MAGENet, device, dtype) -> MAGENet:
     return fast.to(memory_format=torch.channels_last)
 
 
-def _group_norm_nchw(self, x: torch.Tensor) -> torch.Tensor:
-    y = F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
-    return y.contiguous(memory_format=torch.channels_last)
+class _FP32RSP(torch.nn.Module):
+    """The RSP module kept in fp32 inside a reduced-precision copy; its outputs are cast back."""
+
+    def __init__(self, rsp: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = rsp
+
+    def forward_padded(self, x: torch.Tensor) -> RSPOutput:
+        out = self.inner.forward_padded(x.float())
+        return RSPOutput(sides=[t.to(x.dtype) for t in out.sides], mean=out.mean.to(x.dtype),
+                         features=[t.to(x.dtype) for t in out.features])
+
+
+def _channel_attention_cpu(self, x: torch.Tensor) -> torch.Tensor:
+    """``channel_attention_ref`` for channels-last CPU tensors: the H·W mean as one GEMV over the NHWC
+    view (ATen's mean copies a channels-last bf16 tensor first: ~15 % of the runner), the tiny MLP in
+    fp32. x (N, C, H, W) -> same."""
+    n, c, h, w = x.shape
+    nhwc = x.permute(0, 2, 3, 1).reshape(n, h * w, c)
+    mean = torch.matmul(torch.ones((n, 1, h * w), dtype=x.dtype, device=x.device), nhwc)[:, 0].float() / (h * w)
+    hidden = torch.relu(mean @ self.down.weight.flatten(1).t().float())
+    gate = torch.sigmoid(hidden @ self.up.weight.flatten(1).t().float()).to(x.dtype)
+    return x * gate[:, :, None, None]
 
 
 class CPURunner(TorchRunner):
-    """Channels-last (bf16 where fast) copy, NCHW GroupNorm, one frozen TorchScript graph per shape."""
+    """Channels-last copy in ``dtype`` (RSP module in fp32), channel attention as a GEMV, one frozen
+    TorchScript graph per shape."""
 
     def __init__(self, model, device, dtype) -> None:
         self.device, self.dtype = device, dtype
         self.fast = _fast_copy(model, device, dtype)
+        if dtype != torch.float32 and model.rsp is not None:
+            # Measured at 512² on the 2-core AVX512-BF16 CPU: the RSP module's few-channel bilinear
+            # upsampling, box filters and channels-last GroupNorm are 2-3× slower in bf16 than in fp32,
+            # and the whole runner ~10 % faster with the RSP module in fp32 (also more accurate).
+            self.fast.rsp = _FP32RSP(_fast_copy(model.rsp, device, torch.float32))
         for m in self.fast.modules():
-            if isinstance(m, torch.nn.GroupNorm):
-                m.forward = types.MethodType(_group_norm_nchw, m)
+            if isinstance(m, ChannelAttention):
+                m.forward = types.MethodType(_channel_attention_cpu, m)
         self._graphs: OrderedDict[tuple, torch.jit.ScriptModule] = OrderedDict()
 
     def _graph(self, x: torch.Tensor):
@@ -226,8 +258,6 @@ class CUDARunner(TorchRunner):
     """bf16 channels-last copy with the fused Triton channel attention, one CUDA graph per shape."""
 
     def __init__(self, model, device, dtype) -> None:
-        from retina_fast.models.magenet import ChannelAttention
-
         self.device, self.dtype = device, dtype
         self.fast = _fast_copy(model, device, dtype)
         for m in self.fast.modules():

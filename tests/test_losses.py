@@ -108,3 +108,31 @@ def test_perceptual_loss_errors(tmp_path):
         VGGFeatures.from_file(tmp_path / "junk.safetensors", TINY_VGG)
     with pytest.raises(ValueError, match="perceptual_weight > 0"):
         VQGANLoss(VQGANConfig(perceptual_weight=0.1), discriminator=_FixedDisc())
+
+
+def test_band_weighted_l1_by_hand():
+    x = torch.zeros(1, 2, 1, 2)
+    y = torch.tensor([[1.0, 1.0], [2.0, 4.0]]).view(1, 2, 1, 2)   # |err| band 0: 1, 1; band 1: 2, 4
+    assert float(l1_loss(x, y)) == pytest.approx(2.0)
+    assert float(l1_loss(x, y, (0.5, 1.5))) == pytest.approx((0.5 * 2 + 1.5 * 6) / 4)
+    with pytest.raises(ValueError, match="3 band weights for 2 channels"):
+        l1_loss(x, y, (1.0, 1.0, 1.0))
+
+
+def test_band_weights_config_validation_and_use():
+    with pytest.raises(ValueError, match="band_loss_weights"):
+        VQGANConfig(image_size=32, f=8, band_loss_weights=(1.0,) * 15)
+    with pytest.raises(ValueError, match="band_loss_weights"):
+        VQGANConfig(image_size=32, f=8, band_loss_weights=(1.0,) * 15 + (0.0,))
+    w = tuple(float(i + 1) for i in range(16))
+    cfg = VQGANConfig(image_size=32, f=8, band_loss_weights=w)
+    assert VQGANConfig.from_dict(cfg.to_dict()).band_loss_weights == w   # JSON round trip
+    crit = VQGANLoss(cfg)
+    x = torch.zeros(1, 16, 4, 4)
+    recon = torch.zeros(1, 16, 4, 4)
+    recon[:, 3] = 1.0                                                    # error only in band 3 (weight 4)
+    z = torch.zeros(1, 8, 1, 1)
+    quant = QuantizeOutput(zq_st=z, indices=torch.zeros(1, 1, 1, dtype=torch.long),
+                           commit_loss=torch.zeros(()), perplexity=torch.ones(()))
+    _, parts = crit.generator_loss(x, VQGANOutput(recon=recon, z=z, quant=quant), step=0)
+    assert float(parts["l1"]) == pytest.approx(4.0 / 16)

@@ -160,3 +160,20 @@ def test_ddp_two_processes_match_one(vq_run, ldm_run, tmp_path):
     for name in ("unet", "ema"):
         _assert_close_adam(_state(ldm_run, 4, name), _state(tmp_path / "ldm2", 4, name), lr=1e-4)
     assert _losses(tmp_path / "ldm2") == pytest.approx(_losses(ldm_run), rel=1e-5)
+
+
+def test_vqgan_band_weights_std(tmp_path):
+    """--band-weights std stores 1/std per band (mean 1) of the training data in the run's architecture."""
+    import json
+
+    from safetensors.torch import load_file
+
+    run = tmp_path / "bw"
+    assert main([*VQ, "--out", str(run), "--steps", "1", "--band-weights", "std"]) == 0
+    cfg = json.loads((run / "final" / "config.json").read_text())
+    w = torch.tensor(cfg["architecture"]["vqgan"]["band_loss_weights"], dtype=torch.float64)
+    imgs = load_file(str(next((run / "cache").glob("*.safetensors"))))["images"].double()
+    std = imgs.transpose(0, 1).reshape(16, -1).std(dim=1)
+    expected = (1 / std) / (1 / std).mean()
+    torch.testing.assert_close(w, expected, atol=1e-5, rtol=0)
+    assert float(w.max() / w.min()) > 1.5          # the phantom's bands differ in spread

@@ -33,7 +33,7 @@ from retina_fast.checkpoint import load_checkpoint, save_checkpoint
 from retina_fast.metrics import psnr, ssim
 from retina_fast.training import enhance_data
 
-__all__ = ["VARIANTS", "clahe", "evaluate", "vessel_iou", "main"]
+__all__ = ["VARIANTS", "clahe", "evaluate", "vessel_iou", "portable_command", "main"]
 
 # run directory name -> row label (the paper's Table 6 ladder)
 VARIANTS = {"stage1-only": "Stage-1 only", "no-rsp": "MAGE-Net w/o RSP", "magenet": "MAGE-Net",
@@ -97,10 +97,23 @@ def _load_rsp(path: Path):
     return net
 
 
+def portable_command(command: str | None) -> str | None:
+    """A recorded training command without the machine's paths: runs started as ``python -m
+    retina_fast.training.train_enhance`` recorded the absolute path of train_enhance.py as the program
+    (before ``train_enhance.command_of``); an absolute program path becomes its base name."""
+    if not command:
+        return command
+    head, sep, rest = command.partition(" ")
+    if Path(head).name == "train_enhance.py":
+        return "python -m retina_fast.training.train_enhance" + sep + rest
+    return (Path(head).name if head.startswith("/") else head) + sep + rest
+
+
 def _run_info(path: Path) -> dict[str, Any]:
     prov = load_checkpoint(path, [])[0]["provenance"]
     return {"checkpoint": str(path), "steps": prov.get("steps"), "wall_time_s": prov.get("wall_time_s"),
-            "hardware": prov.get("hardware"), "command": prov.get("command")}
+            "cpu_time_s": prov.get("cpu_time_s"), "hardware": prov.get("hardware"),
+            "command": portable_command(prov.get("command"))}
 
 
 def evaluate(runs: Path, n_test: int = 14, size: int = 256, backend: str = "torch") -> dict[str, Any]:
@@ -160,12 +173,15 @@ def _table(result: dict[str, Any]) -> str:
 
 
 def _walltimes(result: dict[str, Any]) -> str:
-    lines = ["| Run | Steps | Wall time | Hardware |", "|---|---|---|---|"]
+    def minutes(v):
+        return f"{v / 60:.1f} min" if v is not None else "not recorded"
+
+    lines = ["| Run | Steps | Wall time | CPU time of the process | Hardware |", "|---|---|---|---|---|"]
     for label, info in result["runs"].items():
-        hw, wall = info.get("hardware") or {}, info.get("wall_time_s")
-        wall_text = f"{wall / 60:.1f} min" if wall is not None else "?"
-        lines.append(f"| {label} | {info.get('steps')} | {wall_text} | {hw.get('cpu', '?')}, "
-                     f"{hw.get('torch_threads', '?')} thread(s), {hw.get('device', '?')} |")
+        hw = info.get("hardware") or {}
+        lines.append(f"| {label} | {info.get('steps')} | {minutes(info.get('wall_time_s'))} | "
+                     f"{minutes(info.get('cpu_time_s'))} | {hw.get('cpu', '?')}, {hw.get('torch_threads', '?')} "
+                     f"thread(s), {hw.get('device', '?')} |")
     return "\n".join(lines)
 
 
@@ -192,8 +208,10 @@ def write_report(result: dict[str, Any], out: Path) -> None:
     md = [
         "# MAGE-Net ablation (CPU-scale reproduction)",
         "",
-        "Produced by `python -m retina_fast.training.eval_enhance --runs runs/enhance_ablation --out docs/enhance_eval`",
-        "after `scripts/train_enhance_ablation.sh` (which runs every training and this evaluation).",
+        "Produced by `python -m retina_fast.training.eval_enhance --runs runs/enhance_ablation --out docs/enhance_eval "
+        "--ship-to retina_fast/weights/magenet-tiny`",
+        "as the last step of `scripts/train_enhance_ablation.sh` (which runs every training, this evaluation and the "
+        "copy of the best MAGE-Net / T-MAGE-Net run on the real half to the shipped weights).",
         "",
         f"Test sets: {result['n_test']} degraded phantom eyes never trained on, and the held-out right half of "
         "`skimage.data.retina()` (columns 706–1410; the left half is the unlabelled real training domain) degraded "
@@ -207,7 +225,9 @@ def write_report(result: dict[str, Any], out: Path) -> None:
         "",
         f"Real half, PSNR change over the degraded input: {gains}.",
         "",
-        "Training wall times (single thread under `nice -n 15` on a shared 2-core machine):",
+        "Training wall times (one thread each under `nice -n 15` on a 2-core machine shared with other jobs; "
+        "two of these runs went at a time and other jobs could pause them, so wall time overstates the compute). "
+        "\"MAGE-Net, long run\" is the same recipe as MAGE-Net with more steps, outside the ablation ladder.",
         "",
         _walltimes(result),
         "",
@@ -233,6 +253,7 @@ def ship(result: dict[str, Any], runs: Path, target: Path) -> str:
     config = {k: v for k, v in doc.items() if k not in ("format", "format_version", "provenance", "weights")}
     config.pop("model_weights", None)
     prov = dict(doc["provenance"])
+    prov["command"] = portable_command(prov.get("command"))
     others = {k: round(v["psnr"], 2) for k, v in real.items() if k in cands}
     prov["selection"] = (f"{label}: best real-half PSNR (dB) among {others} (T-MAGE-Net preferred on a tie); "
                          "see docs/enhance_eval/ablation.md")
@@ -243,12 +264,14 @@ def ship(result: dict[str, Any], runs: Path, target: Path) -> str:
     rsp_info = result["runs"].get("RSP pretraining", {})
     info = result["runs"][label]
     hw = info.get("hardware") or {}
-    md = [f"# {label} tiny — the shipped default enhancement weights", "",
+    command = prov.get("command")
+    md = [f"# {label} (tiny preset): the shipped default enhancement weights", "",
           f"Selected: {prov['selection']}.", "",
           "Reproduce (all ablation runs, the evaluation and this copy): `scripts/train_enhance_ablation.sh`.", "",
-          f"This model's training command: `{info.get('command')}`", "",
+          f"This model's training command: `{command}`", "",
           f"- steps: {info.get('steps')}, wall time {info.get('wall_time_s')} s "
-          f"(+ RSP pretraining {rsp_info.get('wall_time_s')} s, {rsp_info.get('steps')} steps)",
+          f"(+ RSP pretraining {rsp_info.get('wall_time_s')} s, {rsp_info.get('steps')} steps); wall time on a "
+          "shared machine, including time the process waited for other jobs",
           f"- hardware: {hw.get('cpu')}, {hw.get('cpu_count')} cores shared with other jobs, "
           f"{hw.get('torch_threads')} torch thread, {hw.get('device')}, `nice -n 15`",
           f"- data: {prov.get('data')}",

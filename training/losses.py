@@ -29,9 +29,16 @@ __all__ = ["l1_loss", "spectral_angle", "hinge_d_loss", "hinge_g_loss", "feature
            "gan_factor", "VQGANLoss"]
 
 
-def l1_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """mean |x - y| over every element."""
-    return (x - y).abs().mean()
+def l1_loss(x: torch.Tensor, y: torch.Tensor, band_weights: Sequence[float] | None = None) -> torch.Tensor:
+    """mean |x - y| over every element; with ``band_weights`` (one per channel of (B, C, ...) inputs) each
+    channel's error is scaled by its weight first (weights of mean 1 keep the loss on the plain scale)."""
+    err = (x - y).abs()
+    if band_weights is None:
+        return err.mean()
+    if len(band_weights) != x.shape[1]:
+        raise ValueError(f"{len(band_weights)} band weights for {x.shape[1]} channels")
+    w = torch.as_tensor(band_weights, dtype=err.dtype, device=err.device).view(1, -1, *([1] * (x.dim() - 2)))
+    return (err * w).mean()
 
 
 def spectral_angle(x: torch.Tensor, y: torch.Tensor, *, offset: float = 1.0, eps: float = 1e-8) -> torch.Tensor:
@@ -89,7 +96,7 @@ class VQGANLoss(nn.Module):
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.config
         recon = out.recon
-        parts = {"l1": l1_loss(recon, x), "sam": spectral_angle(recon, x), "commit": out.quant.commit_loss}
+        parts = {"l1": l1_loss(recon, x, cfg.band_loss_weights), "sam": spectral_angle(recon, x), "commit": out.quant.commit_loss}
         total = cfg.l1_weight * parts["l1"] + cfg.spectral_angle_weight * parts["sam"] + parts["commit"]
         g = gan_factor(step, cfg.gan_warmup_steps)
         if g > 0 and (cfg.gan_weight > 0 or cfg.feature_matching_weight > 0):

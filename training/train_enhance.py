@@ -36,6 +36,8 @@ import argparse
 import math
 import os
 import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -52,7 +54,8 @@ from retina_fast.training.trainer import (MetricLogger, latest_checkpoint, load_
                                           save_train_state, step_generator)
 from retina_fast.training.trainer_setup import resolve_options
 
-__all__ = ["KINDS", "DEFAULTS", "add_arguments", "run", "train", "build_model", "rsp_config", "load_rsp"]
+__all__ = ["KINDS", "DEFAULTS", "add_arguments", "run", "train", "build_model", "rsp_config", "load_rsp",
+           "command_of"]
 
 KINDS = ("rsp", "magenet", "tmagenet")
 DEFAULTS: dict[str, Any] = {
@@ -240,10 +243,10 @@ def train(opts: dict[str, Any], run_dir: Path, ck: Path | None = None, *, progre
         mt = MeanTeacher(model, alpha=opts["ema"], w_max=opts["consistency_weight"],
                          ramp_steps=int(round(opts["warmup"] * opts["steps"])), noise_std=opts["noise_std"])
     modules = {"model": model} if mt is None else {"model": model, "teacher": mt.teacher}
-    start, wall = 0, 0.0
+    start, wall, cpu = 0, 0.0, 0.0
     if ck is not None:
         doc = load_train_state(ck, modules, {"adam": opt})
-        start, wall = int(doc["step"]), float(doc.get("wall_time_s", 0.0))
+        start, wall, cpu = int(doc["step"]), float(doc.get("wall_time_s", 0.0)), float(doc.get("cpu_time_s", 0.0))
         if mt is not None:
             mt.step = int(doc["mean_teacher_step"])
     syn, real, data_desc = _load_data(opts, progress)
@@ -251,6 +254,7 @@ def train(opts: dict[str, Any], run_dir: Path, ck: Path | None = None, *, progre
     total = opts["steps"]
     bar = tqdm(total=total, initial=start, desc=f"train {opts['kind']}", unit="step", disable=not progress)
     t0 = t_last = time.time()
+    c0 = time.process_time()
     s_last, acc, n_acc = start, {}, 0
     for step in range(start, total):
         for group in opt.param_groups:
@@ -275,22 +279,33 @@ def train(opts: dict[str, Any], run_dir: Path, ck: Path | None = None, *, progre
             bar.set_postfix(loss=f"{row['loss']:.4f}")
             t_last, s_last, acc, n_acc = now, done, {}, 0
         if done % opts["ckpt_every"] == 0 or done == total:
-            extra = {"wall_time_s": wall + time.time() - t0, "kind_trained": opts["kind"]}
+            extra = {"wall_time_s": wall + time.time() - t0, "cpu_time_s": cpu + time.process_time() - c0}
             if mt is not None:
                 extra["mean_teacher_step"] = mt.step
             save_train_state(run_dir, done, modules, {"adam": opt}, opts, extra)
     bar.close()
     logger.close()
     wall += time.time() - t0
-    return _save_final(run_dir, opts, model, mt, cfg, data_desc, wall, rsp_doc, device)
+    cpu += time.process_time() - c0
+    return _save_final(run_dir, opts, model, mt, cfg, data_desc, (wall, cpu), rsp_doc, device)
 
 
-def _save_final(run_dir, opts, model, mt, cfg, data_desc, wall, rsp_doc, device) -> Path:
-    extra = {"trainer": opts["kind"], "wall_time_s": round(wall, 1), "hardware": _hardware(device)}
+def command_of(argv: list[str]) -> str:
+    """The run's command line without machine-specific paths or ``--resume``: ``python -m
+    retina_fast.training.train_enhance ARGS`` when started as this module (``sys.argv[0]`` is then the
+    absolute path of this file), else the program's base name (``retina-fast train ...``) and its args."""
+    prog = Path(argv[0]).name if argv else "retina-fast"
+    prog = "python -m retina_fast.training.train_enhance" if prog == "train_enhance.py" else prog
+    return " ".join([prog] + [shlex.quote(a) for a in argv[1:] if a != "--resume"])
+
+
+def _save_final(run_dir, opts, model, mt, cfg, data_desc, times, rsp_doc, device) -> Path:
+    extra = {"trainer": opts["kind"], "wall_time_s": round(times[0], 1), "cpu_time_s": round(times[1], 1),
+             "hardware": _hardware(device)}
     if rsp_doc is not None:
         extra["rsp_init"] = {"path": str(opts["rsp_init"]),
                              "sha256": rsp_doc["weights"]["model"]["sha256"]}
-    prov = provenance(opts, opts["steps"], data_desc, **extra)
+    prov = provenance(opts, opts["steps"], data_desc, command_of(sys.argv), **extra)
     if opts["kind"] == "rsp":
         config = {"kind": "rsp", "architecture": rsp_config(cfg), "preset": opts["preset"],
                   "normalisation": {"input": "RGB float in [0, 1]", "output": "vessel logits (N, 1, H, W)"}}

@@ -16,6 +16,7 @@ reconstructions), ``checkpoints/`` (exact resume) and ``final/`` (``vqgan.safete
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import warnings
 from pathlib import Path
@@ -39,6 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "preset": "tiny", "config_json": None, "data": "phantom", "steps": 1000, "batch_size": 8, "lr": 3e-4,
     "seed": 0, "num_workers": 0, "num_images": 512, "device": None, "amp": "off", "grad_clip": 1.0,
     "log_every": 10, "sample_every": 250, "ckpt_every": 250, "kmeans_images": 64, "disc_norm": "batch",
+    "band_weights": "none",
 }
 FIELDS = ["epoch", "loss", "l1", "sam", "commit", "gan", "fm", "d_loss", "perplexity", "grad_norm", "lr",
           "s_per_step"]
@@ -52,6 +54,9 @@ def add_arguments(p) -> None:
     p.add_argument("--disc-norm", choices=("batch", "group", "none"),
                    help="discriminator normalisation (default batch, as the source; group is batch-size "
                         "independent)")
+    p.add_argument("--band-weights", choices=("none", "std"),
+                   help="per-band weights of the L1 term: none, or std = 1/std of each band over the training "
+                        "data, normalised to mean 1 (stored in the config; default none)")
 
 
 def run(args) -> int:
@@ -73,6 +78,19 @@ def run(args) -> int:
         return _train(opts, info, run_dir, ck)
     finally:
         info.close()
+
+
+def band_std_weights(data, max_images: int = 256) -> tuple[float, ...]:
+    """1/std of each band over (up to ``max_images`` evenly spaced) training images, scaled to mean 1."""
+    n = len(data)
+    idx = sorted({int(i) for i in torch.linspace(0, n - 1, min(n, max_images))})
+    x = torch.cat([data.get(idx[i:i + 32]) for i in range(0, len(idx), 32)])
+    std = x.transpose(0, 1).reshape(x.shape[1], -1).double().std(dim=1)
+    if not bool(torch.all(std > 0)):
+        raise ValueError(f"--band-weights std: band(s) {torch.nonzero(std <= 0).flatten().tolist()} are constant "
+                         "over the training data")
+    w = 1.0 / std
+    return tuple(round(float(v), 6) for v in (w / w.mean()))
 
 
 def _autocast(opts: dict, device: torch.device):
@@ -102,6 +120,11 @@ def _train(opts: dict, info: DistInfo, run_dir: Path, ck: Path | None) -> int:
     if ck is not None:
         start = load_train_state(ck, {"vqgan": vq, "disc": disc}, {"g": opt_g, "d": opt_d})["step"]
     data = load_data(opts["data"], opts["num_images"], cfg, info, run_dir, opts["num_workers"])
+    if opts["band_weights"] == "std" and cfg.band_loss_weights is None:
+        cfg = dataclasses.replace(cfg, band_loss_weights=band_std_weights(data))
+        cfg_all = dataclasses.replace(cfg_all, vqgan=cfg)
+        opts["architecture"] = cfg_all.to_dict()
+        crit.config = vq.config = cfg
     plan = BatchPlan(len(data), opts["batch_size"], opts["seed"], info.rank, info.world)
     h = cfg.latent_size
     if opts["kmeans_images"] * h * h < cfg.codebook_size or opts["kmeans_images"] > len(data):

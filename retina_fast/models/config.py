@@ -75,6 +75,10 @@ class VQGANConfig:
     disc_layers: int = 3
     gan_warmup_steps: int = 10000
     l1_weight: float = 4.0
+    # Per-band weights of the L1 term (mean 1), or None for plain L1. ``retina-fast train vqgan
+    # --band-weights std`` sets them to 1/std of each band over the training data, so that the dim
+    # visible bands (where the phantom's vessels have their contrast) count as much as the bright NIR ones.
+    band_loss_weights: tuple[float, ...] | None = None
     spectral_angle_weight: float = 1.0
     gan_weight: float = 1.0
     feature_matching_weight: float = 4.0
@@ -91,6 +95,10 @@ class VQGANConfig:
                              f"(f={self.f} -> {self.stages})")
         if len(self.wavelengths) != self.bands:
             raise ValueError(f"{len(self.wavelengths)} wavelengths for {self.bands} bands")
+        if self.band_loss_weights is not None:
+            w = self.band_loss_weights
+            if len(w) != self.bands or not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in w):
+                raise ValueError(f"band_loss_weights needs {self.bands} finite positive numbers, got {w!r}")
         if self.image_size % self.f:
             raise ValueError(f"image_size {self.image_size} is not divisible by f={self.f}")
         if self.padding_mode not in ("replicate", "zeros", "reflect"):
