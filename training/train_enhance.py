@@ -50,7 +50,7 @@ from retina_fast.models.rsp import RSPNet
 from retina_fast.training import enhance_data
 from retina_fast.training.enhance_losses import magenet_loss, rsp_loss
 from retina_fast.training.mean_teacher import MeanTeacher
-from retina_fast.training.trainer import (MetricLogger, latest_checkpoint, load_train_state, provenance,
+from retina_fast.training.trainer import (MetricLogger, checkpoint_to_resume, load_train_state, provenance,
                                           save_train_state, step_generator)
 from retina_fast.training.trainer_setup import resolve_options
 
@@ -117,11 +117,7 @@ def run(args) -> int:
     if kind not in KINDS:
         raise ValueError(f"unknown enhancement trainer {kind!r}; choose from {KINDS}")
     run_dir = Path(args.out)
-    ck = latest_checkpoint(run_dir)
-    if args.resume and ck is None:
-        raise ValueError(f"--resume: {run_dir} has no checkpoint to resume from")
-    if not args.resume and ck is not None:
-        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    ck = checkpoint_to_resume(run_dir, args.resume)
     saved = load_checkpoint(ck, [])[0]["options"] if ck is not None else None
     given = {k: v for k, v in vars(args).items() if k not in ("func", "model", "command", "kind", "no_progress")}
     local = {k: given.pop(k) for k in _MUTABLE if given.get(k) is not None}  # may change on --resume

@@ -31,7 +31,7 @@ from retina_fast.models import VQGAN, LDMConfig, UNet2D
 from retina_fast.models.vqgan import scale_latent
 from retina_fast.modelzoo import LoadedLDM, schedule_for
 from retina_fast.training.trainer import (EMA, BatchPlan, DistInfo, MetricLogger, command_line, init_distributed,
-                                          latest_checkpoint, load_train_state, provenance, save_train_state,
+                                          checkpoint_to_resume, load_train_state, provenance, save_train_state,
                                           seed_everything, step_generator)
 from retina_fast.training.trainer_setup import (DataSource, add_common_arguments, load_data, resolve_config,
                                                 resolve_options)
@@ -73,11 +73,7 @@ def load_vqgan(path: str | Path) -> tuple[VQGAN, dict]:
 def run(args) -> int:
     """Entry point of the command (args from ``add_arguments``); also callable in a spawned DDP worker."""
     run_dir = Path(args.out)
-    ck = latest_checkpoint(run_dir)
-    if args.resume and ck is None:
-        raise ValueError(f"--resume: {run_dir} has no checkpoint to resume from")
-    if not args.resume and ck is not None:
-        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    ck = checkpoint_to_resume(run_dir, args.resume)
     saved = load_checkpoint(ck, [])[0]["options"] if ck is not None else None
     opts = resolve_options(args, DEFAULTS, saved)
     if not opts.get("vqgan"):

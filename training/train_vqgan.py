@@ -29,7 +29,7 @@ from retina_fast.checkpoint import model_config, save_checkpoint
 from retina_fast.models import VQGAN, LDMConfig
 from retina_fast.models.vqgan import model_to_reflectance
 from retina_fast.training.trainer import (BatchPlan, DistInfo, MetricLogger, command_line, epoch_permutation,
-                                          init_distributed, latest_checkpoint, load_train_state, provenance,
+                                          init_distributed, checkpoint_to_resume, load_train_state, provenance,
                                           save_train_state, seed_everything, step_generator)
 from retina_fast.training.trainer_setup import (add_common_arguments, load_data, resolve_config,
                                                 resolve_options)
@@ -62,11 +62,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     """Entry point of the command (args from ``add_arguments``); also callable in a spawned DDP worker."""
     run_dir = Path(args.out)
-    ck = latest_checkpoint(run_dir)
-    if args.resume and ck is None:
-        raise ValueError(f"--resume: {run_dir} has no checkpoint to resume from")
-    if not args.resume and ck is not None:
-        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    ck = checkpoint_to_resume(run_dir, args.resume)
     saved = None
     if ck is not None:
         from retina_fast.checkpoint import load_checkpoint

@@ -31,7 +31,7 @@ from torch import nn
 
 from retina_fast.checkpoint import load_checkpoint, load_state_into, save_checkpoint
 
-__all__ = ["DistInfo", "init_distributed", "BatchPlan", "epoch_permutation", "step_generator", "EMA",
+__all__ = ["checkpoint_to_resume", "DistInfo", "init_distributed", "BatchPlan", "epoch_permutation", "step_generator", "EMA",
            "save_train_state", "load_train_state", "latest_checkpoint", "MetricLogger", "provenance", "command_line",
            "unwrap", "seed_everything"]
 
@@ -217,6 +217,17 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
         return None
     path = pointer.parent / pointer.read_text().strip()
     return path if (path / "config.json").is_file() else None
+
+
+def checkpoint_to_resume(run_dir: str | os.PathLike, resume: bool) -> Path | None:
+    """The checkpoint a trainer starts from: the run's latest with ``resume`` (an error if it has none),
+    None without (an error if ``run_dir`` already holds a run, so nothing is overwritten by accident)."""
+    ck = latest_checkpoint(run_dir)
+    if resume and ck is None:
+        raise ValueError(f"--resume: {run_dir} has no checkpoint to resume from")
+    if not resume and ck is not None:
+        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    return ck
 
 
 def save_train_state(run_dir: str | os.PathLike, step: int, modules: Mapping[str, nn.Module],

@@ -1,15 +1,16 @@
-"""``onnxruntime`` backend: the U-Net step and the decoder as onnxruntime CPU sessions (fp32).
+"""``onnxruntime`` backend: the U-Net step as an onnxruntime CPU session (fp32).
 
 Added because, measured in one run on the 2-core AVX-512 CPU (AVX512-BF16, no AMX; load ~7 at the time) (benchmarks/bench_onnxruntime.py,
 benchmarks/results/onnxruntime_vs_cpu.json), onnxruntime's fp32 U-Net step beats the ``cpu`` backend's
 bf16 sharded TorchScript graphs (~2x at batch 4 on tiny latents) while matching torch fp32 to ~1e-6
 (the ``cpu`` backend's bf16 is ~3e-2 off), and MAGE-Net at 512x512 beats eager channels-last bf16
-(~1.8x); the decoder ties. ``ONNXRuntimeEnhancer`` is the MAGE-Net hook for the enhance engine.
+(~1.8x); the decoder ties with eager PyTorch, so it runs as the ``cpu`` backend's frozen graph, which
+beats both. ``ONNXRuntimeEnhancer`` is the MAGE-Net hook for the enhance engine.
 
     denoise   ONNX U-Net (export_onnx, dynamic batch) in an InferenceSession, all graph optimisations,
               intra-op threads = RETINA_FAST_NUM_THREADS or the core count
     step      the fused C++ sampler step (noise in the loop), as on ``cpu``
-    decode    C++ nearest-code lookup, then the ONNX decoder on the looked-up codes
+    decode    C++ nearest-code lookup, then the decoder as a frozen channels-last fp32 TorchScript graph
 
 ONNX graphs are cached under ``<cache_dir>/onnxruntime/`` by architecture + latent shape + weights hash,
 so a pipeline exports each network once per machine. Needs the ``onnx`` and ``onnxruntime`` packages
@@ -26,7 +27,7 @@ from torch import nn
 
 from retina_fast import _env
 from retina_fast.backends import need_onnxruntime  # noqa: F401  (re-exported)
-from retina_fast.backends.runners import RUNNERS, Runner
+from retina_fast.backends.runners import RUNNERS, Runner, _DecodeIndices, _FrozenGraphs, _fast_copy
 from retina_fast.export import architecture_hash, export_onnx, onnxruntime_session, weights_hash
 
 __all__ = ["ONNXRuntimeRunner", "ONNXRuntimeEnhancer", "need_onnxruntime", "cached_onnx"]
@@ -56,7 +57,9 @@ class ONNXRuntimeRunner(Runner):
         threads = _env.num_threads() or os.cpu_count() or 1
         latent = tuple(loaded.config.latent_shape)
         self.unet_session = onnxruntime_session(cached_onnx(self.unet, "unet", latent), threads=threads)
-        self.decoder_session = onnxruntime_session(cached_onnx(self.vqgan, "decoder", latent), threads=threads)
+        # The decoder runs as the cpu backend's frozen channels-last fp32 graph: measured in one run on the
+        # 2-core CPU (tiny, B=8) it took 0.61x the time of eager PyTorch, the onnxruntime session 0.98x.
+        self.fast_decode = _FrozenGraphs(_DecodeIndices(_fast_copy(loaded.vqgan, torch.float32, True)))
 
     @torch.no_grad()
     def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -65,8 +68,7 @@ class ONNXRuntimeRunner(Runner):
 
     @torch.no_grad()
     def decode_indices(self, idx: torch.Tensor) -> torch.Tensor:
-        zq = self.vqgan.codebook.lookup(idx).float()
-        return torch.from_numpy(self.decoder_session.run(["cube"], {"zq": np.ascontiguousarray(zq.numpy())})[0])
+        return self.fast_decode(idx)
 
 
 class ONNXRuntimeEnhancer:
