@@ -5,9 +5,10 @@ Reproduce (tiny scale, 2-core CPU):
     bash scripts/train_pareto_grid.sh
     # = retina-fast train ldm --preset tiny --data phantom --vqgan retina_fast/weights/tiny \\
     #       --out runs/pareto/ldm-b16 --config-json '{"unet": {"base_channels": 16}}' \\
-    #       --steps 1500 --batch-size 32 --lr 2e-4 --num-images 1024 --amp bf16      (and b48 likewise)
+    #       --steps 2000 --batch-size 32 --lr 2e-4 --num-images 1024 --amp bf16   (and b32, b48 likewise)
     #   then
-    python benchmarks/pareto.py --models b16=runs/pareto/ldm-b16/final b32=default b48=runs/pareto/ldm-b48/final
+    python benchmarks/pareto.py --models b16=runs/pareto/ldm-b16/final b32=default \
+        b32g=runs/pareto/ldm-b32/final b48=runs/pareto/ldm-b48/final --n 256
 
 For every (model, sampler, steps) point: one warm-up call (``--warmup-n`` images, default the timed
 call's batch size, same sampler and steps), then one timed ``retina_fast.engine.load(dir).sample(--n,

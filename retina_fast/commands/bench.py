@@ -25,8 +25,12 @@ def run(args) -> int:
 
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
 
+    from retina_fast.modelzoo import load_ldm
+
+    ldm = load_ldm(args.model)  # loaded once, like the engine's pipeline: timing excludes loading
+
     def reference(n, steps, seed, sampler):
-        return reference_sample(n, steps, seed=seed, sampler=sampler, model=args.model)
+        return reference_sample(n, steps, seed=seed, sampler=sampler, model=ldm)
 
     result = bench.sampling_speedups(args.model, args.n, args.steps, args.sampler,
                                      tuple(b for b in args.backends.split(",") if b), dtype, args.repeats,
