@@ -1,7 +1,7 @@
 """Evaluation of the shipped default model (``tiny``) with ``retina-fast evaluate``, next to the
 real-vs-real baseline, for the README.
 
-    OMP_NUM_THREADS=1 nice -n 15 python benchmarks/eval_shipped.py --baseline
+    python benchmarks/eval_shipped.py --baseline
 
 Samples ``--n`` images from ``--model`` (default: the shipped default) with
 ``retina_fast.engine.load(model).sample(n, --steps, seed=--seed, sampler=--sampler, backend=--backend)``
@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": {"real": args.real_seed, "train": train_seed,
                   "baseline": args.baseline_seed if args.baseline else None},
         "train": {"seed": train_seed, "n": train_n, "source": source},
-        "command": " ".join(["OMP_NUM_THREADS=1 nice -n 15 python benchmarks/eval_shipped.py",
+        "command": " ".join([*([f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"] if "OMP_NUM_THREADS" in os.environ
+                               else []), "python benchmarks/eval_shipped.py",
                              *(sys.argv[1:] if argv is None else argv)]),
         "wall_s": round(time.time() - t0, 1),
         "hardware": _hardware(),

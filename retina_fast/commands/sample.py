@@ -66,12 +66,26 @@ def run(args) -> int:
         sampler=args.sampler, eta=args.eta, backend=type(runner).__name__, dtype=str(runner.dtype).replace("torch.", ""),
         shard_size=args.shard_size, format=args.format, wavelengths=tuple(float(w) for w in pipe.wavelengths))
     out = Path(args.out)
-    try:
-        shards.prepare_run(out, spec, resume=args.resume, rank=rank)
-    except shards.RunMismatch as exc:
-        raise UserError(str(exc)) from None
+    # Rank 0 alone checks (or creates) the run directory, then tells the others; they only verify that
+    # the run.json it wrote matches their settings. (Checking concurrently was a race: a rank that looked
+    # after rank 0 had written run.json saw "already holds a run".)
+    error = None
+    if rank == 0:
+        try:
+            shards.prepare_run(out, spec, resume=args.resume, rank=0)
+        except shards.RunMismatch as exc:
+            error = str(exc)
     if world > 1:
-        dist.barrier()
+        status = [error]
+        dist.broadcast_object_list(status, src=0)
+        error = status[0]
+        if error is None and rank != 0:
+            try:
+                shards.prepare_run(out, spec, resume=True, rank=rank)
+            except shards.RunMismatch as exc:
+                error = f"rank {rank}: {exc}"
+    if error is not None:
+        raise UserError(error)
     todo = shards.pending_images(out, spec, rank, world)
     bar = tqdm(total=todo, unit="img", desc=f"sample r{rank}" if world > 1 else "sample",
                disable=args.quiet, dynamic_ncols=True)
