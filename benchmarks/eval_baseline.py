@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -35,17 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from retina_fast.bench import hardware_line, render_phantom_folder
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _render(work: Path, name: str, n: int, size: int, seed: int) -> Path:
-    from retina_fast.cli import main
-
-    out = work / f"{name}_seeds_{seed}-{seed + n - 1}"
-    if main(["phantom", "--n", str(n), "--size", str(size), "--seed", str(seed), "--out", str(out),
-             "--no-progress"]) != 0:
-        raise SystemExit(f"rendering {out} failed")
-    return out
 
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -84,17 +76,6 @@ def _extras(real_dir: Path, syn_dir: Path, seed: int) -> dict:
     return out
 
 
-def _hardware() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{model} ({os.cpu_count()} cores, shared), torch {torch.__version__}, "
-            f"{torch.get_num_threads()} thread(s)")
 
 
 def _markdown(doc: dict) -> str:
@@ -166,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     work = Path(tempfile.mkdtemp(prefix="eval_baseline_"))
     try:
-        real = _render(work, "real", args.n, args.size, args.real_seed)
-        syn = _render(work, "synthetic", args.n, args.size, args.synthetic_seed)
-        train = _render(work, "train", args.n, args.size, args.train_seed)
+        real = render_phantom_folder(work, "real", args.n, args.size, args.real_seed)
+        syn = render_phantom_folder(work, "synthetic", args.n, args.size, args.synthetic_seed)
+        train = render_phantom_folder(work, "train", args.n, args.size, args.train_seed)
         report = out_dir / args.name
         metrics = evaluate_folders(real, syn, train=train, val=real, out=report, pairs=args.pairs,
                                    seed=args.seed, n_boot=args.n_boot)
@@ -182,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
            "seeds": {"real": args.real_seed, "synthetic": args.synthetic_seed, "train": args.train_seed},
            "command": " ".join(["OMP_NUM_THREADS=1 nice -n 15 python benchmarks/eval_baseline.py", *sys.argv[1:]]),
            "wall_s": round(time.time() - t0, 1),
-           "hardware": _hardware(),
+           "hardware": hardware_line(),
            "numpy": np.__version__}
     (out_dir / f"{args.name}.json").write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
     (out_dir / f"{args.name}.md").write_text(_markdown(doc))

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import sys
@@ -45,31 +44,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from retina_fast.bench import hardware_line, render_phantom_folder
+
 ROOT = Path(__file__).resolve().parent.parent
 KL = ("vein", "artery", "onh")
 
 
-def _render(work: Path, name: str, n: int, size: int, seed: int) -> Path:
-    from retina_fast.cli import main
-
-    out = work / f"{name}_seeds_{seed}-{seed + n - 1}"
-    if main(["phantom", "--n", str(n), "--size", str(size), "--seed", str(seed), "--out", str(out),
-             "--no-progress"]) != 0:
-        raise SystemExit(f"rendering {out} failed")
-    return out
 
 
-def _hardware() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{model} ({os.cpu_count()} cores, shared), torch {torch.__version__}, "
-            f"{torch.get_num_threads()} thread(s)")
 
 
 def training_eyes(meta: dict) -> tuple[int, int, int] | None:
@@ -236,13 +218,13 @@ def main(argv: list[str] | None = None) -> int:
         syn = work / "synthetic"
         sampling = _sample(pipe, args, syn)
         print(f"sampled {args.n} images in {sampling['wall_s']:.1f} s ({sampling['backend']['resolved']})", flush=True)
-        real = _render(work, "real", args.n, size, args.real_seed)
-        train = _render(work, "train", train_n, size, train_seed)
+        real = render_phantom_folder(work, "real", args.n, size, args.real_seed)
+        train = render_phantom_folder(work, "train", train_n, size, train_seed)
         kw = dict(pairs=args.pairs, seed=args.seed, n_boot=args.n_boot)
         metrics = evaluate_folders(real, syn, train=train, val=real, out=report, **kw)
         baseline = None
         if args.baseline:
-            other = _render(work, "baseline", args.n, size, args.baseline_seed)
+            other = render_phantom_folder(work, "baseline", args.n, size, args.baseline_seed)
             baseline = evaluate_folders(real, other, train=train, val=real, out=None, plots=False, **kw)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -275,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                                else []), "python benchmarks/eval_shipped.py",
                              *(sys.argv[1:] if argv is None else argv)]),
         "wall_s": round(time.time() - t0, 1),
-        "hardware": _hardware(),
+        "hardware": hardware_line(),
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "numpy": np.__version__,

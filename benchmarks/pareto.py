@@ -39,8 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import time
 import warnings
@@ -50,6 +48,8 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+
+from retina_fast.bench import hardware_line
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SAMPLERS = ("ddim:10", "ddim:25", "ddim:50", "dpmpp_2m:10", "dpmpp_2m:20")
@@ -193,16 +193,6 @@ def evaluate(real: RealSet, synthetic: torch.Tensor, extractor, segmenter, *, se
 # ----------------------------------------------------------------------------------------------------
 # Timing
 
-def _hardware() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} cores), torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
 
 
 def parse_models(items: Sequence[str]) -> dict[str, str]:
@@ -502,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         "floor": floors.get(size0),
         "notes": notes,
         "machine": machine_info,
-        "hardware": _hardware(),
+        "hardware": hardware_line(),
         "command": " ".join(["python benchmarks/pareto.py", *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_s": round(time.time() - t_start, 1),

@@ -34,6 +34,34 @@ def machine() -> dict:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
+def hardware_line() -> str:
+    """'<CPU model> (<n> cores), torch <version>, <threads> thread(s)' for reports."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores), torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+
+
+def render_phantom_folder(work, name: str, n: int, size: int, seed: int):
+    """Render phantom eyes seed .. seed+n-1 at ``size`` px into ``work/<name>_seeds_<a>-<b>`` with
+    ``retina-fast phantom`` (cubes + masks, as ``retina-fast evaluate`` reads them); returns the folder."""
+    from pathlib import Path
+
+    from retina_fast.cli import main
+
+    out = Path(work) / f"{name}_seeds_{seed}-{seed + n - 1}"
+    if main(["phantom", "--n", str(n), "--size", str(size), "--seed", str(seed), "--out", str(out),
+             "--no-progress"]) != 0:
+        raise RuntimeError(f"rendering {out} failed")
+    return out
+
+
 def interleaved(contenders: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict]:
     for fn in contenders.values():  # warm-up
         fn()
