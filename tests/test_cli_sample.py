@@ -94,6 +94,10 @@ def test_torchrun_two_ranks_equal_the_single_process_run(model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     np.testing.assert_allclose(_images(multi), _images(single), rtol=0, atol=1e-6)
     assert torch.tensor(_images(multi)).shape[0] == 5
+    # Again without --resume: rank 0 finds the finished run and every rank exits with its reason.
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode != 0
+    assert again.stderr.count("already holds a run; pass --resume") >= 2, again.stderr[-2000:]
 
 
 def test_synthetic_dataset_over_shards_and_on_the_fly(model_dir, tmp_path):
@@ -116,3 +120,21 @@ def test_synthetic_dataset_over_shards_and_on_the_fly(model_dir, tmp_path):
     np.testing.assert_allclose(torch.stack(list(fly)).numpy(), _images(out), rtol=0, atol=1e-6)
     with pytest.raises(FileNotFoundError, match="manifest"):
         SyntheticRetinaDataset(tmp_path)
+
+
+def test_bench_command_times_backends_against_reference_sample(model_dir, tmp_path, monkeypatch):
+    """``retina-fast bench``: reference_sample and each backend, same arguments; the reference model is
+    loaded once, not inside the timed calls."""
+    from retina_fast.training import reference
+
+    loads = []
+    real_load = reference.load_ldm
+    monkeypatch.setattr(reference, "load_ldm", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--model", str(model_dir), "--n", "2", "--steps", "3", "--backends", "cpu",
+                     "--dtype", "fp32", "--repeats", "2", "--json", str(out)]) == 0
+    assert loads == []          # reference_sample got the loaded model, never a path to load
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"reference", "cpu"}
+    assert rows["reference"]["relative_l2_error"] == 0 and rows["cpu"]["relative_l2_error"] <= 1e-4
+    assert all(len(r["runs"]) == 2 and r["median_s"] > 0 for r in rows.values())
