@@ -28,6 +28,22 @@ class UserError(Exception):
     """Bad input from the user: printed as one line, exit status 2."""
 
 
+def input_files(inputs):
+    """Paths of the input files of a command that writes ``<out>/<stem>.<ext>`` per input: every one must
+    exist and stems must not repeat (outputs would collide). Checked before any work is done."""
+    from pathlib import Path
+
+    paths = [Path(p) for p in inputs]
+    stems = [p.stem for p in paths]
+    dupes = sorted({s for s in stems if stems.count(s) > 1})
+    if dupes:
+        raise UserError(f"several inputs share the name(s) {', '.join(dupes)}; outputs would collide")
+    for p in paths:
+        if not p.is_file():
+            raise UserError(f"{p}: no such file")
+    return paths
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retina-fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -71,7 +71,7 @@ def run(args) -> int:
     from PIL import Image
     from tqdm import tqdm
 
-    from retina_fast.cli import UserError
+    from retina_fast.cli import UserError, input_files
     from retina_fast.training.degrade import degrade, fov_mask, kinds_code
 
     if args.seed < 0:
@@ -79,14 +79,7 @@ def run(args) -> int:
     if args.size is not None and args.size < 16:
         raise UserError(f"--size must be at least 16, got {args.size}")
     kinds = _kinds(args.kinds)
-    paths = [Path(p) for p in args.inputs]
-    stems = [p.stem for p in paths]
-    dupes = sorted({s for s in stems if stems.count(s) > 1})
-    if dupes:
-        raise UserError(f"several inputs share the name(s) {', '.join(dupes)}; outputs would collide")
-    for p in paths:  # fail before writing anything
-        if not p.is_file():
-            raise UserError(f"{p}: no such file")
+    paths = input_files(args.inputs)  # fail before writing anything
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, path in enumerate(tqdm(paths, desc="degrade", unit="img", disable=len(paths) < 2)):

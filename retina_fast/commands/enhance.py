@@ -82,21 +82,15 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from retina_fast.backends import BackendUnavailable
-    from retina_fast.cli import UserError
+    from retina_fast.cli import UserError, input_files
     from retina_fast.enhance import MIN_SIDE, enhance
 
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.tile is not None and args.tile != 0 and args.tile < 64:
         raise UserError(f"--tile must be 0 or >= 64, got {args.tile}")
-    paths = [Path(p) for p in args.inputs]
-    stems = [p.stem for p in paths]
-    dupes = sorted({s for s in stems if stems.count(s) > 1})
-    if dupes:
-        raise UserError(f"several inputs share the name(s) {', '.join(dupes)}; outputs would collide")
+    paths = input_files(args.inputs)
     for p in paths:  # fail before any work
-        if not p.is_file():
-            raise UserError(f"{p}: no such file")
         if p.suffix.lower() not in EXTENSIONS:
             raise UserError(f"{p}: unsupported extension (use {', '.join(EXTENSIONS)})")
     out_dir = Path(args.out)
