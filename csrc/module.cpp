@@ -13,6 +13,7 @@
 #include "cpu/philox_cpu.h"
 #include "cpu/nearest_code_cpu.h"
 #include "cpu/sampler_step_cpu.h"
+#include "cpu/unet_ops_cpu.h"
 #if defined(RETINA_FAST_WITH_CUDA)
 #include "cuda/philox_cuda.h"
 #endif
@@ -125,6 +126,57 @@ void sampler_step(py::array x, py::array eps, py::object x0_prev, py::object key
   rf::sampler_step_cpu(xd, ed, xp, kp, b, n, c, clip, od, x0d);
 }
 
+// ---- fused channels-last U-Net ops ------------------------------------------------------------------
+// Hot path (called ~40 times per U-Net step): tensors arrive as raw data pointers, like the CUDA entry
+// points. The Python wrappers in retina_fast/backends/cpu_unet.py check device, dtype, channels-last
+// contiguity and shapes before calling; here only the scalar arguments are checked.
+
+template <typename T>
+const T* cptr(uintptr_t p) { return reinterpret_cast<const T*>(p); }
+
+void gn_silu_cl(uintptr_t x, uintptr_t out, uintptr_t residual, int64_t batch, int64_t pixels, int64_t channels,
+                int64_t groups, uintptr_t weight, uintptr_t bias, uintptr_t scale, uintptr_t shift,
+                int64_t film_stride, bool act, float eps, bool bf16) {
+  if (batch < 0 || pixels < 0 || channels <= 0 || groups <= 0 || channels % groups != 0)
+    throw py::value_error("gn_silu_cl: groups must divide channels > 0");
+  if (!x || !out || !weight || !bias) throw py::value_error("gn_silu_cl: null pointer");
+  if ((scale || shift) && film_stride < channels) throw py::value_error("gn_silu_cl: film_stride < channels");
+  py::gil_scoped_release nogil;
+  const float *w = cptr<float>(weight), *b = cptr<float>(bias), *sc = cptr<float>(scale), *sh = cptr<float>(shift);
+  if (bf16)
+    rf::gn_silu_cl(cptr<uint16_t>(x), batch, pixels, channels, groups, w, b, sc, sh, film_stride,
+                   cptr<uint16_t>(residual), act, eps, reinterpret_cast<uint16_t*>(out));
+  else
+    rf::gn_silu_cl(cptr<float>(x), batch, pixels, channels, groups, w, b, sc, sh, film_stride, cptr<float>(residual),
+                   act, eps, reinterpret_cast<float*>(out));
+}
+
+void channel_norm_cl(uintptr_t x, uintptr_t out, int64_t rows, int64_t channels, float eps, bool bf16) {
+  if (rows < 0 || channels <= 0) throw py::value_error("channel_norm_cl: bad shape");
+  if (!x || !out) throw py::value_error("channel_norm_cl: null pointer");
+  py::gil_scoped_release nogil;
+  if (bf16)
+    rf::channel_norm_cl(cptr<uint16_t>(x), rows, channels, eps, reinterpret_cast<uint16_t*>(out));
+  else
+    rf::channel_norm_cl(cptr<float>(x), rows, channels, eps, reinterpret_cast<float*>(out));
+}
+
+void attention_cl(uintptr_t qkv, uintptr_t out, int64_t batch, int64_t pixels, int64_t heads, int64_t dim,
+                  bool linear, bool bf16) {
+  if (batch < 0 || pixels <= 0 || heads <= 0 || dim <= 0) throw py::value_error("attention_cl: bad shape");
+  if (!qkv || !out) throw py::value_error("attention_cl: null pointer");
+  py::gil_scoped_release nogil;
+  if (bf16) {
+    const auto* q = cptr<uint16_t>(qkv);
+    auto* o = reinterpret_cast<uint16_t*>(out);
+    linear ? rf::linear_attn_cl(q, batch, pixels, heads, dim, o) : rf::softmax_attn_cl(q, batch, pixels, heads, dim, o);
+  } else {
+    const auto* q = cptr<float>(qkv);
+    auto* o = reinterpret_cast<float*>(out);
+    linear ? rf::linear_attn_cl(q, batch, pixels, heads, dim, o) : rf::softmax_attn_cl(q, batch, pixels, heads, dim, o);
+  }
+}
+
 py::dict build_info() {
   py::dict d;
   d["build_type"] = RF_BUILD_TYPE;
@@ -162,6 +214,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("coef"), py::arg("clip"), py::arg("out"), py::arg("x0_out"),
         "Fused generic sampler update with in-loop Philox noise; arrays are (batch, n) float32.");
   m.def("build_info", &build_info);
+  m.def("gn_silu_cl", &gn_silu_cl, py::arg("x"), py::arg("out"), py::arg("residual"), py::arg("batch"),
+        py::arg("pixels"), py::arg("channels"), py::arg("groups"), py::arg("weight"), py::arg("bias"),
+        py::arg("scale"), py::arg("shift"), py::arg("film_stride"), py::arg("act"), py::arg("eps"), py::arg("bf16"),
+        "Channels-last GroupNorm -> x (1 + scale) + shift -> SiLU [+ residual] on data pointers (B, P, C).");
+  m.def("channel_norm_cl", &channel_norm_cl, py::arg("x"), py::arg("out"), py::arg("rows"), py::arg("channels"),
+        py::arg("eps"), py::arg("bf16"), "LayerNorm over C of each row of x (rows, C), no affine; data pointers.");
+  m.def("attention_cl", &attention_cl, py::arg("qkv"), py::arg("out"), py::arg("batch"), py::arg("pixels"),
+        py::arg("heads"), py::arg("dim"), py::arg("linear"), py::arg("bf16"),
+        "Linear or softmax attention on a channels-last to_qkv output (B, P, 3 heads dim); data pointers.");
 #if defined(RETINA_FAST_WITH_CUDA)
   m.def("randn_cuda", [](uintptr_t keys, int64_t rows, int64_t n, uint64_t offset, uintptr_t out,
                          uintptr_t stream) {

@@ -74,12 +74,18 @@ def interleaved(contenders: dict[str, Callable[[], object]], repeats: int) -> di
     return {name: {"median_s": statistics.median(ts), "min_s": min(ts), "runs": ts} for name, ts in times.items()}
 
 
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
 def sampling_speedups(model: str = "default", n: int = 8, steps: int = 50, sampler: str = "ddim",
                       backends: tuple[str, ...] = ("cpu",), dtype: torch.dtype | None = None, repeats: int = 3,
                       reference: Callable[..., torch.Tensor] | None = None) -> dict:
     """Time ``reference`` (default: the engine's ``torch`` backend) against each backend, same arguments.
 
-    Also reports each backend's relative L2 error against the reference output."""
+    A backend may be written ``name:dtype`` (``cpu:bf16``, ``cpu:fp32``) to pin its dtype; otherwise ``dtype``
+    (None: the backend's default) is used. Also reports each contender's relative L2 error against the
+    reference output."""
     from retina_fast import engine
 
     pipe = engine.load(model)
@@ -87,8 +93,11 @@ def sampling_speedups(model: str = "default", n: int = 8, steps: int = 50, sampl
         def reference(n, steps, seed, sampler):
             return pipe.sample(n, steps, seed=seed, sampler=sampler, backend="torch")
     contenders = {"reference": lambda: reference(n, steps, seed=0, sampler=sampler)}
-    for b in backends:
-        contenders[b] = (lambda b=b: pipe.sample(n, steps, seed=0, sampler=sampler, backend=b, dtype=dtype))
+    for spec in backends:
+        name, _, dt = spec.partition(":")
+        pinned = _DTYPES[dt] if dt else dtype
+        contenders[spec] = (lambda name=name, pinned=pinned: pipe.sample(n, steps, seed=0, sampler=sampler,
+                                                                         backend=name, dtype=pinned))
     outputs = {name: fn() for name, fn in contenders.items()}
     ref = outputs["reference"]
     timing = interleaved(contenders, repeats)

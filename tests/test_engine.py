@@ -61,6 +61,17 @@ def test_image_i_never_depends_on_batch_or_split(pipe, backend):
     torch.testing.assert_close(tail, whole[3:], rtol=0, atol=1e-5)
 
 
+@needs_ext
+def test_cpu_bf16_image_does_not_depend_on_batch_or_split(pipe):
+    """bf16 kernels are chosen by batch size; the cpu runner pads batches so image i is bit-identical."""
+    kw = dict(sampler="ddpm", backend="cpu", dtype=torch.bfloat16)
+    whole = pipe.sample(5, 6, seed=9, batch_size=5, **kw)
+    for batch in (1, 2, 3):
+        assert torch.equal(pipe.sample(5, 6, seed=9, batch_size=batch, **kw), whole)
+    assert torch.equal(pipe.sample(2, 6, seed=9, first_index=3, **kw), whole[3:])
+    assert torch.equal(pipe.sample(12, 6, seed=9, batch_size=12, **kw)[:5], whole)
+
+
 def test_same_seed_same_images_and_different_seeds_differ(pipe):
     a = pipe.sample(2, 5, seed=4, backend="torch")
     assert torch.equal(a, pipe.sample(2, 5, seed=4, backend="torch"))

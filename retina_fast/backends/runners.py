@@ -7,9 +7,11 @@ loop needs, every one with the same meaning as the reference:
     step(x, eps, coef, x0_prev, keys, clip) -> (x_out, x0)         (retina_fast.ops.sampler_step)
     decode(x0 scaled latents fp32) -> reflectance (B, bands, H, W) in [0, 1]
 
-``torch`` is exactly the reference (eager fp32, reference ops). ``cpu`` converts a copy of the U-Net to
-channels-last (bf16 where the CPU has AVX512-BF16 / AMX, unless dtype=float32 is asked) and runs it as a
-frozen TorchScript graph, with the fused C++ sampler step (noise in the loop) and C++ nearest-code lookup. ``cuda`` swaps in the Triton
+``torch`` is exactly the reference (eager fp32, reference ops). ``cpu`` runs the U-Net as
+:class:`~retina_fast.backends.cpu_unet.FusedCPUUNet` (channels-last, oneDNN convolutions on prepacked weights,
+fused C++ GroupNorm/attention kernels; fp32 by default, bf16 on request), the decoder as a frozen
+channels-last TorchScript graph, with the fused C++ sampler step (noise in the loop) and C++ nearest-code
+lookup. ``cuda`` swaps in the Triton
 GroupNorm+SiLU and attention kernels, runs the U-Net in bf16 with fp32 accumulation, and replays the
 denoising step from a CUDA graph per batch shape (no host synchronisation inside the loop).
 """
@@ -21,6 +23,7 @@ import warnings
 
 import torch
 
+from retina_fast.backends.cpu_unet import FusedCPUUNet, mkldnn_usable
 from retina_fast.models.attention import Attention, LinearAttention
 from retina_fast.models.layers import GroupNormSiLU
 from retina_fast.models.vqgan import model_to_reflectance, unscale_latent
@@ -32,9 +35,10 @@ __all__ = ["Runner", "make_runner", "default_dtype"]
 def default_dtype(backend: str, device: torch.device) -> torch.dtype:
     """bf16 for ``cuda``, fp16 for ``tensorrt``, fp32 elsewhere.
 
-    ``cpu`` stays fp32 by default: on the shipped ``tiny`` model (2-core AVX512-BF16 CPU, n=8, DDIM-50)
-    bf16 was only 1.17x faster than the reference while flipping enough codebook choices to move the cubes
-    by 15 % (relative L2); pass dtype=torch.bfloat16 to opt in."""
+    ``cpu`` stays fp32 by default so that the same seed gives the reference's images (relative L2 ~1e-5):
+    bf16 is faster (shipped ``tiny``, 2-core AVX512-BF16 CPU, n=8, DDIM-50, one run: 3.1x vs 2.4x for fp32)
+    but flips codebook choices, which moves the cubes by ~4 % (relative L2; plain PyTorch at bf16 does the
+    same); pass dtype=torch.bfloat16 to opt in."""
     if backend == "cuda":
         return torch.bfloat16
     if backend == "tensorrt":
@@ -116,22 +120,48 @@ class _FrozenGraphs:
 
 
 class CPURunner(Runner):
+    """U-Net: :class:`~retina_fast.backends.cpu_unet.FusedCPUUNet` (oneDNN convolutions on prepacked weights +
+    fused C++ norm/attention kernels) in ``dtype``; decoder: a frozen channels-last graph in ``dtype``."""
+
     nearest_impl = "cpp"
     step_impl = "cpp"
 
     def __init__(self, loaded, device, dtype) -> None:
         super().__init__(loaded, device, dtype)
-        self.fast_unet = _FrozenGraphs(_fast_copy(loaded.unet, dtype, channels_last=True))
-        self.fast_decode = _FrozenGraphs(_DecodeIndices(_fast_copy(loaded.vqgan, torch.float32, True)))
+        if mkldnn_usable():
+            self.fast_unet = FusedCPUUNet(loaded.unet, dtype)
+            self.unet_path = f"fused C++ ops + oneDNN convolutions ({str(dtype).replace('torch.', '')})"
+        else:  # a torch build without oneDNN: say so once, run the frozen graph instead
+            warnings.warn("torch was built without oneDNN (mkldnn): the cpu backend runs the U-Net as a frozen "
+                          "TorchScript graph instead of the fused path", RuntimeWarning, stacklevel=2)
+            frozen = _FrozenGraphs(_fast_copy(loaded.unet, dtype, channels_last=True))
+            self.fast_unet = lambda x, t: frozen(
+                x.to(dtype).contiguous(memory_format=torch.channels_last), t).float().contiguous()
+            self.unet_path = "frozen TorchScript graph"
+        self.fast_decode = _FrozenGraphs(_DecodeIndices(_fast_copy(loaded.vqgan, dtype, True)))
+
+    # bf16 only: oneDNN picks its bf16 convolution kernels by batch size, and some picks round differently
+    # (shipped tiny, 2-core AVX512-BF16 CPU: U-Net batches of 1, 2, 3, 7 gave an image eps differing by one
+    # bf16 step from batches of 4, 5, 8, 9, 12, 16, 24, 32; the decoder likewise). Padding every batch to a
+    # multiple of 8 keeps image i independent of batch size and split (tested); at most 7 dummy images.
+    BF16_BATCH_MULTIPLE = 8
+
+    def _pad(self, *tensors: torch.Tensor) -> tuple[int, list[torch.Tensor]]:
+        b = tensors[0].shape[0]
+        pad = -b % self.BF16_BATCH_MULTIPLE if self.dtype == torch.bfloat16 else 0
+        if not pad:
+            return b, list(tensors)
+        return b, [torch.cat([a, a[-1:].expand(pad, *a.shape[1:])]) for a in tensors]
 
     @torch.no_grad()
     def denoise(self, x, t):
-        xin = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
-        return self.fast_unet(xin, t).float().contiguous()
+        b, (x, t) = self._pad(x, t)
+        return self.fast_unet(x, t)[:b]
 
     @torch.no_grad()
     def decode_indices(self, idx):
-        return self.fast_decode(idx)
+        b, (idx,) = self._pad(idx)
+        return self.fast_decode(idx)[:b].float()
 
 
 def _swap_cuda_kernels(unet: torch.nn.Module) -> None:

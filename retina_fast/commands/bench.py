@@ -10,7 +10,8 @@ def add_parser(sub) -> None:
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpmpp_2m"])
-    p.add_argument("--backends", default="cpu", help="comma-separated, e.g. cpu,cuda")
+    p.add_argument("--backends", default="cpu",
+                   help="comma-separated, e.g. cpu,cuda; name:dtype pins a dtype (cpu:fp32,cpu:bf16)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None, help="also write the result as JSON here")

@@ -1,0 +1,286 @@
+"""The ``cpu`` backend's U-Net: the trained :class:`~retina_fast.models.unet.UNet2D`, run channels-last with
+oneDNN convolutions on prepacked weights and fused C++ ops (``csrc/cpu/unet_ops_cpu.cpp``) for everything
+between the convolutions.
+
+Why (profile of the eager reference, tiny model, B = 8, 2-core AVX-512 CPU): convolutions are half the
+time, and the rest is many small memory-bound ops that PyTorch runs slowly on channels-last tensors --
+``GroupNorm`` on a bf16 channels-last (8, 32, 16, 16) tensor took 236 us, the attention pre-norm's
+``var_mean`` 390 us, the linear attention's softmaxes and copies ~1 ms per call. Here each of those is one
+pass over the tensor:
+
+* ``Block`` + ``ResnetBlock``: conv -> fused GroupNorm * (1 + scale) + shift -> SiLU; the block's residual
+  (the 1x1 ``res_conv`` or the input) is added inside the second GroupNorm kernel.
+* time conditioning: the SiLU + Linear of every ResnetBlock is one concatenated Linear per call.
+* ``PreNormResidual(attention)``: channel LayerNorm kernel (its gamma folded into ``to_qkv``) -> 1x1 conv ->
+  one attention kernel (linear or softmax) -> 1x1 ``to_out`` conv with the residual added by oneDNN.
+
+Storage is float32 or bfloat16 (``dtype``); every kernel computes in float32. With float32 the result
+matches the reference to ~1e-6 (relative L2); bf16 rounds each activation to 8 bits of mantissa, the same
+as running the reference module in bf16.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from retina_fast import _ext
+from retina_fast.models.attention import Attention, LinearAttention, PreNormResidual
+from retina_fast.models.unet import ResnetBlock, UNet2D, pad_to_multiple
+
+__all__ = ["FusedCPUUNet", "gn_silu_cl", "channel_norm_cl", "attention_cl", "mkldnn_usable"]
+
+
+def mkldnn_usable() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+def _check_cl(x: torch.Tensor, name: str = "x") -> None:
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D float32/bfloat16 CPU tensor, got {x.dtype} "
+                         f"{tuple(x.shape)} on {x.device}")
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError(f"{name}: must be channels-last contiguous")
+
+
+def _gn_raw(x, out, residual, groups, weight, bias, scale, shift, film_stride, act, eps) -> torch.Tensor:
+    """No checks: the caller guarantees channels-last x/out/residual of one dtype, float32 weight/bias (C,),
+    scale/shift rows ``film_stride`` apart (or None). ``out`` may be ``x``."""
+    b, c, h, w = x.shape
+    _ext.require().gn_silu_cl(x.data_ptr(), out.data_ptr(), residual.data_ptr() if residual is not None else 0,
+                              b, h * w, c, groups, weight.data_ptr(), bias.data_ptr(),
+                              scale.data_ptr() if scale is not None else 0,
+                              shift.data_ptr() if shift is not None else 0, film_stride, act, eps,
+                              x.dtype == torch.bfloat16)
+    return out
+
+
+def gn_silu_cl(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+               residual: torch.Tensor | None = None, act: bool = True) -> torch.Tensor:
+    """``groupnorm_silu_ref(x, ...) (+ residual)`` on channels-last x (B, C, H, W); scale/shift (B, C[, 1, 1])
+    float32. Returns a new channels-last tensor of x's dtype."""
+    _check_cl(x)
+    b, c = x.shape[:2]
+    if groups <= 0 or c % groups:
+        raise ValueError(f"groups={groups} must divide the {c} channels")
+    weight, bias = weight.detach().float().contiguous(), bias.detach().float().contiguous()
+    if weight.shape != (c,) or bias.shape != (c,):
+        raise ValueError(f"weight/bias must be ({c},), got {tuple(weight.shape)} / {tuple(bias.shape)}")
+    scale = scale.detach().float().reshape(b, c).contiguous() if scale is not None else None
+    shift = shift.detach().float().reshape(b, c).contiguous() if shift is not None else None
+    if residual is not None:
+        _check_cl(residual, "residual")
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(f"residual must match x: {residual.dtype} {tuple(residual.shape)}")
+    out = torch.empty_like(x, memory_format=torch.channels_last)
+    return _gn_raw(x, out, residual, groups, weight, bias, scale, shift, c, act, float(eps))
+
+
+def _cn_raw(x: torch.Tensor, eps: float) -> torch.Tensor:
+    b, c, h, w = x.shape
+    out = torch.empty_like(x, memory_format=torch.channels_last)
+    _ext.require().channel_norm_cl(x.data_ptr(), out.data_ptr(), b * h * w, c, eps, x.dtype == torch.bfloat16)
+    return out
+
+
+def channel_norm_cl(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """(x - mean_C) / sqrt(var_C + eps) on channels-last x (B, C, H, W) (ChannelLayerNorm without gamma)."""
+    _check_cl(x)
+    return _cn_raw(x, float(eps))
+
+
+def _attn_raw(qkv: torch.Tensor, heads: int, dim: int, linear: bool) -> torch.Tensor:
+    b, _, h, w = qkv.shape
+    out = torch.empty((b, heads * dim, h, w), dtype=qkv.dtype, memory_format=torch.channels_last)
+    _ext.require().attention_cl(qkv.data_ptr(), out.data_ptr(), b, h * w, heads, dim, linear,
+                                qkv.dtype == torch.bfloat16)
+    return out
+
+
+def attention_cl(qkv: torch.Tensor, heads: int, dim: int, linear: bool) -> torch.Tensor:
+    """Attention on a channels-last ``to_qkv`` output (B, 3 heads dim, H, W) -> (B, heads dim, H, W)
+    channels-last: ``linear_attention_ref`` (linear=True) or ``softmax_attention_ref``."""
+    _check_cl(qkv, "qkv")
+    if heads <= 0 or dim <= 0 or qkv.shape[1] != 3 * heads * dim:
+        raise ValueError(f"qkv has {qkv.shape[1]} channels, expected 3 * heads * dim = {3 * heads * dim}")
+    return _attn_raw(qkv, heads, dim, linear)
+
+
+class _Conv:
+    """A Conv2d / ConvTranspose2d with weights in ``dtype``, prepacked for oneDNN per input shape.
+
+    oneDNN picks the weight layout for the input size it is told: a 1x1 conv (8, 32, 16, 16) -> 384 took
+    562 us with weights packed without the input size and 87 us with it (bf16, 2-core AVX-512 CPU), so
+    weights are packed once per input shape. ``weight_scale`` (C_in,) multiplies the input channels of
+    the weight (a folded per-channel norm gain).
+    """
+
+    def __init__(self, conv: nn.Module, dtype: torch.dtype, weight_scale: torch.Tensor | None = None) -> None:
+        self.transposed = isinstance(conv, nn.ConvTranspose2d)
+        w = conv.weight.detach().float()
+        if weight_scale is not None:
+            w = w * weight_scale.detach().float().reshape((1, -1, 1, 1))
+        self.padding = list(conv.padding)
+        self.stride = list(conv.stride)
+        self.dilation = list(conv.dilation)
+        self.groups = conv.groups
+        self.output_padding = list(conv.output_padding) if self.transposed else None
+        self.bias = conv.bias.detach().to(dtype) if conv.bias is not None else None
+        self.weight = w.to(dtype)
+        if not self.transposed:
+            self.weight = self.weight.contiguous(memory_format=torch.channels_last)
+        self.packed = mkldnn_usable()
+        self._by_shape: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
+        key = tuple(x.shape)
+        w = self._by_shape.get(key)
+        if w is None:
+            if self.transposed:
+                w = torch.ops.mkldnn._reorder_convolution_transpose_weight(
+                    self.weight, self.padding, self.output_padding, self.stride, self.dilation, self.groups,
+                    list(key))
+            else:
+                w = torch.ops.mkldnn._reorder_convolution_weight(
+                    self.weight, self.padding, self.stride, self.dilation, self.groups, list(key))
+            self._by_shape[key] = w
+        return w
+
+    def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """conv(x) (+ add, fused into the convolution when oneDNN is used)."""
+        if not self.packed:
+            conv = F.conv_transpose2d if self.transposed else F.conv2d
+            y = conv(x, self.weight, self.bias, stride=self.stride, padding=self.padding, dilation=self.dilation,
+                     groups=self.groups)
+            return y if add is None else y + add
+        w = self._packed_weight(x)
+        if self.transposed:
+            y = torch.ops.mkldnn._convolution_transpose_pointwise(
+                x, w, self.bias, self.padding, self.output_padding, self.stride, self.dilation, self.groups,
+                "none", [], "")
+            return y if add is None else y + add
+        if add is None:
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, w, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], "")
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, add.contiguous(memory_format=torch.channels_last), w, self.bias, self.padding, self.stride,
+            self.dilation, self.groups, "add", None, None, [], None)
+
+
+class _Resnet:
+    def __init__(self, block: ResnetBlock, dtype: torch.dtype, film_start: int) -> None:
+        self.film_start = film_start  # this block's (scale, shift) columns in the concatenated time projection
+        self.channels = block.block1.proj.out_channels
+        self.conv1 = _Conv(block.block1.proj, dtype)
+        self.conv2 = _Conv(block.block2.proj, dtype)
+        self.norms = [(n.num_groups, n.weight.detach().float().contiguous(), n.bias.detach().float().contiguous(),
+                       n.act, float(n.eps)) for n in (block.block1.norm_act, block.block2.norm_act)]
+        self.res = _Conv(block.res_conv, dtype) if isinstance(block.res_conv, nn.Conv2d) else None
+
+    def __call__(self, x: torch.Tensor, film: torch.Tensor) -> torch.Tensor:
+        c, s = self.channels, self.film_start
+        g, w, b, act, eps = self.norms[0]
+        h = self.conv1(x)
+        h = _gn_raw(h, h, None, g, w, b, film[:, s:s + c], film[:, s + c:s + 2 * c], film.shape[1], act, eps)
+        res = self.res(x) if self.res is not None else x
+        g, w, b, act, eps = self.norms[1]
+        h2 = self.conv2(h)
+        return _gn_raw(h2, h2, res, g, w, b, None, None, 0, act, eps)
+
+
+class _Attn:
+    def __init__(self, block: PreNormResidual, dtype: torch.dtype) -> None:
+        fn = block.fn
+        if not isinstance(fn, (LinearAttention, Attention)):
+            raise TypeError(f"unsupported attention module {type(fn).__name__}")
+        self.linear = isinstance(fn, LinearAttention)
+        self.heads, self.dim = fn.heads, fn.head_dim
+        self.eps = float(block.norm.eps)
+        self.to_qkv = _Conv(fn.to_qkv, dtype, weight_scale=block.norm.gamma.reshape(-1))
+        self.to_out = _Conv(fn.to_out, dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.to_qkv(_cn_raw(x, self.eps))
+        return self.to_out(_attn_raw(qkv, self.heads, self.dim, self.linear), add=x)
+
+
+class FusedCPUUNet:
+    """Inference-only copy of a :class:`UNet2D`: ``__call__(x (B, C, h, w) float32, t (B,)) -> eps float32``.
+
+    The weights are copied (and cast) at construction; later changes to the source module are not seen.
+    """
+
+    def __init__(self, unet: UNet2D, dtype: torch.dtype = torch.bfloat16) -> None:
+        if not _ext.available():
+            raise RuntimeError(f"FusedCPUUNet needs the compiled core retina_fast._C ({_ext.load_error})")
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
+        unet = unet.eval()
+        self.config = unet.config
+        self.dtype = dtype
+        self.time_embedding = unet.time_embedding
+        blocks = [b for lvl in unet.downs for b in lvl.blocks] + [unet.mid_block1, unet.mid_block2] + \
+                 [b for lvl in unet.ups for b in lvl.blocks] + [unet.final_block]
+        # every ResnetBlock's SiLU -> Linear(time_dim, 2 c_out) as one Linear; each block keeps its slice
+        lin = [b.mlp[1] for b in blocks]
+        self.film_weight = torch.cat([m.weight.detach().float() for m in lin])
+        self.film_bias = torch.cat([m.bias.detach().float() for m in lin])
+        starts = [0]
+        for m in lin:
+            starts.append(starts[-1] + m.out_features)
+        wrapped = {id(b): _Resnet(b, dtype, starts[i]) for i, b in enumerate(blocks)}
+        self.init_conv = _Conv(unet.init_conv, dtype)
+        self.downs = [([wrapped[id(b)] for b in lvl.blocks], _Attn(lvl.attn, dtype),
+                       _Conv(lvl.resample, dtype) if isinstance(lvl.resample, nn.Conv2d) else None)
+                      for lvl in unet.downs]
+        self.mid = (wrapped[id(unet.mid_block1)], _Attn(unet.mid_attn, dtype), wrapped[id(unet.mid_block2)])
+        self.ups = [([wrapped[id(b)] for b in lvl.blocks], _Attn(lvl.attn, dtype),
+                     _Conv(lvl.resample, dtype) if isinstance(lvl.resample, nn.ConvTranspose2d) else None)
+                    for lvl in unet.ups]
+        self.final_block = wrapped[id(unet.final_block)]
+        self.final_conv = _Conv(unet.final_conv, dtype)
+        self._film_cache: dict[tuple, torch.Tensor] = {}
+
+    def _film(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        """(B, sum 2 c_out) scale/shift of every ResnetBlock; cached per timestep tuple (a sampler reuses the
+        same few timesteps for every batch, and the time MLP costs ~0.3 ms per call at B = 8)."""
+        t = torch.as_tensor(t)
+        key = (batch, t.dtype, tuple(t.reshape(-1).tolist()))
+        film = self._film_cache.get(key)
+        if film is None:
+            temb = self.time_embedding(t, batch).float()
+            film = F.linear(F.silu(temb), self.film_weight, self.film_bias).contiguous()
+            if len(self._film_cache) >= 4096:
+                self._film_cache.clear()
+            self._film_cache[key] = film
+        return film
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if x.dim() != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"UNet2D expects (B, {cfg.in_channels}, h, w), got {tuple(x.shape)}")
+        x, (h, w) = pad_to_multiple(x.float(), cfg.multiple, cfg.pad_mode)
+        film = self._film(t, x.shape[0])
+        x = self.init_conv(x.to(self.dtype).contiguous(memory_format=torch.channels_last))
+        r = x
+        skips = []
+        for blocks, attn, down in self.downs:
+            for block in blocks:
+                x = block(x, film)
+            x = attn(x)
+            skips.append(x)
+            if down is not None:
+                x = down(x)
+        b1, attn, b2 = self.mid
+        x = b2(attn(b1(x, film)), film)
+        for blocks, attn, up in self.ups:
+            x = torch.cat([x, skips.pop()], dim=1)
+            for block in blocks:
+                x = block(x, film)
+            x = attn(x)
+            if up is not None:
+                x = up(x)
+        x = self.final_block(torch.cat([x, r], dim=1), film)
+        return self.final_conv(x)[..., :h, :w].float().contiguous()

@@ -1,0 +1,159 @@
+"""The cpu backend's fused U-Net path: C++ channels-last ops against their PyTorch references on fresh random
+inputs and odd shapes (vector fast paths and the generic fallback), and FusedCPUUNet against UNet2D."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from retina_fast import _ext
+from retina_fast.models.attention import linear_attention_ref, softmax_attention_ref
+from retina_fast.models.config import UNetConfig
+from retina_fast.models.layers import groupnorm_silu_ref
+from retina_fast.models.unet import UNet2D
+
+pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"extension not loaded: {_ext.load_error}")
+
+cpu_unet = pytest.importorskip("retina_fast.backends.cpu_unet")
+needs_mkldnn = pytest.mark.skipif(not cpu_unet.mkldnn_usable(), reason="torch built without oneDNN")
+
+# bf16 storage: inputs are rounded to bf16 before the reference sees them, so the only difference left is the
+# rounding of the output (2^-9 relative) plus fp32 summation order.
+TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+
+
+def cl(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+def relerr(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,c,g,h,w", [(3, 32, 8, 5, 7), (2, 64, 32, 4, 4), (1, 48, 4, 3, 9), (2, 12, 3, 6, 5),
+                                       (4, 128, 8, 2, 3), (1, 16, 4, 1, 2)])
+@pytest.mark.parametrize("film,residual,act", [(True, False, True), (False, True, True), (False, False, False),
+                                                (True, True, False)])
+def test_gn_silu_matches_reference(dtype, b, c, g, h, w, film, residual, act):
+    x = cl(torch.randn(b, c, h, w) * 3 + 1, dtype)
+    weight, bias = torch.randn(c), torch.randn(c)
+    scale = torch.randn(b, c) if film else None
+    shift = torch.randn(b, c) if film else None
+    res = cl(torch.randn(b, c, h, w), dtype) if residual else None
+    got = cpu_unet.gn_silu_cl(x, g, weight, bias, 1e-5, scale, shift, res, act)
+    want = groupnorm_silu_ref(x.float(), g, weight, bias, 1e-5, scale[:, :, None, None] if film else None,
+                              shift[:, :, None, None] if film else None, act)
+    if residual:
+        want = want + res.float()
+    assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.float(), want.to(dtype).float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 32, 5, 3), (1, 7, 4, 4), (3, 128, 2, 2)])
+def test_channel_norm_matches_reference(dtype, shape):
+    x = cl(torch.randn(shape) * 2 - 1, dtype)
+    var, mean = torch.var_mean(x.float(), dim=1, unbiased=False, keepdim=True)
+    want = (x.float() - mean) * torch.rsqrt(var + 1e-5)
+    torch.testing.assert_close(cpu_unet.channel_norm_cl(x).float(), want.to(dtype).float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("linear", [True, False])
+@pytest.mark.parametrize("b,heads,dim,h,w", [(2, 4, 32, 5, 7), (1, 2, 16, 3, 3), (3, 1, 64, 4, 2),
+                                             (2, 3, 8, 2, 5), (1, 2, 40, 6, 1), (2, 4, 32, 16, 16)])
+def test_attention_matches_reference(dtype, linear, b, heads, dim, h, w):
+    qkv = cl(torch.randn(b, 3 * heads * dim, h, w) * 2, dtype)
+    got = cpu_unet.attention_cl(qkv, heads, dim, linear)
+    # the module's own reshape: channels (3, heads, dim), tokens h * w
+    q, k, v = qkv.float().reshape(b, 3, heads, dim, h * w).transpose(-2, -1).unbind(1)
+    out = (linear_attention_ref if linear else softmax_attention_ref)(q, k, v)
+    want = out.transpose(-2, -1).reshape(b, heads * dim, h, w)
+    assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.float(), want.to(dtype).float(), **TOL[dtype])
+
+
+def test_bad_inputs_are_rejected_with_a_reason():
+    x = torch.randn(2, 32, 4, 4)  # contiguous NCHW, not channels-last
+    with pytest.raises(ValueError, match="channels-last"):
+        cpu_unet.gn_silu_cl(x, 8, torch.ones(32), torch.zeros(32), 1e-5)
+    with pytest.raises(ValueError, match="divide"):
+        cpu_unet.gn_silu_cl(cl(x, torch.float32), 5, torch.ones(32), torch.zeros(32), 1e-5)
+    with pytest.raises(ValueError, match=r"weight/bias must be \(32,\)"):
+        cpu_unet.gn_silu_cl(cl(x, torch.float32), 8, torch.ones(16), torch.zeros(32), 1e-5)
+    with pytest.raises(ValueError, match="float32/bfloat16"):
+        cpu_unet.channel_norm_cl(cl(x, torch.float16))
+    with pytest.raises(ValueError, match="3 \\* heads \\* dim"):
+        cpu_unet.attention_cl(cl(torch.randn(1, 30, 2, 2), torch.float32), 2, 8, True)
+    with pytest.raises(ValueError, match="residual must match"):
+        cpu_unet.gn_silu_cl(cl(x, torch.float32), 8, torch.ones(32), torch.zeros(32), 1e-5,
+                            residual=cl(x, torch.bfloat16))
+
+
+def _unet(seed: int, **kw) -> UNet2D:
+    torch.manual_seed(seed)
+    net = UNet2D(UNetConfig(**kw)).eval()
+    with torch.no_grad():  # non-trivial norm gains and biases (fresh modules have ones / zeros)
+        for name, p in net.named_parameters():
+            if name.endswith(("norm_act.weight", "norm.gamma")):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif name.endswith("norm_act.bias"):
+                p.copy_(0.3 * torch.randn_like(p))
+    return net
+
+
+UNETS = {
+    "tiny-like": dict(in_channels=8, base_channels=32, channel_mults=(1, 2, 4), attn_heads=4, attn_head_dim=32),
+    "odd": dict(in_channels=3, base_channels=12, channel_mults=(1, 2), attn_heads=3, attn_head_dim=8, groups=4,
+                init_kernel=3),
+    "two-level-64": dict(in_channels=4, base_channels=16, channel_mults=(1, 4), attn_heads=2, attn_head_dim=64,
+                         groups=8, num_res_blocks=1),
+}
+
+
+@needs_mkldnn
+@pytest.mark.parametrize("name", list(UNETS))
+@pytest.mark.parametrize("side", [(8, 8), (7, 5)])  # (7, 5): not divisible by 2**(levels-1): pad and crop
+def test_fused_unet_fp32_matches_the_module(name, side):
+    net = _unet(3, **UNETS[name])
+    fused = cpu_unet.FusedCPUUNet(net, torch.float32)
+    x = torch.randn(3, net.config.in_channels, *side)
+    t = torch.tensor([0, 417, 999])
+    with torch.no_grad():
+        want = net(x, t)
+        got = fused(x, t)
+        again = fused(x, t)  # second call: cached FiLM and packed weights
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert relerr(got, want) < 2e-6
+    assert torch.equal(got, again)
+
+
+@needs_mkldnn
+def test_fused_unet_bf16_error_is_that_of_the_module_at_bf16():
+    net = _unet(4, **UNETS["tiny-like"])
+    x, t = torch.randn(4, 8, 16, 16), torch.tensor([3, 250, 600, 990])
+    with torch.no_grad():
+        ref = net(x, t)
+        plain = net.to(torch.bfloat16)(x.bfloat16(), t).float()
+        net.float()
+        got = cpu_unet.FusedCPUUNet(net, torch.bfloat16)(x, t)
+    assert relerr(got, ref) <= 1.5 * relerr(plain, ref) + 1e-3
+
+
+@needs_mkldnn
+def test_fused_unet_image_does_not_depend_on_batch_fp32():
+    net = _unet(5, **UNETS["tiny-like"])
+    fused = cpu_unet.FusedCPUUNet(net, torch.float32)
+    x, t = torch.randn(5, 8, 16, 16), torch.full((5,), 321)
+    whole = fused(x, t)
+    parts = torch.cat([fused(x[:2], t[:2]), fused(x[2:3], t[2:3]), fused(x[3:], t[3:])])
+    torch.testing.assert_close(parts, whole, rtol=0, atol=1e-5)
+
+
+def test_fused_unet_rejects_wrong_input():
+    net = _unet(6, **UNETS["odd"])
+    fused = cpu_unet.FusedCPUUNet(net, torch.float32)
+    with pytest.raises(ValueError, match="expects"):
+        fused(torch.randn(1, 4, 8, 8), torch.tensor([1]))
+    with pytest.raises(ValueError, match="dtype"):
+        cpu_unet.FusedCPUUNet(net, torch.float16)
