@@ -14,6 +14,7 @@
 #include "cpu/nearest_code_cpu.h"
 #include "cpu/sampler_step_cpu.h"
 #include "cpu/unet_ops_cpu.h"
+#include "cpu/conv_bf16_cpu.h"
 #if defined(RETINA_FAST_WITH_CUDA)
 #include "cuda/philox_cuda.h"
 #endif
@@ -177,6 +178,20 @@ void attention_cl(uintptr_t qkv, uintptr_t out, int64_t batch, int64_t pixels, i
   }
 }
 
+void conv2d_bf16_cl(uintptr_t x, int64_t batch, int64_t h, int64_t w, int64_t c, uintptr_t wpacked, int64_t kh,
+                    int64_t kw, int64_t n, int64_t stride, int64_t pad, int64_t ho, int64_t wo, uintptr_t bias,
+                    uintptr_t res, uintptr_t out) {
+  if (!rf::conv_bf16_supported()) throw std::runtime_error("conv2d_bf16_cl: this CPU lacks AVX512-BF16");
+  if (batch < 0 || h <= 0 || w <= 0 || c <= 0 || c % 2 || kh <= 0 || kw <= 0 || n <= 0 || stride <= 0 || pad < 0)
+    throw py::value_error("conv2d_bf16_cl: bad shape (channels must be even and positive)");
+  if (ho != (h + 2 * pad - kh) / stride + 1 || wo != (w + 2 * pad - kw) / stride + 1 || ho <= 0 || wo <= 0)
+    throw py::value_error("conv2d_bf16_cl: output size does not match input, kernel, stride and padding");
+  if (!x || !wpacked || !out) throw py::value_error("conv2d_bf16_cl: null pointer");
+  py::gil_scoped_release nogil;
+  rf::conv2d_bf16_cl(cptr<uint16_t>(x), batch, h, w, c, cptr<uint16_t>(wpacked), kh, kw, n, stride, pad, ho, wo,
+                     cptr<float>(bias), cptr<uint16_t>(res), reinterpret_cast<uint16_t*>(out));
+}
+
 py::dict build_info() {
   py::dict d;
   d["build_type"] = RF_BUILD_TYPE;
@@ -218,6 +233,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("pixels"), py::arg("channels"), py::arg("groups"), py::arg("weight"), py::arg("bias"),
         py::arg("scale"), py::arg("shift"), py::arg("film_stride"), py::arg("act"), py::arg("eps"), py::arg("bf16"),
         "Channels-last GroupNorm -> x (1 + scale) + shift -> SiLU [+ residual] on data pointers (B, P, C).");
+  m.def("conv_bf16_supported", &rf::conv_bf16_supported, "Whether this CPU can run conv2d_bf16_cl.");
+  m.def("conv2d_bf16_cl", &conv2d_bf16_cl, py::arg("x"), py::arg("batch"), py::arg("h"), py::arg("w"), py::arg("c"),
+        py::arg("wpacked"), py::arg("kh"), py::arg("kw"), py::arg("n"), py::arg("stride"), py::arg("pad"),
+        py::arg("ho"), py::arg("wo"), py::arg("bias"), py::arg("res"), py::arg("out"),
+        "Direct channels-last bf16 convolution (AVX512-BF16) on data pointers; see csrc/cpu/conv_bf16_cpu.h.");
   m.def("channel_norm_cl", &channel_norm_cl, py::arg("x"), py::arg("out"), py::arg("rows"), py::arg("channels"),
         py::arg("eps"), py::arg("bf16"), "LayerNorm over C of each row of x (rows, C), no affine; data pointers.");
   m.def("attention_cl", &attention_cl, py::arg("qkv"), py::arg("out"), py::arg("batch"), py::arg("pixels"),

@@ -157,3 +157,53 @@ def test_fused_unet_rejects_wrong_input():
         fused(torch.randn(1, 4, 8, 8), torch.tensor([1]))
     with pytest.raises(ValueError, match="dtype"):
         cpu_unet.FusedCPUUNet(net, torch.float16)
+
+
+needs_bf16_conv = pytest.mark.skipif(not cpu_unet.direct_bf16_conv_usable(), reason="CPU lacks AVX512-BF16")
+
+
+@needs_bf16_conv
+@pytest.mark.parametrize("b,c,n,h,w,k,stride,pad", [
+    (2, 32, 32, 16, 16, 3, 1, 1), (3, 8, 32, 9, 7, 7, 1, 3), (1, 64, 384, 5, 3, 1, 1, 0),
+    (2, 32, 32, 8, 6, 4, 2, 1), (1, 2, 8, 4, 4, 3, 1, 1), (2, 130, 40, 3, 5, 3, 1, 1),
+    (1, 16, 48, 1, 1, 1, 1, 0), (5, 128, 64, 4, 4, 3, 1, 1), (1, 6, 17, 11, 13, 3, 2, 0),
+])
+@pytest.mark.parametrize("with_bias,with_res", [(True, False), (False, True), (True, True)])
+def test_direct_bf16_conv_matches_fp32_conv_of_the_same_bf16_values(b, c, n, h, w, k, stride, pad,
+                                                                      with_bias, with_res):
+    x = cl(torch.randn(b, c, h, w), torch.bfloat16)
+    weight = (torch.randn(n, c, k, k) / (c * k * k) ** 0.5).to(torch.bfloat16)
+    bias = torch.randn(n) if with_bias else None
+    ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    res = cl(torch.randn(b, n, ho, wo), torch.bfloat16) if with_res else None
+    got = cpu_unet.conv2d_bf16_cl(x, cpu_unet.pack_conv_weight_bf16(weight), n, (k, k), stride, pad, bias, res)
+    want = torch.nn.functional.conv2d(x.float(), weight.float(), bias, stride=stride, padding=pad)
+    if with_res:
+        want = want + res.float()
+    assert got.shape == (b, n, ho, wo) and got.is_contiguous(memory_format=torch.channels_last)
+    # fp32 accumulation in a different order, then one bf16 rounding: within one bf16 step of the reference
+    torch.testing.assert_close(got.float(), want.to(torch.bfloat16).float(), rtol=8e-3, atol=8e-3)
+
+
+@needs_bf16_conv
+def test_direct_bf16_conv_rejects_bad_arguments():
+    x = cl(torch.randn(1, 4, 5, 5), torch.bfloat16)
+    packed = cpu_unet.pack_conv_weight_bf16(torch.randn(8, 4, 3, 3))
+    with pytest.raises(ValueError, match="does not fit"):
+        cpu_unet.conv2d_bf16_cl(x, packed, 8, (1, 1), 1, 0)
+    with pytest.raises(ValueError, match="even input channel"):
+        cpu_unet.pack_conv_weight_bf16(torch.randn(8, 3, 3, 3))
+    with pytest.raises(ValueError, match="bfloat16 input"):
+        cpu_unet.conv2d_bf16_cl(cl(torch.randn(1, 4, 5, 5), torch.float32), packed, 8, (3, 3), 1, 1)
+    with pytest.raises(ValueError, match="residual"):
+        cpu_unet.conv2d_bf16_cl(x, packed, 8, (3, 3), 1, 1, residual=cl(torch.randn(1, 8, 4, 4), torch.bfloat16))
+
+
+@needs_bf16_conv
+def test_direct_bf16_conv_output_does_not_depend_on_batch():
+    x = cl(torch.randn(7, 32, 6, 6), torch.bfloat16)
+    packed = cpu_unet.pack_conv_weight_bf16(torch.randn(64, 32, 3, 3) * 0.05)
+    whole = cpu_unet.conv2d_bf16_cl(x, packed, 64, (3, 3), 1, 1)
+    for lo, hi in ((0, 1), (1, 4), (4, 7)):
+        assert torch.equal(cpu_unet.conv2d_bf16_cl(x[lo:hi].contiguous(memory_format=torch.channels_last),
+                                                   packed, 64, (3, 3), 1, 1), whole[lo:hi])

@@ -1,22 +1,26 @@
 """The ``cpu`` backend's U-Net: the trained :class:`~retina_fast.models.unet.UNet2D`, run channels-last with
-oneDNN convolutions on prepacked weights and fused C++ ops (``csrc/cpu/unet_ops_cpu.cpp``) for everything
-between the convolutions.
+prepacked convolutions and fused C++ ops (``csrc/cpu/unet_ops_cpu.cpp``) for everything between them.
 
-Why (profile of the eager reference, tiny model, B = 8, 2-core AVX-512 CPU): convolutions are half the
-time, and the rest is many small memory-bound ops that PyTorch runs slowly on channels-last tensors --
-``GroupNorm`` on a bf16 channels-last (8, 32, 16, 16) tensor took 236 us, the attention pre-norm's
-``var_mean`` 390 us, the linear attention's softmaxes and copies ~1 ms per call. Here each of those is one
-pass over the tensor:
+Why (profile of the eager reference, tiny model, B = 8, 16x16 latents, 2-core AVX-512 CPU): convolutions
+are half the time, and the rest is many small memory-bound ops that PyTorch runs slowly on channels-last
+tensors -- ``GroupNorm`` on a bf16 channels-last (8, 32, 16, 16) tensor took 236 us, the attention
+pre-norm's ``var_mean`` 390 us, the linear attention's softmaxes and copies ~1 ms per call. Here each of
+those is one pass over the tensor:
 
 * ``Block`` + ``ResnetBlock``: conv -> fused GroupNorm * (1 + scale) + shift -> SiLU; the block's residual
   (the 1x1 ``res_conv`` or the input) is added inside the second GroupNorm kernel.
-* time conditioning: the SiLU + Linear of every ResnetBlock is one concatenated Linear per call.
+* time conditioning: the SiLU + Linear of every ResnetBlock is one concatenated Linear, cached per timestep.
 * ``PreNormResidual(attention)``: channel LayerNorm kernel (its gamma folded into ``to_qkv``) -> 1x1 conv ->
-  one attention kernel (linear or softmax) -> 1x1 ``to_out`` conv with the residual added by oneDNN.
+  one attention kernel (linear or softmax) -> 1x1 ``to_out`` conv with the residual added in the conv.
+
+Convolutions: in bf16 on an AVX512-BF16 CPU, the C++ direct convolution (``csrc/cpu/conv_bf16_cpu.cpp``,
+vdpbf16ps, fp32 accumulation), because oneDNN costs ~30 us per call whatever the size (a 1x1 conv on a
+(1, 8, 4, 4) tensor took 30 us) and the U-Net makes 54 small ones per step; transposed convs and fp32 use
+oneDNN with weights packed once per input shape.
 
 Storage is float32 or bfloat16 (``dtype``); every kernel computes in float32. With float32 the result
 matches the reference to ~1e-6 (relative L2); bf16 rounds each activation to 8 bits of mantissa, the same
-as running the reference module in bf16.
+as running the reference module in bf16 (tests/test_cpu_unet.py compares the two errors).
 """
 from __future__ import annotations
 
@@ -28,11 +32,61 @@ from retina_fast import _ext
 from retina_fast.models.attention import Attention, LinearAttention, PreNormResidual
 from retina_fast.models.unet import ResnetBlock, UNet2D, pad_to_multiple
 
-__all__ = ["FusedCPUUNet", "gn_silu_cl", "channel_norm_cl", "attention_cl", "mkldnn_usable"]
+__all__ = ["FusedCPUUNet", "gn_silu_cl", "channel_norm_cl", "attention_cl", "conv2d_bf16_cl", "pack_conv_weight_bf16",
+           "mkldnn_usable", "direct_bf16_conv_usable"]
 
 
 def mkldnn_usable() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+def direct_bf16_conv_usable() -> bool:
+    """Whether the C++ AVX512-BF16 direct convolution (csrc/cpu/conv_bf16_cpu.cpp) runs on this CPU."""
+    return _ext.available() and bool(_ext.require().conv_bf16_supported())
+
+
+def pack_conv_weight_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """(N, C, KH, KW) -> the direct convolution's layout (KH*KW, C/2, Np, 2) bf16, Np = N rounded up to 32."""
+    n, c, kh, kw = weight.shape
+    if c % 2:
+        raise ValueError(f"the direct bf16 convolution needs an even input channel count, got {c}")
+    np_ = -(-n // 32) * 32
+    packed = torch.zeros(kh * kw, c // 2, np_, 2, dtype=torch.bfloat16)
+    taps = weight.detach().float().permute(2, 3, 1, 0).reshape(kh * kw, c // 2, 2, n)   # [t, c2, j, n]
+    packed[:, :, :n, :] = taps.permute(0, 1, 3, 2).to(torch.bfloat16)
+    return packed.contiguous()
+
+
+def conv2d_bf16_cl(x: torch.Tensor, packed: torch.Tensor, n: int, kernel: tuple[int, int], stride: int, pad: int,
+                   bias: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.conv2d(x, w, bias, stride, pad) (+ residual)`` for channels-last bf16 x (B, C, H, W) with
+    ``packed = pack_conv_weight_bf16(w)``; fp32 accumulation, output rounded to bf16 once."""
+    _check_cl(x)
+    if x.dtype != torch.bfloat16:
+        raise ValueError(f"conv2d_bf16_cl takes bfloat16 input, got {x.dtype}")
+    b, c, h, w = x.shape
+    kh, kw = kernel
+    if packed.dtype != torch.bfloat16 or packed.shape != (kh * kw, c // 2, -(-n // 32) * 32, 2) or c % 2:
+        raise ValueError(f"packed weight {tuple(packed.shape)} does not fit input channels {c}, kernel {kernel}, "
+                         f"{n} outputs")
+    ho, wo = (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kw) // stride + 1
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be float32 ({n},)")
+    if residual is not None:
+        _check_cl(residual, "residual")
+        if residual.dtype != torch.bfloat16 or residual.shape != (b, n, ho, wo):
+            raise ValueError(f"residual must be bfloat16 {(b, n, ho, wo)}, got {residual.dtype} {tuple(residual.shape)}")
+    return _conv_raw(x, packed.contiguous(), n, kh, kw, stride, pad, bias, residual)
+
+
+def _conv_raw(x, packed, n, kh, kw, stride, pad, bias, residual) -> torch.Tensor:
+    b, c, h, w = x.shape
+    ho, wo = (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kw) // stride + 1
+    out = torch.empty((b, n, ho, wo), dtype=torch.bfloat16, memory_format=torch.channels_last)
+    _ext.require().conv2d_bf16_cl(x.data_ptr(), b, h, w, c, packed.data_ptr(), kh, kw, n, stride, pad, ho, wo,
+                                  bias.data_ptr() if bias is not None else 0,
+                                  residual.data_ptr() if residual is not None else 0, out.data_ptr())
+    return out
 
 
 def _check_cl(x: torch.Tensor, name: str = "x") -> None:
@@ -132,6 +186,14 @@ class _Conv:
             self.weight = self.weight.contiguous(memory_format=torch.channels_last)
         self.packed = mkldnn_usable()
         self._by_shape: dict[tuple[int, ...], torch.Tensor] = {}
+        # bf16 on an AVX512-BF16 CPU: the C++ direct convolution (no per-call oneDNN cost) for square
+        # stride/padding convs with even input channels; transposed convs stay on oneDNN.
+        self.direct = None
+        square = len(set(self.stride)) == 1 and len(set(self.padding)) == 1 and self.dilation == [1, 1]
+        if (dtype == torch.bfloat16 and not self.transposed and self.groups == 1 and square
+                and w.shape[1] % 2 == 0 and direct_bf16_conv_usable()):
+            self.direct = (pack_conv_weight_bf16(w), w.shape[0], int(w.shape[2]), int(w.shape[3]), self.stride[0],
+                           self.padding[0], conv.bias.detach().float().contiguous() if conv.bias is not None else None)
 
     def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
         key = tuple(x.shape)
@@ -148,7 +210,10 @@ class _Conv:
         return w
 
     def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-        """conv(x) (+ add, fused into the convolution when oneDNN is used)."""
+        """conv(x) (+ add, fused into the convolution)."""
+        if self.direct is not None:
+            packed, n, kh, kw, stride, pad, bias = self.direct
+            return _conv_raw(x, packed, n, kh, kw, stride, pad, bias, add)
         if not self.packed:
             conv = F.conv_transpose2d if self.transposed else F.conv2d
             y = conv(x, self.weight, self.bias, stride=self.stride, padding=self.padding, dilation=self.dilation,

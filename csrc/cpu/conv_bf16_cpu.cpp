@@ -1,0 +1,102 @@
+// Direct bf16 convolution, channels-last, AVX512-BF16 (see conv_bf16_cpu.h).
+//
+// Implicit GEMM: rows are output pixels, columns output channels, the reduction runs over (tap, channel
+// pair). A tile is kMR output pixels x 32 output channels held in 2 * kMR zmm accumulators; for each
+// channel pair one 64-byte weight load per 16 columns feeds kMR vdpbf16ps (the pixel's channel pair is
+// broadcast). Taps that fall outside the image read a zero row. Each output element is computed from its
+// own pixel and taps only, in a fixed order, so results do not depend on batch size or tile position.
+#include "cpu/conv_bf16_cpu.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace rf {
+namespace {
+
+constexpr int kMR = 12;  // output pixels per tile: 24 accumulators + 2 weight registers + 1 broadcast
+
+#define RF_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+struct ConvShape {
+  int64_t batch, h, w, c, kh, kw, n, np, stride, pad, ho, wo;
+};
+
+RF_BF16_TARGET void tile(const ConvShape& s, const uint16_t* x, const uint16_t* wp, const float* bias,
+                         const uint16_t* res, uint16_t* out, int64_t m0, int64_t mr, int64_t n0,
+                         const uint16_t* zeros) {
+  const int64_t c2n = s.c / 2;
+  const int64_t hw = s.ho * s.wo;
+  int64_t pb[kMR], ph[kMR], pw[kMR];
+  for (int i = 0; i < kMR; ++i) {
+    const int64_t m = m0 + std::min<int64_t>(i, mr - 1);  // a partial tile repeats its last pixel
+    pb[i] = m / hw;
+    ph[i] = (m % hw) / s.wo * s.stride - s.pad;
+    pw[i] = m % s.wo * s.stride - s.pad;
+  }
+  __m512 acc[kMR][2];
+  for (int i = 0; i < kMR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < s.kh * s.kw; ++t) {
+    const int64_t dh = t / s.kw, dw = t % s.kw;
+    const int32_t* src[kMR];
+    for (int i = 0; i < kMR; ++i) {
+      const int64_t hi = ph[i] + dh, wi = pw[i] + dw;
+      const bool inside = hi >= 0 && hi < s.h && wi >= 0 && wi < s.w;
+      src[i] = reinterpret_cast<const int32_t*>(inside ? x + ((pb[i] * s.h + hi) * s.w + wi) * s.c : zeros);
+    }
+    const uint16_t* wt = wp + (t * c2n * s.np + n0) * 2;
+    for (int64_t c2 = 0; c2 < c2n; ++c2) {
+      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wt + c2 * s.np * 2);
+      const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wt + c2 * s.np * 2 + 32);
+#pragma GCC unroll 12
+      for (int i = 0; i < kMR; ++i) {
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(src[i][c2]);
+        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], xv, w0);
+        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], xv, w1);
+      }
+    }
+  }
+  const int64_t valid = std::min<int64_t>(32, s.n - n0);
+  const __mmask16 m0k = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
+  const __mmask16 m1k = valid >= 32 ? 0xFFFF : valid <= 16 ? 0 : static_cast<__mmask16>((1u << (valid - 16)) - 1);
+  const __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0k, bias + n0) : _mm512_setzero_ps();
+  const __m512 b1 = bias ? _mm512_maskz_loadu_ps(m1k, bias + n0 + 16) : _mm512_setzero_ps();
+  for (int64_t i = 0; i < mr; ++i) {
+    const int64_t off = (m0 + i) * s.n + n0;
+    __m512 v0 = _mm512_add_ps(acc[i][0], b0), v1 = _mm512_add_ps(acc[i][1], b1);
+    if (res) {
+      v0 = _mm512_add_ps(v0, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                 _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m0k, res + off)), 16)));
+      v1 = _mm512_add_ps(v1, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                 _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m1k, res + off + 16)), 16)));
+    }
+    _mm256_mask_storeu_epi16(out + off, m0k, (__m256i)_mm512_cvtneps_pbh(v0));
+    if (m1k) _mm256_mask_storeu_epi16(out + off + 16, m1k, (__m256i)_mm512_cvtneps_pbh(v1));
+  }
+}
+
+}  // namespace
+
+bool conv_bf16_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+}
+
+void conv2d_bf16_cl(const uint16_t* x, int64_t batch, int64_t h, int64_t w, int64_t c, const uint16_t* wpacked,
+                    int64_t kh, int64_t kw, int64_t n, int64_t stride, int64_t pad, int64_t ho, int64_t wo,
+                    const float* bias, const uint16_t* res, uint16_t* out) {
+  const ConvShape s{batch, h, w, c, kh, kw, n, (n + 31) / 32 * 32, stride, pad, ho, wo};
+  const std::vector<uint16_t> zeros(static_cast<size_t>(c), 0);
+  const int64_t m = batch * ho * wo;
+  const int64_t tiles = (m + kMR - 1) / kMR, nblocks = s.np / 32;
+#pragma omp parallel for schedule(static)
+  for (int64_t j = 0; j < tiles * nblocks; ++j) {
+    const int64_t ti = j / nblocks, nb = j % nblocks;
+    tile(s, x, wpacked, bias, res, out, ti * kMR, std::min<int64_t>(kMR, m - ti * kMR), nb * 32, zeros.data());
+  }
+}
+
+}  // namespace rf

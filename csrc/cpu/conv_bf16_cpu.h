@@ -1,0 +1,22 @@
+#pragma once
+// Direct bf16 convolution on channels-last tensors with AVX512-BF16 (vdpbf16ps), fp32 accumulation.
+// Used by the cpu backend's fused U-Net for its small-image convolutions, where oneDNN's per-call cost
+// (~30 us) is comparable to the arithmetic (retina_fast/backends/cpu_unet.py).
+#include <cstdint>
+
+namespace rf {
+
+// True when this CPU can run conv2d_bf16_cl (AVX512-F/BW/VL + AVX512-BF16).
+bool conv_bf16_supported();
+
+// Packed weight layout: (KH * KW, C / 2, Np, 2) bf16 bits with Np = N rounded up to a multiple of 32:
+// element [t, c2, n, j] = weight[n, 2 c2 + j, t / KW, t % KW] (zero for n >= N).
+//
+// out[b, ho, wo, n] = bias[n] + sum_{kh, kw, c} x[b, ho s - p + kh, wo s - p + kw, c] w[n, c, kh, kw]
+//                     (+ res[b, ho, wo, n]), zero padding outside the image, rounded to bf16 (nearest even).
+// x (B, H, W, C), C even; res, out (B, Ho, Wo, N); bias (N,) float32 or null; res null or bf16.
+void conv2d_bf16_cl(const uint16_t* x, int64_t batch, int64_t h, int64_t w, int64_t c, const uint16_t* wpacked,
+                    int64_t kh, int64_t kw, int64_t n, int64_t stride, int64_t pad, int64_t ho, int64_t wo,
+                    const float* bias, const uint16_t* res, uint16_t* out);
+
+}  // namespace rf
