@@ -24,35 +24,22 @@ struct ConvShape {
   int64_t batch, h, w, c, kh, kw, n, np, stride, pad, ho, wo;
 };
 
-RF_BF16_TARGET void tile(const ConvShape& s, const uint16_t* x, const uint16_t* wp, const float* bias,
-                         const uint16_t* res, uint16_t* out, int64_t m0, int64_t mr, int64_t n0,
-                         const uint16_t* zeros) {
+// One tile: kMR output pixels (rows m0 .. m0 + mr - 1) x 32 output channels from n0. src[t * kMR + i] points at
+// pixel i's input row for tap t (or at a zero row outside the image).
+RF_BF16_TARGET void tile(const ConvShape& s, const int32_t* const* src, const uint16_t* wp, const float* bias,
+                         const uint16_t* res, uint16_t* out, int64_t m0, int64_t mr, int64_t n0) {
   const int64_t c2n = s.c / 2;
-  const int64_t hw = s.ho * s.wo;
-  int64_t pb[kMR], ph[kMR], pw[kMR];
-  for (int i = 0; i < kMR; ++i) {
-    const int64_t m = m0 + std::min<int64_t>(i, mr - 1);  // a partial tile repeats its last pixel
-    pb[i] = m / hw;
-    ph[i] = (m % hw) / s.wo * s.stride - s.pad;
-    pw[i] = m % s.wo * s.stride - s.pad;
-  }
   __m512 acc[kMR][2];
   for (int i = 0; i < kMR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   for (int64_t t = 0; t < s.kh * s.kw; ++t) {
-    const int64_t dh = t / s.kw, dw = t % s.kw;
-    const int32_t* src[kMR];
-    for (int i = 0; i < kMR; ++i) {
-      const int64_t hi = ph[i] + dh, wi = pw[i] + dw;
-      const bool inside = hi >= 0 && hi < s.h && wi >= 0 && wi < s.w;
-      src[i] = reinterpret_cast<const int32_t*>(inside ? x + ((pb[i] * s.h + hi) * s.w + wi) * s.c : zeros);
-    }
+    const int32_t* const* st = src + t * kMR;
     const uint16_t* wt = wp + (t * c2n * s.np + n0) * 2;
     for (int64_t c2 = 0; c2 < c2n; ++c2) {
       const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wt + c2 * s.np * 2);
       const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wt + c2 * s.np * 2 + 32);
 #pragma GCC unroll 12
       for (int i = 0; i < kMR; ++i) {
-        const __m512bh xv = (__m512bh)_mm512_set1_epi32(src[i][c2]);
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(st[i][c2]);
         acc[i][0] = _mm512_dpbf16_ps(acc[i][0], xv, w0);
         acc[i][1] = _mm512_dpbf16_ps(acc[i][1], xv, w1);
       }
@@ -77,6 +64,22 @@ RF_BF16_TARGET void tile(const ConvShape& s, const uint16_t* x, const uint16_t* 
   }
 }
 
+// The input row of every (tap, pixel) of the tile starting at output row m0 (a partial tile repeats its
+// last pixel; those rows are computed but not stored).
+void tile_sources(const ConvShape& s, const uint16_t* x, const uint16_t* zeros, int64_t m0, int64_t mr,
+                  const int32_t** src) {
+  const int64_t hw = s.ho * s.wo;
+  for (int i = 0; i < kMR; ++i) {
+    const int64_t m = m0 + std::min<int64_t>(i, mr - 1);
+    const int64_t b = m / hw, oh = (m % hw) / s.wo, ow = m % s.wo;
+    for (int64_t t = 0; t < s.kh * s.kw; ++t) {
+      const int64_t hi = oh * s.stride - s.pad + t / s.kw, wi = ow * s.stride - s.pad + t % s.kw;
+      const bool inside = hi >= 0 && hi < s.h && wi >= 0 && wi < s.w;
+      src[t * kMR + i] = reinterpret_cast<const int32_t*>(inside ? x + ((b * s.h + hi) * s.w + wi) * s.c : zeros);
+    }
+  }
+}
+
 }  // namespace
 
 bool conv_bf16_supported() {
@@ -92,10 +95,15 @@ void conv2d_bf16_cl(const uint16_t* x, int64_t batch, int64_t h, int64_t w, int6
   const std::vector<uint16_t> zeros(static_cast<size_t>(c), 0);
   const int64_t m = batch * ho * wo;
   const int64_t tiles = (m + kMR - 1) / kMR, nblocks = s.np / 32;
-#pragma omp parallel for schedule(static)
-  for (int64_t j = 0; j < tiles * nblocks; ++j) {
-    const int64_t ti = j / nblocks, nb = j % nblocks;
-    tile(s, x, wpacked, bias, res, out, ti * kMR, std::min<int64_t>(kMR, m - ti * kMR), nb * 32, zeros.data());
+#pragma omp parallel
+  {
+    std::vector<const int32_t*> src(static_cast<size_t>(kh * kw * kMR));
+#pragma omp for schedule(static)
+    for (int64_t ti = 0; ti < tiles; ++ti) {
+      const int64_t m0 = ti * kMR, mr = std::min<int64_t>(kMR, m - m0);
+      tile_sources(s, x, zeros.data(), m0, mr, src.data());
+      for (int64_t nb = 0; nb < nblocks; ++nb) tile(s, src.data(), wpacked, bias, res, out, m0, mr, nb * 32);
+    }
   }
 }
 

@@ -83,15 +83,21 @@ RF_INLINE void vst(uint16_t* p, v16 v) {
 }
 RF_INLINE v16 vsplat(float a) { return v16{} + a; }
 RF_INLINE v16 vmax(v16 a, v16 b) { return a > b ? a : b; }
+// Horizontal reductions as a shuffle tree (4 steps instead of 15 lane extracts).
+RF_INLINE v16 swap_halves(v16 a, int step) {
+  static constexpr u32x16 kIdx[4] = {{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7},
+                                     {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11},
+                                     {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13},
+                                     {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}};
+  return __builtin_shuffle(a, kIdx[step]);
+}
 RF_INLINE float hsum(v16 a) {
-  float s = 0.0f;
-  for (int i = 0; i < 16; ++i) s += a[i];
-  return s;
+  for (int step = 0; step < 4; ++step) a += swap_halves(a, step);
+  return a[0];
 }
 RF_INLINE float hmax(v16 a) {
-  float m = a[0];
-  for (int i = 1; i < 16; ++i) m = std::max(m, a[i]);
-  return m;
+  for (int step = 0; step < 4; ++step) a = vmax(a, swap_halves(a, step));
+  return a[0];
 }
 
 // fexp on 16 lanes; rounds x log2(e) to nearest with the 1.5 * 2^23 trick (|x log2 e| < 2^22 after clamping)
