@@ -6,9 +6,11 @@ For the shipped default model it times, side by side in one process (warm-up, th
 medians), one U-Net call and one decode at each batch size along these paths:
 
 * ``eager_fp32``      the reference (``training.reference_sample`` runs exactly this)
-* ``frozen_cl_fp32``  the ``cpu`` backend: channels-last, ``torch.jit.freeze``
+* ``frozen_cl_fp32``  channels-last ``torch.jit.freeze`` (the ``cpu`` backend's decoder; its U-Net until 2026-11)
 * ``ort_fp32``        the ``onnxruntime`` backend's U-Net session (U-Net only)
 * ``eager_cl_bf16``   channels-last bf16 eager (what plain PyTorch gives at bf16)
+* ``fused_cl_fp32`` / ``fused_cl_bf16``  the ``cpu`` backend's U-Net (``FusedCPUUNet``: fused C++ norm and
+  attention kernels; oneDNN convolutions in fp32, the C++ AVX512-BF16 direct convolution in bf16)
 * ``inductor_fp32`` / ``inductor_cl_bf16``  ``torch.compile`` with freezing (``--inductor``; compiling
   takes ~40 s per graph on 2 cores)
 
@@ -100,6 +102,11 @@ def run(batches: list[int], rounds: int, inductor: bool) -> dict:
             except ImportError as e:
                 print(f"onnxruntime path skipped: {e}", file=sys.stderr)
             unet_fns["eager_cl_bf16"] = lambda: unet_bf(xb, t)
+            from retina_fast.backends.cpu_unet import FusedCPUUNet
+
+            f32, fbf = FusedCPUUNet(unet, torch.float32), FusedCPUUNet(unet, torch.bfloat16)
+            unet_fns["fused_cl_fp32"] = lambda: f32(x, t)
+            unet_fns["fused_cl_bf16"] = lambda: fbf(x, t)
             dec_fns = {"eager_fp32": lambda: vq.decode_indices(idx)}
             fd = _frozen(_Decode(vq_cl), (idx,))
             dec_fns["frozen_cl_fp32"] = lambda: fd(idx)

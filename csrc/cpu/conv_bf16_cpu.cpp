@@ -65,17 +65,30 @@ RF_BF16_TARGET void tile(const ConvShape& s, const int32_t* const* src, const ui
 }
 
 // The input row of every (tap, pixel) of the tile starting at output row m0 (a partial tile repeats its
-// last pixel; those rows are computed but not stored).
-void tile_sources(const ConvShape& s, const uint16_t* x, const uint16_t* zeros, int64_t m0, int64_t mr,
-                  const int32_t** src) {
-  const int64_t hw = s.ho * s.wo;
+// last pixel; those rows are computed but not stored). Pixels are walked incrementally (one division per
+// tile); a pixel whose taps all fall inside the image takes the precomputed tap offsets unchecked.
+void tile_sources(const ConvShape& s, const uint16_t* x, const uint16_t* zeros, const int64_t* tap_off, int64_t m0,
+                  int64_t mr, const int32_t** src) {
+  const int64_t hw = s.ho * s.wo, taps = s.kh * s.kw;
+  int64_t b = m0 / hw, oh = (m0 % hw) / s.wo, ow = m0 % s.wo;
   for (int i = 0; i < kMR; ++i) {
-    const int64_t m = m0 + std::min<int64_t>(i, mr - 1);
-    const int64_t b = m / hw, oh = (m % hw) / s.wo, ow = m % s.wo;
-    for (int64_t t = 0; t < s.kh * s.kw; ++t) {
-      const int64_t hi = oh * s.stride - s.pad + t / s.kw, wi = ow * s.stride - s.pad + t % s.kw;
-      const bool inside = hi >= 0 && hi < s.h && wi >= 0 && wi < s.w;
-      src[t * kMR + i] = reinterpret_cast<const int32_t*>(inside ? x + ((b * s.h + hi) * s.w + wi) * s.c : zeros);
+    const int64_t h0 = oh * s.stride - s.pad, w0 = ow * s.stride - s.pad;
+    if (h0 >= 0 && w0 >= 0 && h0 + s.kh <= s.h && w0 + s.kw <= s.w) {
+      const uint16_t* base = x + ((b * s.h + h0) * s.w + w0) * s.c;
+      for (int64_t t = 0; t < taps; ++t) src[t * kMR + i] = reinterpret_cast<const int32_t*>(base + tap_off[t]);
+    } else {
+      for (int64_t t = 0; t < taps; ++t) {
+        const int64_t hi = h0 + t / s.kw, wi = w0 + t % s.kw;
+        const bool inside = hi >= 0 && hi < s.h && wi >= 0 && wi < s.w;
+        src[t * kMR + i] = reinterpret_cast<const int32_t*>(inside ? x + ((b * s.h + hi) * s.w + wi) * s.c : zeros);
+      }
+    }
+    if (i + 1 < mr && ++ow == s.wo) {  // advance to the next pixel (a partial tile repeats its last one)
+      ow = 0;
+      if (++oh == s.ho) {
+        oh = 0;
+        ++b;
+      }
     }
   }
 }
@@ -98,10 +111,12 @@ void conv2d_bf16_cl(const uint16_t* x, int64_t batch, int64_t h, int64_t w, int6
 #pragma omp parallel
   {
     std::vector<const int32_t*> src(static_cast<size_t>(kh * kw * kMR));
+    std::vector<int64_t> tap_off(static_cast<size_t>(kh * kw));
+    for (int64_t t = 0; t < kh * kw; ++t) tap_off[t] = ((t / kw) * w + t % kw) * c;
 #pragma omp for schedule(static)
     for (int64_t ti = 0; ti < tiles; ++ti) {
       const int64_t m0 = ti * kMR, mr = std::min<int64_t>(kMR, m - m0);
-      tile_sources(s, x, zeros.data(), m0, mr, src.data());
+      tile_sources(s, x, zeros.data(), tap_off.data(), m0, mr, src.data());
       for (int64_t nb = 0; nb < nblocks; ++nb) tile(s, src.data(), wpacked, bias, res, out, m0, mr, nb * 32);
     }
   }

@@ -9,7 +9,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#include "cpu/attn_bf16_cpu.h"
+#include "cpu/conv_bf16_cpu.h"
 
 #define RF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define RF_INLINE inline __attribute__((always_inline))
@@ -632,6 +636,23 @@ void channel_norm_cl(const T* x, int64_t rows, int64_t channels, float eps, T* o
 template <typename T>
 void linear_attn_cl(const T* qkv, int64_t batch, int64_t pixels, int64_t heads, int64_t dim, T* out) {
   const int64_t items = batch * heads;
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    static const bool bf16_dot = conv_bf16_supported();
+    if (bf16_dot && dim == 32) {  // bf16 contractions with vdpbf16ps (attn_bf16_cpu.cpp)
+#pragma omp parallel
+      {
+        std::vector<uint8_t> scratch(static_cast<size_t>(lin_attn_bf16_scratch_bytes(pixels)));
+        void* aligned = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t{63});
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < items; ++i) {
+          const int64_t b = i / heads, h = i % heads;
+          lin_attn_bf16_item(qkv + b * pixels * 3 * heads * dim, pixels, heads, h, out + b * pixels * heads * dim,
+                             aligned);
+        }
+      }
+      return;
+    }
+  }
 #pragma omp parallel
   {
     std::vector<float> buf(3 * pixels * dim + dim * dim + 4 * dim);
