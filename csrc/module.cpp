@@ -192,6 +192,17 @@ void conv2d_bf16_cl(uintptr_t x, int64_t batch, int64_t h, int64_t w, int64_t c,
                      cptr<float>(bias), cptr<uint16_t>(res), reinterpret_cast<uint16_t*>(out));
 }
 
+void conv_transpose2d_k4s2p1_bf16_cl(uintptr_t x, int64_t batch, int64_t h, int64_t w, int64_t c, uintptr_t wpacked,
+                                     int64_t n, uintptr_t bias, uintptr_t out) {
+  if (!rf::conv_bf16_supported()) throw std::runtime_error("conv_transpose2d_k4s2p1_bf16_cl: this CPU lacks AVX512-BF16");
+  if (batch < 0 || h <= 0 || w <= 0 || c <= 0 || c % 2 || n <= 0)
+    throw py::value_error("conv_transpose2d_k4s2p1_bf16_cl: bad shape (channels must be even and positive)");
+  if (!x || !wpacked || !out) throw py::value_error("conv_transpose2d_k4s2p1_bf16_cl: null pointer");
+  py::gil_scoped_release nogil;
+  rf::conv_transpose2d_k4s2p1_bf16_cl(cptr<uint16_t>(x), batch, h, w, c, cptr<uint16_t>(wpacked), n, cptr<float>(bias),
+                                      reinterpret_cast<uint16_t*>(out));
+}
+
 py::dict build_info() {
   py::dict d;
   d["build_type"] = RF_BUILD_TYPE;
@@ -238,6 +249,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("wpacked"), py::arg("kh"), py::arg("kw"), py::arg("n"), py::arg("stride"), py::arg("pad"),
         py::arg("ho"), py::arg("wo"), py::arg("bias"), py::arg("res"), py::arg("out"),
         "Direct channels-last bf16 convolution (AVX512-BF16) on data pointers; see csrc/cpu/conv_bf16_cpu.h.");
+  m.def("conv_transpose2d_k4s2p1_bf16_cl", &conv_transpose2d_k4s2p1_bf16_cl, py::arg("x"), py::arg("batch"),
+        py::arg("h"), py::arg("w"), py::arg("c"), py::arg("wpacked"), py::arg("n"), py::arg("bias"), py::arg("out"),
+        "ConvTranspose2d(4, stride 2, padding 1) on channels-last bf16 as four direct 2x2 convs; data pointers.");
   m.def("channel_norm_cl", &channel_norm_cl, py::arg("x"), py::arg("out"), py::arg("rows"), py::arg("channels"),
         py::arg("eps"), py::arg("bf16"), "LayerNorm over C of each row of x (rows, C), no affine; data pointers.");
   m.def("attention_cl", &attention_cl, py::arg("qkv"), py::arg("out"), py::arg("batch"), py::arg("pixels"),

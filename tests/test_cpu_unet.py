@@ -207,3 +207,16 @@ def test_direct_bf16_conv_output_does_not_depend_on_batch():
     for lo, hi in ((0, 1), (1, 4), (4, 7)):
         assert torch.equal(cpu_unet.conv2d_bf16_cl(x[lo:hi].contiguous(memory_format=torch.channels_last),
                                                    packed, 64, (3, 3), 1, 1), whole[lo:hi])
+
+
+@needs_bf16_conv
+@pytest.mark.parametrize("b,c,n,h,w", [(2, 32, 32, 8, 8), (1, 64, 64, 4, 4), (3, 16, 40, 5, 3), (1, 128, 8, 1, 2)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_direct_bf16_transposed_conv_matches_conv_transpose2d(b, c, n, h, w, with_bias):
+    x = cl(torch.randn(b, c, h, w), torch.bfloat16)
+    weight = (torch.randn(c, n, 4, 4) / (c * 4) ** 0.5).to(torch.bfloat16)
+    bias = torch.randn(n) if with_bias else None
+    got = cpu_unet.conv_transpose2d_k4s2p1_bf16_cl(x, cpu_unet.pack_conv_transpose_k4s2p1_bf16(weight), n, bias)
+    want = torch.nn.functional.conv_transpose2d(x.float(), weight.float(), bias, stride=2, padding=1)
+    assert got.shape == want.shape == (b, n, 2 * h, 2 * w)
+    torch.testing.assert_close(got.float(), want.to(torch.bfloat16).float(), rtol=8e-3, atol=8e-3)

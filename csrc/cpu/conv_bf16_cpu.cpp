@@ -21,13 +21,17 @@ constexpr int kMR = 12;  // output pixels per tile: 24 accumulators + 2 weight r
 #define RF_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 struct ConvShape {
-  int64_t batch, h, w, c, kh, kw, n, np, stride, pad, ho, wo;
+  int64_t batch, h, w, c, kh, kw, n, np, stride, pad_h, pad_w, ho, wo;
+  // output pixel (b, oh, ow) is stored at pixel (b, oh * out_step + out_h0, ow * out_step + out_w0) of an
+  // (out_hfull, out_wfull) image: 1 / 0 / ho / wo for a plain convolution, 2 / parity / 2h / 2w for one
+  // phase of a stride-2 transposed convolution
+  int64_t out_step, out_h0, out_w0, out_hfull, out_wfull;
 };
 
 // One tile: kMR output pixels (rows m0 .. m0 + mr - 1) x 32 output channels from n0. src[t * kMR + i] points at
 // pixel i's input row for tap t (or at a zero row outside the image).
-RF_BF16_TARGET void tile(const ConvShape& s, const int32_t* const* src, const uint16_t* wp, const float* bias,
-                         const uint16_t* res, uint16_t* out, int64_t m0, int64_t mr, int64_t n0) {
+RF_BF16_TARGET void tile(const ConvShape& s, const int32_t* const* src, const int64_t* dst, const uint16_t* wp,
+                         const float* bias, const uint16_t* res, uint16_t* out, int64_t mr, int64_t n0) {
   const int64_t c2n = s.c / 2;
   __m512 acc[kMR][2];
   for (int i = 0; i < kMR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
@@ -51,7 +55,7 @@ RF_BF16_TARGET void tile(const ConvShape& s, const int32_t* const* src, const ui
   const __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0k, bias + n0) : _mm512_setzero_ps();
   const __m512 b1 = bias ? _mm512_maskz_loadu_ps(m1k, bias + n0 + 16) : _mm512_setzero_ps();
   for (int64_t i = 0; i < mr; ++i) {
-    const int64_t off = (m0 + i) * s.n + n0;
+    const int64_t off = dst[i] * s.n + n0;
     __m512 v0 = _mm512_add_ps(acc[i][0], b0), v1 = _mm512_add_ps(acc[i][1], b1);
     if (res) {
       v0 = _mm512_add_ps(v0, _mm512_castsi512_ps(_mm512_slli_epi32(
@@ -68,11 +72,12 @@ RF_BF16_TARGET void tile(const ConvShape& s, const int32_t* const* src, const ui
 // last pixel; those rows are computed but not stored). Pixels are walked incrementally (one division per
 // tile); a pixel whose taps all fall inside the image takes the precomputed tap offsets unchecked.
 void tile_sources(const ConvShape& s, const uint16_t* x, const uint16_t* zeros, const int64_t* tap_off, int64_t m0,
-                  int64_t mr, const int32_t** src) {
+                  int64_t mr, const int32_t** src, int64_t* dst) {
   const int64_t hw = s.ho * s.wo, taps = s.kh * s.kw;
   int64_t b = m0 / hw, oh = (m0 % hw) / s.wo, ow = m0 % s.wo;
   for (int i = 0; i < kMR; ++i) {
-    const int64_t h0 = oh * s.stride - s.pad, w0 = ow * s.stride - s.pad;
+    dst[i] = (b * s.out_hfull + oh * s.out_step + s.out_h0) * s.out_wfull + ow * s.out_step + s.out_w0;
+    const int64_t h0 = oh * s.stride - s.pad_h, w0 = ow * s.stride - s.pad_w;
     if (h0 >= 0 && w0 >= 0 && h0 + s.kh <= s.h && w0 + s.kw <= s.w) {
       const uint16_t* base = x + ((b * s.h + h0) * s.w + w0) * s.c;
       for (int64_t t = 0; t < taps; ++t) src[t * kMR + i] = reinterpret_cast<const int32_t*>(base + tap_off[t]);
@@ -101,25 +106,47 @@ bool conv_bf16_supported() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
 }
 
-void conv2d_bf16_cl(const uint16_t* x, int64_t batch, int64_t h, int64_t w, int64_t c, const uint16_t* wpacked,
-                    int64_t kh, int64_t kw, int64_t n, int64_t stride, int64_t pad, int64_t ho, int64_t wo,
-                    const float* bias, const uint16_t* res, uint16_t* out) {
-  const ConvShape s{batch, h, w, c, kh, kw, n, (n + 31) / 32 * 32, stride, pad, ho, wo};
-  const std::vector<uint16_t> zeros(static_cast<size_t>(c), 0);
-  const int64_t m = batch * ho * wo;
+namespace {
+
+void run_conv(const ConvShape& s, const uint16_t* x, const uint16_t* wpacked, const float* bias, const uint16_t* res,
+              uint16_t* out) {
+  const std::vector<uint16_t> zeros(static_cast<size_t>(s.c), 0);
+  const int64_t m = s.batch * s.ho * s.wo, taps = s.kh * s.kw;
   const int64_t tiles = (m + kMR - 1) / kMR, nblocks = s.np / 32;
 #pragma omp parallel
   {
-    std::vector<const int32_t*> src(static_cast<size_t>(kh * kw * kMR));
-    std::vector<int64_t> tap_off(static_cast<size_t>(kh * kw));
-    for (int64_t t = 0; t < kh * kw; ++t) tap_off[t] = ((t / kw) * w + t % kw) * c;
+    std::vector<const int32_t*> src(static_cast<size_t>(taps * kMR));
+    std::vector<int64_t> tap_off(static_cast<size_t>(taps));
+    int64_t dst[kMR];
+    for (int64_t t = 0; t < taps; ++t) tap_off[t] = ((t / s.kw) * s.w + t % s.kw) * s.c;
 #pragma omp for schedule(static)
     for (int64_t ti = 0; ti < tiles; ++ti) {
       const int64_t m0 = ti * kMR, mr = std::min<int64_t>(kMR, m - m0);
-      tile_sources(s, x, zeros.data(), tap_off.data(), m0, mr, src.data());
-      for (int64_t nb = 0; nb < nblocks; ++nb) tile(s, src.data(), wpacked, bias, res, out, m0, mr, nb * 32);
+      tile_sources(s, x, zeros.data(), tap_off.data(), m0, mr, src.data(), dst);
+      for (int64_t nb = 0; nb < nblocks; ++nb) tile(s, src.data(), dst, wpacked, bias, res, out, mr, nb * 32);
     }
   }
+}
+
+}  // namespace
+
+void conv2d_bf16_cl(const uint16_t* x, int64_t batch, int64_t h, int64_t w, int64_t c, const uint16_t* wpacked,
+                    int64_t kh, int64_t kw, int64_t n, int64_t stride, int64_t pad, int64_t ho, int64_t wo,
+                    const float* bias, const uint16_t* res, uint16_t* out) {
+  const ConvShape s{batch, h, w, c, kh, kw, n, (n + 31) / 32 * 32, stride, pad, pad, ho, wo, 1, 0, 0, ho, wo};
+  run_conv(s, x, wpacked, bias, res, out);
+}
+
+void conv_transpose2d_k4s2p1_bf16_cl(const uint16_t* x, int64_t batch, int64_t h, int64_t w, int64_t c,
+                                     const uint16_t* wpacked, int64_t n, const float* bias, uint16_t* out) {
+  const int64_t np = (n + 31) / 32 * 32;
+  const int64_t phase_size = 4 * (c / 2) * np * 2;  // one packed 2x2 kernel
+  for (int64_t py = 0; py < 2; ++py)
+    for (int64_t px = 0; px < 2; ++px) {
+      // output row 2q + py reads input rows q - 1, q (py = 0) or q, q + 1 (py = 1): a 2x2 conv, top/left pad 1 - p
+      const ConvShape s{batch, h, w, c, 2, 2, n, np, 1, 1 - py, 1 - px, h, w, 2, py, px, 2 * h, 2 * w};
+      run_conv(s, x, wpacked + (py * 2 + px) * phase_size, bias, nullptr, out);
+    }
 }
 
 }  // namespace rf

@@ -19,4 +19,11 @@ void conv2d_bf16_cl(const uint16_t* x, int64_t batch, int64_t h, int64_t w, int6
                     int64_t kh, int64_t kw, int64_t n, int64_t stride, int64_t pad, int64_t ho, int64_t wo,
                     const float* bias, const uint16_t* res, uint16_t* out);
 
+// ConvTranspose2d(kernel 4, stride 2, padding 1): x (B, H, W, C) -> out (B, 2H, 2W, N), as four 2x2
+// convolutions, one per output phase (py, px). wpacked holds the four 2x2 kernels in the layout above,
+// phase py * 2 + px first index: kernel[n, c, dy, dx] = weight_t[c, n, 3 - py - 2 dy, 3 - px - 2 dx]
+// (weight_t is the ConvTranspose2d weight (C, N, 4, 4)).
+void conv_transpose2d_k4s2p1_bf16_cl(const uint16_t* x, int64_t batch, int64_t h, int64_t w, int64_t c,
+                                     const uint16_t* wpacked, int64_t n, const float* bias, uint16_t* out);
+
 }  // namespace rf

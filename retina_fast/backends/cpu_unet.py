@@ -33,6 +33,7 @@ from retina_fast.models.attention import Attention, LinearAttention, PreNormResi
 from retina_fast.models.unet import ResnetBlock, UNet2D, pad_to_multiple
 
 __all__ = ["FusedCPUUNet", "gn_silu_cl", "channel_norm_cl", "attention_cl", "conv2d_bf16_cl", "pack_conv_weight_bf16",
+           "conv_transpose2d_k4s2p1_bf16_cl", "pack_conv_transpose_k4s2p1_bf16",
            "mkldnn_usable", "direct_bf16_conv_usable"]
 
 
@@ -55,6 +56,44 @@ def pack_conv_weight_bf16(weight: torch.Tensor) -> torch.Tensor:
     taps = weight.detach().float().permute(2, 3, 1, 0).reshape(kh * kw, c // 2, 2, n)   # [t, c2, j, n]
     packed[:, :, :n, :] = taps.permute(0, 1, 3, 2).to(torch.bfloat16)
     return packed.contiguous()
+
+
+def pack_conv_transpose_k4s2p1_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """ConvTranspose2d(4, stride 2, padding 1) weight (C, N, 4, 4) -> four packed 2x2 kernels, one per output
+    phase (py, px): kernel[n, c, dy, dx] = weight[c, n, 3 - py - 2 dy, 3 - px - 2 dx] (see conv_bf16_cpu.h)."""
+    c, n, kh, kw = weight.shape
+    if (kh, kw) != (4, 4):
+        raise ValueError(f"expected a 4x4 transposed-conv weight, got {kh}x{kw}")
+    w = weight.detach().float()
+    phases = []
+    for py in (0, 1):
+        for px in (0, 1):
+            rows = [3 - py - 2 * dy for dy in (0, 1)]
+            cols = [3 - px - 2 * dx for dx in (0, 1)]
+            sub = w[:, :, rows][:, :, :, cols].permute(1, 0, 2, 3)          # (N, C, 2, 2)
+            phases.append(pack_conv_weight_bf16(sub))
+    return torch.stack(phases).contiguous()
+
+
+def conv_transpose2d_k4s2p1_bf16_cl(x: torch.Tensor, packed: torch.Tensor, n: int,
+                                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.conv_transpose2d(x, w, bias, stride=2, padding=1)`` (4x4 kernel) for channels-last bf16 x with
+    ``packed = pack_conv_transpose_k4s2p1_bf16(w)``."""
+    _check_cl(x)
+    b, c, h, w = x.shape
+    if x.dtype != torch.bfloat16 or packed.shape != (4, 4, c // 2, -(-n // 32) * 32, 2) or c % 2:
+        raise ValueError(f"packed weight {tuple(packed.shape)} does not fit bf16 input with {c} channels, {n} outputs")
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be float32 ({n},)")
+    return _convt_raw(x, packed.contiguous(), n, bias)
+
+
+def _convt_raw(x, packed, n, bias) -> torch.Tensor:
+    b, c, h, w = x.shape
+    out = torch.empty((b, n, 2 * h, 2 * w), dtype=torch.bfloat16, memory_format=torch.channels_last)
+    _ext.require().conv_transpose2d_k4s2p1_bf16_cl(x.data_ptr(), b, h, w, c, packed.data_ptr(), n,
+                                                   bias.data_ptr() if bias is not None else 0, out.data_ptr())
+    return out
 
 
 def conv2d_bf16_cl(x: torch.Tensor, packed: torch.Tensor, n: int, kernel: tuple[int, int], stride: int, pad: int,
@@ -187,14 +226,21 @@ class _Conv:
         self.packed = mkldnn_usable()
         self._by_shape: dict[tuple[int, ...], torch.Tensor] = {}
         # bf16 on an AVX512-BF16 CPU: the C++ direct convolution (no per-call oneDNN cost) for square
-        # stride/padding convs with an even input channel count >= 16; transposed convs and few-channel
-        # inputs (the 7x7 init conv on 8 latent channels: 188 us direct vs 123 us oneDNN) stay on oneDNN.
-        self.direct = None
+        # stride/padding convs with an even input channel count >= 16, and for the U-Net's 4x4 stride-2
+        # transposed convs (as four 2x2 phase convs); few-channel inputs (the 7x7 init conv on 8 latent
+        # channels: 188 us direct vs 123 us oneDNN) and everything in fp32 stay on oneDNN.
+        self.direct = self.direct_t = None
+        fbias = conv.bias.detach().float().contiguous() if conv.bias is not None else None
         square = len(set(self.stride)) == 1 and len(set(self.padding)) == 1 and self.dilation == [1, 1]
-        if (dtype == torch.bfloat16 and not self.transposed and self.groups == 1 and square
-                and w.shape[1] % 2 == 0 and w.shape[1] >= 16 and direct_bf16_conv_usable()):
-            self.direct = (pack_conv_weight_bf16(w), w.shape[0], int(w.shape[2]), int(w.shape[3]), self.stride[0],
-                           self.padding[0], conv.bias.detach().float().contiguous() if conv.bias is not None else None)
+        c_in = w.shape[0] if self.transposed else w.shape[1]
+        if (dtype == torch.bfloat16 and self.groups == 1 and square and c_in % 2 == 0 and c_in >= 16
+                and direct_bf16_conv_usable()):
+            if not self.transposed:
+                self.direct = (pack_conv_weight_bf16(w), w.shape[0], int(w.shape[2]), int(w.shape[3]),
+                               self.stride[0], self.padding[0], fbias)
+            elif tuple(w.shape[2:]) == (4, 4) and self.stride == [2, 2] and self.padding == [1, 1] \
+                    and self.output_padding == [0, 0]:
+                self.direct_t = (pack_conv_transpose_k4s2p1_bf16(w), w.shape[1], fbias)
 
     def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
         key = tuple(x.shape)
@@ -215,6 +261,10 @@ class _Conv:
         if self.direct is not None:
             packed, n, kh, kw, stride, pad, bias = self.direct
             return _conv_raw(x, packed, n, kh, kw, stride, pad, bias, add)
+        if self.direct_t is not None:
+            packed, n, bias = self.direct_t
+            y = _convt_raw(x, packed, n, bias)
+            return y if add is None else y + add
         if not self.packed:
             conv = F.conv_transpose2d if self.transposed else F.conv2d
             y = conv(x, self.weight, self.bias, stride=self.stride, padding=self.padding, dilation=self.dilation,
