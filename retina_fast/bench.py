@@ -78,14 +78,32 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat
            "fp16": torch.float16, "float16": torch.float16}
 
 
+def plain_bf16_pipeline(pipe):
+    """``pipe`` with its U-Net and decoder run as plain eager PyTorch modules in bf16 (``backend="torch"``):
+    what PyTorch itself gives at bf16, against which a bf16 backend's error is judged."""
+    import copy
+
+    from retina_fast.engine import Pipeline
+
+    loaded = copy.copy(pipe.loaded)
+    loaded.unet = copy.deepcopy(pipe.loaded.unet).to(torch.bfloat16)
+    loaded.vqgan = copy.deepcopy(pipe.loaded.vqgan).to(torch.bfloat16)
+    plain = Pipeline(loaded, f"{pipe.source} (eager bf16)")
+    runner = plain.runner("torch", "cpu", torch.float32)
+    runner.denoise = lambda x, t: loaded.unet(x.to(torch.bfloat16), t).float()
+    runner.decode_indices = lambda idx: loaded.vqgan.decode_indices(idx).float()
+    return plain
+
+
 def sampling_speedups(model: str = "default", n: int = 8, steps: int = 50, sampler: str = "ddim",
                       backends: tuple[str, ...] = ("cpu",), dtype: torch.dtype | None = None, repeats: int = 3,
                       reference: Callable[..., torch.Tensor] | None = None) -> dict:
     """Time ``reference`` (default: the engine's ``torch`` backend) against each backend, same arguments.
 
     A backend may be written ``name:dtype`` (``cpu:bf16``, ``cpu:fp32``) to pin its dtype; otherwise ``dtype``
-    (None: the backend's default) is used. Also reports each contender's relative L2 error against the
-    reference output."""
+    (None: the backend's default) is used. ``plain-bf16`` is the reference loop with the U-Net and decoder in
+    eager bf16 (:func:`plain_bf16_pipeline`): the yardstick for a reduced-precision backend's error. Also
+    reports each contender's relative L2 error against the reference output."""
     from retina_fast import engine
 
     pipe = engine.load(model)
@@ -94,6 +112,10 @@ def sampling_speedups(model: str = "default", n: int = 8, steps: int = 50, sampl
             return pipe.sample(n, steps, seed=seed, sampler=sampler, backend="torch")
     contenders = {"reference": lambda: reference(n, steps, seed=0, sampler=sampler)}
     for spec in backends:
+        if spec == "plain-bf16":
+            plain = plain_bf16_pipeline(pipe)
+            contenders[spec] = (lambda plain=plain: plain.sample(n, steps, seed=0, sampler=sampler, backend="torch"))
+            continue
         name, _, dt = spec.partition(":")
         pinned = _DTYPES[dt] if dt else dtype
         contenders[spec] = (lambda name=name, pinned=pinned: pipe.sample(n, steps, seed=0, sampler=sampler,

@@ -5,8 +5,6 @@ model's equivalence with training.reference_sample is tested in tests/test_refer
 """
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -41,15 +39,13 @@ def test_cpu_fp32_is_a_drop_in_replacement(pipe, sampler, eta):
 @needs_ext
 def test_cpu_bf16_error_is_that_of_plain_pytorch_bf16(pipe):
     """Tolerance rule: err(engine bf16, fp32 ref) <= 2 err(eager PyTorch bf16, fp32 ref) + 1e-3."""
-    ref = pipe.sample(4, 10, seed=1, backend="torch", return_latents=True)[1]
-    fast = pipe.sample(4, 10, seed=1, backend="cpu", dtype=torch.bfloat16, return_latents=True)[1]
-    loaded = copy.copy(pipe.loaded)
-    loaded.unet = copy.deepcopy(pipe.loaded.unet).to(torch.bfloat16)
-    eager_bf16 = Pipeline(loaded, "bf16-eager")
-    runner = eager_bf16.runner("torch", "cpu", torch.float32)
-    runner.denoise = lambda x, t: loaded.unet(x.to(torch.bfloat16), t).float()  # plain PyTorch at bf16
-    plain = eager_bf16.sample(4, 10, seed=1, backend="torch", return_latents=True)[1]
+    from retina_fast.bench import plain_bf16_pipeline
+
+    ref_cube, ref = pipe.sample(4, 10, seed=1, backend="torch", return_latents=True)
+    cube, fast = pipe.sample(4, 10, seed=1, backend="cpu", dtype=torch.bfloat16, return_latents=True)
+    plain_cube, plain = plain_bf16_pipeline(pipe).sample(4, 10, seed=1, backend="torch", return_latents=True)
     assert relerr(fast, ref) <= 2 * relerr(plain, ref) + 1e-3
+    assert relerr(cube, ref_cube) <= 2 * relerr(plain_cube, ref_cube) + 1e-3
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_ext)])

@@ -11,7 +11,7 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpmpp_2m"])
     p.add_argument("--backends", default="cpu",
-                   help="comma-separated, e.g. cpu,cuda; name:dtype pins a dtype (cpu:fp32,cpu:bf16)")
+                   help="comma-separated, e.g. cpu,cuda; name:dtype pins a dtype (cpu:fp32,cpu:bf16); plain-bf16 = eager PyTorch at bf16")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None, help="also write the result as JSON here")
