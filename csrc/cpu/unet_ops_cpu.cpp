@@ -306,6 +306,25 @@ RF_CLONES void cn_rows(const uint16_t* x, int64_t rows, int64_t c, float eps, ui
 // ---- attention, one (image, head) --------------------------------------------------------------------
 // buf holds 3 * pixels * dim + dim * dim + 4 * dim floats (linear) or pixels * (2 * dim + 1) (softmax).
 
+// acc[e] = sum_i softmax(logits)_i rows[i * dim + e] for i < n (logits is overwritten with exp(logits - max)).
+RF_INLINE void softmax_mix(float* logits, int64_t n, const float* rows, int64_t dim, float* acc) {
+  float m = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, logits[i]);
+  float s = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    logits[i] = fexp(logits[i] - m);
+    s += logits[i];
+  }
+  const float inv = 1.0f / s;
+  for (int64_t e = 0; e < dim; ++e) acc[e] = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float w = logits[i] * inv;
+    const float* r = rows + i * dim;
+#pragma omp simd
+    for (int64_t e = 0; e < dim; ++e) acc[e] += w * r[e];
+  }
+}
+
 template <typename T>
 RF_INLINE void lin_item_impl(const T* qkv, int64_t pixels, int64_t heads, int64_t dim, int64_t h, T* out,
                              float* buf) {
@@ -364,25 +383,8 @@ RF_INLINE void lin_item_impl(const T* qkv, int64_t pixels, int64_t heads, int64_
   float* acc = q + dim;    // (d,)
   for (int64_t p = 0; p < pixels; ++p) {
     const T* qr = qb + p * stride;
-    float m = -INFINITY;
-    for (int64_t j = 0; j < dim; ++j) {
-      q[j] = ld(qr[j]);
-      m = std::max(m, q[j]);
-    }
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < dim; ++j) {
-      q[j] = fexp(q[j] - m);
-      s += q[j];
-    }
-    const float inv = 1.0f / s;
-    for (int64_t e = 0; e < dim; ++e) acc[e] = 0.0f;
-    for (int64_t j = 0; j < dim; ++j) {
-      const float qj = q[j] * inv;
-      const float* cr = ctx + j * dim;
-#pragma omp simd
-      for (int64_t e = 0; e < dim; ++e) acc[e] += qj * cr[e];
-    }
+    for (int64_t j = 0; j < dim; ++j) q[j] = ld(qr[j]);
+    softmax_mix(q, dim, ctx, dim, acc);
     T* o = out + p * hidden + h * dim;
 #pragma omp simd
     for (int64_t e = 0; e < dim; ++e) st(o + e, acc[e]);
@@ -483,23 +485,6 @@ RF_INLINE void lin_item_vec(const T* qkv, int64_t pixels, int64_t heads, int64_t
 }
 
 template <typename T>
-RF_INLINE void lin_item_any(const T* qkv, int64_t p, int64_t hs, int64_t d, int64_t h, T* o, float* buf) {
-  switch (d) {
-    case 16: return lin_item_vec<1>(qkv, p, hs, h, o, buf);
-    case 32: return lin_item_vec<2>(qkv, p, hs, h, o, buf);
-    case 64: return lin_item_vec<4>(qkv, p, hs, h, o, buf);
-    default: return lin_item_impl(qkv, p, hs, d, h, o, buf);
-  }
-}
-
-RF_CLONES void lin_item(const float* qkv, int64_t p, int64_t hs, int64_t d, int64_t h, float* o, float* buf) {
-  lin_item_any(qkv, p, hs, d, h, o, buf);
-}
-RF_CLONES void lin_item(const uint16_t* qkv, int64_t p, int64_t hs, int64_t d, int64_t h, uint16_t* o, float* buf) {
-  lin_item_any(qkv, p, hs, d, h, o, buf);
-}
-
-template <typename T>
 RF_INLINE void sm_item_impl(const T* qkv, int64_t pixels, int64_t heads, int64_t dim, int64_t h, T* out,
                             float* buf) {
   const int64_t hidden = heads * dim, stride = 3 * hidden;
@@ -519,28 +504,14 @@ RF_INLINE void sm_item_impl(const T* qkv, int64_t pixels, int64_t heads, int64_t
   const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
   for (int64_t p = 0; p < pixels; ++p) {
     const T* qr = qkv + p * stride + h * dim;
-    float m = -INFINITY;
     for (int64_t p2 = 0; p2 < pixels; ++p2) {
       const float* kr = kk + p2 * dim;
       float s = 0.0f;
 #pragma omp simd reduction(+ : s)
       for (int64_t j = 0; j < dim; ++j) s += ld(qr[j]) * scale * kr[j];
       sc[p2] = s;
-      m = std::max(m, s);
     }
-    float tot = 0.0f;
-    for (int64_t p2 = 0; p2 < pixels; ++p2) {
-      sc[p2] = fexp(sc[p2] - m);
-      tot += sc[p2];
-    }
-    const float inv = 1.0f / tot;
-    for (int64_t e = 0; e < dim; ++e) acc[e] = 0.0f;
-    for (int64_t p2 = 0; p2 < pixels; ++p2) {
-      const float w = sc[p2] * inv;
-      const float* vr = vv + p2 * dim;
-#pragma omp simd
-      for (int64_t e = 0; e < dim; ++e) acc[e] += w * vr[e];
-    }
+    softmax_mix(sc, pixels, vv, dim, acc);
     T* o = out + p * hidden + h * dim;
 #pragma omp simd
     for (int64_t e = 0; e < dim; ++e) st(o + e, acc[e]);
@@ -587,21 +558,24 @@ RF_INLINE void sm_item_vec(const T* qkv, int64_t pixels, int64_t heads, int64_t 
   }
 }
 
+// One (image, head) of either attention, on the vector path when the head dim is 16, 32 or 64.
 template <typename T>
-RF_INLINE void sm_item_any(const T* qkv, int64_t p, int64_t hs, int64_t d, int64_t h, T* o, float* buf) {
+RF_INLINE void attn_item_any(bool linear, const T* qkv, int64_t p, int64_t hs, int64_t d, int64_t h, T* o, float* buf) {
   switch (d) {
-    case 16: return sm_item_vec<1>(qkv, p, hs, h, o, buf);
-    case 32: return sm_item_vec<2>(qkv, p, hs, h, o, buf);
-    case 64: return sm_item_vec<4>(qkv, p, hs, h, o, buf);
-    default: return sm_item_impl(qkv, p, hs, d, h, o, buf);
+    case 16: return linear ? lin_item_vec<1>(qkv, p, hs, h, o, buf) : sm_item_vec<1>(qkv, p, hs, h, o, buf);
+    case 32: return linear ? lin_item_vec<2>(qkv, p, hs, h, o, buf) : sm_item_vec<2>(qkv, p, hs, h, o, buf);
+    case 64: return linear ? lin_item_vec<4>(qkv, p, hs, h, o, buf) : sm_item_vec<4>(qkv, p, hs, h, o, buf);
+    default: return linear ? lin_item_impl(qkv, p, hs, d, h, o, buf) : sm_item_impl(qkv, p, hs, d, h, o, buf);
   }
 }
 
-RF_CLONES void sm_item(const float* qkv, int64_t p, int64_t hs, int64_t d, int64_t h, float* o, float* buf) {
-  sm_item_any(qkv, p, hs, d, h, o, buf);
+RF_CLONES void attn_item(bool linear, const float* qkv, int64_t p, int64_t hs, int64_t d, int64_t h, float* o,
+                         float* buf) {
+  attn_item_any(linear, qkv, p, hs, d, h, o, buf);
 }
-RF_CLONES void sm_item(const uint16_t* qkv, int64_t p, int64_t hs, int64_t d, int64_t h, uint16_t* o, float* buf) {
-  sm_item_any(qkv, p, hs, d, h, o, buf);
+RF_CLONES void attn_item(bool linear, const uint16_t* qkv, int64_t p, int64_t hs, int64_t d, int64_t h, uint16_t* o,
+                         float* buf) {
+  attn_item_any(linear, qkv, p, hs, d, h, o, buf);
 }
 
 }  // namespace
@@ -634,11 +608,11 @@ void channel_norm_cl(const T* x, int64_t rows, int64_t channels, float eps, T* o
 }
 
 template <typename T>
-void linear_attn_cl(const T* qkv, int64_t batch, int64_t pixels, int64_t heads, int64_t dim, T* out) {
+void attention_cl(bool linear, const T* qkv, int64_t batch, int64_t pixels, int64_t heads, int64_t dim, T* out) {
   const int64_t items = batch * heads;
   if constexpr (std::is_same_v<T, uint16_t>) {
     static const bool bf16_dot = conv_bf16_supported();
-    if (bf16_dot && dim == 32) {  // bf16 contractions with vdpbf16ps (attn_bf16_cpu.cpp)
+    if (linear && bf16_dot && dim == 32) {  // bf16 contractions with vdpbf16ps (attn_bf16_cpu.cpp)
 #pragma omp parallel
       {
         std::vector<uint8_t> scratch(static_cast<size_t>(lin_attn_bf16_scratch_bytes(pixels)));
@@ -653,31 +627,28 @@ void linear_attn_cl(const T* qkv, int64_t batch, int64_t pixels, int64_t heads, 
       return;
     }
   }
+  // scratch: linear 3 P d + d d + 4 d floats, softmax 2 P d + P + d
+  const int64_t floats = linear ? 3 * pixels * dim + dim * dim + 4 * dim : 2 * pixels * dim + pixels + dim;
 #pragma omp parallel
   {
-    std::vector<float> buf(3 * pixels * dim + dim * dim + 4 * dim);
+    std::vector<float> buf(static_cast<size_t>(floats));
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < items; ++i) {
       const int64_t b = i / heads, h = i % heads;
-      lin_item(qkv + b * pixels * 3 * heads * dim, pixels, heads, dim, h, out + b * pixels * heads * dim,
-               buf.data());
+      attn_item(linear, qkv + b * pixels * 3 * heads * dim, pixels, heads, dim, h, out + b * pixels * heads * dim,
+                buf.data());
     }
   }
 }
 
 template <typename T>
+void linear_attn_cl(const T* qkv, int64_t batch, int64_t pixels, int64_t heads, int64_t dim, T* out) {
+  attention_cl(true, qkv, batch, pixels, heads, dim, out);
+}
+
+template <typename T>
 void softmax_attn_cl(const T* qkv, int64_t batch, int64_t pixels, int64_t heads, int64_t dim, T* out) {
-  const int64_t items = batch * heads;
-#pragma omp parallel
-  {
-    std::vector<float> buf(2 * pixels * dim + pixels + dim);
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < items; ++i) {
-      const int64_t b = i / heads, h = i % heads;
-      sm_item(qkv + b * pixels * 3 * heads * dim, pixels, heads, dim, h, out + b * pixels * heads * dim,
-              buf.data());
-    }
-  }
+  attention_cl(false, qkv, batch, pixels, heads, dim, out);
 }
 
 #define RF_INSTANTIATE(T)                                                                                    \
