@@ -117,6 +117,8 @@ def sampling_speedups(model: str = "default", n: int = 8, steps: int = 50, sampl
             contenders[spec] = (lambda plain=plain: plain.sample(n, steps, seed=0, sampler=sampler, backend="torch"))
             continue
         name, _, dt = spec.partition(":")
+        if dt and dt not in _DTYPES:
+            raise ValueError(f"backend spec {spec!r}: unknown dtype {dt!r}; use one of {', '.join(_DTYPES)}")
         pinned = _DTYPES[dt] if dt else dtype
         contenders[spec] = (lambda name=name, pinned=pinned: pipe.sample(n, steps, seed=0, sampler=sampler,
                                                                          backend=name, dtype=pinned))

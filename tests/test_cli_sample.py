@@ -138,3 +138,18 @@ def test_bench_command_times_backends_against_reference_sample(model_dir, tmp_pa
     assert set(rows) == {"reference", "cpu"}
     assert rows["reference"]["relative_l2_error"] == 0 and rows["cpu"]["relative_l2_error"] <= 1e-4
     assert all(len(r["runs"]) == 2 and r["median_s"] > 0 for r in rows.values())
+
+
+def test_bench_pins_dtypes_per_backend_and_times_plain_bf16(model_dir, tmp_path):
+    """``--backends cpu:fp32,cpu:bf16,plain-bf16``: one row each; the bf16 row's error is judged against the
+    plain-PyTorch-bf16 row, the fp32 row is a drop-in."""
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--model", str(model_dir), "--n", "2", "--steps", "3", "--backends",
+                     "cpu:fp32,cpu:bf16,plain-bf16", "--repeats", "1", "--json", str(out)]) == 0
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"reference", "cpu:fp32", "cpu:bf16", "plain-bf16"}
+    assert rows["cpu:fp32"]["relative_l2_error"] <= 1e-4
+    assert 0 < rows["plain-bf16"]["relative_l2_error"]
+    assert rows["cpu:bf16"]["relative_l2_error"] <= 2 * rows["plain-bf16"]["relative_l2_error"] + 1e-3
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        cli.main(["bench", "--model", str(model_dir), "--n", "1", "--steps", "2", "--backends", "cpu:fp8"])
