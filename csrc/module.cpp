@@ -192,6 +192,17 @@ void conv2d_bf16_cl(uintptr_t x, int64_t batch, int64_t h, int64_t w, int64_t c,
                      cptr<float>(bias), cptr<uint16_t>(res), reinterpret_cast<uint16_t*>(out));
 }
 
+void conv2d_rows_bf16_cl(uintptr_t xpad, int64_t batch, int64_t hp, int64_t wp, int64_t c, uintptr_t wpacked,
+                         int64_t kh, int64_t kw, int64_t n, uintptr_t bias, uintptr_t res, uintptr_t out) {
+  if (!rf::conv_bf16_supported()) throw std::runtime_error("conv2d_rows_bf16_cl: this CPU lacks AVX512-BF16");
+  if (batch < 0 || c <= 0 || kh <= 0 || kw <= 0 || (kw * c) % 2 || n <= 0 || hp < kh || wp < kw)
+    throw py::value_error("conv2d_rows_bf16_cl: bad shape (kw * channels must be even; input at least the kernel)");
+  if (!xpad || !wpacked || !out) throw py::value_error("conv2d_rows_bf16_cl: null pointer");
+  py::gil_scoped_release nogil;
+  rf::conv2d_rows_bf16_cl(cptr<uint16_t>(xpad), batch, hp, wp, c, cptr<uint16_t>(wpacked), kh, kw, n, cptr<float>(bias),
+                          cptr<uint16_t>(res), reinterpret_cast<uint16_t*>(out));
+}
+
 void conv_transpose2d_k4s2p1_bf16_cl(uintptr_t x, int64_t batch, int64_t h, int64_t w, int64_t c, uintptr_t wpacked,
                                      int64_t n, uintptr_t bias, uintptr_t out) {
   if (!rf::conv_bf16_supported()) throw std::runtime_error("conv_transpose2d_k4s2p1_bf16_cl: this CPU lacks AVX512-BF16");
@@ -249,6 +260,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("wpacked"), py::arg("kh"), py::arg("kw"), py::arg("n"), py::arg("stride"), py::arg("pad"),
         py::arg("ho"), py::arg("wo"), py::arg("bias"), py::arg("res"), py::arg("out"),
         "Direct channels-last bf16 convolution (AVX512-BF16) on data pointers; see csrc/cpu/conv_bf16_cpu.h.");
+  m.def("conv2d_rows_bf16_cl", &conv2d_rows_bf16_cl, py::arg("xpad"), py::arg("batch"), py::arg("hp"), py::arg("wp"),
+        py::arg("c"), py::arg("wpacked"), py::arg("kh"), py::arg("kw"), py::arg("n"), py::arg("bias"), py::arg("res"),
+        py::arg("out"), "Row form of a stride-1 few-channel bf16 conv on a padded channels-last input; data pointers.");
   m.def("conv_transpose2d_k4s2p1_bf16_cl", &conv_transpose2d_k4s2p1_bf16_cl, py::arg("x"), py::arg("batch"),
         py::arg("h"), py::arg("w"), py::arg("c"), py::arg("wpacked"), py::arg("n"), py::arg("bias"), py::arg("out"),
         "ConvTranspose2d(4, stride 2, padding 1) on channels-last bf16 as four direct 2x2 convs; data pointers.");

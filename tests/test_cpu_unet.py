@@ -220,3 +220,16 @@ def test_direct_bf16_transposed_conv_matches_conv_transpose2d(b, c, n, h, w, wit
     want = torch.nn.functional.conv_transpose2d(x.float(), weight.float(), bias, stride=2, padding=1)
     assert got.shape == want.shape == (b, n, 2 * h, 2 * w)
     torch.testing.assert_close(got.float(), want.to(torch.bfloat16).float(), rtol=8e-3, atol=8e-3)
+
+
+@needs_bf16_conv
+@pytest.mark.parametrize("b,c,n,h,w,k,pad", [(2, 8, 32, 16, 16, 7, 3), (1, 3, 40, 5, 9, 6, 2), (3, 4, 8, 7, 6, 5, 0),
+                                             (1, 2, 64, 3, 3, 3, 1)])
+def test_row_form_conv_matches_conv2d(b, c, n, h, w, k, pad):
+    x = cl(torch.randn(b, c, h, w), torch.bfloat16)
+    weight = (torch.randn(n, c, k, k) / (c * k * k) ** 0.5).to(torch.bfloat16)
+    bias = torch.randn(n)
+    got = cpu_unet.conv2d_rows_bf16_cl(x, cpu_unet.pack_conv_rows_bf16(weight), n, (k, k), pad, bias)
+    want = torch.nn.functional.conv2d(x.float(), weight.float(), bias, padding=pad)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got.float(), want.to(torch.bfloat16).float(), rtol=8e-3, atol=8e-3)

@@ -26,6 +26,9 @@ struct ConvShape {
   // (out_hfull, out_wfull) image: 1 / 0 / ho / wo for a plain convolution, 2 / parity / 2h / 2w for one
   // phase of a stride-2 transposed convolution
   int64_t out_step, out_h0, out_w0, out_hfull, out_wfull;
+  // input memory: pixel (b, hi, wi) starts at ((b * h + hi) * wmem + wi) * pstride; a plain convolution has
+  // wmem = w, pstride = c; the row form of a few-channel conv reads overlapping pixels (pstride < c)
+  int64_t wmem, pstride;
 };
 
 // One tile: kMR output pixels (rows m0 .. m0 + mr - 1) x 32 output channels from n0. src[t * kMR + i] points at
@@ -79,13 +82,13 @@ void tile_sources(const ConvShape& s, const uint16_t* x, const uint16_t* zeros, 
     dst[i] = (b * s.out_hfull + oh * s.out_step + s.out_h0) * s.out_wfull + ow * s.out_step + s.out_w0;
     const int64_t h0 = oh * s.stride - s.pad_h, w0 = ow * s.stride - s.pad_w;
     if (h0 >= 0 && w0 >= 0 && h0 + s.kh <= s.h && w0 + s.kw <= s.w) {
-      const uint16_t* base = x + ((b * s.h + h0) * s.w + w0) * s.c;
+      const uint16_t* base = x + ((b * s.h + h0) * s.wmem + w0) * s.pstride;
       for (int64_t t = 0; t < taps; ++t) src[t * kMR + i] = reinterpret_cast<const int32_t*>(base + tap_off[t]);
     } else {
       for (int64_t t = 0; t < taps; ++t) {
         const int64_t hi = h0 + t / s.kw, wi = w0 + t % s.kw;
         const bool inside = hi >= 0 && hi < s.h && wi >= 0 && wi < s.w;
-        src[t * kMR + i] = reinterpret_cast<const int32_t*>(inside ? x + ((b * s.h + hi) * s.w + wi) * s.c : zeros);
+        src[t * kMR + i] = reinterpret_cast<const int32_t*>(inside ? x + ((b * s.h + hi) * s.wmem + wi) * s.pstride : zeros);
       }
     }
     if (i + 1 < mr && ++ow == s.wo) {  // advance to the next pixel (a partial tile repeats its last one)
@@ -118,7 +121,7 @@ void run_conv(const ConvShape& s, const uint16_t* x, const uint16_t* wpacked, co
     std::vector<const int32_t*> src(static_cast<size_t>(taps * kMR));
     std::vector<int64_t> tap_off(static_cast<size_t>(taps));
     int64_t dst[kMR];
-    for (int64_t t = 0; t < taps; ++t) tap_off[t] = ((t / s.kw) * s.w + t % s.kw) * s.c;
+    for (int64_t t = 0; t < taps; ++t) tap_off[t] = ((t / s.kw) * s.wmem + t % s.kw) * s.pstride;
 #pragma omp for schedule(static)
     for (int64_t ti = 0; ti < tiles; ++ti) {
       const int64_t m0 = ti * kMR, mr = std::min<int64_t>(kMR, m - m0);
@@ -133,8 +136,17 @@ void run_conv(const ConvShape& s, const uint16_t* x, const uint16_t* wpacked, co
 void conv2d_bf16_cl(const uint16_t* x, int64_t batch, int64_t h, int64_t w, int64_t c, const uint16_t* wpacked,
                     int64_t kh, int64_t kw, int64_t n, int64_t stride, int64_t pad, int64_t ho, int64_t wo,
                     const float* bias, const uint16_t* res, uint16_t* out) {
-  const ConvShape s{batch, h, w, c, kh, kw, n, (n + 31) / 32 * 32, stride, pad, pad, ho, wo, 1, 0, 0, ho, wo};
+  const ConvShape s{batch, h, w, c, kh, kw, n, (n + 31) / 32 * 32, stride, pad, pad, ho, wo, 1, 0, 0, ho, wo, w, c};
   run_conv(s, x, wpacked, bias, res, out);
+}
+
+void conv2d_rows_bf16_cl(const uint16_t* xpad, int64_t batch, int64_t hp, int64_t wp, int64_t c,
+                         const uint16_t* wpacked, int64_t kh, int64_t kw, int64_t n, const float* bias,
+                         const uint16_t* res, uint16_t* out) {
+  // virtual pixel (hi, wi) = the kw * c contiguous values of pixels wi .. wi + kw - 1 of row hi
+  const int64_t ho = hp - kh + 1, wo = wp - kw + 1;
+  const ConvShape s{batch, hp, wo, kw * c, kh, 1, n, (n + 31) / 32 * 32, 1, 0, 0, ho, wo, 1, 0, 0, ho, wo, wp, c};
+  run_conv(s, xpad, wpacked, bias, res, out);
 }
 
 void conv_transpose2d_k4s2p1_bf16_cl(const uint16_t* x, int64_t batch, int64_t h, int64_t w, int64_t c,
@@ -144,7 +156,7 @@ void conv_transpose2d_k4s2p1_bf16_cl(const uint16_t* x, int64_t batch, int64_t h
   for (int64_t py = 0; py < 2; ++py)
     for (int64_t px = 0; px < 2; ++px) {
       // output row 2q + py reads input rows q - 1, q (py = 0) or q, q + 1 (py = 1): a 2x2 conv, top/left pad 1 - p
-      const ConvShape s{batch, h, w, c, 2, 2, n, np, 1, 1 - py, 1 - px, h, w, 2, py, px, 2 * h, 2 * w};
+      const ConvShape s{batch, h, w, c, 2, 2, n, np, 1, 1 - py, 1 - px, h, w, 2, py, px, 2 * h, 2 * w, w, c};
       run_conv(s, x, wpacked + (py * 2 + px) * phase_size, bias, nullptr, out);
     }
 }

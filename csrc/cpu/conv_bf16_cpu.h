@@ -19,6 +19,14 @@ void conv2d_bf16_cl(const uint16_t* x, int64_t batch, int64_t h, int64_t w, int6
                     int64_t kh, int64_t kw, int64_t n, int64_t stride, int64_t pad, int64_t ho, int64_t wo,
                     const float* bias, const uint16_t* res, uint16_t* out);
 
+// Row form of a stride-1 convolution for few input channels: xpad (B, Hp, Wp, C) is the already padded
+// input, and the kw taps of a kernel row are read as kw * C contiguous values (C * kw even), so the
+// reduction per tap is kw times longer. wpacked packs the (N, kw * C, kh, 1) kernel
+// w'[n, j * C + c, i, 0] = w[n, c, i, j]. out (B, Hp - kh + 1, Wp - kw + 1, N).
+void conv2d_rows_bf16_cl(const uint16_t* xpad, int64_t batch, int64_t hp, int64_t wp, int64_t c,
+                         const uint16_t* wpacked, int64_t kh, int64_t kw, int64_t n, const float* bias,
+                         const uint16_t* res, uint16_t* out);
+
 // ConvTranspose2d(kernel 4, stride 2, padding 1): x (B, H, W, C) -> out (B, 2H, 2W, N), as four 2x2
 // convolutions, one per output phase (py, px). wpacked holds the four 2x2 kernels in the layout above,
 // phase py * 2 + px first index: kernel[n, c, dy, dx] = weight_t[c, n, 3 - py - 2 dy, 3 - px - 2 dx]
