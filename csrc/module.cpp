@@ -7,7 +7,9 @@
 #include <pybind11/pybind11.h>
 #include <omp.h>
 
+#include <functional>
 #include <stdexcept>
+#include <vector>
 #include <string>
 
 #include "cpu/philox_cpu.h"
@@ -128,90 +130,127 @@ void sampler_step(py::array x, py::array eps, py::object x0_prev, py::object key
 }
 
 // ---- fused channels-last U-Net ops ------------------------------------------------------------------
-// Hot path (called ~40 times per U-Net step): tensors arrive as raw data pointers, like the CUDA entry
-// points. The Python wrappers in retina_fast/backends/cpu_unet.py check device, dtype, channels-last
-// contiguity and shapes before calling; here only the scalar arguments are checked.
+// Hot path (~100 calls per U-Net step): tensors arrive as raw data pointers, like the CUDA entry points.
+// The Python wrappers in retina_fast/backends/cpu_unet.py check device, dtype, channels-last contiguity
+// and shapes before calling; here only the scalar arguments are checked.
+//
+// Every op takes an optional `graph` (an OpGraph): instead of running, the op is appended to it, and
+// OpGraph.run() later replays the whole sequence in one call without the GIL -- the CPU counterpart of a
+// CUDA graph: pointers and shapes are fixed at capture, so the caller must keep the buffers alive and
+// refill the inputs in place.
 
 template <typename T>
 const T* cptr(uintptr_t p) { return reinterpret_cast<const T*>(p); }
 
+struct OpGraph {
+  std::vector<std::function<void()>> ops;
+  void run() {
+    py::gil_scoped_release nogil;
+    for (const auto& op : ops) op();
+  }
+};
+
+void submit(const py::object& graph, std::function<void()> op) {
+  if (graph.is_none()) {
+    py::gil_scoped_release nogil;
+    op();
+  } else {
+    graph.cast<OpGraph&>().ops.push_back(std::move(op));
+  }
+}
+
 void gn_silu_cl(uintptr_t x, uintptr_t out, uintptr_t residual, int64_t batch, int64_t pixels, int64_t channels,
                 int64_t groups, uintptr_t weight, uintptr_t bias, uintptr_t scale, uintptr_t shift,
-                int64_t film_stride, bool act, float eps, bool bf16) {
+                int64_t film_stride, bool act, float eps, bool bf16, py::object graph) {
   if (batch < 0 || pixels < 0 || channels <= 0 || groups <= 0 || channels % groups != 0)
     throw py::value_error("gn_silu_cl: groups must divide channels > 0");
   if (!x || !out || !weight || !bias) throw py::value_error("gn_silu_cl: null pointer");
   if ((scale || shift) && film_stride < channels) throw py::value_error("gn_silu_cl: film_stride < channels");
-  py::gil_scoped_release nogil;
   const float *w = cptr<float>(weight), *b = cptr<float>(bias), *sc = cptr<float>(scale), *sh = cptr<float>(shift);
-  if (bf16)
-    rf::gn_silu_cl(cptr<uint16_t>(x), batch, pixels, channels, groups, w, b, sc, sh, film_stride,
-                   cptr<uint16_t>(residual), act, eps, reinterpret_cast<uint16_t*>(out));
-  else
-    rf::gn_silu_cl(cptr<float>(x), batch, pixels, channels, groups, w, b, sc, sh, film_stride, cptr<float>(residual),
-                   act, eps, reinterpret_cast<float*>(out));
+  submit(graph, [=] {
+    if (bf16)
+      rf::gn_silu_cl(cptr<uint16_t>(x), batch, pixels, channels, groups, w, b, sc, sh, film_stride,
+                     cptr<uint16_t>(residual), act, eps, reinterpret_cast<uint16_t*>(out));
+    else
+      rf::gn_silu_cl(cptr<float>(x), batch, pixels, channels, groups, w, b, sc, sh, film_stride,
+                     cptr<float>(residual), act, eps, reinterpret_cast<float*>(out));
+  });
 }
 
-void channel_norm_cl(uintptr_t x, uintptr_t out, int64_t rows, int64_t channels, float eps, bool bf16) {
+void channel_norm_cl(uintptr_t x, uintptr_t out, int64_t rows, int64_t channels, float eps, bool bf16,
+                     py::object graph) {
   if (rows < 0 || channels <= 0) throw py::value_error("channel_norm_cl: bad shape");
   if (!x || !out) throw py::value_error("channel_norm_cl: null pointer");
-  py::gil_scoped_release nogil;
-  if (bf16)
-    rf::channel_norm_cl(cptr<uint16_t>(x), rows, channels, eps, reinterpret_cast<uint16_t*>(out));
-  else
-    rf::channel_norm_cl(cptr<float>(x), rows, channels, eps, reinterpret_cast<float*>(out));
+  submit(graph, [=] {
+    if (bf16)
+      rf::channel_norm_cl(cptr<uint16_t>(x), rows, channels, eps, reinterpret_cast<uint16_t*>(out));
+    else
+      rf::channel_norm_cl(cptr<float>(x), rows, channels, eps, reinterpret_cast<float*>(out));
+  });
 }
 
 void attention_cl(uintptr_t qkv, uintptr_t out, int64_t batch, int64_t pixels, int64_t heads, int64_t dim,
-                  bool linear, bool bf16) {
+                  bool linear, bool bf16, py::object graph) {
   if (batch < 0 || pixels <= 0 || heads <= 0 || dim <= 0) throw py::value_error("attention_cl: bad shape");
   if (!qkv || !out) throw py::value_error("attention_cl: null pointer");
-  py::gil_scoped_release nogil;
-  if (bf16) {
-    const auto* q = cptr<uint16_t>(qkv);
-    auto* o = reinterpret_cast<uint16_t*>(out);
-    linear ? rf::linear_attn_cl(q, batch, pixels, heads, dim, o) : rf::softmax_attn_cl(q, batch, pixels, heads, dim, o);
-  } else {
-    const auto* q = cptr<float>(qkv);
-    auto* o = reinterpret_cast<float*>(out);
-    linear ? rf::linear_attn_cl(q, batch, pixels, heads, dim, o) : rf::softmax_attn_cl(q, batch, pixels, heads, dim, o);
-  }
+  submit(graph, [=] {
+    if (bf16) {
+      const auto* q = cptr<uint16_t>(qkv);
+      auto* o = reinterpret_cast<uint16_t*>(out);
+      linear ? rf::linear_attn_cl(q, batch, pixels, heads, dim, o) : rf::softmax_attn_cl(q, batch, pixels, heads, dim, o);
+    } else {
+      const auto* q = cptr<float>(qkv);
+      auto* o = reinterpret_cast<float*>(out);
+      linear ? rf::linear_attn_cl(q, batch, pixels, heads, dim, o) : rf::softmax_attn_cl(q, batch, pixels, heads, dim, o);
+    }
+  });
+}
+
+void concat_channels_cl(uintptr_t a, uintptr_t b, uintptr_t out, int64_t rows, int64_t bytes_a, int64_t bytes_b,
+                        py::object graph) {
+  if (rows < 0 || bytes_a <= 0 || bytes_b <= 0) throw py::value_error("concat_channels_cl: bad shape");
+  if (!a || !b || !out) throw py::value_error("concat_channels_cl: null pointer");
+  submit(graph, [=] { rf::concat_rows(cptr<uint8_t>(a), cptr<uint8_t>(b), reinterpret_cast<uint8_t*>(out), rows, bytes_a, bytes_b); });
 }
 
 void conv2d_bf16_cl(uintptr_t x, int64_t batch, int64_t h, int64_t w, int64_t c, uintptr_t wpacked, int64_t kh,
                     int64_t kw, int64_t n, int64_t stride, int64_t pad, int64_t ho, int64_t wo, uintptr_t bias,
-                    uintptr_t res, uintptr_t out) {
+                    uintptr_t res, uintptr_t out, py::object graph) {
   if (!rf::conv_bf16_supported()) throw std::runtime_error("conv2d_bf16_cl: this CPU lacks AVX512-BF16");
   if (batch < 0 || h <= 0 || w <= 0 || c <= 0 || c % 2 || kh <= 0 || kw <= 0 || n <= 0 || stride <= 0 || pad < 0)
     throw py::value_error("conv2d_bf16_cl: bad shape (channels must be even and positive)");
   if (ho != (h + 2 * pad - kh) / stride + 1 || wo != (w + 2 * pad - kw) / stride + 1 || ho <= 0 || wo <= 0)
     throw py::value_error("conv2d_bf16_cl: output size does not match input, kernel, stride and padding");
   if (!x || !wpacked || !out) throw py::value_error("conv2d_bf16_cl: null pointer");
-  py::gil_scoped_release nogil;
-  rf::conv2d_bf16_cl(cptr<uint16_t>(x), batch, h, w, c, cptr<uint16_t>(wpacked), kh, kw, n, stride, pad, ho, wo,
-                     cptr<float>(bias), cptr<uint16_t>(res), reinterpret_cast<uint16_t*>(out));
+  submit(graph, [=] {
+    rf::conv2d_bf16_cl(cptr<uint16_t>(x), batch, h, w, c, cptr<uint16_t>(wpacked), kh, kw, n, stride, pad, ho, wo,
+                       cptr<float>(bias), cptr<uint16_t>(res), reinterpret_cast<uint16_t*>(out));
+  });
 }
 
 void conv2d_rows_bf16_cl(uintptr_t xpad, int64_t batch, int64_t hp, int64_t wp, int64_t c, uintptr_t wpacked,
-                         int64_t kh, int64_t kw, int64_t n, uintptr_t bias, uintptr_t res, uintptr_t out) {
+                         int64_t kh, int64_t kw, int64_t n, uintptr_t bias, uintptr_t res, uintptr_t out,
+                         py::object graph) {
   if (!rf::conv_bf16_supported()) throw std::runtime_error("conv2d_rows_bf16_cl: this CPU lacks AVX512-BF16");
   if (batch < 0 || c <= 0 || kh <= 0 || kw <= 0 || (kw * c) % 2 || n <= 0 || hp < kh || wp < kw)
     throw py::value_error("conv2d_rows_bf16_cl: bad shape (kw * channels must be even; input at least the kernel)");
   if (!xpad || !wpacked || !out) throw py::value_error("conv2d_rows_bf16_cl: null pointer");
-  py::gil_scoped_release nogil;
-  rf::conv2d_rows_bf16_cl(cptr<uint16_t>(xpad), batch, hp, wp, c, cptr<uint16_t>(wpacked), kh, kw, n, cptr<float>(bias),
-                          cptr<uint16_t>(res), reinterpret_cast<uint16_t*>(out));
+  submit(graph, [=] {
+    rf::conv2d_rows_bf16_cl(cptr<uint16_t>(xpad), batch, hp, wp, c, cptr<uint16_t>(wpacked), kh, kw, n,
+                            cptr<float>(bias), cptr<uint16_t>(res), reinterpret_cast<uint16_t*>(out));
+  });
 }
 
 void conv_transpose2d_k4s2p1_bf16_cl(uintptr_t x, int64_t batch, int64_t h, int64_t w, int64_t c, uintptr_t wpacked,
-                                     int64_t n, uintptr_t bias, uintptr_t out) {
+                                     int64_t n, uintptr_t bias, uintptr_t out, py::object graph) {
   if (!rf::conv_bf16_supported()) throw std::runtime_error("conv_transpose2d_k4s2p1_bf16_cl: this CPU lacks AVX512-BF16");
   if (batch < 0 || h <= 0 || w <= 0 || c <= 0 || c % 2 || n <= 0)
     throw py::value_error("conv_transpose2d_k4s2p1_bf16_cl: bad shape (channels must be even and positive)");
   if (!x || !wpacked || !out) throw py::value_error("conv_transpose2d_k4s2p1_bf16_cl: null pointer");
-  py::gil_scoped_release nogil;
-  rf::conv_transpose2d_k4s2p1_bf16_cl(cptr<uint16_t>(x), batch, h, w, c, cptr<uint16_t>(wpacked), n, cptr<float>(bias),
-                                      reinterpret_cast<uint16_t*>(out));
+  submit(graph, [=] {
+    rf::conv_transpose2d_k4s2p1_bf16_cl(cptr<uint16_t>(x), batch, h, w, c, cptr<uint16_t>(wpacked), n,
+                                        cptr<float>(bias), reinterpret_cast<uint16_t*>(out));
+  });
 }
 
 py::dict build_info() {
@@ -253,23 +292,31 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info);
   m.def("gn_silu_cl", &gn_silu_cl, py::arg("x"), py::arg("out"), py::arg("residual"), py::arg("batch"),
         py::arg("pixels"), py::arg("channels"), py::arg("groups"), py::arg("weight"), py::arg("bias"),
-        py::arg("scale"), py::arg("shift"), py::arg("film_stride"), py::arg("act"), py::arg("eps"), py::arg("bf16"),
+        py::arg("scale"), py::arg("shift"), py::arg("film_stride"), py::arg("act"), py::arg("eps"), py::arg("bf16"), py::arg("graph") = py::none(),
         "Channels-last GroupNorm -> x (1 + scale) + shift -> SiLU [+ residual] on data pointers (B, P, C).");
   m.def("conv_bf16_supported", &rf::conv_bf16_supported, "Whether this CPU can run conv2d_bf16_cl.");
   m.def("conv2d_bf16_cl", &conv2d_bf16_cl, py::arg("x"), py::arg("batch"), py::arg("h"), py::arg("w"), py::arg("c"),
         py::arg("wpacked"), py::arg("kh"), py::arg("kw"), py::arg("n"), py::arg("stride"), py::arg("pad"),
-        py::arg("ho"), py::arg("wo"), py::arg("bias"), py::arg("res"), py::arg("out"),
+        py::arg("ho"), py::arg("wo"), py::arg("bias"), py::arg("res"), py::arg("out"), py::arg("graph") = py::none(),
         "Direct channels-last bf16 convolution (AVX512-BF16) on data pointers; see csrc/cpu/conv_bf16_cpu.h.");
   m.def("conv2d_rows_bf16_cl", &conv2d_rows_bf16_cl, py::arg("xpad"), py::arg("batch"), py::arg("hp"), py::arg("wp"),
         py::arg("c"), py::arg("wpacked"), py::arg("kh"), py::arg("kw"), py::arg("n"), py::arg("bias"), py::arg("res"),
-        py::arg("out"), "Row form of a stride-1 few-channel bf16 conv on a padded channels-last input; data pointers.");
+        py::arg("out"), py::arg("graph") = py::none(), "Row form of a stride-1 few-channel bf16 conv on a padded channels-last input; data pointers.");
   m.def("conv_transpose2d_k4s2p1_bf16_cl", &conv_transpose2d_k4s2p1_bf16_cl, py::arg("x"), py::arg("batch"),
         py::arg("h"), py::arg("w"), py::arg("c"), py::arg("wpacked"), py::arg("n"), py::arg("bias"), py::arg("out"),
+        py::arg("graph") = py::none(),
         "ConvTranspose2d(4, stride 2, padding 1) on channels-last bf16 as four direct 2x2 convs; data pointers.");
+  m.def("concat_channels_cl", &concat_channels_cl, py::arg("a"), py::arg("b"), py::arg("out"), py::arg("rows"),
+        py::arg("bytes_a"), py::arg("bytes_b"), py::arg("graph") = py::none(),
+        "out row r = a row r (bytes_a) then b row r (bytes_b): channel concat of channels-last tensors.");
+  py::class_<OpGraph>(m, "OpGraph", "A captured sequence of fused CPU ops, replayed by run() (see module.cpp).")
+      .def(py::init<>())
+      .def("run", &OpGraph::run)
+      .def("__len__", [](const OpGraph& g) { return g.ops.size(); });
   m.def("channel_norm_cl", &channel_norm_cl, py::arg("x"), py::arg("out"), py::arg("rows"), py::arg("channels"),
-        py::arg("eps"), py::arg("bf16"), "LayerNorm over C of each row of x (rows, C), no affine; data pointers.");
+        py::arg("eps"), py::arg("bf16"), py::arg("graph") = py::none(), "LayerNorm over C of each row of x (rows, C), no affine; data pointers.");
   m.def("attention_cl", &attention_cl, py::arg("qkv"), py::arg("out"), py::arg("batch"), py::arg("pixels"),
-        py::arg("heads"), py::arg("dim"), py::arg("linear"), py::arg("bf16"),
+        py::arg("heads"), py::arg("dim"), py::arg("linear"), py::arg("bf16"), py::arg("graph") = py::none(),
         "Linear or softmax attention on a channels-last to_qkv output (B, P, 3 heads dim); data pointers.");
 #if defined(RETINA_FAST_WITH_CUDA)
   m.def("randn_cuda", [](uintptr_t keys, int64_t rows, int64_t n, uint64_t offset, uintptr_t out,

@@ -233,3 +233,31 @@ def test_row_form_conv_matches_conv2d(b, c, n, h, w, k, pad):
     want = torch.nn.functional.conv2d(x.float(), weight.float(), bias, padding=pad)
     assert got.shape == want.shape
     torch.testing.assert_close(got.float(), want.to(torch.bfloat16).float(), rtol=8e-3, atol=8e-3)
+
+
+@needs_bf16_conv
+@pytest.mark.parametrize("name", ["tiny-like", "two-level-64"])
+@pytest.mark.parametrize("side", [(16, 16), (7, 5)])
+def test_bf16_graph_replay_equals_the_eager_fused_forward(name, side):
+    """In bf16 every op is a C++ op, so the forward is recorded once per input shape as an OpGraph and
+    replayed; it must give exactly what running the same ops one by one from Python gives."""
+    net = _unet(7, **UNETS[name])
+    fused = cpu_unet.FusedCPUUNet(net, torch.bfloat16)
+    assert fused.graphs
+    c = net.config.in_channels
+    for seed in (0, 1):  # the second input goes through the already captured graph (buffers refilled)
+        gen = torch.Generator().manual_seed(seed)
+        x, t = torch.randn(3, c, *side, generator=gen), torch.tensor([5, 400, 870])
+        replayed = fused(x, t)
+        fused.graphs = False
+        eager = fused(x, t)
+        fused.graphs = True
+        assert torch.equal(replayed, eager)
+    assert len(fused._graphs) == 1
+    fused(torch.randn(2, c, *side), torch.tensor([1, 2]))  # a new batch size records a second graph
+    assert len(fused._graphs) == 2
+
+
+def test_fp32_fused_unet_runs_op_by_op():
+    net = _unet(8, **UNETS["tiny-like"])
+    assert not cpu_unet.FusedCPUUNet(net, torch.float32).graphs  # oneDNN convs cannot be recorded

@@ -596,6 +596,14 @@ void gn_silu_cl(const T* x, int64_t batch, int64_t pixels, int64_t channels, int
   }
 }
 
+void concat_rows(const uint8_t* a, const uint8_t* b, uint8_t* out, int64_t rows, int64_t bytes_a, int64_t bytes_b) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(out + r * (bytes_a + bytes_b), a + r * bytes_a, bytes_a);
+    std::memcpy(out + r * (bytes_a + bytes_b) + bytes_a, b + r * bytes_b, bytes_b);
+  }
+}
+
 template <typename T>
 void channel_norm_cl(const T* x, int64_t rows, int64_t channels, float eps, T* out) {
   constexpr int64_t kBlock = 64;

@@ -19,6 +19,9 @@ void gn_silu_cl(const T* x, int64_t batch, int64_t pixels, int64_t channels, int
                 const float* bias, const float* scale, const float* shift, int64_t film_stride, const T* residual,
                 bool act, float eps, T* out);
 
+// out row r = bytes_a bytes of a's row r, then bytes_b bytes of b's row r (channel concat, channels-last).
+void concat_rows(const uint8_t* a, const uint8_t* b, uint8_t* out, int64_t rows, int64_t bytes_a, int64_t bytes_b);
+
 // y = (x - mean_C(x)) / sqrt(var_C(x) + eps) per row of x (rows, C).
 template <typename T>
 void channel_norm_cl(const T* x, int64_t rows, int64_t channels, float eps, T* out);
