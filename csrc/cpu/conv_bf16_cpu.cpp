@@ -74,8 +74,9 @@ RF_BF16_TARGET void tile(const ConvShape& s, const int32_t* const* src, const in
 // The input row of every (tap, pixel) of the tile starting at output row m0 (a partial tile repeats its
 // last pixel; those rows are computed but not stored). Pixels are walked incrementally (one division per
 // tile); a pixel whose taps all fall inside the image takes the precomputed tap offsets unchecked.
-void tile_sources(const ConvShape& s, const uint16_t* x, const uint16_t* zeros, const int64_t* tap_off, int64_t m0,
-                  int64_t mr, const int32_t** src, int64_t* dst) {
+void tile_sources(const ConvShape& s, const uint16_t* x, const uint16_t* zeros, const int64_t* tap_off,
+                  const int64_t* tap_dh, const int64_t* tap_dw, int64_t m0, int64_t mr, const int32_t** src,
+                  int64_t* dst) {
   const int64_t hw = s.ho * s.wo, taps = s.kh * s.kw;
   int64_t b = m0 / hw, oh = (m0 % hw) / s.wo, ow = m0 % s.wo;
   for (int i = 0; i < kMR; ++i) {
@@ -86,7 +87,7 @@ void tile_sources(const ConvShape& s, const uint16_t* x, const uint16_t* zeros, 
       for (int64_t t = 0; t < taps; ++t) src[t * kMR + i] = reinterpret_cast<const int32_t*>(base + tap_off[t]);
     } else {
       for (int64_t t = 0; t < taps; ++t) {
-        const int64_t hi = h0 + t / s.kw, wi = w0 + t % s.kw;
+        const int64_t hi = h0 + tap_dh[t], wi = w0 + tap_dw[t];
         const bool inside = hi >= 0 && hi < s.h && wi >= 0 && wi < s.w;
         src[t * kMR + i] = reinterpret_cast<const int32_t*>(inside ? x + ((b * s.h + hi) * s.wmem + wi) * s.pstride : zeros);
       }
@@ -119,13 +120,18 @@ void run_conv(const ConvShape& s, const uint16_t* x, const uint16_t* wpacked, co
 #pragma omp parallel
   {
     std::vector<const int32_t*> src(static_cast<size_t>(taps * kMR));
-    std::vector<int64_t> tap_off(static_cast<size_t>(taps));
+    std::vector<int64_t> tap_off(static_cast<size_t>(taps)), tap_dh(static_cast<size_t>(taps)),
+        tap_dw(static_cast<size_t>(taps));
     int64_t dst[kMR];
-    for (int64_t t = 0; t < taps; ++t) tap_off[t] = ((t / s.kw) * s.wmem + t % s.kw) * s.pstride;
+    for (int64_t t = 0; t < taps; ++t) {
+      tap_dh[t] = t / s.kw;
+      tap_dw[t] = t % s.kw;
+      tap_off[t] = (tap_dh[t] * s.wmem + tap_dw[t]) * s.pstride;
+    }
 #pragma omp for schedule(static)
     for (int64_t ti = 0; ti < tiles; ++ti) {
       const int64_t m0 = ti * kMR, mr = std::min<int64_t>(kMR, m - m0);
-      tile_sources(s, x, zeros.data(), tap_off.data(), m0, mr, src.data(), dst);
+      tile_sources(s, x, zeros.data(), tap_off.data(), tap_dh.data(), tap_dw.data(), m0, mr, src.data(), dst);
       for (int64_t nb = 0; nb < nblocks; ++nb) tile(s, src.data(), dst, wpacked, bias, res, out, mr, nb * 32);
     }
   }
