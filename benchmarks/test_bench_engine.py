@@ -61,12 +61,71 @@ def test_sampler_step(benchmark, impl):
     benchmark(lambda: sampler_step(x, eps, c, keys=keys, impl=impl))
 
 
+def _cl_bf16(*shape):
+    return torch.randn(*shape).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+
+
+needs_bf16_conv = pytest.mark.skipif(not (_ext.available() and _ext.require().conv_bf16_supported()),
+                                     reason="needs the extension on an AVX512-BF16 CPU")
+
+
+@needs_ext
+@pytest.mark.benchmark(group="GroupNorm+FiLM+SiLU bf16 channels-last (8, 32, 16, 16)")
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+def test_gn_silu(benchmark, impl):
+    from retina_fast.backends.cpu_unet import gn_silu_cl
+    from retina_fast.models.layers import groupnorm_silu_ref
+
+    x, w, b = _cl_bf16(8, 32, 16, 16), torch.randn(32), torch.randn(32)
+    sc, sh = torch.randn(8, 32), torch.randn(8, 32)
+    wb, bb, scb, shb = w.bfloat16(), b.bfloat16(), sc.bfloat16()[:, :, None, None], sh.bfloat16()[:, :, None, None]
+    ref = lambda: groupnorm_silu_ref(x, 8, wb, bb, 1e-5, scb, shb)  # noqa: E731  (plain PyTorch at bf16)
+    fn = ref if impl == "torch" else (lambda: gn_silu_cl(x, 8, w, b, 1e-5, sc, sh))
+    torch.testing.assert_close(fn().float(), ref().float(), rtol=3e-2, atol=3e-2)
+    benchmark(fn)
+
+
+@needs_ext
+@pytest.mark.benchmark(group="linear attention bf16 B=8 heads=4 N=256 d=32")
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+def test_linear_attention(benchmark, impl):
+    from retina_fast.backends.cpu_unet import attention_cl
+    from retina_fast.models.attention import linear_attention_ref
+
+    qkv = _cl_bf16(8, 384, 16, 16)
+
+    def ref():
+        q, k, v = qkv.reshape(8, 3, 4, 32, 256).transpose(-2, -1).unbind(1)
+        return linear_attention_ref(q, k, v).transpose(-2, -1).reshape(8, 128, 16, 16)
+
+    fn = ref if impl == "torch" else (lambda: attention_cl(qkv, 4, 32, True))
+    torch.testing.assert_close(fn().float(), ref().float(), rtol=3e-2, atol=3e-2)
+    benchmark(fn)
+
+
+@needs_bf16_conv
+@pytest.mark.benchmark(group="conv3x3 bf16 channels-last (8, 32, 16, 16) -> 32")
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+def test_conv3x3_bf16(benchmark, impl):
+    from retina_fast.backends.cpu_unet import conv2d_bf16_cl, pack_conv_weight_bf16
+
+    x, w, b = _cl_bf16(8, 32, 16, 16), torch.randn(32, 32, 3, 3) * 0.05, torch.randn(32)
+    wb = w.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    ref = lambda: torch.nn.functional.conv2d(x, wb, b.bfloat16(), padding=1)  # noqa: E731
+    packed = pack_conv_weight_bf16(w)
+    fn = ref if impl == "torch" else (lambda: conv2d_bf16_cl(x, packed, 32, (3, 3), 1, 1, b))
+    torch.testing.assert_close(fn().float(), ref().float(), rtol=3e-2, atol=3e-2)
+    benchmark(fn)
+
+
 # --- one U-Net step and decode ----------------------------------------------------------------------
 
 @pytest.mark.benchmark(group="tiny U-Net step B=8")
-@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_ext)])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_ext),
+                                     pytest.param("cpu:bf16", marks=needs_bf16_conv)])
 def test_unet_step(benchmark, tiny, backend):
-    runner = tiny.runner(backend, "cpu")
+    name, _, dt = backend.partition(":")
+    runner = tiny.runner(name, "cpu", torch.bfloat16 if dt == "bf16" else None)
     x, t = torch.randn(8, *tiny.config.latent_shape), torch.full((8,), 500)
     ref = tiny.runner("torch", "cpu").denoise(x, t)
     err = ((runner.denoise(x, t) - ref).norm() / ref.norm()).item()
@@ -88,10 +147,13 @@ def test_decode(benchmark, tiny, backend):
 # --- full sampling ----------------------------------------------------------------------------------
 
 @pytest.mark.benchmark(group="tiny sample n=8 DDIM-50", min_rounds=2)
-@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_ext)])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_ext),
+                                     pytest.param("cpu:bf16", marks=needs_bf16_conv)])
 def test_sample_tiny(benchmark, tiny, backend):
-    tiny.sample(2, 2, backend=backend)
-    benchmark.pedantic(lambda: tiny.sample(8, 50, seed=0, backend=backend), rounds=2, iterations=1)
+    name, _, dt = backend.partition(":")
+    dtype = torch.bfloat16 if dt == "bf16" else None
+    tiny.sample(2, 2, backend=name, dtype=dtype)
+    benchmark.pedantic(lambda: tiny.sample(8, 50, seed=0, backend=name, dtype=dtype), rounds=2, iterations=1)
 
 
 @pytest.mark.slow
