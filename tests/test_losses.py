@@ -12,7 +12,7 @@ from retina_fast.models import QuantizeOutput, VQGANConfig
 from retina_fast.models.vqgan import VQGANOutput
 from retina_fast.training.discriminator import PatchDiscriminator
 from retina_fast.training.losses import (VQGANLoss, feature_matching_loss, gan_factor, hinge_d_loss,
-                                         gradient_l1, hinge_g_loss, l1_loss, spectral_angle)
+                                         hinge_g_loss, l1_loss, spectral_angle)
 from retina_fast.training.perceptual import PerceptualLoss, VGGFeatures, default_band_triplets
 
 
@@ -136,28 +136,3 @@ def test_band_weights_config_validation_and_use():
                            commit_loss=torch.zeros(()), perplexity=torch.ones(()))
     _, parts = crit.generator_loss(x, VQGANOutput(recon=recon, z=z, quant=quant), step=0)
     assert float(parts["l1"]) == pytest.approx(4.0 / 16)
-
-
-def test_gradient_l1_by_hand_and_in_the_generator_loss():
-    x = torch.zeros(1, 2, 2, 3)
-    y = torch.zeros(1, 2, 2, 3)
-    y[0, 0, 0, 1] = 1.0   # one bright pixel in band 0: |dx| = 1, 1 on row 0 (of 2x2 dx), |dy| = 1 at column 1
-    # dx: (1, 2, 2, 2) -> band 0 has two 1s of 4, band 1 none -> mean 2/8; dy: (1, 2, 1, 3) -> one 1 of 6
-    assert float(gradient_l1(x, y)) == pytest.approx(0.5 * (2 / 8 + 1 / 6))
-    assert float(gradient_l1(x, y, (3.0, 1.0))) == pytest.approx(0.5 * (3 * 2 / 8 + 3 * 1 / 6))
-    assert float(gradient_l1(y + 5.0, y)) == 0.0          # a constant offset has no gradient
-    with pytest.raises(ValueError, match="gradient_weight"):
-        VQGANConfig(image_size=32, f=8, gradient_weight=-1.0)
-    z = torch.zeros(1, 8, 1, 1)
-    quant = QuantizeOutput(zq_st=z, indices=torch.zeros(1, 1, 1, dtype=torch.long),
-                           commit_loss=torch.zeros(()), perplexity=torch.ones(()))
-    target, recon = torch.zeros(1, 16, 4, 4), torch.zeros(1, 16, 4, 4)
-    recon[:, 2, 1, 1] = 1.0
-    out = VQGANOutput(recon=recon, z=z, quant=quant)
-    plain, parts0 = VQGANLoss(VQGANConfig(image_size=32, f=8)).generator_loss(target, out, step=0)
-    assert "grad_l1" not in parts0                        # off by default: the source's loss
-    cfg = VQGANConfig(image_size=32, f=8, gradient_weight=2.0)
-    total, parts = VQGANLoss(cfg).generator_loss(target, out, step=0)
-    assert float(parts["grad_l1"]) == pytest.approx(float(gradient_l1(recon, target)))
-    assert float(total) == pytest.approx(float(plain) + 2.0 * float(parts["grad_l1"]))
-    assert VQGANConfig.from_dict(cfg.to_dict()).gradient_weight == 2.0

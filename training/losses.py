@@ -25,7 +25,7 @@ from retina_fast.models.vqgan import VQGANOutput
 from retina_fast.training.discriminator import PatchDiscriminator
 from retina_fast.training.perceptual import PerceptualLoss
 
-__all__ = ["l1_loss", "gradient_l1", "spectral_angle", "hinge_d_loss", "hinge_g_loss", "feature_matching_loss",
+__all__ = ["l1_loss", "spectral_angle", "hinge_d_loss", "hinge_g_loss", "feature_matching_loss",
            "gan_factor", "VQGANLoss"]
 
 
@@ -39,18 +39,6 @@ def l1_loss(x: torch.Tensor, y: torch.Tensor, band_weights: Sequence[float] | No
         raise ValueError(f"{len(band_weights)} band weights for {x.shape[1]} channels")
     w = torch.as_tensor(band_weights, dtype=err.dtype, device=err.device).view(1, -1, *([1] * (x.dim() - 2)))
     return (err * w).mean()
-
-
-def gradient_l1(x: torch.Tensor, y: torch.Tensor, band_weights: Sequence[float] | None = None) -> torch.Tensor:
-    """Mean of the ``l1_loss`` between the horizontal finite differences of x and y (B, C, H, W) and the
-    same for the vertical ones: penalises blurred edges and missing thin structures."""
-    def dx(t):
-        return t[..., :, 1:] - t[..., :, :-1]
-
-    def dy(t):
-        return t[..., 1:, :] - t[..., :-1, :]
-
-    return 0.5 * (l1_loss(dx(x), dx(y), band_weights) + l1_loss(dy(x), dy(y), band_weights))
 
 
 def spectral_angle(x: torch.Tensor, y: torch.Tensor, *, offset: float = 1.0, eps: float = 1e-8) -> torch.Tensor:
@@ -110,9 +98,6 @@ class VQGANLoss(nn.Module):
         recon = out.recon
         parts = {"l1": l1_loss(recon, x, cfg.band_loss_weights), "sam": spectral_angle(recon, x), "commit": out.quant.commit_loss}
         total = cfg.l1_weight * parts["l1"] + cfg.spectral_angle_weight * parts["sam"] + parts["commit"]
-        if cfg.gradient_weight:
-            parts["grad_l1"] = gradient_l1(recon, x, cfg.band_loss_weights)
-            total = total + cfg.gradient_weight * parts["grad_l1"]
         g = gan_factor(step, cfg.gan_warmup_steps)
         if g > 0 and (cfg.gan_weight > 0 or cfg.feature_matching_weight > 0):
             logits_fake, feats_fake = self.discriminator(recon)

@@ -80,9 +80,6 @@ class VQGANConfig:
     # visible bands (where the phantom's vessels have their contrast) count as much as the bright NIR ones.
     band_loss_weights: tuple[float, ...] | None = None
     spectral_angle_weight: float = 1.0
-    # L1 on the images' spatial finite differences (same band weights): 0 = off, the source's loss. Plain L1
-    # on the phantom's dim, noisy visible bands is minimised by smoothing the thin retinal vessels away.
-    gradient_weight: float = 0.0
     gan_weight: float = 1.0
     feature_matching_weight: float = 4.0
     perceptual_weight: float = 0.0                # > 0 only with a user-supplied weights file
@@ -98,8 +95,6 @@ class VQGANConfig:
                              f"(f={self.f} -> {self.stages})")
         if len(self.wavelengths) != self.bands:
             raise ValueError(f"{len(self.wavelengths)} wavelengths for {self.bands} bands")
-        if not (self.gradient_weight >= 0 and math.isfinite(self.gradient_weight)):
-            raise ValueError(f"VQGANConfig.gradient_weight must be a finite number >= 0, got {self.gradient_weight!r}")
         if self.band_loss_weights is not None:
             w = self.band_loss_weights
             if len(w) != self.bands or not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in w):
