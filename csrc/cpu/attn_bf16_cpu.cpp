@@ -25,7 +25,9 @@ RF_BF16_TARGET inline __m512 load_bf16(const uint16_t* p) {  // 16 bf16 -> 16 fp
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
-// exp(x) on 16 lanes (same range reduction and polynomial as fexp in unet_ops_cpu.cpp)
+// exp(x) on 16 lanes (same range reduction and polynomial as fexp/vexp in unet_ops_cpu.cpp). Kept as
+// intrinsics rather than sharing vexp's vector-extension form: with vexp this kernel ran 281-307 us vs
+// 245 us (B = 8, 4 heads, 256 tokens, one thread, same build flags).
 RF_BF16_TARGET inline __m512 exp16(__m512 x) {
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),

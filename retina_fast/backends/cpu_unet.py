@@ -455,7 +455,9 @@ class FusedCPUUNet:
         self._attns = [a for _, a, _ in self.downs + self.ups] + [self.mid[1]]
         # Replay each input shape's forward as one captured C++ OpGraph when every op is a C++ op (bf16 on an
         # AVX512-BF16 CPU): ~100 Python-level calls per step cost ~1.5 ms at B = 8, as much as the arithmetic.
-        self.graphs = all(c.all_cpp for c in self._convs())
+        # Every op our own per-image C++ kernel: results cannot depend on the batch (oneDNN's may).
+        self.batch_invariant = all(c.all_cpp for c in self._convs())
+        self.graphs = self.batch_invariant
         self._graphs: dict[tuple, tuple] = {}
         self._lock = threading.Lock()
 

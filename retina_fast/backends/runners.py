@@ -9,7 +9,8 @@ loop needs, every one with the same meaning as the reference:
 
 ``torch`` is exactly the reference (eager fp32, reference ops). ``cpu`` runs the U-Net as
 :class:`~retina_fast.backends.cpu_unet.FusedCPUUNet` (channels-last, oneDNN convolutions on prepacked weights,
-fused C++ GroupNorm/attention kernels; fp32 by default, bf16 on request), the decoder as a frozen
+fused C++ GroupNorm/attention kernels, C++ direct convolutions and a replayed op graph in bf16; fp32 by
+default, bf16 on request), the decoder as a frozen
 channels-last TorchScript graph, with the fused C++ sampler step (noise in the loop) and C++ nearest-code
 lookup. ``cuda`` swaps in the Triton
 GroupNorm+SiLU and attention kernels, runs the U-Net in bf16 with fp32 accumulation, and replays the
@@ -36,9 +37,9 @@ def default_dtype(backend: str, device: torch.device) -> torch.dtype:
     """bf16 for ``cuda``, fp16 for ``tensorrt``, fp32 elsewhere.
 
     ``cpu`` stays fp32 by default so that the same seed gives the reference's images (relative L2 ~1e-5):
-    bf16 is faster (shipped ``tiny``, 2-core AVX512-BF16 CPU, n=8, DDIM-50, one run: 3.1x vs 2.4x for fp32)
-    but flips codebook choices, which moves the cubes by ~4 % (relative L2; plain PyTorch at bf16 does the
-    same); pass dtype=torch.bfloat16 to opt in."""
+    bf16 is faster (shipped ``tiny``, 2-core AVX512-BF16 CPU, n=8, DDIM-50: 3.65-4.38x over runs vs
+    1.85-2.45x for fp32) but flips codebook choices, which moves the cubes by ~4 % (relative L2; plain
+    PyTorch at bf16 moves them ~8 %); pass dtype=torch.bfloat16 to opt in."""
     if backend == "cuda":
         return torch.bfloat16
     if backend == "tensorrt":
@@ -120,8 +121,9 @@ class _FrozenGraphs:
 
 
 class CPURunner(Runner):
-    """U-Net: :class:`~retina_fast.backends.cpu_unet.FusedCPUUNet` (oneDNN convolutions on prepacked weights +
-    fused C++ norm/attention kernels) in ``dtype``; decoder: a frozen channels-last graph in ``dtype``."""
+    """U-Net: :class:`~retina_fast.backends.cpu_unet.FusedCPUUNet` in ``dtype`` (fused C++ norm/attention
+    kernels; oneDNN convolutions in fp32, C++ direct convolutions and a replayed op graph in bf16 on
+    AVX512-BF16 CPUs); decoder: a frozen channels-last graph in ``dtype``, in chunks of 8 images."""
 
     nearest_impl = "cpp"
     step_impl = "cpp"
@@ -141,9 +143,10 @@ class CPURunner(Runner):
         self.fast_decode = _FrozenGraphs(_DecodeIndices(_fast_copy(loaded.vqgan, dtype, True)))
 
     # bf16 only: oneDNN picks its bf16 convolution kernels by batch size, and some picks round differently
-    # (shipped tiny, 2-core AVX512-BF16 CPU: U-Net batches of 1, 2, 3, 7 gave an image eps differing by one
-    # bf16 step from batches of 4, 5, 8, 9, 12, 16, 24, 32; the decoder likewise). Padding every batch to a
-    # multiple of 8 keeps image i independent of batch size and split (tested); at most 7 dummy images.
+    # (shipped tiny, 2-core AVX512-BF16 CPU: batches of 1, 2, 3, 7 gave an image differing by one bf16 step
+    # from batches of 4, 5, 8, 9, 12, 16, 24, 32). Whatever runs through oneDNN in bf16 -- the decoder, and the
+    # U-Net where the CPU lacks AVX512-BF16 -- gets its batch padded to a multiple of 8, which keeps image i
+    # independent of batch size and split (tested); at most 7 dummy images.
     BF16_BATCH_MULTIPLE = 8
     # The decoder runs in chunks of 8 images: its full-resolution activations fall out of cache at larger
     # batches (frozen graph, one run: fp32 8.4 ms/image at B = 8 vs 18.9 at B = 32; bf16 4.5 vs 8.8).
@@ -158,6 +161,8 @@ class CPURunner(Runner):
 
     @torch.no_grad()
     def denoise(self, x, t):
+        if getattr(self.fast_unet, "batch_invariant", False):  # all per-image C++ kernels: no padding needed
+            return self.fast_unet(x, t)
         b, (x, t) = self._pad(x, t)
         return self.fast_unet(x, t)[:b]
 
