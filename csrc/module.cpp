@@ -5,8 +5,11 @@
 // Python wrapper (retina_fast/_ext.py) checks device, dtype and contiguity before passing them.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <omp.h>
 
+#include <algorithm>
+#include <chrono>
 #include <functional>
 #include <stdexcept>
 #include <vector>
@@ -144,18 +147,49 @@ const T* cptr(uintptr_t p) { return reinterpret_cast<const T*>(p); }
 
 struct OpGraph {
   std::vector<std::function<void()>> ops;
+  std::vector<std::string> names;  // "kind shape" per op, for profile()
   void run() {
     py::gil_scoped_release nogil;
     for (const auto& op : ops) op();
   }
+  // Replay `repeats` times timing every op; returns [(name, median seconds)] in op order. The per-op
+  // timer (steady_clock, ~20 ns) is the only overhead, so the sum is close to one run().
+  std::vector<std::pair<std::string, double>> profile(int repeats) {
+    if (repeats < 1) throw py::value_error("OpGraph.profile: repeats must be >= 1");
+    std::vector<std::vector<double>> t(ops.size(), std::vector<double>(repeats));
+    {
+      py::gil_scoped_release nogil;
+      for (int r = 0; r < repeats; ++r)
+        for (size_t i = 0; i < ops.size(); ++i) {
+          auto t0 = std::chrono::steady_clock::now();
+          ops[i]();
+          t[i][r] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        }
+    }
+    std::vector<std::pair<std::string, double>> out;
+    for (size_t i = 0; i < ops.size(); ++i) {
+      std::nth_element(t[i].begin(), t[i].begin() + repeats / 2, t[i].end());
+      out.emplace_back(names[i], t[i][repeats / 2]);
+    }
+    return out;
+  }
 };
 
-void submit(const py::object& graph, std::function<void()> op) {
+std::string shape_name(const char* kind, std::initializer_list<int64_t> dims) {
+  std::string s(kind);
+  s += ' ';
+  for (auto it = dims.begin(); it != dims.end(); ++it) s += (it == dims.begin() ? "" : "x") + std::to_string(*it);
+  return s;
+}
+
+void submit(const py::object& graph, std::function<void()> op, const std::string& name) {
   if (graph.is_none()) {
     py::gil_scoped_release nogil;
     op();
   } else {
-    graph.cast<OpGraph&>().ops.push_back(std::move(op));
+    auto& g = graph.cast<OpGraph&>();
+    g.ops.push_back(std::move(op));
+    g.names.push_back(name);
   }
 }
 
@@ -174,7 +208,7 @@ void gn_silu_cl(uintptr_t x, uintptr_t out, uintptr_t residual, int64_t batch, i
     else
       rf::gn_silu_cl(cptr<float>(x), batch, pixels, channels, groups, w, b, sc, sh, film_stride,
                      cptr<float>(residual), act, eps, reinterpret_cast<float*>(out));
-  });
+  }, shape_name(act ? "gn_silu" : "gn", {batch, pixels, channels}));
 }
 
 void channel_norm_cl(uintptr_t x, uintptr_t out, int64_t rows, int64_t channels, float eps, bool bf16,
@@ -186,7 +220,7 @@ void channel_norm_cl(uintptr_t x, uintptr_t out, int64_t rows, int64_t channels,
       rf::channel_norm_cl(cptr<uint16_t>(x), rows, channels, eps, reinterpret_cast<uint16_t*>(out));
     else
       rf::channel_norm_cl(cptr<float>(x), rows, channels, eps, reinterpret_cast<float*>(out));
-  });
+  }, shape_name("channel_norm", {rows, channels}));
 }
 
 void attention_cl(uintptr_t qkv, uintptr_t out, int64_t batch, int64_t pixels, int64_t heads, int64_t dim,
@@ -203,14 +237,14 @@ void attention_cl(uintptr_t qkv, uintptr_t out, int64_t batch, int64_t pixels, i
       auto* o = reinterpret_cast<float*>(out);
       linear ? rf::linear_attn_cl(q, batch, pixels, heads, dim, o) : rf::softmax_attn_cl(q, batch, pixels, heads, dim, o);
     }
-  });
+  }, shape_name(linear ? "linear_attn" : "softmax_attn", {batch, pixels, heads, dim}));
 }
 
 void concat_channels_cl(uintptr_t a, uintptr_t b, uintptr_t out, int64_t rows, int64_t bytes_a, int64_t bytes_b,
                         py::object graph) {
   if (rows < 0 || bytes_a <= 0 || bytes_b <= 0) throw py::value_error("concat_channels_cl: bad shape");
   if (!a || !b || !out) throw py::value_error("concat_channels_cl: null pointer");
-  submit(graph, [=] { rf::concat_rows(cptr<uint8_t>(a), cptr<uint8_t>(b), reinterpret_cast<uint8_t*>(out), rows, bytes_a, bytes_b); });
+  submit(graph, [=] { rf::concat_rows(cptr<uint8_t>(a), cptr<uint8_t>(b), reinterpret_cast<uint8_t*>(out), rows, bytes_a, bytes_b); }, shape_name("concat", {rows, bytes_a, bytes_b}));
 }
 
 void conv2d_bf16_cl(uintptr_t x, int64_t batch, int64_t h, int64_t w, int64_t c, uintptr_t wpacked, int64_t kh,
@@ -225,7 +259,7 @@ void conv2d_bf16_cl(uintptr_t x, int64_t batch, int64_t h, int64_t w, int64_t c,
   submit(graph, [=] {
     rf::conv2d_bf16_cl(cptr<uint16_t>(x), batch, h, w, c, cptr<uint16_t>(wpacked), kh, kw, n, stride, pad, ho, wo,
                        cptr<float>(bias), cptr<uint16_t>(res), reinterpret_cast<uint16_t*>(out));
-  });
+  }, shape_name("conv", {batch, h, w, c, n, kh, kw, stride}));
 }
 
 void conv2d_rows_bf16_cl(uintptr_t xpad, int64_t batch, int64_t hp, int64_t wp, int64_t c, uintptr_t wpacked,
@@ -238,7 +272,7 @@ void conv2d_rows_bf16_cl(uintptr_t xpad, int64_t batch, int64_t hp, int64_t wp, 
   submit(graph, [=] {
     rf::conv2d_rows_bf16_cl(cptr<uint16_t>(xpad), batch, hp, wp, c, cptr<uint16_t>(wpacked), kh, kw, n,
                             cptr<float>(bias), cptr<uint16_t>(res), reinterpret_cast<uint16_t*>(out));
-  });
+  }, shape_name("conv_rows", {batch, hp, wp, c, n, kh, kw}));
 }
 
 void conv_transpose2d_k4s2p1_bf16_cl(uintptr_t x, int64_t batch, int64_t h, int64_t w, int64_t c, uintptr_t wpacked,
@@ -250,7 +284,7 @@ void conv_transpose2d_k4s2p1_bf16_cl(uintptr_t x, int64_t batch, int64_t h, int6
   submit(graph, [=] {
     rf::conv_transpose2d_k4s2p1_bf16_cl(cptr<uint16_t>(x), batch, h, w, c, cptr<uint16_t>(wpacked), n,
                                         cptr<float>(bias), reinterpret_cast<uint16_t*>(out));
-  });
+  }, shape_name("conv_t", {batch, h, w, c, n}));
 }
 
 py::dict build_info() {
@@ -312,6 +346,8 @@ PYBIND11_MODULE(_C, m) {
   py::class_<OpGraph>(m, "OpGraph", "A captured sequence of fused CPU ops, replayed by run() (see module.cpp).")
       .def(py::init<>())
       .def("run", &OpGraph::run)
+      .def("profile", &OpGraph::profile, py::arg("repeats") = 20,
+           "Replay `repeats` times timing each op: [(name, median seconds)] in op order.")
       .def("__len__", [](const OpGraph& g) { return g.ops.size(); });
   m.def("channel_norm_cl", &channel_norm_cl, py::arg("x"), py::arg("out"), py::arg("rows"), py::arg("channels"),
         py::arg("eps"), py::arg("bf16"), py::arg("graph") = py::none(), "LayerNorm over C of each row of x (rows, C), no affine; data pointers.");

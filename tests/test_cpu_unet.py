@@ -254,8 +254,36 @@ def test_bf16_graph_replay_equals_the_eager_fused_forward(name, side):
         fused.graphs = True
         assert torch.equal(replayed, eager)
     assert len(fused._graphs) == 1
+    cap = next(iter(fused._graphs.values()))[0]  # key: the padded shape
+    # activations share one arena: smaller than one buffer per op output, at least the largest buffer
+    assert max(b[0] for b in cap.buffers) <= cap.arena.numel() < sum(b[0] for b in cap.buffers)
     fused(torch.randn(2, c, *side), torch.tensor([1, 2]))  # a new batch size records a second graph
     assert len(fused._graphs) == 2
+    profile = cap.graph.profile(3)
+    assert len(profile) == len(cap.graph) and all(s >= 0 for _, s in profile)
+    assert {name.split()[0] for name, _ in profile} >= {"conv", "gn_silu", "channel_norm", "concat"}
+
+
+def test_plan_arena_never_overlaps_buffers_live_at_the_same_time():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        buffers = []
+        for _ in range(int(torch.randint(1, 40, (1,), generator=gen))):
+            first = int(torch.randint(0, 30, (1,), generator=gen))
+            last = first + int(torch.randint(0, 10, (1,), generator=gen))
+            buffers.append([int(torch.randint(1, 5000, (1,), generator=gen)), first, last])
+        offsets, size = cpu_unet.plan_arena(buffers)
+        assert all(o % 64 == 0 for o in offsets)
+        for i, (ni, fi, li) in enumerate(buffers):
+            assert offsets[i] + ni <= size
+            for j, (nj, fj, lj) in enumerate(buffers[:i]):
+                if fi <= lj and fj <= li:  # live together: disjoint bytes
+                    assert offsets[i] + ni <= offsets[j] or offsets[j] + nj <= offsets[i]
+        assert size <= sum(-(-n // 64) * 64 for n, _, _ in buffers)
+    # disjoint lifetimes share memory
+    assert cpu_unet.plan_arena([[100, 0, 1], [100, 2, 3]]) == ([0, 0], 128)
+    with pytest.raises(ValueError, match="repeats"):
+        cpu_unet._ext.require().OpGraph().profile(0)
 
 
 def test_fp32_fused_unet_runs_op_by_op():

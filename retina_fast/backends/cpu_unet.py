@@ -22,7 +22,10 @@ once per input shape.
 Graphs: when every op is a C++ op (bf16 on an AVX512-BF16 CPU) the forward for an input shape is recorded
 once into a C++ ``OpGraph`` with fixed buffers and replayed by one call per step -- the CPU counterpart of
 the cuda backend's CUDA graphs. The ~100 Python-level calls per step it replaces cost ~0.9 ms (tiny, B = 1:
-2.02 -> 1.11 ms per call); results are bit-identical to running the ops one by one (tested).
+2.02 -> 1.11 ms per call); results are bit-identical to running the ops one by one (tested). The graph's
+activations live in one arena where buffers whose lifetimes do not overlap share memory (9.6 -> 2.3 MB at
+B = 8), which keeps them in cache: 1.16x faster per step at B = 8, 1.20x at B = 16 (same run, interleaved).
+``OpGraph.profile(repeats)`` times each recorded op (name and shape, median seconds).
 
 Storage is float32 or bfloat16 (``dtype``); every kernel computes in float32. With float32 the result
 matches the reference to ~1e-6 (relative L2); bf16 rounds each activation to 8 bits of mantissa, the same
@@ -48,22 +51,83 @@ __all__ = ["FusedCPUUNet", "gn_silu_cl", "channel_norm_cl", "attention_cl", "con
 
 class _Capture:
     """While a :class:`FusedCPUUNet` records its op graph: the C++ ``OpGraph`` the ops are appended to (instead
-    of running) and every buffer they touch, kept alive as long as the graph."""
+    of running) and every buffer they touch, kept alive as long as the graph.
 
-    def __init__(self) -> None:
+    Recording runs twice. The first pass (``plan=None``) gives every op output its own buffer and notes, per
+    buffer, the ops that write and read it; :func:`plan_arena` then packs the buffers whose lifetimes do not
+    overlap into one arena, and the second pass hands out views of it. Without the reuse the tiny U-Net's
+    graph touched 9.7 MB per step at B = 8 (every activation its own buffer), 5x the 2 MB of L2 cache.
+    """
+
+    def __init__(self, plan: list[int] | None = None, arena_bytes: int = 0) -> None:
         self.graph = _ext.require().OpGraph()
         self.keep: list[torch.Tensor] = []
+        self.plan = plan
+        self.arena = torch.empty(arena_bytes, dtype=torch.uint8) if plan is not None else None
+        self.buffers: list[list[int]] = []   # per allocation: [nbytes, first op, last op]
+        self._by_ptr: dict[int, int] = {}    # first pass: storage pointer -> allocation index
+
+    def empty(self, shape: tuple[int, int, int, int], dtype: torch.dtype) -> torch.Tensor:
+        """A channels-last (B, C, H, W) buffer for the next op's output."""
+        b, c, h, w = shape
+        nbytes = b * c * h * w * torch.empty((), dtype=dtype).element_size()
+        i = len(self.buffers)
+        self.buffers.append([nbytes, len(self.graph), len(self.graph)])
+        if self.plan is None:
+            t = torch.empty(shape, dtype=dtype, memory_format=torch.channels_last)
+            self._by_ptr[t.untyped_storage().data_ptr()] = i
+            self.keep.append(t)
+            return t
+        off = self.plan[i]
+        return self.arena[off:off + nbytes].view(dtype).view(b, h, w, c).permute(0, 3, 1, 2)
+
+    def use(self, tensors) -> None:
+        """The op about to be appended reads or writes ``tensors``: extend their buffers' lifetimes to it."""
+        if self.plan is not None:
+            return
+        op = len(self.graph)
+        for t in tensors:
+            i = self._by_ptr.get(t.untyped_storage().data_ptr()) if t is not None else None
+            if i is not None:
+                self.buffers[i][2] = max(self.buffers[i][2], op)
+
+
+def plan_arena(buffers: list[list[int]], align: int = 64) -> tuple[list[int], int]:
+    """Byte offsets for buffers ``[nbytes, first op, last op]`` such that two buffers used by overlapping op
+    ranges never overlap in memory (greedy: largest first, lowest free offset); returns (offsets, arena size)."""
+    order = sorted(range(len(buffers)), key=lambda i: (-buffers[i][0], i))
+    placed: list[tuple[int, int, int, int]] = []   # (offset, end, first, last)
+    offsets = [0] * len(buffers)
+    for i in order:
+        size = -(-buffers[i][0] // align) * align
+        first, last = buffers[i][1], buffers[i][2]
+        busy = sorted((o, e) for o, e, f, l in placed if f <= last and first <= l)
+        off = 0
+        for o, e in busy:
+            if off + size <= o:
+                break
+            off = max(off, e)
+        offsets[i] = off
+        placed.append((off, off + size, first, last))
+    return offsets, max((e for _, e, _, _ in placed), default=0)
 
 
 _CAPTURE: _Capture | None = None
 
 
-def _graph(*buffers: torch.Tensor):
-    """The graph to record into (None: run now); keeps ``buffers`` alive when recording."""
+def _graph(*used: torch.Tensor | None):
+    """The graph to record the next op into (None: run now); ``used`` = every tensor the op reads or writes."""
     if _CAPTURE is None:
         return None
-    _CAPTURE.keep.extend(buffers)
+    _CAPTURE.use(used)
     return _CAPTURE.graph
+
+
+def _empty(shape: tuple[int, int, int, int], dtype: torch.dtype) -> torch.Tensor:
+    """An op's channels-last output buffer: from the capture's arena while recording a graph."""
+    if _CAPTURE is None:
+        return torch.empty(shape, dtype=dtype, memory_format=torch.channels_last)
+    return _CAPTURE.empty(shape, dtype)
 
 
 def mkldnn_usable() -> bool:
@@ -113,7 +177,7 @@ def _rows_raw(x, packed, n, kh, kw, pad, bias) -> torch.Tensor:
     xp = F.pad(x, (pad, pad, pad, pad)) if pad else x
     xp = xp.contiguous(memory_format=torch.channels_last)  # no copy when already channels-last (graph input)
     b, c, hp, wp = xp.shape
-    out = torch.empty((b, n, hp - kh + 1, wp - kw + 1), dtype=torch.bfloat16, memory_format=torch.channels_last)
+    out = _empty((b, n, hp - kh + 1, wp - kw + 1), torch.bfloat16)
     _ext.require().conv2d_rows_bf16_cl(xp.data_ptr(), b, hp, wp, c, packed.data_ptr(), kh, kw, n,
                                        bias.data_ptr() if bias is not None else 0, 0, out.data_ptr(),
                                        graph=_graph(xp, out))
@@ -152,10 +216,10 @@ def conv_transpose2d_k4s2p1_bf16_cl(x: torch.Tensor, packed: torch.Tensor, n: in
 
 def _convt_raw(x, packed, n, bias) -> torch.Tensor:
     b, c, h, w = x.shape
-    out = torch.empty((b, n, 2 * h, 2 * w), dtype=torch.bfloat16, memory_format=torch.channels_last)
+    out = _empty((b, n, 2 * h, 2 * w), torch.bfloat16)
     _ext.require().conv_transpose2d_k4s2p1_bf16_cl(x.data_ptr(), b, h, w, c, packed.data_ptr(), n,
                                                    bias.data_ptr() if bias is not None else 0, out.data_ptr(),
-                                                   graph=_graph(out))
+                                                   graph=_graph(x, out))
     return out
 
 
@@ -184,11 +248,11 @@ def conv2d_bf16_cl(x: torch.Tensor, packed: torch.Tensor, n: int, kernel: tuple[
 def _conv_raw(x, packed, n, kh, kw, stride, pad, bias, residual) -> torch.Tensor:
     b, c, h, w = x.shape
     ho, wo = (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kw) // stride + 1
-    out = torch.empty((b, n, ho, wo), dtype=torch.bfloat16, memory_format=torch.channels_last)
+    out = _empty((b, n, ho, wo), torch.bfloat16)
     _ext.require().conv2d_bf16_cl(x.data_ptr(), b, h, w, c, packed.data_ptr(), kh, kw, n, stride, pad, ho, wo,
                                   bias.data_ptr() if bias is not None else 0,
                                   residual.data_ptr() if residual is not None else 0, out.data_ptr(),
-                                  graph=_graph(out))
+                                  graph=_graph(x, residual, out))
     return out
 
 
@@ -208,7 +272,7 @@ def _gn_raw(x, out, residual, groups, weight, bias, scale, shift, film_stride, a
                               b, h * w, c, groups, weight.data_ptr(), bias.data_ptr(),
                               scale.data_ptr() if scale is not None else 0,
                               shift.data_ptr() if shift is not None else 0, film_stride, act, eps,
-                              x.dtype == torch.bfloat16, graph=_graph(out))
+                              x.dtype == torch.bfloat16, graph=_graph(x, residual, out))
     return out
 
 
@@ -236,9 +300,9 @@ def gn_silu_cl(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.T
 
 def _cn_raw(x: torch.Tensor, eps: float) -> torch.Tensor:
     b, c, h, w = x.shape
-    out = torch.empty_like(x, memory_format=torch.channels_last)
+    out = _empty(tuple(x.shape), x.dtype)
     _ext.require().channel_norm_cl(x.data_ptr(), out.data_ptr(), b * h * w, c, eps, x.dtype == torch.bfloat16,
-                                   graph=_graph(out))
+                                   graph=_graph(x, out))
     return out
 
 
@@ -250,9 +314,9 @@ def channel_norm_cl(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 
 def _attn_raw(qkv: torch.Tensor, heads: int, dim: int, linear: bool) -> torch.Tensor:
     b, _, h, w = qkv.shape
-    out = torch.empty((b, heads * dim, h, w), dtype=qkv.dtype, memory_format=torch.channels_last)
+    out = _empty((b, heads * dim, h, w), qkv.dtype)
     _ext.require().attention_cl(qkv.data_ptr(), out.data_ptr(), b, h * w, heads, dim, linear,
-                                qkv.dtype == torch.bfloat16, graph=_graph(out))
+                                qkv.dtype == torch.bfloat16, graph=_graph(qkv, out))
     return out
 
 
@@ -268,9 +332,9 @@ def attention_cl(qkv: torch.Tensor, heads: int, dim: int, linear: bool) -> torch
 def _cat_raw(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``torch.cat([a, b], 1)`` for channels-last tensors of one dtype and spatial size, as a C++ row copy."""
     n, ca, h, w = a.shape
-    out = torch.empty((n, ca + b.shape[1], h, w), dtype=a.dtype, memory_format=torch.channels_last)
+    out = _empty((n, ca + b.shape[1], h, w), a.dtype)
     _ext.require().concat_channels_cl(a.data_ptr(), b.data_ptr(), out.data_ptr(), n * h * w, ca * a.element_size(),
-                                      b.shape[1] * b.element_size(), graph=_graph(out))
+                                      b.shape[1] * b.element_size(), graph=_graph(a, b, out))
     return out
 
 
@@ -507,10 +571,16 @@ class FusedCPUUNet:
         return self.final_conv(x)
 
     def _capture(self, shape: tuple[int, ...]) -> tuple:
-        """Record the forward for input ``shape`` as one C++ OpGraph with its own fixed buffers."""
+        """Record the forward for input ``shape`` as one C++ OpGraph: a first pass notes each activation
+        buffer's lifetime, the second records into one arena where buffers that are never live at the same
+        time share memory (:func:`plan_arena`)."""
+        trace = self._record(shape, _Capture())
+        plan, arena_bytes = plan_arena(trace[0].buffers)
+        return self._record(shape, _Capture(plan, arena_bytes))
+
+    def _record(self, shape: tuple[int, ...], cap: _Capture) -> tuple:
         global _CAPTURE
         b, c, h, w = shape
-        cap = _Capture()
         rows = self.init_conv.direct_rows is not None
         p = self.init_conv.direct_rows[4] if rows else 0
         x_buf = torch.zeros((b, h + 2 * p, w + 2 * p, c), dtype=self.dtype).permute(0, 3, 1, 2)  # channels-last
@@ -520,8 +590,11 @@ class FusedCPUUNet:
         _CAPTURE = cap
         try:
             out = self._forward(x_view, film_buf, xpad=x_buf if rows else None)
+            cap.use([out])
         finally:
             _CAPTURE = None
+        if cap.plan is None:  # the output stays live after the last op
+            cap.buffers[cap._by_ptr[out.untyped_storage().data_ptr()]][2] = len(cap.graph)
         cap.keep.append(out)
         return cap, x_view, film_buf, out
 
