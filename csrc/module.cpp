@@ -20,6 +20,7 @@
 #include "cpu/sampler_step_cpu.h"
 #include "cpu/unet_ops_cpu.h"
 #include "cpu/conv_bf16_cpu.h"
+#include "cpu/enhance_ops_cpu.h"
 #if defined(RETINA_FAST_WITH_CUDA)
 #include "cuda/philox_cuda.h"
 #endif
@@ -287,6 +288,32 @@ void conv_transpose2d_k4s2p1_bf16_cl(uintptr_t x, int64_t batch, int64_t h, int6
   }, shape_name("conv_t", {batch, h, w, c, n}));
 }
 
+// ---- MAGE-Net enhancer ops (retina_fast/enhance.py CPURunner; checked there) ----------------------------
+
+void upsample_bilinear_cl(uintptr_t x, int64_t batch, int64_t hi, int64_t wi, int64_t c, int64_t ho, int64_t wo,
+                          uintptr_t res, uintptr_t out, bool bf16) {
+  if (batch < 0 || hi <= 0 || wi <= 0 || c <= 0 || ho <= 0 || wo <= 0)
+    throw py::value_error("upsample_bilinear_cl: bad shape");
+  if (!x || !out) throw py::value_error("upsample_bilinear_cl: null pointer");
+  py::gil_scoped_release nogil;
+  if (bf16)
+    rf::upsample_bilinear_cl(cptr<uint16_t>(x), batch, hi, wi, c, ho, wo, cptr<uint16_t>(res), reinterpret_cast<uint16_t*>(out));
+  else
+    rf::upsample_bilinear_cl(cptr<float>(x), batch, hi, wi, c, ho, wo, cptr<float>(res), reinterpret_cast<float*>(out));
+}
+
+void ca_residual_cl(uintptr_t body, uintptr_t x, int64_t batch, int64_t pixels, int64_t c, uintptr_t w_down,
+                    uintptr_t w_up, int64_t r, uintptr_t out, bool bf16) {
+  if (batch < 0 || pixels <= 0 || c <= 0 || r <= 0) throw py::value_error("ca_residual_cl: bad shape");
+  if (!body || !x || !w_down || !w_up || !out) throw py::value_error("ca_residual_cl: null pointer");
+  py::gil_scoped_release nogil;
+  const float *wd = cptr<float>(w_down), *wu = cptr<float>(w_up);
+  if (bf16)
+    rf::ca_residual_cl(cptr<uint16_t>(body), cptr<uint16_t>(x), batch, pixels, c, wd, wu, r, reinterpret_cast<uint16_t*>(out));
+  else
+    rf::ca_residual_cl(cptr<float>(body), cptr<float>(x), batch, pixels, c, wd, wu, r, reinterpret_cast<float*>(out));
+}
+
 py::dict build_info() {
   py::dict d;
   d["build_type"] = RF_BUILD_TYPE;
@@ -343,6 +370,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("concat_channels_cl", &concat_channels_cl, py::arg("a"), py::arg("b"), py::arg("out"), py::arg("rows"),
         py::arg("bytes_a"), py::arg("bytes_b"), py::arg("graph") = py::none(),
         "out row r = a row r (bytes_a) then b row r (bytes_b): channel concat of channels-last tensors.");
+  m.def("upsample_bilinear_cl", &upsample_bilinear_cl, py::arg("x"), py::arg("batch"), py::arg("hi"), py::arg("wi"),
+        py::arg("c"), py::arg("ho"), py::arg("wo"), py::arg("res"), py::arg("out"), py::arg("bf16"),
+        "Channels-last bilinear resize (align_corners=False) [+ res] on data pointers; see csrc/cpu/enhance_ops_cpu.h.");
+  m.def("ca_residual_cl", &ca_residual_cl, py::arg("body"), py::arg("x"), py::arg("batch"), py::arg("pixels"),
+        py::arg("c"), py::arg("w_down"), py::arg("w_up"), py::arg("r"), py::arg("out"), py::arg("bf16"),
+        "Channel attention of body (B, P, C) times body plus x, channels-last, on data pointers.");
+  m.def("enhance_ops_scalar_only", &rf::enhance_ops_scalar_only, py::arg("on"),
+        "Tests: make upsample_bilinear_cl / ca_residual_cl use their scalar fallback (as without AVX-512).");
   py::class_<OpGraph>(m, "OpGraph", "A captured sequence of fused CPU ops, replayed by run() (see module.cpp).")
       .def(py::init<>())
       .def("run", &OpGraph::run)

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cpu/attn_bf16_cpu.h"
+#include "cpu/bf16_scalar.h"
 #include "cpu/conv_bf16_cpu.h"
 
 #define RF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -20,21 +21,6 @@
 
 namespace rf {
 namespace {
-
-RF_INLINE float ld(float v) { return v; }
-RF_INLINE float ld(uint16_t v) {
-  const uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-RF_INLINE void st(float* d, float v) { *d = v; }
-RF_INLINE void st(uint16_t* d, float v) {  // round to nearest even; NaN stays NaN
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  *d = static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : r);
-}
 
 // exp(x) with range reduction x = n ln2 + r and a degree-6 polynomial on |r| <= ln2 / 2 (Cephes expf
 // coefficients); relative error ~2 ulp, vectorisable (no libm call).

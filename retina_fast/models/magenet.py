@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retina_fast.models.rsp import RSPNet, RSPOutput, crop_to, pad_to_multiple
+from retina_fast.models.rsp import RSPNet, RSPOutput, crop_to, pad_to_multiple, resize_add
 
 __all__ = ["MAGENetConfig", "MAGENetOutput", "MAGENet", "CAB", "ChannelAttention", "SAM",
            "channel_attention_ref", "MAGENET_PRESETS"]
@@ -95,21 +95,17 @@ class SAM(nn.Module):
         return self.conv1(feats) * torch.sigmoid(self.conv3(img)) + feats, img
 
 
-def _resize(x: torch.Tensor, size) -> torch.Tensor:
-    if x.shape[-2:] == tuple(size):
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-
-
 class Resample(nn.Module):
     """Bilinear resize to a target size (×0.5 down / ×2 up) then 1×1 conv cin -> cout."""
+
+    resize = staticmethod(resize_add)
 
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, 1, bias=False)
 
     def forward(self, x: torch.Tensor, size) -> torch.Tensor:
-        return self.conv(_resize(x, size))
+        return self.conv(self.resize(x, size))
 
 
 def _cabs(n: int, channels: int, reduction: int) -> nn.Sequential:
@@ -154,6 +150,8 @@ class FAB(nn.Module):
     """Fundus attention block (see module doc). x (N, C, H, W), Stage-1 level features enc, dec
     (N, C_i, H_i, W_i), RSP features (N, R, H, W) or None -> (N, C, H, W)."""
 
+    resize = staticmethod(resize_add)
+
     def __init__(self, channels: int, stage1_channels: int, rsp_channels: int, cabs: int, reduction: int) -> None:
         super().__init__()
         self.body = nn.Sequential(_cabs(cabs, channels, reduction), conv3(channels, channels))
@@ -164,7 +162,7 @@ class FAB(nn.Module):
     def forward(self, x, enc, dec, rsp=None):
         size = x.shape[-2:]
         h = x + self.body(x)
-        h = h + _resize(self.proj_enc(enc), size) + _resize(self.proj_dec(dec), size)
+        h = self.resize(self.proj_dec(dec), size, add=self.resize(self.proj_enc(enc), size, add=h))
         z = h if rsp is None else torch.cat([h, rsp], 1)
         return h + self.transform(z)
 
@@ -246,6 +244,8 @@ class MAGENetOutput:
 class MAGENet(nn.Module):
     """MAGE-Net; ``forward(x)`` -> MAGENetOutput, ``restore(x)`` -> final image tensor only."""
 
+    resize = staticmethod(resize_add)
+
     def __init__(self, config: MAGENetConfig | None = None) -> None:
         super().__init__()
         cfg = self.config = config or MAGENetConfig()
@@ -275,7 +275,7 @@ class MAGENet(nn.Module):
             full = xp.shape[-2:]
             rsp_feats = None
             if rsp_out is not None:
-                rsp_feats = torch.cat([_resize(p(f), full) for p, f in zip(self.rsp_proj, rsp_out.features)], 1)
+                rsp_feats = torch.cat([self.resize(p(f), full) for p, f in zip(self.rsp_proj, rsp_out.features)], 1)
             h = self.bridge(torch.cat([self.shallow2(xp), feats], 1))
             for i, fab in enumerate(self.fabs):
                 h = fab(h, enc[i], dec[i], rsp_feats)

@@ -48,6 +48,14 @@ def crop_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x[..., : size[0], : size[1]]
 
 
+def resize_add(x: torch.Tensor, size, add: torch.Tensor | None = None) -> torch.Tensor:
+    """Bilinear resize of x to ``size`` (align_corners=False; none when already that size) [+ add]. Modules
+    call it as ``self.resize``, a class attribute an accelerated copy may replace per instance with a fused
+    kernel (retina_fast/backends/cpu_enhance.py)."""
+    y = x if x.shape[-2:] == tuple(size) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return y if add is None else add + y
+
+
 def box_filter(x: torch.Tensor, r: int) -> torch.Tensor:
     """Mean over the (2r+1)² window clipped at the borders (differentiable); (N, C, H, W) -> same."""
     return F.avg_pool2d(x, 2 * r + 1, stride=1, padding=r, count_include_pad=False)
@@ -111,6 +119,8 @@ class AttentionGuidedUpsample(nn.Module):
     on the coarse grid; bilinear upsampling of A, B; output A↑ · guide + B↑.
     """
 
+    resize = staticmethod(resize_add)
+
     def __init__(self, channels: int, low_channels: int, radius: int = 1, eps: float = 1e-2) -> None:
         super().__init__()
         self.reduce = nn.Conv2d(low_channels, channels, 1, bias=False)
@@ -123,8 +133,7 @@ class AttentionGuidedUpsample(nn.Module):
         t = self.gate(guide_low, low)
         a, b = weighted_guided_filter(guide_low, low, t, self.radius, self.eps)
         size = guide.shape[-2:]
-        a = F.interpolate(a, size=size, mode="bilinear", align_corners=False)
-        b = F.interpolate(b, size=size, mode="bilinear", align_corners=False)
+        a, b = self.resize(a, size), self.resize(b, size)
         return a * guide + b
 
 
