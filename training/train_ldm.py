@@ -57,7 +57,8 @@ def add_arguments(p) -> None:
 
 
 def load_vqgan(path: str | Path) -> tuple[VQGAN, dict]:
-    """A trained VQ-GAN (eval, frozen) and its config.json from a run directory or a checkpoint directory."""
+    """A trained VQ-GAN (eval, frozen) and its config.json from a run directory, its ``final/`` or one of its
+    training checkpoints (``checkpoints/step_N``, whose architecture sits in the saved options)."""
     path = Path(path)
     if (path / "final" / "config.json").is_file():
         path = path / "final"
@@ -65,7 +66,10 @@ def load_vqgan(path: str | Path) -> tuple[VQGAN, dict]:
         raise ValueError(f"--vqgan {path}: no config.json here or in final/ (train it with 'retina-fast train "
                          f"vqgan' first)")
     doc, states = load_checkpoint(path, ["vqgan"])
-    vq = VQGAN(LDMConfig.from_dict(doc["architecture"]).vqgan)
+    arch = doc.get("architecture") or doc.get("options", {}).get("architecture")
+    if not isinstance(arch, dict) or "vqgan" not in arch:
+        raise ValueError(f"--vqgan {path}: config.json names no VQ-GAN architecture (kind {doc.get('kind')!r})")
+    vq = VQGAN(LDMConfig.from_dict(arch).vqgan)
     load_state_into(vq, states["vqgan"], str(path / "vqgan.safetensors"))
     return vq.eval().requires_grad_(False), {**doc, "path": str(path)}
 
