@@ -250,7 +250,7 @@ void concat_channels_cl(uintptr_t a, uintptr_t b, uintptr_t out, int64_t rows, i
 
 void conv2d_bf16_cl(uintptr_t x, int64_t batch, int64_t h, int64_t w, int64_t c, uintptr_t wpacked, int64_t kh,
                     int64_t kw, int64_t n, int64_t stride, int64_t pad, int64_t ho, int64_t wo, uintptr_t bias,
-                    uintptr_t res, uintptr_t out, py::object graph) {
+                    uintptr_t res, uintptr_t out, bool replicate, py::object graph) {
   if (!rf::conv_bf16_supported()) throw std::runtime_error("conv2d_bf16_cl: this CPU lacks AVX512-BF16");
   if (batch < 0 || h <= 0 || w <= 0 || c <= 0 || c % 2 || kh <= 0 || kw <= 0 || n <= 0 || stride <= 0 || pad < 0)
     throw py::value_error("conv2d_bf16_cl: bad shape (channels must be even and positive)");
@@ -259,7 +259,7 @@ void conv2d_bf16_cl(uintptr_t x, int64_t batch, int64_t h, int64_t w, int64_t c,
   if (!x || !wpacked || !out) throw py::value_error("conv2d_bf16_cl: null pointer");
   submit(graph, [=] {
     rf::conv2d_bf16_cl(cptr<uint16_t>(x), batch, h, w, c, cptr<uint16_t>(wpacked), kh, kw, n, stride, pad, ho, wo,
-                       cptr<float>(bias), cptr<uint16_t>(res), reinterpret_cast<uint16_t*>(out));
+                       cptr<float>(bias), cptr<uint16_t>(res), reinterpret_cast<uint16_t*>(out), replicate);
   }, shape_name("conv", {batch, h, w, c, n, kh, kw, stride}));
 }
 
@@ -277,14 +277,14 @@ void conv2d_rows_bf16_cl(uintptr_t xpad, int64_t batch, int64_t hp, int64_t wp, 
 }
 
 void conv_transpose2d_k4s2p1_bf16_cl(uintptr_t x, int64_t batch, int64_t h, int64_t w, int64_t c, uintptr_t wpacked,
-                                     int64_t n, uintptr_t bias, uintptr_t out, py::object graph) {
+                                     int64_t n, uintptr_t bias, uintptr_t out, bool replicate, py::object graph) {
   if (!rf::conv_bf16_supported()) throw std::runtime_error("conv_transpose2d_k4s2p1_bf16_cl: this CPU lacks AVX512-BF16");
   if (batch < 0 || h <= 0 || w <= 0 || c <= 0 || c % 2 || n <= 0)
     throw py::value_error("conv_transpose2d_k4s2p1_bf16_cl: bad shape (channels must be even and positive)");
   if (!x || !wpacked || !out) throw py::value_error("conv_transpose2d_k4s2p1_bf16_cl: null pointer");
   submit(graph, [=] {
     rf::conv_transpose2d_k4s2p1_bf16_cl(cptr<uint16_t>(x), batch, h, w, c, cptr<uint16_t>(wpacked), n,
-                                        cptr<float>(bias), reinterpret_cast<uint16_t*>(out));
+                                        cptr<float>(bias), reinterpret_cast<uint16_t*>(out), replicate);
   }, shape_name("conv_t", {batch, h, w, c, n}));
 }
 
@@ -358,14 +358,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("conv_bf16_supported", &rf::conv_bf16_supported, "Whether this CPU can run conv2d_bf16_cl.");
   m.def("conv2d_bf16_cl", &conv2d_bf16_cl, py::arg("x"), py::arg("batch"), py::arg("h"), py::arg("w"), py::arg("c"),
         py::arg("wpacked"), py::arg("kh"), py::arg("kw"), py::arg("n"), py::arg("stride"), py::arg("pad"),
-        py::arg("ho"), py::arg("wo"), py::arg("bias"), py::arg("res"), py::arg("out"), py::arg("graph") = py::none(),
+        py::arg("ho"), py::arg("wo"), py::arg("bias"), py::arg("res"), py::arg("out"), py::arg("replicate") = false,
+        py::arg("graph") = py::none(),
         "Direct channels-last bf16 convolution (AVX512-BF16) on data pointers; see csrc/cpu/conv_bf16_cpu.h.");
   m.def("conv2d_rows_bf16_cl", &conv2d_rows_bf16_cl, py::arg("xpad"), py::arg("batch"), py::arg("hp"), py::arg("wp"),
         py::arg("c"), py::arg("wpacked"), py::arg("kh"), py::arg("kw"), py::arg("n"), py::arg("bias"), py::arg("res"),
         py::arg("out"), py::arg("graph") = py::none(), "Row form of a stride-1 few-channel bf16 conv on a padded channels-last input; data pointers.");
   m.def("conv_transpose2d_k4s2p1_bf16_cl", &conv_transpose2d_k4s2p1_bf16_cl, py::arg("x"), py::arg("batch"),
         py::arg("h"), py::arg("w"), py::arg("c"), py::arg("wpacked"), py::arg("n"), py::arg("bias"), py::arg("out"),
-        py::arg("graph") = py::none(),
+        py::arg("replicate") = false, py::arg("graph") = py::none(),
         "ConvTranspose2d(4, stride 2, padding 1) on channels-last bf16 as four direct 2x2 convs; data pointers.");
   m.def("concat_channels_cl", &concat_channels_cl, py::arg("a"), py::arg("b"), py::arg("out"), py::arg("rows"),
         py::arg("bytes_a"), py::arg("bytes_b"), py::arg("graph") = py::none(),

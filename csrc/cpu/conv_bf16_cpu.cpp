@@ -29,6 +29,7 @@ struct ConvShape {
   // input memory: pixel (b, hi, wi) starts at ((b * h + hi) * wmem + wi) * pstride; a plain convolution has
   // wmem = w, pstride = c; the row form of a few-channel conv reads overlapping pixels (pstride < c)
   int64_t wmem, pstride;
+  bool replicate;  // outside the image: the nearest edge pixel instead of zero
 };
 
 // One tile: kMR output pixels (rows m0 .. m0 + mr - 1) x 32 output channels from n0. src[t * kMR + i] points at
@@ -87,7 +88,11 @@ void tile_sources(const ConvShape& s, const uint16_t* x, const uint16_t* zeros, 
       for (int64_t t = 0; t < taps; ++t) src[t * kMR + i] = reinterpret_cast<const int32_t*>(base + tap_off[t]);
     } else {
       for (int64_t t = 0; t < taps; ++t) {
-        const int64_t hi = h0 + tap_dh[t], wi = w0 + tap_dw[t];
+        int64_t hi = h0 + tap_dh[t], wi = w0 + tap_dw[t];
+        if (s.replicate) {
+          hi = std::min(std::max<int64_t>(hi, 0), s.h - 1);
+          wi = std::min(std::max<int64_t>(wi, 0), s.w - 1);
+        }
         const bool inside = hi >= 0 && hi < s.h && wi >= 0 && wi < s.w;
         src[t * kMR + i] = reinterpret_cast<const int32_t*>(inside ? x + ((b * s.h + hi) * s.wmem + wi) * s.pstride : zeros);
       }
@@ -141,8 +146,9 @@ void run_conv(const ConvShape& s, const uint16_t* x, const uint16_t* wpacked, co
 
 void conv2d_bf16_cl(const uint16_t* x, int64_t batch, int64_t h, int64_t w, int64_t c, const uint16_t* wpacked,
                     int64_t kh, int64_t kw, int64_t n, int64_t stride, int64_t pad, int64_t ho, int64_t wo,
-                    const float* bias, const uint16_t* res, uint16_t* out) {
-  const ConvShape s{batch, h, w, c, kh, kw, n, (n + 31) / 32 * 32, stride, pad, pad, ho, wo, 1, 0, 0, ho, wo, w, c};
+                    const float* bias, const uint16_t* res, uint16_t* out, bool replicate) {
+  const ConvShape s{batch, h, w, c, kh, kw, n, (n + 31) / 32 * 32, stride, pad, pad, ho, wo, 1, 0, 0, ho, wo, w, c,
+                    replicate};
   run_conv(s, x, wpacked, bias, res, out);
 }
 
@@ -151,18 +157,20 @@ void conv2d_rows_bf16_cl(const uint16_t* xpad, int64_t batch, int64_t hp, int64_
                          const uint16_t* res, uint16_t* out) {
   // virtual pixel (hi, wi) = the kw * c contiguous values of pixels wi .. wi + kw - 1 of row hi
   const int64_t ho = hp - kh + 1, wo = wp - kw + 1;
-  const ConvShape s{batch, hp, wo, kw * c, kh, 1, n, (n + 31) / 32 * 32, 1, 0, 0, ho, wo, 1, 0, 0, ho, wo, wp, c};
+  const ConvShape s{batch, hp, wo, kw * c, kh, 1, n, (n + 31) / 32 * 32, 1, 0, 0, ho, wo, 1, 0, 0, ho, wo, wp, c,
+                    false};
   run_conv(s, xpad, wpacked, bias, res, out);
 }
 
 void conv_transpose2d_k4s2p1_bf16_cl(const uint16_t* x, int64_t batch, int64_t h, int64_t w, int64_t c,
-                                     const uint16_t* wpacked, int64_t n, const float* bias, uint16_t* out) {
+                                     const uint16_t* wpacked, int64_t n, const float* bias, uint16_t* out,
+                                     bool replicate) {
   const int64_t np = (n + 31) / 32 * 32;
   const int64_t phase_size = 4 * (c / 2) * np * 2;  // one packed 2x2 kernel
   for (int64_t py = 0; py < 2; ++py)
     for (int64_t px = 0; px < 2; ++px) {
       // output row 2q + py reads input rows q - 1, q (py = 0) or q, q + 1 (py = 1): a 2x2 conv, top/left pad 1 - p
-      const ConvShape s{batch, h, w, c, 2, 2, n, np, 1, 1 - py, 1 - px, h, w, 2, py, px, 2 * h, 2 * w, w, c};
+      const ConvShape s{batch, h, w, c, 2, 2, n, np, 1, 1 - py, 1 - px, h, w, 2, py, px, 2 * h, 2 * w, w, c, replicate};
       run_conv(s, x, wpacked + (py * 2 + px) * phase_size, bias, nullptr, out);
     }
 }

@@ -13,11 +13,12 @@ bool conv_bf16_supported();
 // element [t, c2, n, j] = weight[n, 2 c2 + j, t / KW, t % KW] (zero for n >= N).
 //
 // out[b, ho, wo, n] = bias[n] + sum_{kh, kw, c} x[b, ho s - p + kh, wo s - p + kw, c] w[n, c, kh, kw]
-//                     (+ res[b, ho, wo, n]), zero padding outside the image, rounded to bf16 (nearest even).
+//                     (+ res[b, ho, wo, n]), rounded to bf16 (nearest even). Outside the image the input is
+// zero, or with `replicate` the nearest edge pixel (padding_mode="replicate": row and column clamped).
 // x (B, H, W, C), C even; res, out (B, Ho, Wo, N); bias (N,) float32 or null; res null or bf16.
 void conv2d_bf16_cl(const uint16_t* x, int64_t batch, int64_t h, int64_t w, int64_t c, const uint16_t* wpacked,
                     int64_t kh, int64_t kw, int64_t n, int64_t stride, int64_t pad, int64_t ho, int64_t wo,
-                    const float* bias, const uint16_t* res, uint16_t* out);
+                    const float* bias, const uint16_t* res, uint16_t* out, bool replicate = false);
 
 // Row form of a stride-1 convolution for few input channels: xpad (B, Hp, Wp, C) is the already padded
 // input, and the kw taps of a kernel row are read as kw * C contiguous values (C * kw even), so the
@@ -30,8 +31,11 @@ void conv2d_rows_bf16_cl(const uint16_t* xpad, int64_t batch, int64_t hp, int64_
 // ConvTranspose2d(kernel 4, stride 2, padding 1): x (B, H, W, C) -> out (B, 2H, 2W, N), as four 2x2
 // convolutions, one per output phase (py, px). wpacked holds the four 2x2 kernels in the layout above,
 // phase py * 2 + px first index: kernel[n, c, dy, dx] = weight_t[c, n, 3 - py - 2 dy, 3 - px - 2 dx]
-// (weight_t is the ConvTranspose2d weight (C, N, 4, 4)).
+// (weight_t is the ConvTranspose2d weight (C, N, 4, 4)). With `replicate` the input rows/columns -1 and H / W
+// read the edge pixels instead of zero: ConvTranspose2d(4, 2, padding 3) of x padded by 1 by replication
+// (the VQ-GAN decoder's upsampling).
 void conv_transpose2d_k4s2p1_bf16_cl(const uint16_t* x, int64_t batch, int64_t h, int64_t w, int64_t c,
-                                     const uint16_t* wpacked, int64_t n, const float* bias, uint16_t* out);
+                                     const uint16_t* wpacked, int64_t n, const float* bias, uint16_t* out,
+                                     bool replicate = false);
 
 }  // namespace rf

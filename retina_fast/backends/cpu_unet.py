@@ -43,7 +43,7 @@ from retina_fast import _ext
 from retina_fast.models.attention import Attention, LinearAttention, PreNormResidual
 from retina_fast.models.unet import ResnetBlock, UNet2D, pad_to_multiple
 
-__all__ = ["FusedCPUUNet", "gn_silu_cl", "channel_norm_cl", "attention_cl", "conv2d_bf16_cl", "pack_conv_weight_bf16",
+__all__ = ["FusedCPUUNet", "record_graph", "plan_arena", "gn_silu_cl", "channel_norm_cl", "attention_cl", "conv2d_bf16_cl", "pack_conv_weight_bf16",
            "conv_transpose2d_k4s2p1_bf16_cl", "pack_conv_transpose_k4s2p1_bf16", "conv2d_rows_bf16_cl",
            "pack_conv_rows_bf16",
            "mkldnn_usable", "direct_bf16_conv_usable"]
@@ -113,6 +113,32 @@ def plan_arena(buffers: list[list[int]], align: int = 64) -> tuple[list[int], in
 
 
 _CAPTURE: _Capture | None = None
+
+
+def record_graph(build) -> tuple:
+    """Record ``build()`` -- which allocates its input buffers, runs a forward made of C++ ops and returns
+    ``(out, buffers to keep alive, extra)`` -- as one OpGraph whose activations share a planned arena: a first
+    pass notes each buffer's lifetime, :func:`plan_arena` packs them, the second pass records for real.
+    Returns ``(capture, out, extra)``; replay with ``capture.graph.run()`` after refilling the inputs."""
+
+    def once(cap: _Capture):
+        global _CAPTURE
+        _CAPTURE = cap
+        try:
+            out, keep, extra = build()
+            cap.use([out])
+        finally:
+            _CAPTURE = None
+        cap.keep += [*keep, out]
+        return out, extra
+
+    trace = _Capture()
+    out, _ = once(trace)
+    trace.buffers[trace._by_ptr[out.untyped_storage().data_ptr()]][2] = len(trace.graph)  # live after the end
+    plan, arena_bytes = plan_arena(trace.buffers)
+    cap = _Capture(plan, arena_bytes)
+    out, extra = once(cap)
+    return cap, out, extra
 
 
 def _graph(*used: torch.Tensor | None):
@@ -202,31 +228,34 @@ def pack_conv_transpose_k4s2p1_bf16(weight: torch.Tensor) -> torch.Tensor:
 
 
 def conv_transpose2d_k4s2p1_bf16_cl(x: torch.Tensor, packed: torch.Tensor, n: int,
-                                    bias: torch.Tensor | None = None) -> torch.Tensor:
+                                    bias: torch.Tensor | None = None, replicate: bool = False) -> torch.Tensor:
     """``F.conv_transpose2d(x, w, bias, stride=2, padding=1)`` (4x4 kernel) for channels-last bf16 x with
-    ``packed = pack_conv_transpose_k4s2p1_bf16(w)``."""
+    ``packed = pack_conv_transpose_k4s2p1_bf16(w)``; ``replicate``: instead
+    ``F.conv_transpose2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), w, bias, stride=2, padding=3)``."""
     _check_cl(x)
     b, c, h, w = x.shape
     if x.dtype != torch.bfloat16 or packed.shape != (4, 4, c // 2, -(-n // 32) * 32, 2) or c % 2:
         raise ValueError(f"packed weight {tuple(packed.shape)} does not fit bf16 input with {c} channels, {n} outputs")
     if bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,) or not bias.is_contiguous()):
         raise ValueError(f"bias must be float32 ({n},)")
-    return _convt_raw(x, packed.contiguous(), n, bias)
+    return _convt_raw(x, packed.contiguous(), n, bias, replicate)
 
 
-def _convt_raw(x, packed, n, bias) -> torch.Tensor:
+def _convt_raw(x, packed, n, bias, replicate=False) -> torch.Tensor:
     b, c, h, w = x.shape
     out = _empty((b, n, 2 * h, 2 * w), torch.bfloat16)
     _ext.require().conv_transpose2d_k4s2p1_bf16_cl(x.data_ptr(), b, h, w, c, packed.data_ptr(), n,
                                                    bias.data_ptr() if bias is not None else 0, out.data_ptr(),
-                                                   graph=_graph(x, out))
+                                                   replicate=replicate, graph=_graph(x, out))
     return out
 
 
 def conv2d_bf16_cl(x: torch.Tensor, packed: torch.Tensor, n: int, kernel: tuple[int, int], stride: int, pad: int,
-                   bias: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+                   bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                   replicate: bool = False) -> torch.Tensor:
     """``F.conv2d(x, w, bias, stride, pad) (+ residual)`` for channels-last bf16 x (B, C, H, W) with
-    ``packed = pack_conv_weight_bf16(w)``; fp32 accumulation, output rounded to bf16 once."""
+    ``packed = pack_conv_weight_bf16(w)``; fp32 accumulation, output rounded to bf16 once. ``replicate``:
+    ``padding_mode="replicate"`` instead of zeros."""
     _check_cl(x)
     if x.dtype != torch.bfloat16:
         raise ValueError(f"conv2d_bf16_cl takes bfloat16 input, got {x.dtype}")
@@ -242,17 +271,17 @@ def conv2d_bf16_cl(x: torch.Tensor, packed: torch.Tensor, n: int, kernel: tuple[
         _check_cl(residual, "residual")
         if residual.dtype != torch.bfloat16 or residual.shape != (b, n, ho, wo):
             raise ValueError(f"residual must be bfloat16 {(b, n, ho, wo)}, got {residual.dtype} {tuple(residual.shape)}")
-    return _conv_raw(x, packed.contiguous(), n, kh, kw, stride, pad, bias, residual)
+    return _conv_raw(x, packed.contiguous(), n, kh, kw, stride, pad, bias, residual, replicate)
 
 
-def _conv_raw(x, packed, n, kh, kw, stride, pad, bias, residual) -> torch.Tensor:
+def _conv_raw(x, packed, n, kh, kw, stride, pad, bias, residual, replicate=False) -> torch.Tensor:
     b, c, h, w = x.shape
     ho, wo = (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kw) // stride + 1
     out = _empty((b, n, ho, wo), torch.bfloat16)
     _ext.require().conv2d_bf16_cl(x.data_ptr(), b, h, w, c, packed.data_ptr(), kh, kw, n, stride, pad, ho, wo,
                                   bias.data_ptr() if bias is not None else 0,
                                   residual.data_ptr() if residual is not None else 0, out.data_ptr(),
-                                  graph=_graph(x, residual, out))
+                                  replicate=replicate, graph=_graph(x, residual, out))
     return out
 
 
@@ -348,6 +377,8 @@ class _Conv:
     """
 
     def __init__(self, conv: nn.Module, dtype: torch.dtype, weight_scale: torch.Tensor | None = None) -> None:
+        if getattr(conv, "padding_mode", "zeros") != "zeros":
+            raise ValueError(f"_Conv handles zero padding only, got padding_mode={conv.padding_mode!r}")
         self.transposed = isinstance(conv, nn.ConvTranspose2d)
         w = conv.weight.detach().float()
         if weight_scale is not None:
@@ -571,31 +602,19 @@ class FusedCPUUNet:
         return self.final_conv(x)
 
     def _capture(self, shape: tuple[int, ...]) -> tuple:
-        """Record the forward for input ``shape`` as one C++ OpGraph: a first pass notes each activation
-        buffer's lifetime, the second records into one arena where buffers that are never live at the same
-        time share memory (:func:`plan_arena`)."""
-        trace = self._record(shape, _Capture())
-        plan, arena_bytes = plan_arena(trace[0].buffers)
-        return self._record(shape, _Capture(plan, arena_bytes))
-
-    def _record(self, shape: tuple[int, ...], cap: _Capture) -> tuple:
-        global _CAPTURE
+        """Record the forward for input ``shape`` as one C++ OpGraph (see :func:`record_graph`)."""
         b, c, h, w = shape
         rows = self.init_conv.direct_rows is not None
         p = self.init_conv.direct_rows[4] if rows else 0
-        x_buf = torch.zeros((b, h + 2 * p, w + 2 * p, c), dtype=self.dtype).permute(0, 3, 1, 2)  # channels-last
-        x_view = x_buf[:, :, p:p + h, p:p + w]
-        film_buf = torch.empty((b, self.film_weight.shape[0]), dtype=torch.float32)
-        cap.keep += [x_buf, film_buf]
-        _CAPTURE = cap
-        try:
+
+        def build():
+            x_buf = torch.zeros((b, h + 2 * p, w + 2 * p, c), dtype=self.dtype).permute(0, 3, 1, 2)  # channels-last
+            x_view = x_buf[:, :, p:p + h, p:p + w]
+            film_buf = torch.empty((b, self.film_weight.shape[0]), dtype=torch.float32)
             out = self._forward(x_view, film_buf, xpad=x_buf if rows else None)
-            cap.use([out])
-        finally:
-            _CAPTURE = None
-        if cap.plan is None:  # the output stays live after the last op
-            cap.buffers[cap._by_ptr[out.untyped_storage().data_ptr()]][2] = len(cap.graph)
-        cap.keep.append(out)
+            return out, [x_buf, film_buf], (x_view, film_buf)
+
+        cap, out, (x_view, film_buf) = record_graph(build)
         return cap, x_view, film_buf, out
 
     @torch.no_grad()

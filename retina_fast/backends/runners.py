@@ -24,7 +24,8 @@ import warnings
 
 import torch
 
-from retina_fast.backends.cpu_unet import FusedCPUUNet, mkldnn_usable
+from retina_fast.backends.cpu_decoder import FusedCPUDecoder
+from retina_fast.backends.cpu_unet import FusedCPUUNet, direct_bf16_conv_usable, mkldnn_usable
 from retina_fast.models.attention import Attention, LinearAttention
 from retina_fast.models.layers import GroupNormSiLU
 from retina_fast.models.vqgan import model_to_reflectance, unscale_latent
@@ -123,7 +124,9 @@ class _FrozenGraphs:
 class CPURunner(Runner):
     """U-Net: :class:`~retina_fast.backends.cpu_unet.FusedCPUUNet` in ``dtype`` (fused C++ norm/attention
     kernels; oneDNN convolutions in fp32, C++ direct convolutions and a replayed op graph in bf16 on
-    AVX512-BF16 CPUs); decoder: a frozen channels-last graph in ``dtype``, in chunks of 8 images."""
+    AVX512-BF16 CPUs); decoder, in chunks of ``DECODE_CHUNK`` images: in bf16 on AVX512-BF16 CPUs
+    :class:`~retina_fast.backends.cpu_decoder.FusedCPUDecoder` (the same C++ ops, replayed), otherwise a
+    frozen channels-last TorchScript graph in ``dtype``."""
 
     nearest_impl = "cpp"
     step_impl = "cpp"
@@ -140,7 +143,12 @@ class CPURunner(Runner):
             self.fast_unet = lambda x, t: frozen(
                 x.to(dtype).contiguous(memory_format=torch.channels_last), t).float().contiguous()
             self.unet_path = "frozen TorchScript graph"
-        self.fast_decode = _FrozenGraphs(_DecodeIndices(_fast_copy(loaded.vqgan, dtype, True)))
+        if dtype == torch.bfloat16 and direct_bf16_conv_usable():
+            self.fast_decode = FusedCPUDecoder(loaded.vqgan)  # per-image C++ kernels: batch invariant
+            self.decode_path = "C++ ops + direct bf16 convolutions, replayed op graph"
+        else:
+            self.fast_decode = _FrozenGraphs(_DecodeIndices(_fast_copy(loaded.vqgan, dtype, True)))
+            self.decode_path = "frozen TorchScript graph"
 
     # bf16 only: oneDNN picks its bf16 convolution kernels by batch size, and some picks round differently
     # (shipped tiny, 2-core AVX512-BF16 CPU: batches of 1, 2, 3, 7 gave an image differing by one bf16 step
@@ -168,6 +176,8 @@ class CPURunner(Runner):
 
     @torch.no_grad()
     def decode_indices(self, idx):
+        if isinstance(self.fast_decode, FusedCPUDecoder):
+            return torch.cat([self.fast_decode(chunk) for chunk in idx.split(self.DECODE_CHUNK)])
         b, (idx,) = self._pad(idx)
         out = [self.fast_decode(chunk) for chunk in idx.split(self.DECODE_CHUNK)]
         return torch.cat(out)[:b].float()
