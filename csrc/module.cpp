@@ -176,6 +176,22 @@ struct OpGraph {
   }
 };
 
+// Replay several graphs at once, one OpenMP thread each; the ops inside run single-threaded (each thread's
+// own nthreads ICV is set to 1), so every graph stays on one core with its own buffers.
+void run_graphs(const std::vector<OpGraph*>& graphs) {
+  for (const auto* g : graphs)
+    if (!g) throw py::value_error("run_graphs: None in the list");
+  py::gil_scoped_release nogil;
+  const int n = static_cast<int>(graphs.size());
+#pragma omp parallel num_threads(n)
+  {
+    omp_set_num_threads(1);
+    const int t = omp_get_thread_num();
+    if (t < n)
+      for (const auto& op : graphs[t]->ops) op();
+  }
+}
+
 std::string shape_name(const char* kind, std::initializer_list<int64_t> dims) {
   std::string s(kind);
   s += ' ';
@@ -385,6 +401,8 @@ PYBIND11_MODULE(_C, m) {
       .def("profile", &OpGraph::profile, py::arg("repeats") = 20,
            "Replay `repeats` times timing each op: [(name, median seconds)] in op order.")
       .def("__len__", [](const OpGraph& g) { return g.ops.size(); });
+  m.def("run_graphs", &run_graphs, py::arg("graphs"),
+        "Replay the graphs concurrently, one OpenMP thread each, their ops single-threaded.");
   m.def("channel_norm_cl", &channel_norm_cl, py::arg("x"), py::arg("out"), py::arg("rows"), py::arg("channels"),
         py::arg("eps"), py::arg("bf16"), py::arg("graph") = py::none(), "LayerNorm over C of each row of x (rows, C), no affine; data pointers.");
   m.def("attention_cl", &attention_cl, py::arg("qkv"), py::arg("out"), py::arg("batch"), py::arg("pixels"),

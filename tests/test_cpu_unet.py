@@ -254,7 +254,9 @@ def test_bf16_graph_replay_equals_the_eager_fused_forward(name, side):
         fused.graphs = True
         assert torch.equal(replayed, eager)
     assert len(fused._graphs) == 1
-    cap = next(iter(fused._graphs.values()))[0]  # key: the padded shape
+    parts = next(iter(fused._graphs.values()))  # key: the padded shape; one graph per core
+    assert [p[3].shape[0] for p in parts] == cpu_unet.split_batch(3, fused.cores)
+    cap = parts[0][0]
     # activations share one arena: smaller than one buffer per op output, at least the largest buffer
     assert max(b[0] for b in cap.buffers) <= cap.arena.numel() < sum(b[0] for b in cap.buffers)
     fused(torch.randn(2, c, *side), torch.tensor([1, 2]))  # a new batch size records a second graph
@@ -262,6 +264,28 @@ def test_bf16_graph_replay_equals_the_eager_fused_forward(name, side):
     profile = cap.graph.profile(3)
     assert len(profile) == len(cap.graph) and all(s >= 0 for _, s in profile)
     assert {name.split()[0] for name, _ in profile} >= {"conv", "gn_silu", "channel_norm", "concat"}
+
+
+def test_split_batch_sizes():
+    assert cpu_unet.split_batch(8, 2) == [4, 4]
+    assert cpu_unet.split_batch(5, 2) == [3, 2]
+    assert cpu_unet.split_batch(1, 2) == [1]
+    assert cpu_unet.split_batch(7, 1) == [7]
+    assert cpu_unet.split_batch(3, 8) == [1, 1, 1]
+
+
+@needs_bf16_conv
+def test_graphs_replayed_one_per_core_equal_one_graph():
+    net = _unet(5, **UNETS["tiny-like"])
+    fused = cpu_unet.FusedCPUUNet(net, torch.bfloat16)
+    x, t = torch.randn(5, net.config.in_channels, 16, 16), torch.tensor([3, 50, 400, 700, 999])
+    fused.cores = 1
+    one = fused(x, t)
+    fused._graphs.clear()
+    fused.cores = 2
+    two = fused(x, t)
+    assert len(next(iter(fused._graphs.values()))) == 2
+    assert torch.equal(one, two)
 
 
 def test_plan_arena_never_overlaps_buffers_live_at_the_same_time():

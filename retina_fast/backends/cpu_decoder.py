@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from retina_fast.backends.cpu_unet import (_conv_raw, _convt_raw, _empty, _gn_raw, direct_bf16_conv_usable,
-                                           pack_conv_transpose_k4s2p1_bf16, pack_conv_weight_bf16, record_graph)
+                                           graph_threads, pack_conv_transpose_k4s2p1_bf16, pack_conv_weight_bf16,
+                                           record_graph, replay, split_batch)
 from retina_fast.models.layers import GroupNormSiLU
 from retina_fast.models.vqgan import VQGAN, ResBlock
 
@@ -71,7 +72,8 @@ class FusedCPUDecoder:
             self.stages.append((up_packed, res))
         self.conv_out = _conv3(dec.conv_out)
         self.bands = self.conv_out[1]
-        self._graphs: dict[tuple, tuple] = {}
+        self.cores = graph_threads()
+        self._graphs: dict[tuple, list] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -110,10 +112,13 @@ class FusedCPUDecoder:
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.table.shape[0]):
             raise ValueError(f"code indices must be in [0, {self.table.shape[0]})")
         key = tuple(indices.shape)
-        with self._lock:  # one replay at a time: the graph's buffers are shared
-            if key not in self._graphs:
-                self._graphs[key] = self._capture(*key)
-            cap, x_buf, out = self._graphs[key]
-            x_buf.copy_(self.table[indices])
-            cap.graph.run()
-            return out.float().contiguous()
+        with self._lock:  # one replay at a time: the graphs' buffers are shared
+            if key not in self._graphs:  # one graph per core (see cpu_unet.replay)
+                self._graphs[key] = [self._capture(n, *key[1:]) for n in split_batch(key[0], self.cores)]
+            parts = self._graphs[key]
+            start = 0
+            for _, x_buf, out in parts:
+                x_buf.copy_(self.table[indices[start:start + out.shape[0]]])
+                start += out.shape[0]
+            replay([cap for cap, *_ in parts])
+            return torch.cat([out for *_, out in parts]).float().contiguous()
