@@ -34,6 +34,9 @@ struct ConvShape {
 
 // One tile: kMR output pixels (rows m0 .. m0 + mr - 1) x 32 output channels from n0. src[t * kMR + i] points at
 // pixel i's input row for tap t (or at a zero row outside the image).
+// kHalf: only the first 16 of the 32 columns hold outputs (a last block with N - n0 <= 16, e.g. a 16-band
+// or 8-channel output conv): the other half is neither loaded nor multiplied.
+template <bool kHalf>
 RF_BF16_TARGET void tile(const ConvShape& s, const int32_t* const* src, const int64_t* dst, const uint16_t* wp,
                          const float* bias, const uint16_t* res, uint16_t* out, int64_t mr, int64_t n0) {
   const int64_t c2n = s.c / 2;
@@ -44,12 +47,12 @@ RF_BF16_TARGET void tile(const ConvShape& s, const int32_t* const* src, const in
     const uint16_t* wt = wp + (t * c2n * s.np + n0) * 2;
     for (int64_t c2 = 0; c2 < c2n; ++c2) {
       const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wt + c2 * s.np * 2);
-      const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wt + c2 * s.np * 2 + 32);
+      const __m512bh w1 = kHalf ? w0 : (__m512bh)_mm512_loadu_si512(wt + c2 * s.np * 2 + 32);
 #pragma GCC unroll 12
       for (int i = 0; i < kMR; ++i) {
         const __m512bh xv = (__m512bh)_mm512_set1_epi32(st[i][c2]);
         acc[i][0] = _mm512_dpbf16_ps(acc[i][0], xv, w0);
-        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], xv, w1);
+        if (!kHalf) acc[i][1] = _mm512_dpbf16_ps(acc[i][1], xv, w1);
       }
     }
   }
@@ -137,7 +140,12 @@ void run_conv(const ConvShape& s, const uint16_t* x, const uint16_t* wpacked, co
     for (int64_t ti = 0; ti < tiles; ++ti) {
       const int64_t m0 = ti * kMR, mr = std::min<int64_t>(kMR, m - m0);
       tile_sources(s, x, zeros.data(), tap_off.data(), tap_dh.data(), tap_dw.data(), m0, mr, src.data(), dst);
-      for (int64_t nb = 0; nb < nblocks; ++nb) tile(s, src.data(), dst, wpacked, bias, res, out, mr, nb * 32);
+      for (int64_t nb = 0; nb < nblocks; ++nb) {
+        if (s.n - nb * 32 <= 16)
+          tile<true>(s, src.data(), dst, wpacked, bias, res, out, mr, nb * 32);
+        else
+          tile<false>(s, src.data(), dst, wpacked, bias, res, out, mr, nb * 32);
+      }
     }
   }
 }
