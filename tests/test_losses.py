@@ -136,3 +136,40 @@ def test_band_weights_config_validation_and_use():
                            commit_loss=torch.zeros(()), perplexity=torch.ones(()))
     _, parts = crit.generator_loss(x, VQGANOutput(recon=recon, z=z, quant=quant), step=0)
     assert float(parts["l1"]) == pytest.approx(4.0 / 16)
+
+
+class _LinearSegmenter(nn.Module):
+    """A stand-in structure network: logit of structure k = a_k * mean over bands of the reflectance."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor([1.0, -2.0]))
+
+    def forward(self, r):
+        return self.a[None, :, None, None] * r.mean(1, keepdim=True)
+
+
+def test_structure_loss_by_hand_and_in_the_generator_loss():
+    from retina_fast.training.losses import StructureLoss
+
+    cfg = VQGANConfig(gan_warmup_steps=100, structure_weight=2.0)
+    net = _LinearSegmenter()
+    crit = StructureLoss(net, cfg)
+    assert not any(p.requires_grad for p in net.parameters())
+    x = torch.full((1, 16, 2, 2), -1.0)                    # reflectance 0 -> logits 0 -> probabilities 0.5
+    recon = torch.full((1, 16, 2, 2), 1.0, requires_grad=True)  # reflectance 1 -> logits 1, -2
+    want = (abs(torch.sigmoid(torch.tensor(1.0)) - 0.5) + abs(torch.sigmoid(torch.tensor(-2.0)) - 0.5)) / 2
+    got = crit(recon, x)
+    assert float(got) == pytest.approx(float(want), abs=1e-6)
+    got.backward()
+    assert recon.grad is not None and float(recon.grad.abs().sum()) > 0  # the reconstruction gets gradients
+    crit.train()
+    assert not crit.net.training                           # the structure network stays frozen in eval mode
+    with pytest.raises(ValueError, match="structure_weight > 0 needs a StructureLoss"):
+        VQGANLoss(cfg, discriminator=_FixedDisc())
+    loss = VQGANLoss(cfg, discriminator=_FixedDisc(), structure=crit)
+    total, parts = loss.generator_loss(x, _out(x, recon.detach()), step=0)
+    plain, _ = VQGANLoss(VQGANConfig(gan_warmup_steps=100), discriminator=_FixedDisc()).generator_loss(
+        x, _out(x, recon.detach()), step=0)
+    assert float(parts["structure"]) == pytest.approx(float(want), abs=1e-6)
+    assert float(total) == pytest.approx(float(plain) + 2.0 * float(want), abs=1e-5)
