@@ -73,35 +73,6 @@ def gan_factor(step: int, warmup: int) -> float:
     return 1.0 if step >= warmup else 0.0
 
 
-class StructureLoss(nn.Module):
-    """A domain perceptual loss: mean |sigmoid(S(recon)) - sigmoid(S(x))| over the structure probabilities
-    (artery, vein, optic nerve head, fovea) of a frozen 16-band structure network S
-    (``retina_fast.models.structure_net``, trained by ``training/train_structure.py``; the shipped one by
-    default). Inputs in model range, mapped back to reflectance without clamping (gradients flow).
-
-    Why: an L1 term barely notices 1-px retinal vessels -- they are a few % of the pixels and their contrast is
-    a few % of the dim visible bands' reflectance -- so the tiny VQ-GAN blurred them away (issue #4,
-    scripts/vessel_contrast.py); a segmenter's vessel probabilities change a lot when a vessel disappears.
-    Note: the same shipped network is the HS-FID feature extractor and the segmenter of the per-structure
-    spectral KL, so a model trained with this loss is not judged independently by those two metrics.
-    """
-
-    def __init__(self, net: nn.Module, config: VQGANConfig) -> None:
-        super().__init__()
-        self.net = net.eval().requires_grad_(False)
-        self.scale, self.shift = config.reflectance_scale, config.reflectance_shift
-
-    def train(self, mode: bool = True):  # the network stays in eval mode (frozen statistics)
-        super().train(mode)
-        self.net.eval()
-        return self
-
-    def forward(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            target = torch.sigmoid(self.net((x - self.shift) / self.scale).float())
-        return (torch.sigmoid(self.net((recon - self.shift) / self.scale).float()) - target).abs().mean()
-
-
 class VQGANLoss(nn.Module):
     """Holds the discriminator (and the optional perceptual net) and computes both objectives.
 
@@ -111,8 +82,7 @@ class VQGANLoss(nn.Module):
     """
 
     def __init__(self, config: VQGANConfig, discriminator: nn.Module | None = None,
-                 perceptual: PerceptualLoss | None = None, disc_norm: str = "batch",
-                 structure: StructureLoss | None = None) -> None:
+                 perceptual: PerceptualLoss | None = None, disc_norm: str = "batch") -> None:
         super().__init__()
         self.config = config
         self.discriminator = discriminator if discriminator is not None else PatchDiscriminator(
@@ -121,9 +91,6 @@ class VQGANLoss(nn.Module):
             raise ValueError("perceptual_weight > 0 needs a PerceptualLoss built from a user-supplied weights "
                              "file (PerceptualLoss.from_file(path)); nothing is downloaded")
         self.perceptual = perceptual
-        if config.structure_weight > 0 and structure is None:
-            raise ValueError("structure_weight > 0 needs a StructureLoss (a trained structure network)")
-        self.structure = structure
 
     def generator_loss(self, x: torch.Tensor, out: VQGANOutput, step: int
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -144,9 +111,6 @@ class VQGANLoss(nn.Module):
         if self.perceptual is not None and cfg.perceptual_weight > 0:
             parts["perceptual"] = self.perceptual(recon, x)
             total = total + cfg.perceptual_weight * parts["perceptual"]
-        if self.structure is not None and cfg.structure_weight > 0:
-            parts["structure"] = self.structure(recon, x)
-            total = total + cfg.structure_weight * parts["structure"]
         parts["perplexity"] = out.quant.perplexity
         parts = {k: v.detach() for k, v in parts.items()}
         parts["total"] = total.detach()

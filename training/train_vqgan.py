@@ -40,10 +40,10 @@ DEFAULTS: dict[str, Any] = {
     "preset": "tiny", "config_json": None, "data": "phantom", "steps": 1000, "batch_size": 8, "lr": 3e-4,
     "seed": 0, "num_workers": 0, "num_images": 512, "device": None, "amp": "off", "grad_clip": 1.0,
     "log_every": 10, "sample_every": 250, "ckpt_every": 250, "kmeans_images": 64, "disc_norm": "batch",
-    "band_weights": "none", "structure_net": None,
+    "band_weights": "none",
 }
-FIELDS = ["epoch", "loss", "l1", "sam", "commit", "gan", "fm", "structure", "d_loss", "perplexity", "grad_norm",
-          "lr", "s_per_step"]
+FIELDS = ["epoch", "loss", "l1", "sam", "commit", "gan", "fm", "d_loss", "perplexity", "grad_norm", "lr",
+          "s_per_step"]
 _KMEANS_STREAM = 0x4B4D
 
 
@@ -57,10 +57,6 @@ def add_arguments(p) -> None:
     p.add_argument("--band-weights", choices=("none", "std"),
                    help="per-band weights of the L1 term: none, or std = 1/std of each band over the training "
                         "data, normalised to mean 1 (stored in the config; default none)")
-    p.add_argument("--structure-net", metavar="DIR",
-                   help="structure network for the structure loss, used when the config's vqgan.structure_weight "
-                        "> 0 (e.g. --config-json '{\"vqgan\": {\"structure_weight\": 1}}'; default: the shipped "
-                        "retina_fast/weights/structure-net)")
 
 
 def run(args) -> int:
@@ -111,13 +107,7 @@ def _train(opts: dict, info: DistInfo, run_dir: Path, ck: Path | None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(opts["seed"])
     vq = VQGAN(cfg).to(dev)
-    structure = None
-    if cfg.structure_weight > 0:
-        from retina_fast.models.structure_net import load_structure_net
-        from retina_fast.training.losses import StructureLoss
-
-        structure = StructureLoss(load_structure_net(opts["structure_net"]), cfg)
-    crit = VQGANLoss(cfg, disc_norm=opts["disc_norm"], structure=structure).to(dev)
+    crit = VQGANLoss(cfg, disc_norm=opts["disc_norm"]).to(dev)
     disc = crit.discriminator
     betas = (0.5, 0.9)
     opt_g = torch.optim.Adam(vq.parameters(), lr=opts["lr"], betas=betas)

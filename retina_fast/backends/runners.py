@@ -152,9 +152,10 @@ class CPURunner(Runner):
 
     # bf16 only: oneDNN picks its bf16 convolution kernels by batch size, and some picks round differently
     # (shipped tiny, 2-core AVX512-BF16 CPU: batches of 1, 2, 3, 7 gave an image differing by one bf16 step
-    # from batches of 4, 5, 8, 9, 12, 16, 24, 32). Whatever runs through oneDNN in bf16 -- the decoder, and the
-    # U-Net where the CPU lacks AVX512-BF16 -- gets its batch padded to a multiple of 8, which keeps image i
-    # independent of batch size and split (tested); at most 7 dummy images.
+    # from batches of 4, 5, 8, 9, 12, 16, 24, 32). Whatever runs through oneDNN in bf16 -- U-Net and decoder on
+    # a CPU without AVX512-BF16; with it both are our own per-image kernels and need nothing -- gets its batch
+    # padded to a multiple of 8, which keeps image i independent of batch size and split (tested); at most 7
+    # dummy images.
     BF16_BATCH_MULTIPLE = 8
     # The decoder runs in chunks of 8 images: its full-resolution activations fall out of cache at larger
     # batches (frozen graph, one run: fp32 8.4 ms/image at B = 8 vs 18.9 at B = 32; bf16 4.5 vs 8.8).

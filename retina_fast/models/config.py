@@ -83,9 +83,6 @@ class VQGANConfig:
     gan_weight: float = 1.0
     feature_matching_weight: float = 4.0
     perceptual_weight: float = 0.0                # > 0 only with a user-supplied weights file
-    # > 0: L1 between a frozen 16-band structure network's artery/vein/ONH/fovea probabilities on the
-    # reconstruction and on the input (training/losses.py StructureLoss; `train vqgan --structure-net`)
-    structure_weight: float = 0.0
     wavelengths: tuple[float, ...] = DEFAULT_WAVELENGTHS
     reflectance_scale: float = 2.0
     reflectance_shift: float = -1.0
