@@ -63,7 +63,7 @@ def _vqgan(seed: int, **kw) -> VQGAN:
 
 
 @pytest.mark.parametrize("kw,side", [({}, (8, 8)), ({"f": 8, "dec_res_blocks": 2}, (5, 7)),
-                                     ({"f": 2, "latent_channels": 8}, (3, 4))])
+                                     ({"f": 2, "latent_channels": 8}, (3, 4)), ({"padding_mode": "zeros"}, (5, 6))])
 def test_fused_decoder_matches_decode_indices_within_bf16_error(kw, side):
     from retina_fast.backends.cpu_decoder import FusedCPUDecoder
 
@@ -84,3 +84,12 @@ def test_fused_decoder_matches_decode_indices_within_bf16_error(kw, side):
         fused(torch.full((1, *side), vq.config.codebook_size))
     with pytest.raises(ValueError, match="int64"):
         fused(idx.int())
+
+
+def test_fused_decoder_says_what_it_cannot_run():
+    from retina_fast.backends.cpu_decoder import FusedCPUDecoder
+
+    vq = _vqgan(0, padding_mode="reflect")
+    assert "padding_mode 'reflect'" in FusedCPUDecoder.unsupported_reason(vq)
+    with pytest.raises(RuntimeError, match="reflect"):
+        FusedCPUDecoder(vq)

@@ -44,27 +44,36 @@ class FusedCPUDecoder:
     """``__call__(indices (B, h, w) int64) -> (B, bands, h f, w f) float32``, the decoder of ``vqgan`` in
     bf16 (fp32 accumulation). Weights are copied at construction."""
 
-    def __init__(self, vqgan: VQGAN) -> None:
+    @staticmethod
+    def unsupported_reason(vqgan: VQGAN) -> str | None:
+        """Why this decoder cannot run ``vqgan`` here (None: it can)."""
         if not direct_bf16_conv_usable():
-            raise RuntimeError("FusedCPUDecoder needs the AVX512-BF16 direct convolution (retina_fast._C on a CPU "
-                               "with AVX512-BF16)")
-        cfg = vqgan.config
+            return "needs the AVX512-BF16 direct convolution (retina_fast._C on a CPU with AVX512-BF16)"
+        if vqgan.config.padding_mode not in ("replicate", "zeros"):
+            return f"padding_mode {vqgan.config.padding_mode!r} (zeros or replicate only)"
+        return None
+
+    def __init__(self, vqgan: VQGAN) -> None:
+        reason = self.unsupported_reason(vqgan)
+        if reason:
+            raise RuntimeError(f"FusedCPUDecoder: {reason}")
         dec = vqgan.decoder
         emb = vqgan.codebook.embedding.detach().float()
         pq = vqgan.post_quant
         self.table = (emb @ pq.weight.detach().float().flatten(1).t() + pq.bias.detach().float()).contiguous()
         self.channels = self.table.shape[1]
-        self.f = cfg.f
         self.norm_in = _norm(dec.norm_in)
         self.stages = []
         for stage in dec.stages:
             up, *blocks = list(stage)
             ct = up.conv
-            if up.mode != "replicate" or tuple(ct.weight.shape[2:]) != (4, 4) or ct.stride != (2, 2) \
-                    or ct.padding != (3, 3):
+            if up.mode not in ("replicate", "constant") or tuple(ct.weight.shape[2:]) != (4, 4) \
+                    or ct.stride != (2, 2) or ct.padding != (3, 3):
                 raise ValueError(f"unsupported decoder upsampling {up}")
+            # padding by 1 then padding 3 = padding 1 of the input (zeros), or with clamped taps (replicate)
             up_packed = (pack_conv_transpose_k4s2p1_bf16(ct.weight.detach()), ct.weight.shape[1],
-                         ct.bias.detach().float().contiguous() if ct.bias is not None else None)
+                         ct.bias.detach().float().contiguous() if ct.bias is not None else None,
+                         up.mode == "replicate")
             res = [(_norm(b.norm1), _conv3(b.conv1), _norm(b.norm2), _conv3(b.conv2)) for b in blocks
                    if isinstance(b, ResBlock)]
             if len(res) != len(blocks):
@@ -89,8 +98,8 @@ class FusedCPUDecoder:
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self._gn(x, self.norm_in)
-        for (packed, n, bias), blocks in self.stages:
-            h = _convt_raw(h, packed, n, bias, replicate=True)
+        for (packed, n, bias, replicate), blocks in self.stages:
+            h = _convt_raw(h, packed, n, bias, replicate)
             for norm1, conv1, norm2, conv2 in blocks:
                 t = self._conv(self._gn(h, norm1), conv1)
                 h = self._conv(self._gn(t, norm2, out=t), conv2, residual=h)

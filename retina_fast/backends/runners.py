@@ -25,7 +25,7 @@ import warnings
 import torch
 
 from retina_fast.backends.cpu_decoder import FusedCPUDecoder
-from retina_fast.backends.cpu_unet import FusedCPUUNet, direct_bf16_conv_usable, mkldnn_usable
+from retina_fast.backends.cpu_unet import FusedCPUUNet, mkldnn_usable
 from retina_fast.models.attention import Attention, LinearAttention
 from retina_fast.models.layers import GroupNormSiLU
 from retina_fast.models.vqgan import model_to_reflectance, unscale_latent
@@ -143,12 +143,13 @@ class CPURunner(Runner):
             self.fast_unet = lambda x, t: frozen(
                 x.to(dtype).contiguous(memory_format=torch.channels_last), t).float().contiguous()
             self.unet_path = "frozen TorchScript graph"
-        if dtype == torch.bfloat16 and direct_bf16_conv_usable():
+        reason = "fp32" if dtype != torch.bfloat16 else FusedCPUDecoder.unsupported_reason(loaded.vqgan)
+        if reason is None:
             self.fast_decode = FusedCPUDecoder(loaded.vqgan)  # per-image C++ kernels: batch invariant
             self.decode_path = "C++ ops + direct bf16 convolutions, replayed op graph"
-        else:
+        else:  # same speed (measured, bf16), oneDNN kernels: batches padded in bf16 (see BF16_BATCH_MULTIPLE)
             self.fast_decode = _FrozenGraphs(_DecodeIndices(_fast_copy(loaded.vqgan, dtype, True)))
-            self.decode_path = "frozen TorchScript graph"
+            self.decode_path = f"frozen TorchScript graph ({reason})"
 
     # bf16 only: oneDNN picks its bf16 convolution kernels by batch size, and some picks round differently
     # (shipped tiny, 2-core AVX512-BF16 CPU: batches of 1, 2, 3, 7 gave an image differing by one bf16 step
