@@ -32,12 +32,34 @@ def test_spectral_angle_by_hand():
     x = torch.tensor([[0.0, 0.0, 1.0], [-1.0, -1.0, 2.0]]).view(1, 2, 1, 3)
     y = torch.tensor([[-1.0, 0.0, 3.0], [0.0, 0.0, 5.0]]).view(1, 2, 1, 3)
     expected = (math.pi / 2 + math.pi / 4 + 0.0) / 3
-    assert float(spectral_angle(x, y)) == pytest.approx(expected, abs=1e-3)
+    assert float(spectral_angle(x, y, weighted=False)) == pytest.approx(expected, abs=1e-3)
+    # Weighted by the target's norms 1, sqrt(2), sqrt(52).
+    w = [1.0, math.sqrt(2), math.sqrt(52)]
+    expected_w = (w[0] * math.pi / 2 + w[1] * math.pi / 4) / sum(w)
+    assert float(spectral_angle(x, y)) == pytest.approx(expected_w, abs=1e-3)
     same = torch.rand(2, 16, 4, 4)
     assert float(spectral_angle(same, 3 * (same + 1) - 1)) < 1e-3      # scale invariant
     xg = x.clone().requires_grad_(True)
     spectral_angle(xg, xg.detach()).backward()
     assert torch.isfinite(xg.grad).all()
+
+
+def test_spectral_angle_dark_pixels_do_not_dominate_the_gradient():
+    # A bright eye (reflectance ~0.3) with a black border of camera noise around zero: unweighted, the
+    # border's angles (noise) carry most of the gradient; weighted by the target's norm they do not.
+    g = torch.Generator().manual_seed(0)
+    target_r = torch.full((1, 16, 16, 16), 0.3) + 0.01 * torch.randn(1, 16, 16, 16, generator=g)
+    target_r[..., :4] = (0.003 * torch.randn(1, 16, 16, 4, generator=g)).clamp(min=0)
+    recon_r = (target_r + 0.01 * torch.randn(1, 16, 16, 16, generator=g)).clamp(min=1e-4)
+    target, recon = 2 * target_r - 1, 2 * recon_r - 1
+    share = {}
+    for weighted in (False, True):
+        xg = recon.clone().requires_grad_(True)
+        spectral_angle(xg, target, weighted=weighted).backward()
+        gn2 = xg.grad.pow(2)
+        share[weighted] = float(gn2[..., :4].sum() / gn2.sum())
+    assert share[False] > 0.9
+    assert share[True] < 0.25
 
 
 class _FixedDisc(nn.Module):

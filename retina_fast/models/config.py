@@ -80,6 +80,9 @@ class VQGANConfig:
     # visible bands (where the phantom's vessels have their contrast) count as much as the bright NIR ones.
     band_loss_weights: tuple[float, ...] | None = None
     spectral_angle_weight: float = 1.0
+    # Weight each pixel's spectral angle by the target's spectral norm (training/losses.spectral_angle):
+    # the angles of black pixels are noise. False = the plain mean (what the first shipped tiny used).
+    spectral_angle_weighted: bool = True
     gan_weight: float = 1.0
     feature_matching_weight: float = 4.0
     perceptual_weight: float = 0.0                # > 0 only with a user-supplied weights file
