@@ -32,11 +32,11 @@ def test_spectral_angle_by_hand():
     x = torch.tensor([[0.0, 0.0, 1.0], [-1.0, -1.0, 2.0]]).view(1, 2, 1, 3)
     y = torch.tensor([[-1.0, 0.0, 3.0], [0.0, 0.0, 5.0]]).view(1, 2, 1, 3)
     expected = (math.pi / 2 + math.pi / 4 + 0.0) / 3
-    assert float(spectral_angle(x, y, weighted=False)) == pytest.approx(expected, abs=1e-3)
+    assert float(spectral_angle(x, y)) == pytest.approx(expected, abs=1e-3)            # plain mean
     # Weighted by the target's norms 1, sqrt(2), sqrt(52).
     w = [1.0, math.sqrt(2), math.sqrt(52)]
     expected_w = (w[0] * math.pi / 2 + w[1] * math.pi / 4) / sum(w)
-    assert float(spectral_angle(x, y)) == pytest.approx(expected_w, abs=1e-3)
+    assert float(spectral_angle(x, y, weighted=True)) == pytest.approx(expected_w, abs=1e-3)
     same = torch.rand(2, 16, 4, 4)
     assert float(spectral_angle(same, 3 * (same + 1) - 1)) < 1e-3      # scale invariant
     xg = x.clone().requires_grad_(True)
@@ -89,6 +89,17 @@ def test_generator_loss_composition_and_warmup():
     assert loss.discriminator_loss(x, recon, step=99) == (None, {})
     d, dparts = loss.discriminator_loss(x, recon, step=100)
     assert float(d) == pytest.approx(0.5 * (1.0 + 1.5))                # relu(1 - 0) + relu(1 + 0.5)
+
+
+def test_generator_loss_uses_the_configured_spectral_angle():
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 16, 5, 5, generator=g) * 2 - 1
+    recon = torch.rand(2, 16, 5, 5, generator=g) * 2 - 1
+    for weighted in (False, True):
+        loss = VQGANLoss(VQGANConfig(spectral_angle_weighted=weighted), discriminator=_FixedDisc())
+        _, parts = loss.generator_loss(x, _out(x, recon), step=0)
+        assert float(parts["sam"]) == pytest.approx(float(spectral_angle(recon, x, weighted=weighted)))
+    assert float(spectral_angle(recon, x, weighted=True)) != pytest.approx(float(spectral_angle(recon, x)))
 
 
 def test_patch_discriminator_shapes():
