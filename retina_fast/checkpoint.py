@@ -99,8 +99,8 @@ def model_config(config: Any, latent_range: tuple[float, float] | None = None) -
     """The standard ``config`` argument for an LDM / VQ-GAN checkpoint from an ``LDMConfig``:
 
     ``architecture`` (config.to_dict()), ``preset``, ``wavelengths`` (nm), ``latent_range``
-    ({"min", "max"} of the codebook, or None), ``normalisation`` (x = scale * reflectance + shift,
-    model range [-1, 1])."""
+    ({"min", "max"} of the codebook, or None), ``normalisation`` (x_b = scale_b * reflectance_b + shift_b
+    in the VQ-GAN; one number for all bands or one per band; the architecture holds the same values)."""
     vq = config.vqgan
     return {
         "architecture": config.to_dict(),
@@ -108,9 +108,14 @@ def model_config(config: Any, latent_range: tuple[float, float] | None = None) -
         "wavelengths": list(vq.wavelengths),
         "latent_range": None if latent_range is None else {"min": float(latent_range[0]),
                                                            "max": float(latent_range[1])},
-        "normalisation": {"reflectance_scale": vq.reflectance_scale, "reflectance_shift": vq.reflectance_shift,
-                          "model_range": [-1.0, 1.0], "output": "reflectance in [0, 1]"},
+        "normalisation": {"reflectance_scale": _plain(vq.reflectance_scale),
+                          "reflectance_shift": _plain(vq.reflectance_shift),
+                          "per_band": vq.per_band_normalisation, "output": "reflectance in [0, 1]"},
     }
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _read_config(directory: Path) -> dict[str, Any]:

@@ -63,7 +63,9 @@ def _vqgan(seed: int, **kw) -> VQGAN:
 
 
 @pytest.mark.parametrize("kw,side", [({}, (8, 8)), ({"f": 8, "dec_res_blocks": 2}, (5, 7)),
-                                     ({"f": 2, "latent_channels": 8}, (3, 4)), ({"padding_mode": "zeros"}, (5, 6))])
+                                     ({"f": 2, "latent_channels": 8}, (3, 4)), ({"padding_mode": "zeros"}, (5, 6)),
+                                     ({"upsample": "transposed"}, (7, 5)),
+                                     ({"upsample": "transposed", "padding_mode": "zeros", "f": 8}, (3, 3))])
 def test_fused_decoder_matches_decode_indices_within_bf16_error(kw, side):
     from retina_fast.backends.cpu_decoder import FusedCPUDecoder
 

@@ -1,15 +1,17 @@
 """VQ-GAN training losses (Medical Diffusion's recipe in 2D, plus a spectral-angle term).
 
-Generator (autoencoder) objective at step s, with x, x̂ in model range [-1, 1]:
+Generator (autoencoder) objective at step s, with x, x̂ in model units (``reflectance_to_model``) and
+r, r̂ the same in reflectance:
 
-    L_G = w_l1 |x - x̂|_1 + w_sam SAM(x, x̂) + commit
+    L_G = w_l1 |x - x̂|_1 + w_sam SAM(r, r̂) + commit
           + g(s) [ w_gan (-mean D(x̂)) + w_fm FM(x, x̂) ] + w_p P(x, x̂)
     g(s) = 1 if s >= gan_warmup_steps else 0
 
 Discriminator objective (hinge): L_D = g(s) * 0.5 [mean relu(1 - D(x)) + mean relu(1 + D(x̂))].
 
-SAM(x, y) = mean over pixels of arccos(<r_x, r_y> / (|r_x| |r_y|)) in radians, r = x + 1 (proportional
-to reflectance, the angle is scale invariant); optionally each pixel weighted by the target's |r_x|
+SAM(r, r̂) = mean over pixels of arccos(<r, r̂> / (|r| |r̂|)) in radians: the angle between spectra, taken
+in reflectance so that it is the same whatever the model units (under the source's 2 r - 1 it equals the
+angle between x + 1 and x̂ + 1); optionally each pixel weighted by the target's |r_x|
 (:func:`spectral_angle`: dark pixels' angles are noise). FM(x, x̂) = mean over discriminator blocks of
 |f(x̂) - sg(f(x))|_1. Defaults (VQGANConfig): w_l1 = 4, w_sam = 1, w_gan = 1, w_fm = 4, w_p = 0.
 """
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from retina_fast.models.config import VQGANConfig
+from retina_fast.models.normalisation import model_to_reflectance
 from retina_fast.models.vqgan import VQGANOutput
 from retina_fast.training.discriminator import PatchDiscriminator
 from retina_fast.training.perceptual import PerceptualLoss
@@ -116,7 +119,9 @@ class VQGANLoss(nn.Module):
         cfg = self.config
         recon = out.recon
         parts = {"l1": l1_loss(recon, x, cfg.band_loss_weights),
-                 "sam": spectral_angle(recon, x, weighted=cfg.spectral_angle_weighted),
+                 "sam": spectral_angle(model_to_reflectance(recon, cfg, clamp=False),
+                                       model_to_reflectance(x, cfg, clamp=False), offset=0.0,
+                                       weighted=cfg.spectral_angle_weighted),
                  "commit": out.quant.commit_loss}
         total = cfg.l1_weight * parts["l1"] + cfg.spectral_angle_weight * parts["sam"] + parts["commit"]
         g = gan_factor(step, cfg.gan_warmup_steps)

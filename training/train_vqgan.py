@@ -1,7 +1,10 @@
 """``retina-fast train vqgan``: train the 2D VQ-GAN (autoencoder + EMA codebook) on 16-band cubes.
 
-Per step s (global batch x, B images in model range [-1, 1]; under DDP each rank holds B/W of them):
+Per step s (global batch x, B images in model units; under DDP each rank holds B/W of them):
 
+0. once, unless the config already has them (``--normalise band``, the default): per-band mean and std
+   of the training data inside the field of view -> ``reflectance_scale`` / ``reflectance_shift``
+   (``retina_fast.models.normalisation``), so x_b = (r_b - mean_b) / std_b;
 1. at the start of epoch e (``BatchPlan``), once: K-Means on the encoder outputs of the first
    ``kmeans_images`` images of the epoch (``Codebook.kmeans_init``; its epoch is in the state dict, so a
    resumed run never repeats it); EMA statistics are reset to B * h * w rows per step;
@@ -27,7 +30,7 @@ from torch import nn
 
 from retina_fast.checkpoint import model_config, save_checkpoint
 from retina_fast.models import VQGAN, LDMConfig
-from retina_fast.models.vqgan import model_to_reflectance
+from retina_fast.models.normalisation import model_to_reflectance, standardised
 from retina_fast.training.trainer import (BatchPlan, DistInfo, MetricLogger, command_line, epoch_permutation,
                                           init_distributed, checkpoint_to_resume, load_train_state, provenance,
                                           save_train_state, seed_everything, step_generator)
@@ -40,7 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "preset": "tiny", "config_json": None, "data": "phantom", "steps": 1000, "batch_size": 8, "lr": 3e-4,
     "seed": 0, "num_workers": 0, "num_images": 512, "device": None, "amp": "off", "grad_clip": 1.0,
     "log_every": 10, "sample_every": 250, "ckpt_every": 250, "kmeans_images": 64, "disc_norm": "batch",
-    "band_weights": "none",
+    "band_weights": "none", "normalise": "band",
 }
 FIELDS = ["epoch", "loss", "l1", "sam", "commit", "gan", "fm", "d_loss", "perplexity", "grad_norm", "lr",
           "s_per_step"]
@@ -54,6 +57,10 @@ def add_arguments(p) -> None:
     p.add_argument("--disc-norm", choices=("batch", "group", "none"),
                    help="discriminator normalisation (default batch, as the source; group is batch-size "
                         "independent)")
+    p.add_argument("--normalise", choices=("band", "global"),
+                   help="model units of the data: band = each band standardised with its mean and std inside "
+                        "the field of view of the training data, stored in the config (default); global = the "
+                        "source's 2 r - 1 for every band")
     p.add_argument("--band-weights", choices=("none", "std"),
                    help="per-band weights of the L1 term: none, or std = 1/std of each band over the training "
                         "data, normalised to mean 1 (stored in the config; default none)")
@@ -69,6 +76,8 @@ def run(args) -> int:
 
         saved = load_checkpoint(ck, [])[0]["options"]
     opts = resolve_options(args, DEFAULTS, saved)
+    if saved is not None and "normalise" not in saved:
+        opts["normalise"] = "global"  # a run started before the option: keep its 2 r - 1
     info = init_distributed(opts["device"])
     try:
         return _train(opts, info, run_dir, ck)
@@ -116,11 +125,15 @@ def _train(opts: dict, info: DistInfo, run_dir: Path, ck: Path | None) -> int:
     if ck is not None:
         start = load_train_state(ck, {"vqgan": vq, "disc": disc}, {"g": opt_g, "d": opt_d})["step"]
     data = load_data(opts["data"], opts["num_images"], cfg, info, run_dir, opts["num_workers"])
+    if opts["normalise"] == "band" and not cfg.per_band_normalisation:
+        cfg = standardised(cfg, *data.band_statistics())
     if opts["band_weights"] == "std" and cfg.band_loss_weights is None:
+        data.config = cfg
         cfg = dataclasses.replace(cfg, band_loss_weights=band_std_weights(data))
+    if cfg != cfg_all.vqgan:  # a resumed run reads both back from its saved architecture
         cfg_all = dataclasses.replace(cfg_all, vqgan=cfg)
         opts["architecture"] = cfg_all.to_dict()
-        crit.config = vq.config = cfg
+        crit.config = vq.config = data.config = cfg
     plan = BatchPlan(len(data), opts["batch_size"], opts["seed"], info.rank, info.world)
     h = cfg.latent_size
     if opts["kmeans_images"] * h * h < cfg.codebook_size or opts["kmeans_images"] > len(data):

@@ -1,8 +1,9 @@
 """The ``cpu`` backend's bf16 VQ-GAN decoder: code indices -> cube with the C++ ops of the fused U-Net.
 
 On an AVX512-BF16 CPU every convolution is the direct bf16 convolution of ``csrc/cpu/conv_bf16_cpu.cpp``
-(replicate padding read by clamping the taps; the upsampling ``ConvTranspose2d(4, 2, padding 3)`` of the
-replicate-padded input as four 2x2 phase convolutions with clamped taps), every GroupNorm + SiLU the fused
+(replicate padding read by clamping the taps; each x2 upsampling -- nearest x2 + 3x3 conv, or the
+source's ``ConvTranspose2d(4, 2, padding 3)`` of the replicate-padded input -- as four 2x2 phase
+convolutions with clamped taps, ``UpConv.phase_weight``), every GroupNorm + SiLU the fused
 C++ kernel, the ResBlock residual added inside its second convolution, and the whole decoder for a batch
 shape is recorded once into an OpGraph with a planned activation arena (``record_graph``), then replayed.
 The codebook lookup and the 1x1 ``post_quant`` projection are folded into one (K, C) float32 table (a
@@ -20,7 +21,7 @@ from retina_fast.backends.cpu_unet import (_conv_raw, _convt_raw, _empty, _gn_ra
                                            graph_threads, pack_conv_transpose_k4s2p1_bf16, pack_conv_weight_bf16,
                                            record_graph, replay, split_batch)
 from retina_fast.models.layers import GroupNormSiLU
-from retina_fast.models.vqgan import VQGAN, ResBlock
+from retina_fast.models.vqgan import VQGAN, ResBlock, UpConv
 
 __all__ = ["FusedCPUDecoder"]
 
@@ -66,13 +67,12 @@ class FusedCPUDecoder:
         self.stages = []
         for stage in dec.stages:
             up, *blocks = list(stage)
-            ct = up.conv
-            if up.mode not in ("replicate", "constant") or tuple(ct.weight.shape[2:]) != (4, 4) \
-                    or ct.stride != (2, 2) or ct.padding != (3, 3):
+            if not isinstance(up, UpConv) or up.mode not in ("replicate", "constant"):
                 raise ValueError(f"unsupported decoder upsampling {up}")
+            # both kinds are a 4x4 stride-2 transposed conv of the input padded by 1 (UpConv.phase_weight):
             # padding by 1 then padding 3 = padding 1 of the input (zeros), or with clamped taps (replicate)
-            up_packed = (pack_conv_transpose_k4s2p1_bf16(ct.weight.detach()), ct.weight.shape[1],
-                         ct.bias.detach().float().contiguous() if ct.bias is not None else None,
+            up_packed = (pack_conv_transpose_k4s2p1_bf16(up.phase_weight()), up.conv.out_channels,
+                         up.conv.bias.detach().float().contiguous() if up.conv.bias is not None else None,
                          up.mode == "replicate")
             res = [(_norm(b.norm1), _conv3(b.conv1), _norm(b.norm2), _conv3(b.conv2)) for b in blocks
                    if isinstance(b, ResBlock)]

@@ -10,8 +10,13 @@
 * ``sweep_grid()`` the source's grid f in {4, 8, 16} x latent channels in {8, 32, 256} x U-Net base in
   {128, 256, 512} at 224x224 (names ``sweep-f{f}-c{c}-b{b}``).
 
-Data range inside the models is [-1, 1]: ``x = reflectance_scale * r + reflectance_shift`` with
-r the reflectance in [0, 1] (defaults 2, -1).
+Data inside the VQ-GAN: ``x_b = reflectance_scale_b * r_b + reflectance_shift_b`` for band b with r the
+reflectance in [0, 1]. The scale and shift are either one number for every band (the source's global
+``2 r - 1``, the default of a bare config and of checkpoints written before per-band normalisation) or
+one per band: ``retina-fast train vqgan`` (``--normalise band``, its default) standardises each band
+with its mean and standard deviation inside the field of view of the training data
+(``retina_fast.models.normalisation``), so that the dim visible bands -- where the retinal vessels have
+their contrast -- reach the network at the same scale as the bright near-infrared ones.
 """
 from __future__ import annotations
 
@@ -22,7 +27,9 @@ from typing import Any
 
 from retina_fast import DEFAULT_WAVELENGTHS
 
-__all__ = ["VQGANConfig", "UNetConfig", "LDMConfig", "PRESETS", "get_preset", "sweep_grid",
+UPSAMPLE_MODES = ("nearest_conv", "transposed")
+
+__all__ = ["UPSAMPLE_MODES", "VQGANConfig", "UNetConfig", "LDMConfig", "PRESETS", "get_preset", "sweep_grid",
            "DEFAULT_WAVELENGTHS"]
 
 
@@ -88,8 +95,13 @@ class VQGANConfig:
     feature_matching_weight: float = 4.0
     perceptual_weight: float = 0.0                # > 0 only with a user-supplied weights file
     wavelengths: tuple[float, ...] = DEFAULT_WAVELENGTHS
-    reflectance_scale: float = 2.0
-    reflectance_shift: float = -1.0
+    # x = reflectance_scale * r + reflectance_shift: one number for all bands, or one per band (see above)
+    reflectance_scale: float | tuple[float, ...] = 2.0
+    reflectance_shift: float | tuple[float, ...] = -1.0
+    # Decoder x2 upsampling: "nearest_conv" (nearest x2, then a 3x3 conv; Rombach/Esser's LDM autoencoders)
+    # or "transposed" (the source's 4x4 stride-2 transposed conv, which paints a checkerboard at 555 nm on
+    # the phantom). A config dict without this key predates the option and means "transposed" (from_dict).
+    upsample: str = "nearest_conv"
 
     def __post_init__(self) -> None:
         if self.f not in (2, 4, 8, 16, 32):
@@ -107,6 +119,22 @@ class VQGANConfig:
             raise ValueError(f"image_size {self.image_size} is not divisible by f={self.f}")
         if self.padding_mode not in ("replicate", "zeros", "reflect"):
             raise ValueError(f"padding_mode {self.padding_mode!r}: use replicate, zeros or reflect")
+        if self.upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample {self.upsample!r}: use {' or '.join(UPSAMPLE_MODES)}")
+        for name in ("reflectance_scale", "reflectance_shift"):
+            v = getattr(self, name)
+            vals = v if isinstance(v, tuple) else (v,)
+            if isinstance(v, tuple) and len(v) != self.bands:
+                raise ValueError(f"{name} needs one number or {self.bands} (one per band), got {len(v)}")
+            if not all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in vals):
+                raise ValueError(f"{name} must be finite numbers, got {v!r}")
+            if name == "reflectance_scale" and not all(a > 0 for a in vals):
+                raise ValueError(f"reflectance_scale must be positive, got {v!r}")
+
+    @property
+    def per_band_normalisation(self) -> bool:
+        """True when the scale or shift differs between bands (stored as one number per band)."""
+        return isinstance(self.reflectance_scale, tuple) or isinstance(self.reflectance_shift, tuple)
 
     @property
     def stages(self) -> int:
@@ -127,6 +155,8 @@ class VQGANConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "VQGANConfig":
+        if isinstance(data, dict) and "upsample" not in data:
+            data = {**data, "upsample": "transposed"}  # written before the option existed
         return _from_dict(cls, data)
 
 

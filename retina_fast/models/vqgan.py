@@ -7,16 +7,23 @@ With encoder channels c_0 = base, c_i = base * mult_i (default doubling) and S =
               GroupNorm + SiLU, conv1x1 c_S -> D                                   -> z (B, D, H/f, W/f)
     Codebook: nearest code, straight-through, EMA, K-Means (retina_fast.models.codebook)
     Decoder:  conv1x1 D -> c_S, GroupNorm + SiLU
-              stage j = 0..S-1: transposed conv4x4 stride 2 (c_{S-j+1} or c_S at j = 0 -> c_{S-j}),
+              stage j = 0..S-1: x2 upsampling (c_{S-j+1} or c_S at j = 0 -> c_{S-j}),
                                 ResBlock(c_{S-j}) x dec_res_blocks
               conv3x3 c_1 -> bands                                                  (no output clamp)
+
+The x2 upsampling (``VQGANConfig.upsample``) is nearest x2 then a 3x3 conv (``nearest_conv``, the
+default; as in Rombach et al.'s LDM autoencoders) or the source's 4x4 stride-2 transposed conv
+(``transposed``, which on the phantom paints a checkerboard at 555 nm). Both are, exactly, four 2x2
+convolutions of the (padded) input, one per output phase (``UpConv.phase_weight``), which is how the
+fused backends run them.
 
 So, as in the source, the decoder carries one level more channels than the encoder at each
 resolution and ends at c_1 = 2 base. ResBlock = GN -> SiLU -> conv3 -> GN -> SiLU -> conv3, + x;
 GroupNorm(32, eps 1e-6), or the largest divisor of the channel count below 32 when 32 does not divide
 it (``group_count``). Convs pad by replication (the source's SamePadConv; ``padding_mode``).
 
-Data range inside the model: [-1, 1], x = 2 r - 1 for reflectance r (``config.reflectance_*``).
+Data inside the model: x_b = s_b r_b + t_b for reflectance r (``retina_fast.models.normalisation``; the
+source's global 2 r - 1, or each band standardised inside the field of view).
 Latent scaling for diffusion (FACTS §2): z' = 2 (z - min E) / (max E - min E) - 1 with min/max scalars
 over the whole codebook E, applied to the continuous pre-quantisation z; decoding inverts it, takes the
 nearest code and decodes.
@@ -32,9 +39,10 @@ from torch import nn
 from retina_fast.models.codebook import Codebook, QuantizeOutput
 from retina_fast.models.config import VQGANConfig
 from retina_fast.models.layers import GroupNormSiLU, group_count
+from retina_fast.models.normalisation import model_to_reflectance, reflectance_to_model
 from retina_fast.ops import nearest_code
 
-__all__ = ["VQGAN", "VQGANOutput", "ResBlock", "scale_latent", "unscale_latent",
+__all__ = ["VQGAN", "VQGANOutput", "ResBlock", "UpConv", "scale_latent", "unscale_latent",
            "reflectance_to_model", "model_to_reflectance"]
 
 
@@ -46,17 +54,6 @@ def scale_latent(z: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 def unscale_latent(z: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """Inverse of ``scale_latent``: z = (z' + 1) (hi - lo) / 2 + lo."""
     return (z + 1.0) * (hi - lo) / 2.0 + lo
-
-
-def reflectance_to_model(r: torch.Tensor, config: VQGANConfig) -> torch.Tensor:
-    """Reflectance in [0, 1] -> model range (default 2 r - 1)."""
-    return r * config.reflectance_scale + config.reflectance_shift
-
-
-def model_to_reflectance(x: torch.Tensor, config: VQGANConfig, clamp: bool = True) -> torch.Tensor:
-    """Model range -> reflectance (default (x + 1) / 2), clamped to [0, 1] unless ``clamp=False``."""
-    r = (x - config.reflectance_shift) / config.reflectance_scale
-    return r.clamp(0.0, 1.0) if clamp else r
 
 
 class VQGANOutput(NamedTuple):
@@ -72,17 +69,59 @@ def _conv(c_in: int, c_out: int, k: int, stride: int, mode: str) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, k, stride=stride, padding=pad, padding_mode=mode)
 
 
-class _UpConv(nn.Module):
-    """x2 upsampling: pad the input by 1 (``mode``), then a 4x4 stride-2 transposed conv with padding 3
-    (the source's SamePadConvTranspose): (B, C_in, h, w) -> (B, C_out, 2h, 2w)."""
+def _phase_taps(k: int) -> torch.Tensor:
+    """(4, k) 0/1 matrix mapping the ``k`` taps of a nearest-x2 + conv(k = 3) along one axis onto the four
+    taps of the equivalent stride-2 transposed convolution (kernel 4, padding 1 on the padded input):
+    output 2m reads x[m-1] (transposed tap 3) and x[m] (tap 1); output 2m+1 reads x[m] (tap 2) and x[m+1]
+    (tap 0); nearest x2 makes conv tap d (-1, 0, 1) read x[m-1], x[m], x[m] for even and x[m], x[m], x[m+1]
+    for odd outputs."""
+    if k != 3:
+        raise ValueError("nearest_conv phase form is for 3x3 convolutions")
+    m = torch.zeros(4, 3)
+    for tap, (even, odd) in enumerate(((3, 2), (1, 2), (1, 0))):
+        m[even, tap] += 1.0
+        m[odd, tap] += 1.0
+    return m
 
-    def __init__(self, c_in: int, c_out: int, mode: str) -> None:
+
+class UpConv(nn.Module):
+    """x2 upsampling, (B, C_in, h, w) -> (B, C_out, 2h, 2w), as configured by ``VQGANConfig.upsample``:
+
+    * ``nearest_conv``: nearest x2, then a 3x3 conv padded by ``mode`` (weight (C_out, C_in, 3, 3));
+    * ``transposed``: pad the input by 1 (``mode``), then a 4x4 stride-2 transposed conv with padding 3
+      (the source's SamePadConvTranspose; weight (C_in, C_out, 4, 4)).
+
+    For replicate or zero padding both equal a transposed conv (kernel 4, stride 2) of the input padded
+    by 1 and cropped by 3 with ``phase_weight()`` -- i.e. four 2x2 phase convolutions, 4 instead of 9 taps
+    per output for ``nearest_conv``."""
+
+    def __init__(self, c_in: int, c_out: int, mode: str, kind: str = "transposed") -> None:
         super().__init__()
+        self.kind = kind
         self.mode = "constant" if mode == "zeros" else mode
-        self.conv = nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=3)
+        if kind == "nearest_conv":
+            self.conv = _conv(c_in, c_out, 3, 1, mode)
+        elif kind == "transposed":
+            self.conv = nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=3)
+        else:
+            raise ValueError(f"unknown upsampling {kind!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "nearest_conv":
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         return self.conv(F.pad(x, (1, 1, 1, 1), mode=self.mode))
+
+    def phase_weight(self) -> torch.Tensor:
+        """The equivalent ConvTranspose2d(kernel 4, stride 2) weight (C_in, C_out, 4, 4) (see the class
+        docstring); for ``transposed`` the layer's own weight. The nearest-x2 equivalence holds at the
+        border for replicate and zero padding, not for reflect."""
+        w = self.conv.weight.detach()
+        if self.kind == "transposed":
+            return w
+        if self.mode not in ("replicate", "constant"):
+            raise ValueError(f"nearest_conv with {self.mode} padding has no phase form")
+        m = _phase_taps(3).to(w)
+        return torch.einsum("oiyx,ay,bx->ioab", w, m, m)
 
 
 class ResBlock(nn.Module):
@@ -132,7 +171,7 @@ class Decoder(nn.Module):
         c_prev = ch[s]
         for j in range(s):
             c_out = ch[s - j]
-            blocks: list[nn.Module] = [_UpConv(c_prev, c_out, mode)]
+            blocks: list[nn.Module] = [UpConv(c_prev, c_out, mode, cfg.upsample)]
             blocks += [ResBlock(c_out, cfg.gn_groups, cfg.gn_eps, mode) for _ in range(cfg.dec_res_blocks)]
             self.stages.append(nn.Sequential(*blocks))
             c_prev = c_out
@@ -198,6 +237,14 @@ class VQGAN(nn.Module):
         """(min, max) over every entry of the codebook: the latent scaling constants."""
         emb = self.codebook.embedding
         return float(emb.min()), float(emb.max())
+
+    @torch.no_grad()
+    def reconstruct(self, cubes: torch.Tensor, quantize: bool = True) -> torch.Tensor:
+        """Reflectance (B, bands, H, W) -> encode -> nearest code (``quantize``; else the continuous
+        latent) -> decode -> reflectance in [0, 1] (float32). Never updates the codebook."""
+        x = reflectance_to_model(cubes.float(), self.config)
+        z = self.encode(x)
+        return model_to_reflectance(self.decode_latent(z) if quantize else self.decode(z), self.config).float()
 
     def forward(self, x: torch.Tensor) -> VQGANOutput:
         """Training pass: encode, quantise (EMA update in training mode), decode."""
