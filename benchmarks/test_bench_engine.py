@@ -107,13 +107,13 @@ def test_linear_attention(benchmark, impl):
 @pytest.mark.benchmark(group="conv3x3 bf16 channels-last (8, 32, 16, 16) -> 32")
 @pytest.mark.parametrize("impl", ["torch", "cpp"])
 def test_conv3x3_bf16(benchmark, impl):
-    from retina_fast.backends.cpu_unet import conv2d_bf16_cl, pack_conv_weight_bf16
+    from retina_fast.backends.cpu_unet import conv2d_cl, pack_conv_weight
 
     x, w, b = _cl_bf16(8, 32, 16, 16), torch.randn(32, 32, 3, 3) * 0.05, torch.randn(32)
     wb = w.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     ref = lambda: torch.nn.functional.conv2d(x, wb, b.bfloat16(), padding=1)  # noqa: E731
-    packed = pack_conv_weight_bf16(w)
-    fn = ref if impl == "torch" else (lambda: conv2d_bf16_cl(x, packed, 32, (3, 3), 1, 1, b))
+    packed = pack_conv_weight(w, torch.bfloat16)
+    fn = ref if impl == "torch" else (lambda: conv2d_cl(x, packed, 32, (3, 3), 1, 1, b))
     torch.testing.assert_close(fn().float(), ref().float(), rtol=3e-2, atol=3e-2)
     benchmark(fn)
 

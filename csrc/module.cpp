@@ -19,7 +19,7 @@
 #include "cpu/nearest_code_cpu.h"
 #include "cpu/sampler_step_cpu.h"
 #include "cpu/unet_ops_cpu.h"
-#include "cpu/conv_bf16_cpu.h"
+#include "cpu/conv_cpu.h"
 #include "cpu/enhance_ops_cpu.h"
 #if defined(RETINA_FAST_WITH_CUDA)
 #include "cuda/philox_cuda.h"
@@ -264,43 +264,61 @@ void concat_channels_cl(uintptr_t a, uintptr_t b, uintptr_t out, int64_t rows, i
   submit(graph, [=] { rf::concat_rows(cptr<uint8_t>(a), cptr<uint8_t>(b), reinterpret_cast<uint8_t*>(out), rows, bytes_a, bytes_b); }, shape_name("concat", {rows, bytes_a, bytes_b}));
 }
 
-void conv2d_bf16_cl(uintptr_t x, int64_t batch, int64_t h, int64_t w, int64_t c, uintptr_t wpacked, int64_t kh,
-                    int64_t kw, int64_t n, int64_t stride, int64_t pad, int64_t ho, int64_t wo, uintptr_t bias,
-                    uintptr_t res, uintptr_t out, bool replicate, py::object graph) {
-  if (!rf::conv_bf16_supported()) throw std::runtime_error("conv2d_bf16_cl: this CPU lacks AVX512-BF16");
-  if (batch < 0 || h <= 0 || w <= 0 || c <= 0 || c % 2 || kh <= 0 || kw <= 0 || n <= 0 || stride <= 0 || pad < 0)
-    throw py::value_error("conv2d_bf16_cl: bad shape (channels must be even and positive)");
+// Direct convolutions (csrc/cpu/conv_cpu.h): bf16 storage needs AVX512-BF16, fp32 AVX-512.
+void require_conv_isa(bool bf16, const char* op) {
+  if (bf16 ? !rf::conv_bf16_supported() : !rf::conv_f32_supported())
+    throw std::runtime_error(std::string(op) + (bf16 ? ": this CPU lacks AVX512-BF16" : ": this CPU lacks AVX-512"));
+}
+
+void conv2d_cl(uintptr_t x, int64_t batch, int64_t h, int64_t w, int64_t c, uintptr_t wpacked, int64_t kh, int64_t kw,
+               int64_t n, int64_t stride, int64_t pad, int64_t ho, int64_t wo, uintptr_t bias, uintptr_t res,
+               uintptr_t out, bool bf16, bool replicate, py::object graph) {
+  require_conv_isa(bf16, "conv2d_cl");
+  if (batch < 0 || h <= 0 || w <= 0 || c <= 0 || (bf16 && c % 2) || kh <= 0 || kw <= 0 || n <= 0 || stride <= 0 ||
+      pad < 0)
+    throw py::value_error("conv2d_cl: bad shape (channels must be positive, and even in bf16)");
   if (ho != (h + 2 * pad - kh) / stride + 1 || wo != (w + 2 * pad - kw) / stride + 1 || ho <= 0 || wo <= 0)
-    throw py::value_error("conv2d_bf16_cl: output size does not match input, kernel, stride and padding");
-  if (!x || !wpacked || !out) throw py::value_error("conv2d_bf16_cl: null pointer");
+    throw py::value_error("conv2d_cl: output size does not match input, kernel, stride and padding");
+  if (!x || !wpacked || !out) throw py::value_error("conv2d_cl: null pointer");
   submit(graph, [=] {
-    rf::conv2d_bf16_cl(cptr<uint16_t>(x), batch, h, w, c, cptr<uint16_t>(wpacked), kh, kw, n, stride, pad, ho, wo,
-                       cptr<float>(bias), cptr<uint16_t>(res), reinterpret_cast<uint16_t*>(out), replicate);
+    if (bf16)
+      rf::conv2d_cl(cptr<uint16_t>(x), batch, h, w, c, cptr<uint16_t>(wpacked), kh, kw, n, stride, pad, ho, wo,
+                    cptr<float>(bias), cptr<uint16_t>(res), reinterpret_cast<uint16_t*>(out), replicate);
+    else
+      rf::conv2d_cl(cptr<float>(x), batch, h, w, c, cptr<float>(wpacked), kh, kw, n, stride, pad, ho, wo,
+                    cptr<float>(bias), cptr<float>(res), reinterpret_cast<float*>(out), replicate);
   }, shape_name("conv", {batch, h, w, c, n, kh, kw, stride}));
 }
 
-void conv2d_rows_bf16_cl(uintptr_t xpad, int64_t batch, int64_t hp, int64_t wp, int64_t c, uintptr_t wpacked,
-                         int64_t kh, int64_t kw, int64_t n, uintptr_t bias, uintptr_t res, uintptr_t out,
-                         py::object graph) {
-  if (!rf::conv_bf16_supported()) throw std::runtime_error("conv2d_rows_bf16_cl: this CPU lacks AVX512-BF16");
-  if (batch < 0 || c <= 0 || kh <= 0 || kw <= 0 || (kw * c) % 2 || n <= 0 || hp < kh || wp < kw)
-    throw py::value_error("conv2d_rows_bf16_cl: bad shape (kw * channels must be even; input at least the kernel)");
-  if (!xpad || !wpacked || !out) throw py::value_error("conv2d_rows_bf16_cl: null pointer");
+void conv2d_rows_cl(uintptr_t xpad, int64_t batch, int64_t hp, int64_t wp, int64_t c, uintptr_t wpacked, int64_t kh,
+                    int64_t kw, int64_t n, uintptr_t bias, uintptr_t res, uintptr_t out, bool bf16, py::object graph) {
+  require_conv_isa(bf16, "conv2d_rows_cl");
+  if (batch < 0 || c <= 0 || kh <= 0 || kw <= 0 || (bf16 && (kw * c) % 2) || n <= 0 || hp < kh || wp < kw)
+    throw py::value_error("conv2d_rows_cl: bad shape (kw * channels must be even in bf16; input at least the kernel)");
+  if (!xpad || !wpacked || !out) throw py::value_error("conv2d_rows_cl: null pointer");
   submit(graph, [=] {
-    rf::conv2d_rows_bf16_cl(cptr<uint16_t>(xpad), batch, hp, wp, c, cptr<uint16_t>(wpacked), kh, kw, n,
-                            cptr<float>(bias), cptr<uint16_t>(res), reinterpret_cast<uint16_t*>(out));
+    if (bf16)
+      rf::conv2d_rows_cl(cptr<uint16_t>(xpad), batch, hp, wp, c, cptr<uint16_t>(wpacked), kh, kw, n, cptr<float>(bias),
+                         cptr<uint16_t>(res), reinterpret_cast<uint16_t*>(out));
+    else
+      rf::conv2d_rows_cl(cptr<float>(xpad), batch, hp, wp, c, cptr<float>(wpacked), kh, kw, n, cptr<float>(bias),
+                         cptr<float>(res), reinterpret_cast<float*>(out));
   }, shape_name("conv_rows", {batch, hp, wp, c, n, kh, kw}));
 }
 
-void conv_transpose2d_k4s2p1_bf16_cl(uintptr_t x, int64_t batch, int64_t h, int64_t w, int64_t c, uintptr_t wpacked,
-                                     int64_t n, uintptr_t bias, uintptr_t out, bool replicate, py::object graph) {
-  if (!rf::conv_bf16_supported()) throw std::runtime_error("conv_transpose2d_k4s2p1_bf16_cl: this CPU lacks AVX512-BF16");
-  if (batch < 0 || h <= 0 || w <= 0 || c <= 0 || c % 2 || n <= 0)
-    throw py::value_error("conv_transpose2d_k4s2p1_bf16_cl: bad shape (channels must be even and positive)");
-  if (!x || !wpacked || !out) throw py::value_error("conv_transpose2d_k4s2p1_bf16_cl: null pointer");
+void conv_transpose2d_k4s2p1_cl(uintptr_t x, int64_t batch, int64_t h, int64_t w, int64_t c, uintptr_t wpacked,
+                                int64_t n, uintptr_t bias, uintptr_t out, bool bf16, bool replicate, py::object graph) {
+  require_conv_isa(bf16, "conv_transpose2d_k4s2p1_cl");
+  if (batch < 0 || h <= 0 || w <= 0 || c <= 0 || (bf16 && c % 2) || n <= 0)
+    throw py::value_error("conv_transpose2d_k4s2p1_cl: bad shape (channels must be positive, and even in bf16)");
+  if (!x || !wpacked || !out) throw py::value_error("conv_transpose2d_k4s2p1_cl: null pointer");
   submit(graph, [=] {
-    rf::conv_transpose2d_k4s2p1_bf16_cl(cptr<uint16_t>(x), batch, h, w, c, cptr<uint16_t>(wpacked), n,
-                                        cptr<float>(bias), reinterpret_cast<uint16_t*>(out), replicate);
+    if (bf16)
+      rf::conv_transpose2d_k4s2p1_cl(cptr<uint16_t>(x), batch, h, w, c, cptr<uint16_t>(wpacked), n, cptr<float>(bias),
+                                     reinterpret_cast<uint16_t*>(out), replicate);
+    else
+      rf::conv_transpose2d_k4s2p1_cl(cptr<float>(x), batch, h, w, c, cptr<float>(wpacked), n, cptr<float>(bias),
+                                     reinterpret_cast<float*>(out), replicate);
   }, shape_name("conv_t", {batch, h, w, c, n}));
 }
 
@@ -371,19 +389,21 @@ PYBIND11_MODULE(_C, m) {
         py::arg("pixels"), py::arg("channels"), py::arg("groups"), py::arg("weight"), py::arg("bias"),
         py::arg("scale"), py::arg("shift"), py::arg("film_stride"), py::arg("act"), py::arg("eps"), py::arg("bf16"), py::arg("graph") = py::none(),
         "Channels-last GroupNorm -> x (1 + scale) + shift -> SiLU [+ residual] on data pointers (B, P, C).");
-  m.def("conv_bf16_supported", &rf::conv_bf16_supported, "Whether this CPU can run conv2d_bf16_cl.");
-  m.def("conv2d_bf16_cl", &conv2d_bf16_cl, py::arg("x"), py::arg("batch"), py::arg("h"), py::arg("w"), py::arg("c"),
+  m.def("conv_bf16_supported", &rf::conv_bf16_supported, "Whether this CPU can run the bf16 direct convolutions.");
+  m.def("conv_f32_supported", &rf::conv_f32_supported, "Whether this CPU can run the fp32 direct convolutions.");
+  m.def("conv2d_cl", &conv2d_cl, py::arg("x"), py::arg("batch"), py::arg("h"), py::arg("w"), py::arg("c"),
         py::arg("wpacked"), py::arg("kh"), py::arg("kw"), py::arg("n"), py::arg("stride"), py::arg("pad"),
-        py::arg("ho"), py::arg("wo"), py::arg("bias"), py::arg("res"), py::arg("out"), py::arg("replicate") = false,
-        py::arg("graph") = py::none(),
-        "Direct channels-last bf16 convolution (AVX512-BF16) on data pointers; see csrc/cpu/conv_bf16_cpu.h.");
-  m.def("conv2d_rows_bf16_cl", &conv2d_rows_bf16_cl, py::arg("xpad"), py::arg("batch"), py::arg("hp"), py::arg("wp"),
-        py::arg("c"), py::arg("wpacked"), py::arg("kh"), py::arg("kw"), py::arg("n"), py::arg("bias"), py::arg("res"),
-        py::arg("out"), py::arg("graph") = py::none(), "Row form of a stride-1 few-channel bf16 conv on a padded channels-last input; data pointers.");
-  m.def("conv_transpose2d_k4s2p1_bf16_cl", &conv_transpose2d_k4s2p1_bf16_cl, py::arg("x"), py::arg("batch"),
-        py::arg("h"), py::arg("w"), py::arg("c"), py::arg("wpacked"), py::arg("n"), py::arg("bias"), py::arg("out"),
+        py::arg("ho"), py::arg("wo"), py::arg("bias"), py::arg("res"), py::arg("out"), py::arg("bf16"),
         py::arg("replicate") = false, py::arg("graph") = py::none(),
-        "ConvTranspose2d(4, stride 2, padding 1) on channels-last bf16 as four direct 2x2 convs; data pointers.");
+        "Direct channels-last convolution (bf16 or fp32 storage) on data pointers; see csrc/cpu/conv_cpu.h.");
+  m.def("conv2d_rows_cl", &conv2d_rows_cl, py::arg("xpad"), py::arg("batch"), py::arg("hp"), py::arg("wp"),
+        py::arg("c"), py::arg("wpacked"), py::arg("kh"), py::arg("kw"), py::arg("n"), py::arg("bias"), py::arg("res"),
+        py::arg("out"), py::arg("bf16"), py::arg("graph") = py::none(),
+        "Row form of a stride-1 few-channel conv on a padded channels-last input; data pointers.");
+  m.def("conv_transpose2d_k4s2p1_cl", &conv_transpose2d_k4s2p1_cl, py::arg("x"), py::arg("batch"),
+        py::arg("h"), py::arg("w"), py::arg("c"), py::arg("wpacked"), py::arg("n"), py::arg("bias"), py::arg("out"),
+        py::arg("bf16"), py::arg("replicate") = false, py::arg("graph") = py::none(),
+        "ConvTranspose2d(4, stride 2, padding 1) on channels-last input as four direct 2x2 convs; data pointers.");
   m.def("concat_channels_cl", &concat_channels_cl, py::arg("a"), py::arg("b"), py::arg("out"), py::arg("rows"),
         py::arg("bytes_a"), py::arg("bytes_b"), py::arg("graph") = py::none(),
         "out row r = a row r (bytes_a) then b row r (bytes_b): channel concat of channels-last tensors.");

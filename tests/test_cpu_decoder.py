@@ -28,7 +28,7 @@ def test_replicate_padded_conv_matches_padded_conv2d(b, c, n, h, w, k, stride, p
     x = cl(torch.randn(b, c, h, w, generator=gen))
     weight = (torch.randn(n, c, k, k, generator=gen) / (c * k * k) ** 0.5).to(torch.bfloat16)
     bias = torch.randn(n, generator=gen)
-    got = cpu_unet.conv2d_bf16_cl(x, cpu_unet.pack_conv_weight_bf16(weight), n, (k, k), stride, pad, bias,
+    got = cpu_unet.conv2d_cl(x, cpu_unet.pack_conv_weight(weight, torch.bfloat16), n, (k, k), stride, pad, bias,
                                   replicate=True)
     want = F.conv2d(F.pad(x.float(), (pad,) * 4, mode="replicate"), weight.float(), bias, stride=stride)
     assert got.shape == want.shape
@@ -41,7 +41,7 @@ def test_replicate_transposed_conv_matches_the_decoder_upsampling(b, c, n, h, w)
     x = cl(torch.randn(b, c, h, w, generator=gen))
     weight = (torch.randn(c, n, 4, 4, generator=gen) / (c * 4) ** 0.5).to(torch.bfloat16)
     bias = torch.randn(n, generator=gen)
-    got = cpu_unet.conv_transpose2d_k4s2p1_bf16_cl(x, cpu_unet.pack_conv_transpose_k4s2p1_bf16(weight), n, bias,
+    got = cpu_unet.conv_transpose2d_k4s2p1_cl(x, cpu_unet.pack_conv_transpose_k4s2p1(weight, torch.bfloat16), n, bias,
                                                    replicate=True)
     want = F.conv_transpose2d(F.pad(x.float(), (1, 1, 1, 1), mode="replicate"), weight.float(), bias, stride=2,
                               padding=3)
@@ -86,6 +86,23 @@ def test_fused_decoder_matches_decode_indices_within_bf16_error(kw, side):
         fused(torch.full((1, *side), vq.config.codebook_size))
     with pytest.raises(ValueError, match="int64"):
         fused(idx.int())
+
+
+@pytest.mark.skipif(not cpu_unet.direct_conv_usable(torch.float32), reason="CPU lacks AVX-512")
+@pytest.mark.parametrize("kw,side", [({}, (5, 7)), ({"upsample": "transposed", "padding_mode": "zeros"}, (3, 4)),
+                                     ({"f": 8, "dec_res_blocks": 2}, (4, 4))])
+def test_fused_decoder_fp32_matches_decode_indices_and_ignores_the_batch(kw, side):
+    from retina_fast.backends.cpu_decoder import FusedCPUDecoder
+
+    vq = _vqgan(5, **kw)
+    fused = FusedCPUDecoder(vq, torch.float32)
+    idx = torch.randint(0, vq.config.codebook_size, (5, *side), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = vq.decode_indices(idx)
+    got = fused(idx)
+    assert rel(got, want) < 1e-5
+    for a, b in ((0, 1), (1, 4), (2, 5)):
+        assert torch.equal(fused(idx[a:b]), got[a:b])
 
 
 def test_fused_decoder_says_what_it_cannot_run():

@@ -129,9 +129,11 @@ def test_fused_unet_fp32_matches_the_module(name, side):
 
 
 @needs_mkldnn
-def test_fused_unet_bf16_error_is_that_of_the_module_at_bf16():
-    net = _unet(4, **UNETS["tiny-like"])
-    x, t = torch.randn(4, 8, 16, 16), torch.tensor([3, 250, 600, 990])
+@pytest.mark.parametrize("name", list(UNETS))
+def test_fused_unet_bf16_error_is_that_of_the_module_at_bf16(name):
+    """Also for a U-Net with fewer than 16 channels inside ("odd": the row form is for the graph's input only)."""
+    net = _unet(4, **UNETS[name])
+    x, t = torch.randn(4, net.config.in_channels, 16, 16), torch.tensor([3, 250, 600, 990])
     with torch.no_grad():
         ref = net(x, t)
         plain = net.to(torch.bfloat16)(x.bfloat16(), t).float()
@@ -141,13 +143,22 @@ def test_fused_unet_bf16_error_is_that_of_the_module_at_bf16():
 
 
 @needs_mkldnn
-def test_fused_unet_image_does_not_depend_on_batch_fp32():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_unet_image_does_not_depend_on_batch(dtype):
+    """Bit-identical when every op is a per-image C++ kernel (``batch_invariant``), whatever the batch size
+    (odd ones too) and split, also with a different timestep per image; otherwise (oneDNN convolutions)
+    within fp32 rounding."""
     net = _unet(5, **UNETS["tiny-like"])
-    fused = cpu_unet.FusedCPUUNet(net, torch.float32)
-    x, t = torch.randn(5, 8, 16, 16), torch.full((5,), 321)
+    fused = cpu_unet.FusedCPUUNet(net, dtype)
+    x, t = torch.randn(7, 8, 16, 16), torch.tensor([321, 321, 5, 321, 999, 5, 321])
     whole = fused(x, t)
-    parts = torch.cat([fused(x[:2], t[:2]), fused(x[2:3], t[2:3]), fused(x[3:], t[3:])])
-    torch.testing.assert_close(parts, whole, rtol=0, atol=1e-5)
+    for cuts in ((0, 1, 4, 7), (0, 3, 5, 7), (0, 2, 3, 6, 7)):
+        parts = torch.cat([fused(x[a:b], t[a:b]) for a, b in zip(cuts, cuts[1:])])
+        if fused.batch_invariant:
+            assert torch.equal(parts, whole)
+        else:
+            torch.testing.assert_close(parts, whole, rtol=0, atol=1e-5)
+    assert fused.batch_invariant == (cpu_unet.direct_conv_usable(dtype))
 
 
 def test_fused_unet_rejects_wrong_input():
@@ -160,89 +171,116 @@ def test_fused_unet_rejects_wrong_input():
 
 
 needs_bf16_conv = pytest.mark.skipif(not cpu_unet.direct_bf16_conv_usable(), reason="CPU lacks AVX512-BF16")
+DIRECT_DTYPES = [pytest.param(torch.float32, marks=pytest.mark.skipif(
+                     not cpu_unet.direct_conv_usable(torch.float32), reason="CPU lacks AVX-512")),
+                 pytest.param(torch.bfloat16, marks=needs_bf16_conv)]
 
 
-@needs_bf16_conv
+def _close_to(got: torch.Tensor, want: torch.Tensor) -> None:
+    """fp32: the reference up to summation order; bf16: fp32 accumulation in a different order, then one bf16
+    rounding: within one bf16 step of the reference rounded to bf16."""
+    if got.dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(got.float(), want.to(torch.bfloat16).float(), rtol=8e-3, atol=8e-3)
+
+
+@pytest.mark.parametrize("dtype", DIRECT_DTYPES)
 @pytest.mark.parametrize("b,c,n,h,w,k,stride,pad", [
     (2, 32, 32, 16, 16, 3, 1, 1), (3, 8, 32, 9, 7, 7, 1, 3), (1, 64, 384, 5, 3, 1, 1, 0),
     (2, 32, 32, 8, 6, 4, 2, 1), (1, 2, 8, 4, 4, 3, 1, 1), (2, 130, 40, 3, 5, 3, 1, 1),
     (1, 16, 48, 1, 1, 1, 1, 0), (5, 128, 64, 4, 4, 3, 1, 1), (1, 6, 17, 11, 13, 3, 2, 0),
 ])
 @pytest.mark.parametrize("with_bias,with_res", [(True, False), (False, True), (True, True)])
-def test_direct_bf16_conv_matches_fp32_conv_of_the_same_bf16_values(b, c, n, h, w, k, stride, pad,
-                                                                      with_bias, with_res):
-    x = cl(torch.randn(b, c, h, w), torch.bfloat16)
-    weight = (torch.randn(n, c, k, k) / (c * k * k) ** 0.5).to(torch.bfloat16)
+def test_direct_conv_matches_fp32_conv_of_the_same_values(dtype, b, c, n, h, w, k, stride, pad, with_bias,
+                                                          with_res):
+    x = cl(torch.randn(b, c, h, w), dtype)
+    weight = (torch.randn(n, c, k, k) / (c * k * k) ** 0.5).to(dtype)
     bias = torch.randn(n) if with_bias else None
     ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
-    res = cl(torch.randn(b, n, ho, wo), torch.bfloat16) if with_res else None
-    got = cpu_unet.conv2d_bf16_cl(x, cpu_unet.pack_conv_weight_bf16(weight), n, (k, k), stride, pad, bias, res)
+    res = cl(torch.randn(b, n, ho, wo), dtype) if with_res else None
+    got = cpu_unet.conv2d_cl(x, cpu_unet.pack_conv_weight(weight, dtype), n, (k, k), stride, pad, bias, res)
     want = torch.nn.functional.conv2d(x.float(), weight.float(), bias, stride=stride, padding=pad)
     if with_res:
         want = want + res.float()
-    assert got.shape == (b, n, ho, wo) and got.is_contiguous(memory_format=torch.channels_last)
-    # fp32 accumulation in a different order, then one bf16 rounding: within one bf16 step of the reference
-    torch.testing.assert_close(got.float(), want.to(torch.bfloat16).float(), rtol=8e-3, atol=8e-3)
+    assert got.shape == (b, n, ho, wo) and got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+    _close_to(got, want)
+
+
+@pytest.mark.parametrize("dtype", DIRECT_DTYPES)
+@pytest.mark.parametrize("c", [5, 17, 3])
+def test_fp32_direct_conv_takes_odd_channel_counts(dtype, c):
+    """bf16 packs channel pairs (even counts only); fp32 takes any count."""
+    weight = torch.randn(11, c, 3, 3) / (3 * c) ** 0.5
+    if dtype == torch.bfloat16:
+        with pytest.raises(ValueError, match="even input channel"):
+            cpu_unet.pack_conv_weight(weight, dtype)
+        return
+    x = cl(torch.randn(3, c, 7, 5), dtype)
+    got = cpu_unet.conv2d_cl(x, cpu_unet.pack_conv_weight(weight, dtype), 11, (3, 3), 1, 1)
+    _close_to(got, torch.nn.functional.conv2d(x, weight, padding=1))
 
 
 @needs_bf16_conv
-def test_direct_bf16_conv_rejects_bad_arguments():
+def test_direct_conv_rejects_bad_arguments():
     x = cl(torch.randn(1, 4, 5, 5), torch.bfloat16)
-    packed = cpu_unet.pack_conv_weight_bf16(torch.randn(8, 4, 3, 3))
+    packed = cpu_unet.pack_conv_weight(torch.randn(8, 4, 3, 3), torch.bfloat16)
     with pytest.raises(ValueError, match="does not fit"):
-        cpu_unet.conv2d_bf16_cl(x, packed, 8, (1, 1), 1, 0)
+        cpu_unet.conv2d_cl(x, packed, 8, (1, 1), 1, 0)
     with pytest.raises(ValueError, match="even input channel"):
-        cpu_unet.pack_conv_weight_bf16(torch.randn(8, 3, 3, 3))
-    with pytest.raises(ValueError, match="bfloat16 input"):
-        cpu_unet.conv2d_bf16_cl(cl(torch.randn(1, 4, 5, 5), torch.float32), packed, 8, (3, 3), 1, 1)
+        cpu_unet.pack_conv_weight(torch.randn(8, 3, 3, 3), torch.bfloat16)
+    with pytest.raises(ValueError, match="does not fit"):  # fp32 input, bf16 weights
+        cpu_unet.conv2d_cl(cl(torch.randn(1, 4, 5, 5), torch.float32), packed, 8, (3, 3), 1, 1)
     with pytest.raises(ValueError, match="residual"):
-        cpu_unet.conv2d_bf16_cl(x, packed, 8, (3, 3), 1, 1, residual=cl(torch.randn(1, 8, 4, 4), torch.bfloat16))
+        cpu_unet.conv2d_cl(x, packed, 8, (3, 3), 1, 1, residual=cl(torch.randn(1, 8, 4, 4), torch.bfloat16))
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        cpu_unet.pack_conv_weight(torch.randn(8, 4, 3, 3), torch.float16)
 
 
-@needs_bf16_conv
-def test_direct_bf16_conv_output_does_not_depend_on_batch():
-    x = cl(torch.randn(7, 32, 6, 6), torch.bfloat16)
-    packed = cpu_unet.pack_conv_weight_bf16(torch.randn(64, 32, 3, 3) * 0.05)
-    whole = cpu_unet.conv2d_bf16_cl(x, packed, 64, (3, 3), 1, 1)
-    for lo, hi in ((0, 1), (1, 4), (4, 7)):
-        assert torch.equal(cpu_unet.conv2d_bf16_cl(x[lo:hi].contiguous(memory_format=torch.channels_last),
-                                                   packed, 64, (3, 3), 1, 1), whole[lo:hi])
+@pytest.mark.parametrize("dtype", DIRECT_DTYPES)
+def test_direct_conv_output_does_not_depend_on_batch(dtype):
+    x = cl(torch.randn(7, 32, 6, 6), dtype)
+    packed = cpu_unet.pack_conv_weight(torch.randn(64, 32, 3, 3) * 0.05, dtype)
+    whole = cpu_unet.conv2d_cl(x, packed, 64, (3, 3), 1, 1)
+    for lo, hi in ((0, 1), (1, 4), (4, 7), (2, 5)):
+        assert torch.equal(cpu_unet.conv2d_cl(x[lo:hi].contiguous(memory_format=torch.channels_last),
+                                              packed, 64, (3, 3), 1, 1), whole[lo:hi])
 
 
-@needs_bf16_conv
+@pytest.mark.parametrize("dtype", DIRECT_DTYPES)
 @pytest.mark.parametrize("b,c,n,h,w", [(2, 32, 32, 8, 8), (1, 64, 64, 4, 4), (3, 16, 40, 5, 3), (1, 128, 8, 1, 2)])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_direct_bf16_transposed_conv_matches_conv_transpose2d(b, c, n, h, w, with_bias):
-    x = cl(torch.randn(b, c, h, w), torch.bfloat16)
-    weight = (torch.randn(c, n, 4, 4) / (c * 4) ** 0.5).to(torch.bfloat16)
+def test_direct_transposed_conv_matches_conv_transpose2d(dtype, b, c, n, h, w, with_bias):
+    x = cl(torch.randn(b, c, h, w), dtype)
+    weight = (torch.randn(c, n, 4, 4) / (c * 4) ** 0.5).to(dtype)
     bias = torch.randn(n) if with_bias else None
-    got = cpu_unet.conv_transpose2d_k4s2p1_bf16_cl(x, cpu_unet.pack_conv_transpose_k4s2p1_bf16(weight), n, bias)
+    got = cpu_unet.conv_transpose2d_k4s2p1_cl(x, cpu_unet.pack_conv_transpose_k4s2p1(weight, dtype), n, bias)
     want = torch.nn.functional.conv_transpose2d(x.float(), weight.float(), bias, stride=2, padding=1)
     assert got.shape == want.shape == (b, n, 2 * h, 2 * w)
-    torch.testing.assert_close(got.float(), want.to(torch.bfloat16).float(), rtol=8e-3, atol=8e-3)
+    _close_to(got, want)
 
 
-@needs_bf16_conv
+@pytest.mark.parametrize("dtype", DIRECT_DTYPES)
 @pytest.mark.parametrize("b,c,n,h,w,k,pad", [(2, 8, 32, 16, 16, 7, 3), (1, 3, 40, 5, 9, 6, 2), (3, 4, 8, 7, 6, 5, 0),
                                              (1, 2, 64, 3, 3, 3, 1)])
-def test_row_form_conv_matches_conv2d(b, c, n, h, w, k, pad):
-    x = cl(torch.randn(b, c, h, w), torch.bfloat16)
-    weight = (torch.randn(n, c, k, k) / (c * k * k) ** 0.5).to(torch.bfloat16)
+def test_row_form_conv_matches_conv2d(dtype, b, c, n, h, w, k, pad):
+    x = cl(torch.randn(b, c, h, w), dtype)
+    weight = (torch.randn(n, c, k, k) / (c * k * k) ** 0.5).to(dtype)
     bias = torch.randn(n)
-    got = cpu_unet.conv2d_rows_bf16_cl(x, cpu_unet.pack_conv_rows_bf16(weight), n, (k, k), pad, bias)
+    got = cpu_unet.conv2d_rows_cl(x, cpu_unet.pack_conv_rows(weight, dtype), n, (k, k), pad, bias)
     want = torch.nn.functional.conv2d(x.float(), weight.float(), bias, padding=pad)
     assert got.shape == want.shape
-    torch.testing.assert_close(got.float(), want.to(torch.bfloat16).float(), rtol=8e-3, atol=8e-3)
+    _close_to(got, want)
 
 
-@needs_bf16_conv
+@pytest.mark.parametrize("dtype", DIRECT_DTYPES)
 @pytest.mark.parametrize("name", ["tiny-like", "two-level-64"])
 @pytest.mark.parametrize("side", [(16, 16), (7, 5)])
-def test_bf16_graph_replay_equals_the_eager_fused_forward(name, side):
-    """In bf16 every op is a C++ op, so the forward is recorded once per input shape as an OpGraph and
-    replayed; it must give exactly what running the same ops one by one from Python gives."""
+def test_graph_replay_equals_the_eager_fused_forward(dtype, name, side):
+    """With the direct convolutions every op is a C++ op, so the forward is recorded once per input shape as an
+    OpGraph and replayed; it must give exactly what running the same ops one by one from Python gives."""
     net = _unet(7, **UNETS[name])
-    fused = cpu_unet.FusedCPUUNet(net, torch.bfloat16)
+    fused = cpu_unet.FusedCPUUNet(net, dtype)
     assert fused.graphs
     c = net.config.in_channels
     for seed in (0, 1):  # the second input goes through the already captured graph (buffers refilled)
@@ -310,6 +348,13 @@ def test_plan_arena_never_overlaps_buffers_live_at_the_same_time():
         cpu_unet._ext.require().OpGraph().profile(0)
 
 
-def test_fp32_fused_unet_runs_op_by_op():
+def test_fused_unet_without_the_direct_conv_runs_op_by_op(monkeypatch):
+    """fp32 on a CPU without AVX-512: oneDNN convolutions, which cannot be recorded into an OpGraph and are
+    chosen per batch size, so the U-Net says it is not batch invariant."""
     net = _unet(8, **UNETS["tiny-like"])
-    assert not cpu_unet.FusedCPUUNet(net, torch.float32).graphs  # oneDNN convs cannot be recorded
+    monkeypatch.setattr(cpu_unet, "direct_conv_usable", lambda dtype: False)
+    fused = cpu_unet.FusedCPUUNet(net, torch.float32)
+    assert not fused.graphs and not fused.batch_invariant
+    x, t = torch.randn(2, 8, 16, 16), torch.tensor([3, 500])
+    with torch.no_grad():
+        assert relerr(fused(x, t), net(x, t)) < 2e-6

@@ -14,7 +14,7 @@
 
 #include "cpu/attn_bf16_cpu.h"
 #include "cpu/bf16_scalar.h"
-#include "cpu/conv_bf16_cpu.h"
+#include "cpu/conv_cpu.h"
 
 #define RF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define RF_INLINE inline __attribute__((always_inline))

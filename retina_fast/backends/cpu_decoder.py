@@ -17,9 +17,9 @@ import threading
 import torch
 from torch import nn
 
-from retina_fast.backends.cpu_unet import (_conv_raw, _convt_raw, _empty, _gn_raw, direct_bf16_conv_usable,
-                                           graph_threads, pack_conv_transpose_k4s2p1_bf16, pack_conv_weight_bf16,
-                                           record_graph, replay, split_batch)
+from retina_fast.backends.cpu_unet import (_conv_raw, _convt_raw, _empty, _gn_raw, direct_conv_usable,
+                                           graph_threads, pack_conv_transpose_k4s2p1, pack_conv_weight, record_graph,
+                                           replay, split_batch)
 from retina_fast.models.layers import GroupNormSiLU
 from retina_fast.models.vqgan import VQGAN, ResBlock, UpConv
 
@@ -31,33 +31,38 @@ def _norm(m: GroupNormSiLU) -> tuple:
             bool(m.act), float(m.eps))
 
 
-def _conv3(conv: nn.Conv2d) -> tuple:
+def _conv3(conv: nn.Conv2d, dtype: torch.dtype) -> tuple:
     if conv.padding_mode not in ("replicate", "zeros") or conv.stride != (1, 1) or conv.groups != 1 \
-            or conv.padding[0] != conv.padding[1] or conv.weight.shape[1] % 2:
+            or conv.padding[0] != conv.padding[1] or (dtype == torch.bfloat16 and conv.weight.shape[1] % 2):
         raise ValueError(f"unsupported decoder conv {conv}")
     w = conv.weight.detach().float()
     bias = conv.bias.detach().float().contiguous() if conv.bias is not None else None
-    return (pack_conv_weight_bf16(w), w.shape[0], int(w.shape[2]), int(w.shape[3]), conv.padding[0], bias,
+    return (pack_conv_weight(w, dtype), w.shape[0], int(w.shape[2]), int(w.shape[3]), conv.padding[0], bias,
             conv.padding_mode == "replicate")
 
 
 class FusedCPUDecoder:
-    """``__call__(indices (B, h, w) int64) -> (B, bands, h f, w f) float32``, the decoder of ``vqgan`` in
-    bf16 (fp32 accumulation). Weights are copied at construction."""
+    """``__call__(indices (B, h, w) int64) -> (B, bands, h f, w f) float32``, the decoder of ``vqgan`` with
+    activations stored in ``dtype`` (bfloat16 or float32; fp32 accumulation). Weights are copied at
+    construction."""
 
     @staticmethod
-    def unsupported_reason(vqgan: VQGAN) -> str | None:
-        """Why this decoder cannot run ``vqgan`` here (None: it can)."""
-        if not direct_bf16_conv_usable():
-            return "needs the AVX512-BF16 direct convolution (retina_fast._C on a CPU with AVX512-BF16)"
+    def unsupported_reason(vqgan: VQGAN, dtype: torch.dtype = torch.bfloat16) -> str | None:
+        """Why this decoder cannot run ``vqgan`` in ``dtype`` here (None: it can)."""
+        if dtype not in (torch.float32, torch.bfloat16):
+            return f"stores float32 or bfloat16, not {dtype}"
+        if not direct_conv_usable(dtype):
+            isa = "AVX512-BF16" if dtype == torch.bfloat16 else "AVX-512"
+            return f"needs the {isa} direct convolution (retina_fast._C on a CPU with {isa})"
         if vqgan.config.padding_mode not in ("replicate", "zeros"):
             return f"padding_mode {vqgan.config.padding_mode!r} (zeros or replicate only)"
         return None
 
-    def __init__(self, vqgan: VQGAN) -> None:
-        reason = self.unsupported_reason(vqgan)
+    def __init__(self, vqgan: VQGAN, dtype: torch.dtype = torch.bfloat16) -> None:
+        reason = self.unsupported_reason(vqgan, dtype)
         if reason:
             raise RuntimeError(f"FusedCPUDecoder: {reason}")
+        self.dtype = dtype
         dec = vqgan.decoder
         emb = vqgan.codebook.embedding.detach().float()
         pq = vqgan.post_quant
@@ -71,15 +76,15 @@ class FusedCPUDecoder:
                 raise ValueError(f"unsupported decoder upsampling {up}")
             # both kinds are a 4x4 stride-2 transposed conv of the input padded by 1 (UpConv.phase_weight):
             # padding by 1 then padding 3 = padding 1 of the input (zeros), or with clamped taps (replicate)
-            up_packed = (pack_conv_transpose_k4s2p1_bf16(up.phase_weight()), up.conv.out_channels,
+            up_packed = (pack_conv_transpose_k4s2p1(up.phase_weight(), dtype), up.conv.out_channels,
                          up.conv.bias.detach().float().contiguous() if up.conv.bias is not None else None,
                          up.mode == "replicate")
-            res = [(_norm(b.norm1), _conv3(b.conv1), _norm(b.norm2), _conv3(b.conv2)) for b in blocks
+            res = [(_norm(b.norm1), _conv3(b.conv1, dtype), _norm(b.norm2), _conv3(b.conv2, dtype)) for b in blocks
                    if isinstance(b, ResBlock)]
             if len(res) != len(blocks):
                 raise ValueError("decoder stages must be an upsampling followed by ResBlocks")
             self.stages.append((up_packed, res))
-        self.conv_out = _conv3(dec.conv_out)
+        self.conv_out = _conv3(dec.conv_out, dtype)
         self.bands = self.conv_out[1]
         self.cores = graph_threads()
         self._graphs: dict[tuple, list] = {}
@@ -107,7 +112,7 @@ class FusedCPUDecoder:
 
     def _capture(self, b: int, hl: int, wl: int) -> tuple:
         def build():
-            x_buf = torch.empty((b, hl, wl, self.channels), dtype=torch.bfloat16)
+            x_buf = torch.empty((b, hl, wl, self.channels), dtype=self.dtype)
             out = self._forward(x_buf.permute(0, 3, 1, 2))
             return out, [x_buf], x_buf
 

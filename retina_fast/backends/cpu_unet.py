@@ -43,10 +43,9 @@ from retina_fast import _ext
 from retina_fast.models.attention import Attention, LinearAttention, PreNormResidual
 from retina_fast.models.unet import ResnetBlock, UNet2D, pad_to_multiple
 
-__all__ = ["FusedCPUUNet", "record_graph", "plan_arena", "replay", "split_batch", "gn_silu_cl", "channel_norm_cl", "attention_cl", "conv2d_bf16_cl", "pack_conv_weight_bf16",
-           "conv_transpose2d_k4s2p1_bf16_cl", "pack_conv_transpose_k4s2p1_bf16", "conv2d_rows_bf16_cl",
-           "pack_conv_rows_bf16",
-           "mkldnn_usable", "direct_bf16_conv_usable"]
+__all__ = ["FusedCPUUNet", "record_graph", "plan_arena", "replay", "split_batch", "gn_silu_cl", "channel_norm_cl",
+           "attention_cl", "conv2d_cl", "pack_conv_weight", "conv_transpose2d_k4s2p1_cl", "pack_conv_transpose_k4s2p1",
+           "conv2d_rows_cl", "pack_conv_rows", "mkldnn_usable", "direct_conv_usable", "direct_bf16_conv_usable"]
 
 
 class _Capture:
@@ -183,42 +182,76 @@ def mkldnn_usable() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
+def direct_conv_usable(dtype: torch.dtype) -> bool:
+    """Whether the C++ direct convolution (csrc/cpu/conv_cpu.cpp) runs on this CPU in ``dtype``: bfloat16 needs
+    AVX512-BF16, float32 AVX-512."""
+    if not _ext.available():
+        return False
+    if dtype == torch.bfloat16:
+        return bool(_ext.require().conv_bf16_supported())
+    if dtype == torch.float32:
+        return bool(_ext.require().conv_f32_supported())
+    return False
+
+
 def direct_bf16_conv_usable() -> bool:
-    """Whether the C++ AVX512-BF16 direct convolution (csrc/cpu/conv_bf16_cpu.cpp) runs on this CPU."""
-    return _ext.available() and bool(_ext.require().conv_bf16_supported())
+    """Whether the C++ AVX512-BF16 direct convolution runs on this CPU."""
+    return direct_conv_usable(torch.bfloat16)
 
 
-def pack_conv_weight_bf16(weight: torch.Tensor) -> torch.Tensor:
-    """(N, C, KH, KW) -> the direct convolution's layout (KH*KW, C/2, Np, 2) bf16, Np = N rounded up to 32."""
+def _check_storage(dtype: torch.dtype) -> None:
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"the direct convolution stores float32 or bfloat16, got {dtype}")
+
+
+def _np(n: int) -> int:
+    return -(-n // 32) * 32
+
+
+def _packed_shape(taps: int, c: int, n: int, dtype: torch.dtype) -> tuple[int, ...]:
+    return (taps, c // 2, _np(n), 2) if dtype == torch.bfloat16 else (taps, c, _np(n))
+
+
+def pack_conv_weight(weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """(N, C, KH, KW) -> the direct convolution's layout, Np = N rounded up to 32 (zeros beyond N):
+    bf16 (KH*KW, C/2, Np, 2) (channel pairs side by side, for vdpbf16ps), fp32 (KH*KW, C, Np)."""
+    _check_storage(dtype)
     n, c, kh, kw = weight.shape
-    if c % 2:
+    if dtype == torch.bfloat16 and c % 2:
         raise ValueError(f"the direct bf16 convolution needs an even input channel count, got {c}")
-    np_ = -(-n // 32) * 32
-    packed = torch.zeros(kh * kw, c // 2, np_, 2, dtype=torch.bfloat16)
-    taps = weight.detach().float().permute(2, 3, 1, 0).reshape(kh * kw, c // 2, 2, n)   # [t, c2, j, n]
-    packed[:, :, :n, :] = taps.permute(0, 1, 3, 2).to(torch.bfloat16)
+    packed = torch.zeros(_packed_shape(kh * kw, c, n, dtype), dtype=dtype)
+    taps = weight.detach().float().permute(2, 3, 1, 0).reshape(kh * kw, c, n)   # [t, c, n]
+    if dtype == torch.bfloat16:
+        packed[:, :, :n, :] = taps.reshape(kh * kw, c // 2, 2, n).permute(0, 1, 3, 2).to(dtype)
+    else:
+        packed[:, :, :n] = taps
     return packed.contiguous()
 
 
-def pack_conv_rows_bf16(weight: torch.Tensor) -> torch.Tensor:
+def pack_conv_rows(weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """(N, C, KH, KW) -> the row form's packed kernel: (N, KW*C, KH, 1) with w'[n, j C + c, i] = w[n, c, i, j]."""
     n, c, kh, kw = weight.shape
-    return pack_conv_weight_bf16(weight.detach().float().permute(0, 3, 1, 2).reshape(n, kw * c, kh, 1))
+    return pack_conv_weight(weight.detach().float().permute(0, 3, 1, 2).reshape(n, kw * c, kh, 1), dtype)
 
 
-def conv2d_rows_bf16_cl(x: torch.Tensor, packed: torch.Tensor, n: int, kernel: tuple[int, int], pad: int,
-                        bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.conv2d(x, w, bias, padding=pad)`` (stride 1) for channels-last bf16 x with few channels, with
-    ``packed = pack_conv_rows_bf16(w)``: the KW taps of a kernel row are read as KW*C contiguous values of
+def _check_bias(bias: torch.Tensor | None, n: int) -> None:
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be float32 ({n},)")
+
+
+def conv2d_rows_cl(x: torch.Tensor, packed: torch.Tensor, n: int, kernel: tuple[int, int], pad: int,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.conv2d(x, w, bias, padding=pad)`` (stride 1) for channels-last x with few channels, with
+    ``packed = pack_conv_rows(w, x.dtype)``: the KW taps of a kernel row are read as KW*C contiguous values of
     the zero-padded input, so the inner reduction is KW times longer than with C alone."""
     _check_cl(x)
     b, c, h, w = x.shape
     kh, kw = kernel
-    if x.dtype != torch.bfloat16 or packed.shape != (kh, kw * c // 2, -(-n // 32) * 32, 2) or (kw * c) % 2:
-        raise ValueError(f"packed weight {tuple(packed.shape)} does not fit bf16 input with {c} channels, kernel "
-                         f"{kernel}, {n} outputs")
-    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,) or not bias.is_contiguous()):
-        raise ValueError(f"bias must be float32 ({n},)")
+    if packed.dtype != x.dtype or packed.shape != _packed_shape(kh, kw * c, n, x.dtype) or \
+            (x.dtype == torch.bfloat16 and (kw * c) % 2):
+        raise ValueError(f"packed weight {packed.dtype} {tuple(packed.shape)} does not fit {x.dtype} input with {c} "
+                         f"channels, kernel {kernel}, {n} outputs")
+    _check_bias(bias, n)
     return _rows_raw(x, packed.contiguous(), n, kh, kw, pad, bias)
 
 
@@ -226,16 +259,16 @@ def _rows_raw(x, packed, n, kh, kw, pad, bias) -> torch.Tensor:
     xp = F.pad(x, (pad, pad, pad, pad)) if pad else x
     xp = xp.contiguous(memory_format=torch.channels_last)  # no copy when already channels-last (graph input)
     b, c, hp, wp = xp.shape
-    out = _empty((b, n, hp - kh + 1, wp - kw + 1), torch.bfloat16)
-    _ext.require().conv2d_rows_bf16_cl(xp.data_ptr(), b, hp, wp, c, packed.data_ptr(), kh, kw, n,
-                                       bias.data_ptr() if bias is not None else 0, 0, out.data_ptr(),
-                                       graph=_graph(xp, out))
+    out = _empty((b, n, hp - kh + 1, wp - kw + 1), x.dtype)
+    _ext.require().conv2d_rows_cl(xp.data_ptr(), b, hp, wp, c, packed.data_ptr(), kh, kw, n,
+                                  bias.data_ptr() if bias is not None else 0, 0, out.data_ptr(),
+                                  x.dtype == torch.bfloat16, graph=_graph(xp, out))
     return out
 
 
-def pack_conv_transpose_k4s2p1_bf16(weight: torch.Tensor) -> torch.Tensor:
+def pack_conv_transpose_k4s2p1(weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """ConvTranspose2d(4, stride 2, padding 1) weight (C, N, 4, 4) -> four packed 2x2 kernels, one per output
-    phase (py, px): kernel[n, c, dy, dx] = weight[c, n, 3 - py - 2 dy, 3 - px - 2 dx] (see conv_bf16_cpu.h)."""
+    phase (py, px): kernel[n, c, dy, dx] = weight[c, n, 3 - py - 2 dy, 3 - px - 2 dx] (see conv_cpu.h)."""
     c, n, kh, kw = weight.shape
     if (kh, kw) != (4, 4):
         raise ValueError(f"expected a 4x4 transposed-conv weight, got {kh}x{kw}")
@@ -246,65 +279,65 @@ def pack_conv_transpose_k4s2p1_bf16(weight: torch.Tensor) -> torch.Tensor:
             rows = [3 - py - 2 * dy for dy in (0, 1)]
             cols = [3 - px - 2 * dx for dx in (0, 1)]
             sub = w[:, :, rows][:, :, :, cols].permute(1, 0, 2, 3)          # (N, C, 2, 2)
-            phases.append(pack_conv_weight_bf16(sub))
+            phases.append(pack_conv_weight(sub, dtype))
     return torch.stack(phases).contiguous()
 
 
-def conv_transpose2d_k4s2p1_bf16_cl(x: torch.Tensor, packed: torch.Tensor, n: int,
-                                    bias: torch.Tensor | None = None, replicate: bool = False) -> torch.Tensor:
-    """``F.conv_transpose2d(x, w, bias, stride=2, padding=1)`` (4x4 kernel) for channels-last bf16 x with
-    ``packed = pack_conv_transpose_k4s2p1_bf16(w)``; ``replicate``: instead
+def conv_transpose2d_k4s2p1_cl(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None,
+                               replicate: bool = False) -> torch.Tensor:
+    """``F.conv_transpose2d(x, w, bias, stride=2, padding=1)`` (4x4 kernel) for channels-last x with
+    ``packed = pack_conv_transpose_k4s2p1(w, x.dtype)``; ``replicate``: instead
     ``F.conv_transpose2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), w, bias, stride=2, padding=3)``."""
     _check_cl(x)
     b, c, h, w = x.shape
-    if x.dtype != torch.bfloat16 or packed.shape != (4, 4, c // 2, -(-n // 32) * 32, 2) or c % 2:
-        raise ValueError(f"packed weight {tuple(packed.shape)} does not fit bf16 input with {c} channels, {n} outputs")
-    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,) or not bias.is_contiguous()):
-        raise ValueError(f"bias must be float32 ({n},)")
+    if packed.dtype != x.dtype or packed.shape != (4, *_packed_shape(4, c, n, x.dtype)) or \
+            (x.dtype == torch.bfloat16 and c % 2):
+        raise ValueError(f"packed weight {packed.dtype} {tuple(packed.shape)} does not fit {x.dtype} input with {c} "
+                         f"channels, {n} outputs")
+    _check_bias(bias, n)
     return _convt_raw(x, packed.contiguous(), n, bias, replicate)
 
 
 def _convt_raw(x, packed, n, bias, replicate=False) -> torch.Tensor:
     b, c, h, w = x.shape
-    out = _empty((b, n, 2 * h, 2 * w), torch.bfloat16)
-    _ext.require().conv_transpose2d_k4s2p1_bf16_cl(x.data_ptr(), b, h, w, c, packed.data_ptr(), n,
-                                                   bias.data_ptr() if bias is not None else 0, out.data_ptr(),
-                                                   replicate=replicate, graph=_graph(x, out))
+    out = _empty((b, n, 2 * h, 2 * w), x.dtype)
+    _ext.require().conv_transpose2d_k4s2p1_cl(x.data_ptr(), b, h, w, c, packed.data_ptr(), n,
+                                              bias.data_ptr() if bias is not None else 0, out.data_ptr(),
+                                              x.dtype == torch.bfloat16, replicate=replicate, graph=_graph(x, out))
     return out
 
 
-def conv2d_bf16_cl(x: torch.Tensor, packed: torch.Tensor, n: int, kernel: tuple[int, int], stride: int, pad: int,
-                   bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                   replicate: bool = False) -> torch.Tensor:
-    """``F.conv2d(x, w, bias, stride, pad) (+ residual)`` for channels-last bf16 x (B, C, H, W) with
-    ``packed = pack_conv_weight_bf16(w)``; fp32 accumulation, output rounded to bf16 once. ``replicate``:
-    ``padding_mode="replicate"`` instead of zeros."""
+def conv2d_cl(x: torch.Tensor, packed: torch.Tensor, n: int, kernel: tuple[int, int], stride: int, pad: int,
+              bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+              replicate: bool = False) -> torch.Tensor:
+    """``F.conv2d(x, w, bias, stride, pad) (+ residual)`` for channels-last x (B, C, H, W) in float32 or bfloat16
+    with ``packed = pack_conv_weight(w, x.dtype)``; fp32 accumulation (bf16: output rounded once).
+    ``replicate``: ``padding_mode="replicate"`` instead of zeros."""
     _check_cl(x)
-    if x.dtype != torch.bfloat16:
-        raise ValueError(f"conv2d_bf16_cl takes bfloat16 input, got {x.dtype}")
     b, c, h, w = x.shape
     kh, kw = kernel
-    if packed.dtype != torch.bfloat16 or packed.shape != (kh * kw, c // 2, -(-n // 32) * 32, 2) or c % 2:
-        raise ValueError(f"packed weight {tuple(packed.shape)} does not fit input channels {c}, kernel {kernel}, "
-                         f"{n} outputs")
+    if packed.dtype != x.dtype or packed.shape != _packed_shape(kh * kw, c, n, x.dtype) or \
+            (x.dtype == torch.bfloat16 and c % 2):
+        raise ValueError(f"packed weight {packed.dtype} {tuple(packed.shape)} does not fit {x.dtype} input with {c} "
+                         f"channels, kernel {kernel}, {n} outputs")
     ho, wo = (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kw) // stride + 1
-    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,) or not bias.is_contiguous()):
-        raise ValueError(f"bias must be float32 ({n},)")
+    _check_bias(bias, n)
     if residual is not None:
         _check_cl(residual, "residual")
-        if residual.dtype != torch.bfloat16 or residual.shape != (b, n, ho, wo):
-            raise ValueError(f"residual must be bfloat16 {(b, n, ho, wo)}, got {residual.dtype} {tuple(residual.shape)}")
+        if residual.dtype != x.dtype or residual.shape != (b, n, ho, wo):
+            raise ValueError(f"residual must be {x.dtype} {(b, n, ho, wo)}, got {residual.dtype} "
+                             f"{tuple(residual.shape)}")
     return _conv_raw(x, packed.contiguous(), n, kh, kw, stride, pad, bias, residual, replicate)
 
 
 def _conv_raw(x, packed, n, kh, kw, stride, pad, bias, residual, replicate=False) -> torch.Tensor:
     b, c, h, w = x.shape
     ho, wo = (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kw) // stride + 1
-    out = _empty((b, n, ho, wo), torch.bfloat16)
-    _ext.require().conv2d_bf16_cl(x.data_ptr(), b, h, w, c, packed.data_ptr(), kh, kw, n, stride, pad, ho, wo,
-                                  bias.data_ptr() if bias is not None else 0,
-                                  residual.data_ptr() if residual is not None else 0, out.data_ptr(),
-                                  replicate=replicate, graph=_graph(x, residual, out))
+    out = _empty((b, n, ho, wo), x.dtype)
+    _ext.require().conv2d_cl(x.data_ptr(), b, h, w, c, packed.data_ptr(), kh, kw, n, stride, pad, ho, wo,
+                             bias.data_ptr() if bias is not None else 0,
+                             residual.data_ptr() if residual is not None else 0, out.data_ptr(),
+                             x.dtype == torch.bfloat16, replicate=replicate, graph=_graph(x, residual, out))
     return out
 
 
@@ -399,7 +432,8 @@ class _Conv:
     the weight (a folded per-channel norm gain).
     """
 
-    def __init__(self, conv: nn.Module, dtype: torch.dtype, weight_scale: torch.Tensor | None = None) -> None:
+    def __init__(self, conv: nn.Module, dtype: torch.dtype, weight_scale: torch.Tensor | None = None,
+                 rows: bool = False) -> None:
         if getattr(conv, "padding_mode", "zeros") != "zeros":
             raise ValueError(f"_Conv handles zero padding only, got padding_mode={conv.padding_mode!r}")
         self.transposed = isinstance(conv, nn.ConvTranspose2d)
@@ -417,28 +451,31 @@ class _Conv:
             self.weight = self.weight.contiguous(memory_format=torch.channels_last)
         self.packed = mkldnn_usable()
         self._by_shape: dict[tuple[int, ...], torch.Tensor] = {}
-        # bf16 on an AVX512-BF16 CPU: the C++ direct convolution (no per-call oneDNN cost) for square
-        # stride/padding convs with an even input channel count >= 16, for the U-Net's 4x4 stride-2
-        # transposed convs (as four 2x2 phase convs) and, in its row form, for stride-1 convs on fewer
-        # channels; everything in fp32 stays on oneDNN.
+        # On an AVX-512 CPU (bf16: AVX512-BF16) the C++ direct convolution (no per-call oneDNN cost, and per-image
+        # arithmetic in a fixed order, so results do not depend on the batch): square stride/padding convs
+        # (bf16: even input channel count >= 16), the U-Net's 4x4 stride-2 transposed convs as four 2x2 phase
+        # convs and, in its row form, stride-1 convs on fewer channels. Anything else stays on oneDNN.
         self.direct = self.direct_t = self.direct_rows = None
         fbias = conv.bias.detach().float().contiguous() if conv.bias is not None else None
         square = len(set(self.stride)) == 1 and len(set(self.padding)) == 1 and self.dilation == [1, 1]
         c_in = w.shape[0] if self.transposed else w.shape[1]
-        bf16_direct = dtype == torch.bfloat16 and self.groups == 1 and square and direct_bf16_conv_usable()
-        if (bf16_direct and not self.transposed and c_in < 16 and self.stride == [1, 1] and w.shape[3] > 1
-                and (w.shape[3] * c_in) % 2 == 0 and w.shape[3] * c_in >= 16):
+        bf16 = dtype == torch.bfloat16
+        usable = self.groups == 1 and square and direct_conv_usable(dtype)
+        if (rows and usable and not self.transposed and c_in < 16 and self.stride == [1, 1] and w.shape[3] > 1
+                and (not bf16 or (w.shape[3] * c_in) % 2 == 0) and w.shape[3] * c_in >= 16):
             # few input channels (the 7x7 init conv on 8 latent channels): the row form, 7 x 8 = 56-long
-            # reductions per tap instead of 8 (direct per-pixel form: 135-250 us vs oneDNN 96-150 us)
-            self.direct_rows = (pack_conv_rows_bf16(w), w.shape[0], int(w.shape[2]), int(w.shape[3]),
+            # reductions per tap instead of 8 (bf16 direct per-pixel form: 135-250 us vs oneDNN 96-150 us). Only
+            # where the caller can hand it an input it has padded itself (``rows``: the graph's input), since the
+            # row form pads in Python, which a recorded graph would not replay.
+            self.direct_rows = (pack_conv_rows(w, dtype), w.shape[0], int(w.shape[2]), int(w.shape[3]),
                                 self.padding[0], fbias)
-        if bf16_direct and c_in % 2 == 0 and c_in >= 16:
+        if usable and self.direct_rows is None and (not bf16 or (c_in % 2 == 0 and c_in >= 16)):
             if not self.transposed:
-                self.direct = (pack_conv_weight_bf16(w), w.shape[0], int(w.shape[2]), int(w.shape[3]),
+                self.direct = (pack_conv_weight(w, dtype), w.shape[0], int(w.shape[2]), int(w.shape[3]),
                                self.stride[0], self.padding[0], fbias)
             elif tuple(w.shape[2:]) == (4, 4) and self.stride == [2, 2] and self.padding == [1, 1] \
                     and self.output_padding == [0, 0]:
-                self.direct_t = (pack_conv_transpose_k4s2p1_bf16(w), w.shape[1], fbias)
+                self.direct_t = (pack_conv_transpose_k4s2p1(w, dtype), w.shape[1], fbias)
 
     @property
     def all_cpp(self) -> bool:
@@ -558,7 +595,7 @@ class FusedCPUUNet:
         for m in lin:
             starts.append(starts[-1] + m.out_features)
         wrapped = {id(b): _Resnet(b, dtype, starts[i]) for i, b in enumerate(blocks)}
-        self.init_conv = _Conv(unet.init_conv, dtype)
+        self.init_conv = _Conv(unet.init_conv, dtype, rows=True)
         self.downs = [([wrapped[id(b)] for b in lvl.blocks], _Attn(lvl.attn, dtype),
                        _Conv(lvl.resample, dtype) if isinstance(lvl.resample, nn.Conv2d) else None)
                       for lvl in unet.downs]
@@ -581,18 +618,33 @@ class FusedCPUUNet:
         self._lock = threading.Lock()
 
     def _film(self, t: torch.Tensor, batch: int) -> torch.Tensor:
-        """(B, sum 2 c_out) scale/shift of every ResnetBlock; cached per timestep tuple (a sampler reuses the
-        same few timesteps for every batch, and the time MLP costs ~0.3 ms per call at B = 8)."""
+        """(B, sum 2 c_out) scale/shift of every ResnetBlock. Each image's row is computed on its own (time MLP and
+        FiLM linear at batch 1) and cached per timestep value: a GEMM's row changes in the last bits with the
+        number of rows (bf16, shipped model: 0.06 on a cube), so computing it over the batch would make image i
+        depend on the batch; a sampler gives every image of a step the same t, so one row is computed and
+        broadcast, which is also cheaper (the time MLP costs ~0.3 ms per call at B = 8)."""
         t = torch.as_tensor(t)
-        key = (batch, t.dtype, tuple(t.reshape(-1).tolist()))
-        film = self._film_cache.get(key)
-        if film is None:
-            temb = self.time_embedding(t, batch).float()
-            film = F.linear(F.silu(temb), self.film_weight, self.film_bias).contiguous()
+        values = t.reshape(-1).tolist()
+        if len(values) == 1:
+            values = values * batch
+        if len(values) != batch:
+            raise ValueError(f"timesteps must be a scalar or shape ({batch},), got {tuple(t.shape)}")
+        rows = [self._film_row(t.dtype, v) for v in dict.fromkeys(values)]
+        if len(rows) == 1:
+            return rows[0].expand(batch, -1).contiguous()
+        index = {v: i for i, v in enumerate(dict.fromkeys(values))}
+        return torch.cat(rows)[[index[v] for v in values]].contiguous()
+
+    def _film_row(self, dtype: torch.dtype, value) -> torch.Tensor:
+        key = (dtype, value)
+        row = self._film_cache.get(key)
+        if row is None:
+            temb = self.time_embedding(torch.tensor([value], dtype=dtype), 1).float()
+            row = F.linear(F.silu(temb), self.film_weight, self.film_bias)
             if len(self._film_cache) >= 4096:
                 self._film_cache.clear()
-            self._film_cache[key] = film
-        return film
+            self._film_cache[key] = row
+        return row
 
     def _convs(self) -> list[_Conv]:
         res = [c for b in self._blocks for c in (b.conv1, b.conv2, b.res) if c is not None]

@@ -34,6 +34,10 @@ from retina_fast.ops import nearest_code, sampler_step
 __all__ = ["Runner", "make_runner", "default_dtype"]
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def default_dtype(backend: str, device: torch.device) -> torch.dtype:
     """bf16 for ``cuda``, fp16 for ``tensorrt``, fp32 elsewhere.
 
@@ -49,10 +53,16 @@ def default_dtype(backend: str, device: torch.device) -> torch.dtype:
 
 
 class Runner:
-    """The reference (``torch`` backend); subclasses override what they accelerate."""
+    """The reference (``torch`` backend); subclasses override what they accelerate.
+
+    ``batch_invariant``: whether image i is bit-identical whatever the batch size and split of a run (the
+    noise always is; the arithmetic is when every op computes each image on its own in a fixed order). Where
+    it is False, a batched GEMM or convolution may round an image differently with another batch size (eager
+    PyTorch: ~1e-6 in fp32), so a resumed run must keep its batch size to reproduce the images exactly."""
 
     nearest_impl = "torch"
     step_impl = "torch"
+    batch_invariant = False
 
     def __init__(self, loaded, device: torch.device, dtype: torch.dtype) -> None:
         self.loaded = loaded
@@ -135,7 +145,8 @@ class CPURunner(Runner):
         super().__init__(loaded, device, dtype)
         if mkldnn_usable():
             self.fast_unet = FusedCPUUNet(loaded.unet, dtype)
-            self.unet_path = f"fused C++ ops + oneDNN convolutions ({str(dtype).replace('torch.', '')})"
+            convs = "direct" if self.fast_unet.batch_invariant else "oneDNN"
+            self.unet_path = f"fused C++ ops + {convs} convolutions ({_dtype_name(dtype)})"
         else:  # a torch build without oneDNN: say so once, run the frozen graph instead
             warnings.warn("torch was built without oneDNN (mkldnn): the cpu backend runs the U-Net as a frozen "
                           "TorchScript graph instead of the fused path", RuntimeWarning, stacklevel=2)
@@ -143,13 +154,20 @@ class CPURunner(Runner):
             self.fast_unet = lambda x, t: frozen(
                 x.to(dtype).contiguous(memory_format=torch.channels_last), t).float().contiguous()
             self.unet_path = "frozen TorchScript graph"
-        reason = "fp32" if dtype != torch.bfloat16 else FusedCPUDecoder.unsupported_reason(loaded.vqgan)
+        reason = FusedCPUDecoder.unsupported_reason(loaded.vqgan, dtype)
         if reason is None:
-            self.fast_decode = FusedCPUDecoder(loaded.vqgan)  # per-image C++ kernels: batch invariant
-            self.decode_path = "C++ ops + direct bf16 convolutions, replayed op graph"
-        else:  # same speed (measured, bf16), oneDNN kernels: batches padded in bf16 (see BF16_BATCH_MULTIPLE)
+            self.fast_decode = FusedCPUDecoder(loaded.vqgan, dtype)  # per-image C++ kernels: batch invariant
+            self.decode_path = f"C++ ops + direct {_dtype_name(dtype)} convolutions, replayed op graph"
+        else:  # oneDNN kernels: batches padded in bf16 (see BF16_BATCH_MULTIPLE)
             self.fast_decode = _FrozenGraphs(_DecodeIndices(_fast_copy(loaded.vqgan, dtype, True)))
             self.decode_path = f"frozen TorchScript graph ({reason})"
+        # Every op a per-image C++ kernel (the direct convolutions need AVX-512, in bf16 AVX512-BF16): image i
+        # cannot depend on the batch. oneDNN's convolutions are chosen per problem size and round some images
+        # differently at some batch sizes (fp32: ~1e-6, enough to flip a codebook choice); bf16 batches through
+        # oneDNN are padded to a multiple of 8, which made them agree in every case measured, but that is a
+        # measurement on one CPU, not a guarantee, so such a runner says False.
+        self.batch_invariant = bool(getattr(self.fast_unet, "batch_invariant", False)) and \
+            isinstance(self.fast_decode, FusedCPUDecoder)
 
     # bf16 only: oneDNN picks its bf16 convolution kernels by batch size, and some picks round differently
     # (shipped tiny, 2-core AVX512-BF16 CPU: batches of 1, 2, 3, 7 gave an image differing by one bf16 step
