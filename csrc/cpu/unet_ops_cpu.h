@@ -1,13 +1,13 @@
 #pragma once
-// Fused channels-last ops for the CPU U-Net / decoder (retina_fast/backends/cpu_unet.py).
+// Fused channels-last ops for the CPU U-Net / decoder (retina_fast/ops/*.py, recorded by retina_fast/backends/cpu_graph.py).
 //
 // Every tensor is channels-last, i.e. row-major (B, P, C) with P = H * W pixels, stored as float32 or as
 // bf16 bits (uint16_t); all arithmetic is float32. Storage type T is float or uint16_t (bf16, written
 // with round-to-nearest-even). The reference for each op is the PyTorch module it replaces:
-//   gn_silu_cl        retina_fast.models.layers.groupnorm_silu_ref (+ an optional residual added last)
-//   channel_norm_cl   retina_fast.models.attention.ChannelLayerNorm without gamma (folded into to_qkv)
-//   linear_attn_cl    retina_fast.models.attention.linear_attention_ref on a to_qkv output
-//   softmax_attn_cl   retina_fast.models.attention.softmax_attention_ref on a to_qkv output
+//   gn_silu_cl        retina_fast.ops.group_norm_silu.group_norm_silu_ref (+ an optional residual added last)
+//   channel_norm_cl   retina_fast.ops.channel_norm.channel_norm_ref without gamma (folded into to_qkv)
+//   linear_attn_cl    retina_fast.ops.attention.linear_attention_ref on a to_qkv output
+//   softmax_attn_cl   retina_fast.ops.attention.softmax_attention_ref on a to_qkv output
 #include <cstdint>
 
 namespace rf {
@@ -21,6 +21,10 @@ void gn_silu_cl(const T* x, int64_t batch, int64_t pixels, int64_t channels, int
 
 // out row r = bytes_a bytes of a's row r, then bytes_b bytes of b's row r (channel concat, channels-last).
 void concat_rows(const uint8_t* a, const uint8_t* b, uint8_t* out, int64_t rows, int64_t bytes_a, int64_t bytes_b);
+
+// out = a + b over n values (fp32 arithmetic, one rounding): an unfused residual add.
+template <typename T>
+void add_cl(const T* a, const T* b, int64_t n, T* out);
 
 // y = (x - mean_C(x)) / sqrt(var_C(x) + eps) per row of x (rows, C).
 template <typename T>
