@@ -73,14 +73,13 @@ needs_bf16_conv = pytest.mark.skipif(not (_ext.available() and _ext.require().co
 @pytest.mark.benchmark(group="GroupNorm+FiLM+SiLU bf16 channels-last (8, 32, 16, 16)")
 @pytest.mark.parametrize("impl", ["torch", "cpp"])
 def test_gn_silu(benchmark, impl):
-    from retina_fast.backends.cpu_unet import gn_silu_cl
-    from retina_fast.models.layers import groupnorm_silu_ref
+    from retina_fast.ops.group_norm_silu import group_norm_silu, group_norm_silu_ref
 
     x, w, b = _cl_bf16(8, 32, 16, 16), torch.randn(32), torch.randn(32)
     sc, sh = torch.randn(8, 32), torch.randn(8, 32)
     wb, bb, scb, shb = w.bfloat16(), b.bfloat16(), sc.bfloat16()[:, :, None, None], sh.bfloat16()[:, :, None, None]
-    ref = lambda: groupnorm_silu_ref(x, 8, wb, bb, 1e-5, scb, shb)  # noqa: E731  (plain PyTorch at bf16)
-    fn = ref if impl == "torch" else (lambda: gn_silu_cl(x, 8, w, b, 1e-5, sc, sh))
+    ref = lambda: group_norm_silu_ref(x, 8, wb, bb, 1e-5, scb, shb)  # noqa: E731  (plain PyTorch at bf16)
+    fn = ref if impl == "torch" else (lambda: group_norm_silu(x, 8, w, b, 1e-5, sc, sh, impl="cpp"))
     torch.testing.assert_close(fn().float(), ref().float(), rtol=3e-2, atol=3e-2)
     benchmark(fn)
 
@@ -89,8 +88,7 @@ def test_gn_silu(benchmark, impl):
 @pytest.mark.benchmark(group="linear attention bf16 B=8 heads=4 N=256 d=32")
 @pytest.mark.parametrize("impl", ["torch", "cpp"])
 def test_linear_attention(benchmark, impl):
-    from retina_fast.backends.cpu_unet import attention_cl
-    from retina_fast.models.attention import linear_attention_ref
+    from retina_fast.ops.attention import linear_attention_ref, multihead_attention
 
     qkv = _cl_bf16(8, 384, 16, 16)
 
@@ -98,7 +96,7 @@ def test_linear_attention(benchmark, impl):
         q, k, v = qkv.reshape(8, 3, 4, 32, 256).transpose(-2, -1).unbind(1)
         return linear_attention_ref(q, k, v).transpose(-2, -1).reshape(8, 128, 16, 16)
 
-    fn = ref if impl == "torch" else (lambda: attention_cl(qkv, 4, 32, True))
+    fn = ref if impl == "torch" else (lambda: multihead_attention(qkv, 4, 32, "linear", impl="cpp"))
     torch.testing.assert_close(fn().float(), ref().float(), rtol=3e-2, atol=3e-2)
     benchmark(fn)
 
@@ -107,7 +105,7 @@ def test_linear_attention(benchmark, impl):
 @pytest.mark.benchmark(group="conv3x3 bf16 channels-last (8, 32, 16, 16) -> 32")
 @pytest.mark.parametrize("impl", ["torch", "cpp"])
 def test_conv3x3_bf16(benchmark, impl):
-    from retina_fast.backends.cpu_unet import conv2d_cl, pack_conv_weight
+    from retina_fast.ops.conv import conv2d_cl, pack_conv_weight
 
     x, w, b = _cl_bf16(8, 32, 16, 16), torch.randn(32, 32, 3, 3) * 0.05, torch.randn(32)
     wb = w.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)

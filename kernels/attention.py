@@ -2,7 +2,7 @@
 
 * ``softmax_attention``: flash-style — one program per (batch·head, query block), running max and sum
   over key blocks, the (N, N) score matrix never leaves registers. FLOPs 4·N²·d per head.
-* ``linear_attention``: the efficient attention of retina_fast.models.attention.linear_attention_ref
+* ``linear_attention``: the efficient attention of retina_fast.ops.attention.linear_attention_ref
   fused into one program per (batch·head): column max of k, exp-sums and the (d, d) context k'^T v in
   one sweep over tokens, then per-token softmax of q and q'·context. FLOPs ~4·N·d² per head.
 Accumulation in fp32 whatever the input dtype.

@@ -1,6 +1,6 @@
 """Fused channel attention (MAGE-Net's CAB): y = x · σ(W2 · ReLU(W1 · mean_hw(x))).
 
-Reference: ``retina_fast.models.magenet.channel_attention_ref``. Two launches, no (N, C) round trip
+Reference: ``retina_fast.ops.channel_attention.channel_attention_ref``. Two launches, no (N, C) round trip
 through PyTorch ops:
 
 1. ``_pool_kernel``: grid (N, S). Program (n, s) sums x[n, :, rows of split s] over its share of the

@@ -26,6 +26,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from retina_fast.files import atomic_write
+
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_state_into", "model_config",
            "CONFIG_NAME", "FORMAT", "FORMAT_VERSION"]
 
@@ -38,19 +40,6 @@ _RESERVED = {"format", "format_version", "provenance", "weights"}
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, truncated, tampered with or does not match the model; names the file."""
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _state(obj: nn.Module | Mapping[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
@@ -84,14 +73,14 @@ def save_checkpoint(directory: str | os.PathLike, modules: Mapping[str, nn.Modul
             raise ValueError(f"module name {name!r} must match {_NAME_RE.pattern} and not be 'config'")
         data = st_save(_state(obj, name), metadata={"format": "pt", "module": name})
         fname = f"{name}.safetensors"
-        _atomic_write(directory / fname, data)
+        atomic_write(directory / fname, data)
         weights[name] = {"file": fname, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     prov = dict(provenance or {})
     prov.setdefault("code_version", __version__)
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, **dict(config), "provenance": prov,
            "weights": weights}
     text = json.dumps(doc, indent=2, sort_keys=False, allow_nan=False) + "\n"
-    _atomic_write(directory / CONFIG_NAME, text.encode("utf-8"))
+    atomic_write(directory / CONFIG_NAME, text.encode("utf-8"))
     return directory
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from retina_fast import backends, noise, samplers
-from retina_fast.backends.runners import Runner, default_dtype, make_runner
+from retina_fast.backends.runners import Runner, default_dtype
 
 __all__ = ["Pipeline", "load", "sample"]
 
@@ -27,6 +28,26 @@ class Pipeline:
         self.loaded = loaded
         self.source = source
         self._runners: dict[tuple, Runner] = {}
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str = "default") -> "Pipeline":
+        """A packaged model name (``default`` = ``tiny``), a checkpoint directory or a training run directory;
+        loaded once per path (the same as :func:`load`)."""
+        return load(name_or_dir)
+
+    def save_pretrained(self, directory) -> "Path":
+        """Write this model as a checkpoint directory (``config.json`` + ``vqgan.safetensors`` +
+        ``unet.safetensors``, sha256 recorded) that :meth:`from_pretrained` and the trainers' tools read back;
+        the source's provenance is kept."""
+        from retina_fast.checkpoint import model_config, save_checkpoint
+
+        meta = dict(self.loaded.meta)
+        config = {k: v for k, v in meta.items() if k not in ("format", "format_version", "provenance", "weights")}
+        config.update(model_config(self.loaded.config, self.loaded.latent_range), kind="ldm")
+        config["wavelengths"] = list(self.wavelengths)
+        provenance = dict(meta.get("provenance", {}))
+        provenance.setdefault("saved_from", self.source)
+        return save_checkpoint(directory, {"vqgan": self.loaded.vqgan, "unet": self.loaded.unet}, config, provenance)
 
     @property
     def config(self):
@@ -45,7 +66,7 @@ class Pipeline:
             raise backends.BackendUnavailable(f"backend {chosen.name!r}: " + "; ".join(chosen_reasons))
         key = (chosen.name, str(dev), dtype)
         if key not in self._runners:
-            self._runners[key] = make_runner(chosen.name, self.loaded, dev, dtype)
+            self._runners[key] = backends.runner_factory(chosen, "sample")(self.loaded, dev, dtype)
         return self._runners[key]
 
     def sample(self, n: int, steps: int = 50, *, seed: int = 0, sampler: str = "ddim", backend: str = "auto",
@@ -118,14 +139,15 @@ def auto_batch_size(runner: Runner, n: int) -> int:
 
 
 def _sample_batch(runner: Runner, coefs, seed: int, images: range, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's loop (``samplers.sample``) with the runner's denoiser and fused step, then its decoder."""
     dev = runner.device
     x = samplers.initial_latents(seed, images, shape, device=dev)
-    t = torch.empty(len(images), dtype=torch.int64, device=dev)
-    x0_prev = None
-    for i, c in enumerate(coefs):
-        eps = runner.denoise(x, t.fill_(c.t))
+
+    def step(i, x, eps, c, x0_prev):
         keys = noise.derive_keys(seed, images, step=i, stream=noise.STREAM_STEP).to(dev) if c.std else None
-        x, x0_prev = runner.step(x, eps, c, x0_prev if c.cp else None, keys, True)
+        return runner.step(x, eps, c, x0_prev, keys, True)
+
+    x = samplers.sample(runner.denoise, x, coefs, step=step)
     if not bool(torch.isfinite(x).all()):
         raise FloatingPointError(f"non-finite latents for images {images.start}..{images.stop - 1} "
                                  f"(dtype {runner.dtype}); try dtype=torch.float32")

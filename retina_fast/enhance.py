@@ -23,7 +23,8 @@ Backends (``retina_fast.backends``; resolved once per enhancer, device and dtype
 - ``cuda``: the same copy in bf16 channels-last on the GPU, channel attention swapped for the fused
   Triton kernel (``retina_fast.kernels.channel_attention``), replayed from a CUDA graph per shape.
 - ``onnxruntime`` (fp32) / ``tensorrt`` (fp16 by default): the MAGE-Net hooks of those backend modules
-  (``ONNXRuntimeEnhancer`` / ``TensorRTEnhancer``), used only when named (see AUTO_ORDER).
+  (``ONNXRuntimeEnhancer`` / ``TensorRTEnhancer``); onnxruntime only when named (its ``enhance`` rank in the
+  registry is None: 2.1x slower than ``cpu`` at 512²).
 Tolerance (tests/test_enhance.py): with err = max |out − out_torch_fp32| over pixels,
 err(backend) <= 2 · err(eager PyTorch with the model and input cast to the same dtype) + 2/255.
 """
@@ -33,8 +34,6 @@ import copy
 import os
 import sys
 import types
-import warnings
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,14 +42,15 @@ import torch
 
 from retina_fast import backends
 from retina_fast.checkpoint import CheckpointError, load_checkpoint, load_state_into
-from retina_fast.backends.cpu_enhance import accelerate
-from retina_fast.models.magenet import ChannelAttention, MAGENet, MAGENetConfig
+from retina_fast.fov import fov_mask
+from retina_fast.models.magenet import MAGENet, MAGENetConfig
+from retina_fast.backends.graphs import CudaGraphs, FrozenGraphs, fast_copy
 from retina_fast.models.rsp import RSPOutput, pad_to_multiple
+from retina_fast.ops.table import OpTable
 
-__all__ = ["enhance", "load_enhancer", "resolve_enhancer", "Enhancer", "DEFAULT_ENHANCER", "WEIGHTS_DIR",
-           "MAX_WHOLE_PIXELS", "TILE_OVERLAP", "MIN_SIDE", "AUTO_ORDER"]
+__all__ = ["enhance", "load_enhancer", "resolve_enhancer", "Enhancer", "DEFAULT_ENHANCER",
+           "MAX_WHOLE_PIXELS", "TILE_OVERLAP", "MIN_SIDE"]
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_ENHANCER = "magenet-tiny"
 MAX_WHOLE_PIXELS = 2048 * 2048
 DEFAULT_TILE = 1024
@@ -60,21 +60,11 @@ _GRAPH_CACHE = 4
 
 
 def resolve_enhancer(model: str | os.PathLike = "default") -> Path:
-    """"default", a packaged name (directory of ``retina_fast/weights``), a checkpoint directory or a
-    training run directory (its ``final/``) -> the checkpoint directory."""
-    text = os.fspath(model)
-    name = DEFAULT_ENHANCER if text == "default" else text
-    packaged = WEIGHTS_DIR / name
-    if os.sep not in name and (packaged / "config.json").is_file():
-        return packaged
-    path = Path(name).expanduser()
-    for cand in (path, path / "final"):
-        if (cand / "config.json").is_file():
-            return cand
-    if text == "default":
-        raise FileNotFoundError(f"the default enhancement weights are not installed in {packaged}")
-    raise FileNotFoundError(f"enhancement model {text!r}: neither a packaged name in {WEIGHTS_DIR} nor a "
-                            f"checkpoint directory with config.json")
+    """"default", a packaged name, a checkpoint directory or a training run directory (its ``final/``) -> the
+    checkpoint directory (``retina_fast.modelzoo.resolve_model`` for kind ``magenet``)."""
+    from retina_fast.modelzoo import resolve_model
+
+    return resolve_model(model, kind="magenet")
 
 
 class Enhancer:
@@ -89,11 +79,19 @@ class Enhancer:
         return self.model.config
 
     def runner(self, backend: str = "auto", device=None, dtype: torch.dtype | None = None):
-        chosen, dev = _resolve(backend, device, dtype)
+        """The runner of ``backend`` (the registry's ``enhance`` workload), built once per (backend, device,
+        dtype)."""
+        if device is None and backends.requested_name(backend) == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        chosen = backends.resolve(backend, device=device, dtype=dtype, workload="enhance")
+        dev = torch.device(device) if device is not None else torch.device(chosen.devices[0])
         dtype = dtype or _default_dtype(chosen.name)
+        reasons = chosen.not_supported_reasons(dev, dtype, "enhance")
+        if reasons:
+            raise backends.BackendUnavailable(f"backend {chosen.name!r}: " + "; ".join(reasons))
         key = (chosen.name, str(dev), dtype)
         if key not in self._runners:
-            self._runners[key] = _RUNNERS[chosen.name](self.model, dev, dtype)
+            self._runners[key] = backends.runner_factory(chosen, "enhance")(self.model, dev, dtype)
         return self._runners[key]
 
 
@@ -103,38 +101,6 @@ def _default_dtype(backend: str) -> torch.dtype:
     if backend == "cuda" or (backend == "cpu" and backends.cpu_has_fast_bf16()):
         return torch.bfloat16
     return torch.float16 if backend == "tensorrt" else torch.float32
-
-
-def _resolve(backend: str, device, dtype) -> tuple[backends.Backend, torch.device]:
-    """Like ``backends.resolve`` among the backends with a MAGE-Net runner: ``auto`` tries AUTO_ORDER
-    and warns (raises with RETINA_FAST_STRICT=1) when a faster, non-optional one is unusable."""
-    from retina_fast import _env
-
-    name = backends.requested_name(backend)
-    if name != "auto":
-        if name not in _RUNNERS:
-            backends.get(name)  # unknown names raise with the list of known ones
-            raise backends.BackendUnavailable(f"backend {name!r} has no MAGE-Net runner; enhancement runs on "
-                                              f"{', '.join(_RUNNERS)}")
-        chosen = backends.resolve(name, device=device, dtype=dtype)
-        return chosen, torch.device(device) if device is not None else torch.device(chosen.devices[0])
-    dev = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
-    skipped = []
-    for b in (backends.get(n) for n in AUTO_ORDER if n in backends.names()):
-        if dev.type not in b.devices:
-            continue
-        reasons = b.not_supported_reasons(dev, dtype)
-        if not reasons:
-            if skipped:
-                msg = f"enhance: auto chose {b.name!r} on {dev}; faster backends skipped: " + " | ".join(skipped)
-                if _env.strict():
-                    raise backends.BackendUnavailable(msg + " (RETINA_FAST_STRICT=1)")
-                warnings.warn(msg, backends.BackendFallbackWarning, stacklevel=3)
-            return b, dev
-        if not getattr(b, "optional", False):
-            skipped.append(f"{b.name}: {'; '.join(reasons)}")
-    raise backends.BackendUnavailable(f"enhance: no backend can run on {dev}: " + " | ".join(skipped))
 
 
 _ENHANCERS: dict[str, Enhancer] = {}
@@ -181,11 +147,6 @@ class _Restore(torch.nn.Module):
         return self.model.restore(x)
 
 
-def _fast_copy(model: MAGENet, device, dtype) -> MAGENet:
-    fast = copy.deepcopy(model).to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return fast.to(memory_format=torch.channels_last)
-
-
 class _FP32RSP(torch.nn.Module):
     """The RSP module kept in fp32 inside a reduced-precision copy; its outputs are cast back."""
 
@@ -200,46 +161,36 @@ class _FP32RSP(torch.nn.Module):
 
 
 class CPURunner(TorchRunner):
-    """Channels-last copy in ``dtype`` (RSP module in fp32) with the fused C++ channel attention and bilinear
-    resizes of ``retina_fast.backends.cpu_enhance``, one frozen TorchScript graph per shape."""
+    """Channels-last copy in ``dtype`` (RSP module in fp32), traced with the cpu enhancer's op table (fused C++
+    channel attention and bilinear resizes, ``retina_fast.backends.cpu_enhance``) into one frozen TorchScript
+    graph per shape."""
 
     def __init__(self, model, device, dtype) -> None:
+        from retina_fast.backends.cpu_enhance import enhance_table
+
         self.device, self.dtype = device, dtype
-        self.fast = _fast_copy(model, device, dtype)
+        self.fast = fast_copy(model, dtype, device, channels_last=True)
         if dtype != torch.float32 and model.rsp is not None:
             # Measured at 512² on the 2-core AVX512-BF16 CPU: the RSP module's few-channel bilinear
             # upsampling, box filters and channels-last GroupNorm are 2-3× slower in bf16 than in fp32,
             # and the whole runner ~10 % faster with the RSP module in fp32 (also more accurate).
-            self.fast.rsp = _FP32RSP(_fast_copy(model.rsp, device, torch.float32))
-        accelerate(self.fast)  # same process, 512², bf16: 1.19x faster than ATen's channel attention / resizes
-        self._graphs: OrderedDict[tuple, torch.jit.ScriptModule] = OrderedDict()
-
-    def _graph(self, x: torch.Tensor):
-        key = tuple(x.shape)
-        if key in self._graphs:
-            self._graphs.move_to_end(key)
-            return self._graphs[key]
-        with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.13 but still the fastest here
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            graph = torch.jit.freeze(torch.jit.trace(_Restore(self.fast).eval(), x, check_trace=False))
-        for _ in range(2):  # the profiling executor specialises the graph on its first runs
-            graph(x)
-        self._graphs[key] = graph
-        if len(self._graphs) > _GRAPH_CACHE:
-            self._graphs.popitem(last=False)
-        return graph
+            self.fast.rsp = _FP32RSP(fast_copy(model.rsp, torch.float32, device, channels_last=True))
+        self.graphs = FrozenGraphs(_Restore(self.fast), table=enhance_table(), cache=_GRAPH_CACHE, warmup=2)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xin = x.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
-        return self._graph(xin)(xin).float().contiguous()
+        return self.graphs(xin).float().contiguous()
 
 
-def _channel_attention_triton(self, x: torch.Tensor) -> torch.Tensor:
-    from retina_fast.kernels.channel_attention import channel_attention
+def cuda_enhance_table() -> OpTable:
+    """The ``cuda`` enhancer's op table: the fused Triton channel attention; everything else the reference."""
+    from retina_fast.ops.channel_attention import channel_attention
 
-    return channel_attention(x, self.down.weight, self.up.weight)
+    def ca(m, x, residual=None):
+        return channel_attention(x, m.down.weight, m.up.weight, residual, impl="triton")
+
+    return OpTable("cuda-enhance", {"channel_attention": ca})
 
 
 class CUDARunner(TorchRunner):
@@ -247,37 +198,14 @@ class CUDARunner(TorchRunner):
 
     def __init__(self, model, device, dtype) -> None:
         self.device, self.dtype = device, dtype
-        self.fast = _fast_copy(model, device, dtype)
-        for m in self.fast.modules():
-            if isinstance(m, ChannelAttention):
-                m.forward = types.MethodType(_channel_attention_triton, m)
-        self._graphs: OrderedDict[tuple, tuple] = OrderedDict()
-
-    def _capture(self, x: torch.Tensor):
-        static_in = x.clone()
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # Triton compilation and allocator warm-up outside the graph
-                self.fast.restore(static_in)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = self.fast.restore(static_in).float()
-        return graph, static_in, static_out
+        self.fast = fast_copy(model, dtype, device, channels_last=True)
+        self.graphs = CudaGraphs(lambda x: self.fast.restore(x).float(), device, table=cuda_enhance_table(),
+                                 cache=_GRAPH_CACHE)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xin = x.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
-        key = tuple(xin.shape)
-        if key not in self._graphs:
-            self._graphs[key] = self._capture(xin)
-            if len(self._graphs) > _GRAPH_CACHE:
-                self._graphs.popitem(last=False)
-        graph, static_in, static_out = self._graphs[key]
-        static_in.copy_(xin)
-        graph.replay()
-        return static_out.contiguous().clone()
+        return self.graphs(xin).contiguous()
 
 
 class _HookRunner:
@@ -290,25 +218,17 @@ class _HookRunner:
         return self.hook(x.to(self.device)).float()
 
 
-def _onnxruntime_runner(model, device, dtype):
+def onnxruntime_runner(model, device, dtype):
     from retina_fast.backends.onnxruntime_backend import ONNXRuntimeEnhancer
 
     return _HookRunner(ONNXRuntimeEnhancer(model), device, dtype)
 
 
-def _tensorrt_runner(model, device, dtype):
+def tensorrt_runner(model, device, dtype):
     from retina_fast.backends.tensorrt_backend import TensorRTEnhancer
 
     precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     return _HookRunner(TensorRTEnhancer(copy.deepcopy(model), device=device, precision=precision), device, dtype)
-
-
-_RUNNERS = {"torch": TorchRunner, "cpu": CPURunner, "cuda": CUDARunner, "onnxruntime": _onnxruntime_runner,
-            "tensorrt": _tensorrt_runner}
-# ``auto`` order for MAGE-Net (not the registry's speed_rank, which ranks the U-Net): measured in one run
-# at 512² on the 2-core AVX512-BF16 CPU, the cpu backend (frozen bf16 graph) was 2.1× faster than
-# onnxruntime fp32, so onnxruntime is used only when asked for.
-AUTO_ORDER = ("tensorrt", "cuda", "cpu", "torch")
 
 
 # ----------------------------------------------------------------------------- inputs and outputs
@@ -426,8 +346,6 @@ def enhance(images, *, model="default", backend: str = "auto", device=None, dtyp
             raise ValueError("no images given")
         return [enhance(im, model=model, backend=backend, device=device, dtype=dtype, tile=tile,
                         batch_size=batch_size, progress=progress) for im in images]
-    from retina_fast.training.degrade import fov_mask
-
     x, back = _as_batch(images)
     n, _, h, w = x.shape
     if n == 0 or min(h, w) < MIN_SIDE:

@@ -39,9 +39,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from retina_fast.models.attention import Attention, LinearAttention, linear_attention_ref, softmax_attention_ref
-from retina_fast.models.layers import GroupNormSiLU
 from retina_fast.models.normalisation import band_affine
+from retina_fast.ops.table import use_table
 
 __all__ = ["WHATS", "INPUT_NAMES", "OUTPUT_NAMES", "EXTERNAL_DATA_THRESHOLD", "export_onnx", "export_module",
            "default_sample_shape", "example_inputs", "weight_bytes", "architecture_hash", "weights_hash",
@@ -183,23 +182,15 @@ def weight_bytes(module: nn.Module) -> int:
 
 @contextlib.contextmanager
 def _reference_ops(module: nn.Module) -> Iterator[None]:
-    """Export the reference math: undo per-instance kernel swaps (GroupNormSiLU.forward, attention_fn)
-    that a backend may have installed, and run in eval mode; restore everything afterwards."""
-    saved: list[tuple[nn.Module, str, Any]] = []
-    for m in module.modules():
-        if isinstance(m, GroupNormSiLU) and "forward" in m.__dict__:
-            saved.append((m, "forward", m.__dict__.pop("forward")))
-        elif isinstance(m, (LinearAttention, Attention)):
-            saved.append((m, "attention_fn", m.attention_fn))
-            m.attention_fn = linear_attention_ref if isinstance(m, LinearAttention) else softmax_attention_ref
+    """Export the reference math: no op table in force (a backend's kernels are never exported), eval mode;
+    restore the mode afterwards."""
     was_training = module.training
     module.eval()
     try:
-        yield
+        with use_table(None):
+            yield
     finally:
         module.train(was_training)
-        for m, name, value in saved:
-            setattr(m, name, value)
 
 
 def _dynamic_axes(what: str) -> dict[str, dict[int, str]]:

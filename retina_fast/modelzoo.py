@@ -27,8 +27,8 @@ from retina_fast.checkpoint import CheckpointError, load_checkpoint, load_state_
 from retina_fast.models import VQGAN, LDMConfig, UNet2D
 from retina_fast.schedules import Schedule, cosine_schedule
 
-__all__ = ["WEIGHTS_DIR", "DEFAULT_MODEL", "LoadedLDM", "available_models", "resolve_model", "load_ldm",
-           "schedule_for"]
+__all__ = ["WEIGHTS_DIR", "DEFAULT_MODEL", "KINDS", "LoadedLDM", "available_models", "models_by_kind",
+           "checkpoint_kind", "resolve_model", "load_ldm", "schedule_for"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_MODEL = "tiny"
@@ -59,36 +59,75 @@ class LoadedLDM:
         return next(self.unet.parameters()).device
 
 
-def available_models() -> list[str]:
-    """Names of the packaged models (sub-directories of ``WEIGHTS_DIR`` with a ``config.json``)."""
+KINDS = ("ldm", "magenet", "structure-net")
+DEFAULTS = {"ldm": DEFAULT_MODEL, "magenet": "magenet-tiny", "structure-net": "structure-net"}
+
+
+def checkpoint_kind(directory: str | os.PathLike) -> str | None:
+    """What a checkpoint directory holds, from its ``config.json``: ``ldm``, ``magenet``, ``structure-net``
+    (checkpoints written before the ``kind`` key: told apart by their keys), None if unreadable."""
+    import json
+
+    try:
+        doc = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    kind = doc.get("kind")
+    if kind is None:
+        kind = "structure-net" if "structure_net" in doc else "ldm" if "latent_range" in doc else None
+    return kind
+
+
+def available_models(kind: str | None = "ldm") -> list[str]:
+    """Names of the packaged models of ``kind`` (sub-directories of ``WEIGHTS_DIR`` with a ``config.json``;
+    ``kind=None``: all of them)."""
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(KINDS)}")
     if not WEIGHTS_DIR.is_dir():
         return []
-    return sorted(p.name for p in WEIGHTS_DIR.iterdir() if (p / "config.json").is_file())
+    return sorted(p.name for p in WEIGHTS_DIR.iterdir()
+                  if (p / "config.json").is_file() and (kind is None or checkpoint_kind(p) == kind))
 
 
-def resolve_model(model: str | os.PathLike = "default") -> Path:
-    """``"default"``, a packaged name or a checkpoint directory -> the checkpoint directory.
+def models_by_kind() -> dict[str, list[str]]:
+    """Every packaged model, grouped by kind."""
+    return {kind: available_models(kind) for kind in KINDS}
 
-    Raises ``FileNotFoundError`` naming what was looked for and listing the packaged models."""
+
+def resolve_model(model: str | os.PathLike = "default", kind: str = "ldm") -> Path:
+    """``"default"`` (the default of ``kind``), a packaged name or a checkpoint directory -- or a training run
+    directory, whose ``final/`` is the checkpoint -- -> the checkpoint directory. The one resolver of every
+    model argument (the sampler's, the enhancer's).
+
+    Raises ``FileNotFoundError`` naming what was looked for and listing the packaged models of ``kind``, and
+    ``ValueError`` when the directory holds another kind of model."""
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be a name or a path, got {type(model).__name__}")
+    if kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(KINDS)}")
     text = os.fspath(model)
-    name = DEFAULT_MODEL if text == "default" else text
-    packaged = available_models()
+    name = DEFAULTS[kind] if text == "default" else text
+    packaged = available_models(kind)
+    listed = ", ".join(packaged) if packaged else "none (the package ships no weights)"
     if os.sep not in name and (os.altsep is None or os.altsep not in name) and name in packaged:
         return WEIGHTS_DIR / name
     path = Path(name).expanduser()
-    if path.is_dir() and (path / "config.json").is_file():
-        return path
-    listed = ", ".join(packaged) if packaged else "none (the package ships no weights)"
+    for cand in (path, path / "final"):
+        if cand.is_dir() and (cand / "config.json").is_file():
+            found = checkpoint_kind(cand)
+            if found is not None and found != kind:
+                raise ValueError(f"{cand}: a {found} checkpoint, not a {kind} one")
+            return cand
     if text == "default":
-        raise FileNotFoundError(f"the default model {DEFAULT_MODEL!r} is not installed in {WEIGHTS_DIR}; "
-                                f"packaged models: {listed}")
+        raise FileNotFoundError(f"the default {kind} model {name!r} is not installed in {WEIGHTS_DIR}; "
+                                f"packaged models of kind {kind}: {listed}")
     if path.is_dir():
         raise FileNotFoundError(f"{path}: directory has no config.json, so it is not a checkpoint; "
-                                f"packaged models: {listed}")
-    raise FileNotFoundError(f"model {text!r} is neither a packaged model nor a checkpoint directory; "
-                            f"packaged models: {listed} (or pass a directory with config.json)")
+                                f"packaged models of kind {kind}: {listed}")
+    raise FileNotFoundError(f"model {text!r} is neither a packaged {kind} model nor a checkpoint directory; "
+                            f"packaged models of kind {kind}: {listed} (or pass a directory with config.json)")
 
 
 def schedule_for(config: LDMConfig) -> Schedule:

@@ -123,19 +123,32 @@ def generic_step(x: torch.Tensor, eps: torch.Tensor, c: StepCoef, *, x0_prev: to
     return out, x0
 
 
+StepFn = Callable[[int, torch.Tensor, torch.Tensor, StepCoef, "torch.Tensor | None"],
+                  tuple[torch.Tensor, torch.Tensor]]
+
+
 def sample(model: Denoiser, x: torch.Tensor, coefs: list[StepCoef], *, noise_fn: NoiseFn | None = None,
-           clip_x0: bool = True, callback: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Run the loop: x (B, C, h, w) at the first timestep -> clean latent (B, C, h, w)."""
+           clip_x0: bool = True, callback: Callable[[int], None] | None = None,
+           step: StepFn | None = None) -> torch.Tensor:
+    """Run the loop: x (B, C, h, w) at the first timestep -> clean latent (B, C, h, w).
+
+    The one sampling loop of the package: the reference (``retina_fast.training.reference_sample``) and the
+    engine (``retina_fast.engine``) both run it. ``step(i, x, eps, coef, x0_prev) -> (x_out, x0)`` replaces the
+    update of loop index i (default: :func:`generic_step` with ``noise_fn(i)`` when the step draws noise); the
+    engine passes its backend's fused step, which generates the same noise inside the kernel."""
     x0_prev = None
     t_buf = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     for i, c in enumerate(coefs):
         eps = model(x, t_buf.fill_(c.t))
-        noise = None
-        if c.std != 0.0:
-            if noise_fn is None:
-                raise ValueError("this sampler configuration draws noise: pass noise_fn")
-            noise = noise_fn(i)
-        x, x0_prev = generic_step(x, eps, c, x0_prev=x0_prev, noise=noise, clip_x0=clip_x0)
+        if step is not None:
+            x, x0_prev = step(i, x, eps, c, x0_prev if c.cp != 0.0 else None)
+        else:
+            noise = None
+            if c.std != 0.0:
+                if noise_fn is None:
+                    raise ValueError("this sampler configuration draws noise: pass noise_fn")
+                noise = noise_fn(i)
+            x, x0_prev = generic_step(x, eps, c, x0_prev=x0_prev, noise=noise, clip_x0=clip_x0)
         if callback is not None:
             callback(i)
     return x

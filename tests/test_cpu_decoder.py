@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from retina_fast.backends import cpu_unet
+from retina_fast.ops import conv
 from retina_fast.models.config import VQGANConfig
 from retina_fast.models.vqgan import VQGAN
 
-pytestmark = pytest.mark.skipif(not cpu_unet.direct_bf16_conv_usable(), reason="CPU lacks AVX512-BF16")
+pytestmark = pytest.mark.skipif(not conv.direct_bf16_conv_usable(), reason="CPU lacks AVX512-BF16")
 
 
 def cl(x: torch.Tensor) -> torch.Tensor:
@@ -28,7 +28,7 @@ def test_replicate_padded_conv_matches_padded_conv2d(b, c, n, h, w, k, stride, p
     x = cl(torch.randn(b, c, h, w, generator=gen))
     weight = (torch.randn(n, c, k, k, generator=gen) / (c * k * k) ** 0.5).to(torch.bfloat16)
     bias = torch.randn(n, generator=gen)
-    got = cpu_unet.conv2d_cl(x, cpu_unet.pack_conv_weight(weight, torch.bfloat16), n, (k, k), stride, pad, bias,
+    got = conv.conv2d_cl(x, conv.pack_conv_weight(weight, torch.bfloat16), n, (k, k), stride, pad, bias,
                                   replicate=True)
     want = F.conv2d(F.pad(x.float(), (pad,) * 4, mode="replicate"), weight.float(), bias, stride=stride)
     assert got.shape == want.shape
@@ -41,7 +41,7 @@ def test_replicate_transposed_conv_matches_the_decoder_upsampling(b, c, n, h, w)
     x = cl(torch.randn(b, c, h, w, generator=gen))
     weight = (torch.randn(c, n, 4, 4, generator=gen) / (c * 4) ** 0.5).to(torch.bfloat16)
     bias = torch.randn(n, generator=gen)
-    got = cpu_unet.conv_transpose2d_k4s2p1_cl(x, cpu_unet.pack_conv_transpose_k4s2p1(weight, torch.bfloat16), n, bias,
+    got = conv.conv_transpose2d_k4s2p1_cl(x, conv.pack_conv_transpose_k4s2p1(weight, torch.bfloat16), n, bias,
                                                    replicate=True)
     want = F.conv_transpose2d(F.pad(x.float(), (1, 1, 1, 1), mode="replicate"), weight.float(), bias, stride=2,
                               padding=3)
@@ -88,7 +88,7 @@ def test_fused_decoder_matches_decode_indices_within_bf16_error(kw, side):
         fused(idx.int())
 
 
-@pytest.mark.skipif(not cpu_unet.direct_conv_usable(torch.float32), reason="CPU lacks AVX-512")
+@pytest.mark.skipif(not conv.direct_conv_usable(torch.float32), reason="CPU lacks AVX-512")
 @pytest.mark.parametrize("kw,side", [({}, (5, 7)), ({"upsample": "transposed", "padding_mode": "zeros"}, (3, 4)),
                                      ({"f": 8, "dec_res_blocks": 2}, (4, 4))])
 def test_fused_decoder_fp32_matches_decode_indices_and_ignores_the_batch(kw, side):

@@ -1,6 +1,6 @@
-"""The cpu enhancer's fused C++ ops (retina_fast/backends/cpu_enhance.py, csrc/cpu/enhance_ops_cpu.cpp)
-against their PyTorch references on odd shapes, both storage types, and the accelerated MAGE-Net copy
-against the reference module."""
+"""The cpu enhancer's fused C++ ops (retina_fast/ops/resize.py, ops/channel_attention.py,
+csrc/cpu/enhance_ops_cpu.cpp) against their PyTorch references on odd shapes, both storage types, and MAGE-Net
+run with the cpu enhancer's op table (retina_fast/backends/cpu_enhance.py) against the reference module."""
 from __future__ import annotations
 
 import copy
@@ -10,8 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from retina_fast import _ext
-from retina_fast.backends import cpu_enhance
-from retina_fast.models.magenet import MAGENet, MAGENetConfig, channel_attention_ref
+from retina_fast.backends.cpu_enhance import enhance_table
+from retina_fast.models.magenet import MAGENet, MAGENetConfig
+from retina_fast.ops.channel_attention import channel_attention, channel_attention_ref
+from retina_fast.ops.resize import bilinear_resize
+from retina_fast.ops.table import use_table
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason="needs the compiled core retina_fast._C")
 
@@ -41,12 +44,12 @@ def test_upsample_bilinear_matches_interpolate(shape, size, kernels):
     x = torch.randn(*shape, generator=gen)
     add = torch.randn(shape[0], shape[1], *size, generator=gen)
     want = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    torch.testing.assert_close(cpu_enhance.upsample_bilinear_cl(cl(x), size), want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(cpu_enhance.upsample_bilinear_cl(cl(x), size, add=cl(add)), want + add,
+    torch.testing.assert_close(bilinear_resize(cl(x), size, impl="cpp"), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bilinear_resize(cl(x), size, add=cl(add), impl="cpp"), want + add,
                                rtol=1e-5, atol=1e-5)
     xb, addb = cl(x, torch.bfloat16), cl(add, torch.bfloat16)
     want_b = F.interpolate(xb.float(), size=size, mode="bilinear", align_corners=False)
-    got = cpu_enhance.upsample_bilinear_cl(xb, size, add=addb)
+    got = bilinear_resize(xb, size, add=addb, impl="cpp")
     assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
     bf16_close(got, want_b + addb.float())
 
@@ -60,7 +63,7 @@ def test_ca_residual_matches_channel_attention_plus_input(shape, r, dtype, kerne
     c = shape[1]
     w_down, w_up = torch.randn(r, c, 1, 1, generator=gen), torch.randn(c, r, 1, 1, generator=gen)
     want = channel_attention_ref(body.float(), w_down, w_up) + x.float()
-    got = cpu_enhance.ca_residual_cl(cl(body, dtype), cl(x, dtype), w_down, w_up)
+    got = channel_attention(cl(body, dtype), w_down, w_up, cl(x, dtype), impl="cpp")
     assert got.dtype == dtype and got.shape == body.shape
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -71,17 +74,17 @@ def test_ca_residual_matches_channel_attention_plus_input(shape, r, dtype, kerne
 def test_fused_enhance_ops_reject_bad_inputs():
     x = cl(torch.randn(1, 4, 8, 8))
     with pytest.raises(ValueError, match="channels-last"):
-        cpu_enhance.upsample_bilinear_cl(torch.randn(1, 4, 8, 8), (16, 16))
+        bilinear_resize(torch.randn(1, 4, 8, 8), (16, 16), impl="cpp")
     with pytest.raises(ValueError, match="size must be positive"):
-        cpu_enhance.upsample_bilinear_cl(x, (0, 16))
+        bilinear_resize(x, (0, 16), impl="cpp")
     with pytest.raises(ValueError, match="add must be"):
-        cpu_enhance.upsample_bilinear_cl(x, (16, 16), add=cl(torch.randn(1, 4, 8, 8)))
+        bilinear_resize(x, (16, 16), add=cl(torch.randn(1, 4, 8, 8)), impl="cpp")
     with pytest.raises(ValueError, match="float32/bfloat16"):
-        cpu_enhance.upsample_bilinear_cl(x.half(), (16, 16))
-    with pytest.raises(ValueError, match="x must match body"):
-        cpu_enhance.ca_residual_cl(x, cl(torch.randn(1, 4, 8, 9)), torch.randn(1, 4), torch.randn(4, 1))
+        bilinear_resize(x.half(), (16, 16), impl="cpp")
+    with pytest.raises(ValueError, match="residual must match x"):
+        channel_attention(x, torch.randn(1, 4), torch.randn(4, 1), cl(torch.randn(1, 4, 8, 9)), impl="cpp")
     with pytest.raises(ValueError, match="w_down must be"):
-        cpu_enhance.ca_residual_cl(x, x, torch.randn(2, 4), torch.randn(4, 3))
+        channel_attention(x, torch.randn(2, 4), torch.randn(4, 3), x, impl="cpp")
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
@@ -89,13 +92,16 @@ def test_fused_enhance_ops_reject_bad_inputs():
 def test_accelerated_magenet_matches_the_reference_in_fp32(config):
     torch.manual_seed(0)
     net = MAGENet(config).eval()
-    fast = cpu_enhance.accelerate(copy.deepcopy(net).to(memory_format=torch.channels_last))
+    fast = copy.deepcopy(net).to(memory_format=torch.channels_last)
     x = torch.rand(2, 3, 45, 37)
     with torch.no_grad():
         want = net.restore(x)
-        got = fast.restore(cl(x))
-        traced = torch.jit.freeze(torch.jit.trace(_Restore(fast).eval(), cl(x), check_trace=False))
-        got_traced = traced(cl(x))
+        with use_table(enhance_table()):
+            got = fast.restore(cl(x))
+            traced = torch.jit.freeze(torch.jit.trace(_Restore(fast).eval(), cl(x), check_trace=False))
+        got_traced = traced(cl(x))  # the trace recorded the fused custom ops: no table needed to replay
+    assert "retina_fast::ca_residual_cl" in str(traced.graph) and "retina_fast::upsample_bilinear_cl" in \
+        str(traced.graph)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got_traced, want, rtol=1e-4, atol=1e-5)
 

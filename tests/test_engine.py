@@ -77,9 +77,9 @@ def test_cpu_image_does_not_depend_on_batch_or_split(pipe, dtype):
 def test_cpu_bf16_batches_through_onednn_are_padded(pipe, monkeypatch):
     """Without the direct convolutions (a CPU without AVX512-BF16) the bf16 runner pads batches to a multiple
     of 8 for oneDNN, and says it is not batch invariant."""
-    from retina_fast.backends import cpu_unet, runners
+    from retina_fast.backends import cpu_pack, runners
 
-    monkeypatch.setattr(cpu_unet, "direct_conv_usable", lambda dtype: False)
+    monkeypatch.setattr(cpu_pack, "direct_conv_usable", lambda dtype: False)
     monkeypatch.setattr(runners.FusedCPUDecoder, "unsupported_reason", staticmethod(lambda vq, dtype: "no ISA"))
     runner = runners.CPURunner(pipe.loaded, torch.device("cpu"), torch.bfloat16)
     assert not runner.batch_invariant and "no ISA" in runner.decode_path
@@ -92,7 +92,7 @@ def test_cpu_bf16_batches_through_onednn_are_padded(pipe, monkeypatch):
 
 @needs_ext
 def test_runner_says_whether_it_is_batch_invariant(pipe):
-    from retina_fast.backends.cpu_unet import direct_conv_usable
+    from retina_fast.ops.conv import direct_conv_usable
 
     assert pipe.runner("torch").batch_invariant is False
     for dtype in (torch.float32, torch.bfloat16):
@@ -184,3 +184,21 @@ def test_shipped_model_image_does_not_depend_on_batch(shipped, dtype):
     one = shipped.sample(1, 7, seed=1, **kw)
     four = shipped.sample(4, 7, seed=1, batch_size=3, **kw)
     assert torch.equal(one[1], four[1][:1]) and torch.equal(one[0], four[0][:1])
+
+
+def test_save_pretrained_round_trips_through_from_pretrained(pipe, tmp_path):
+    from retina_fast.engine import Pipeline as P
+    from retina_fast.modelzoo import checkpoint_kind, models_by_kind
+
+    out = pipe.save_pretrained(tmp_path / "ckpt")
+    assert checkpoint_kind(out) == "ldm"
+    again = P.from_pretrained(str(out))
+    assert again.config == pipe.config and again.wavelengths == pipe.wavelengths
+    assert again.loaded.latent_range == pytest.approx(pipe.loaded.latent_range)
+    torch.testing.assert_close(again.sample(2, 3, seed=1, backend="torch"), pipe.sample(2, 3, seed=1, backend="torch"),
+                               rtol=0, atol=0)
+    assert P.from_pretrained(str(tmp_path / "ckpt")) is again            # loaded once per path
+    kinds = models_by_kind()
+    assert "tiny" in kinds["ldm"] and "magenet-tiny" in kinds["magenet"] and "tiny" not in kinds["magenet"]
+    with pytest.raises(ValueError, match="magenet checkpoint, not a ldm"):
+        P.from_pretrained(str(__import__("retina_fast.modelzoo").modelzoo.WEIGHTS_DIR / "magenet-tiny"))

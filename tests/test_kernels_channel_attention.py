@@ -1,4 +1,4 @@
-"""Triton fused channel attention against ``channel_attention_ref`` on odd shapes, NCHW and channels-last
+"""Triton fused channel attention against ``retina_fast.ops.channel_attention.channel_attention_ref`` on odd shapes, NCHW and channels-last
 (interpreter on CPU, real kernels on a GPU). Reduced precision: err(kernel) <= 2·err(torch same dtype) + atol,
 both measured against the fp32 reference."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from retina_fast.models.magenet import channel_attention_ref
+from retina_fast.ops.channel_attention import channel_attention_ref
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs a GPU or the Triton interpreter")

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from retina_fast.models.attention import linear_attention_ref, softmax_attention_ref
-from retina_fast.models.layers import groupnorm_silu_ref
+from retina_fast.ops.attention import linear_attention_ref, softmax_attention_ref
+from retina_fast.ops.group_norm_silu import group_norm_silu_ref
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs a GPU or the Triton interpreter")
@@ -30,7 +30,7 @@ def test_group_norm_silu(b, c, h, w, g, cond, act):
     sc = sh = None
     if cond == "scale_shift":
         sc, sh = (torch.randn(b, c, 1, 1, generator=gen).to(_dev()) for _ in range(2))
-    ref = groupnorm_silu_ref(x, g, wt, bs, 1e-5, sc, sh, act)
+    ref = group_norm_silu_ref(x, g, wt, bs, 1e-5, sc, sh, act)
     out = group_norm_silu(x, g, wt, bs, 1e-5, sc, sh, act, block=64)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 

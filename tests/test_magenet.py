@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from retina_fast.models.magenet import (CAB, MAGENET_PRESETS, ChannelAttention, MAGENet, MAGENetConfig,
-                                        MAGENetOutput, channel_attention_ref)
+                                        MAGENetOutput)
+from retina_fast.ops.channel_attention import channel_attention_ref
 from retina_fast.models.rsp import (RSPNet, box_filter, crop_to, pad_to_multiple, weighted_guided_filter)
 
 SMALL = dict(channels=8, scale_channels=4, cabs_per_fab=1, rsp_base=4, rsp_channels=2)

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from retina_fast.models import (PRESETS, VQGAN, LDMConfig, UNet2D, UNetConfig, VQGANConfig, get_preset,
-                                linear_attention_ref, scale_latent, softmax_attention_ref, sweep_grid,
-                                unscale_latent)
+                                scale_latent, sweep_grid, unscale_latent)
+from retina_fast.ops.attention import linear_attention_ref, softmax_attention_ref
 from retina_fast.models.layers import GroupNormSiLU, group_count
 from retina_fast.models.vqgan import model_to_reflectance, reflectance_to_model
 

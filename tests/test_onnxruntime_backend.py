@@ -9,7 +9,6 @@ pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip ins
 
 from retina_fast import _ext, backends  # noqa: E402
 from retina_fast.backends import onnxruntime_backend as ortb  # noqa: E402
-from retina_fast.backends.runners import RUNNERS  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"retina_fast._C not loaded ({_ext.load_error})")
 
@@ -30,15 +29,11 @@ def loaded():
 def registered(monkeypatch, tmp_path):
     """The backend as the registry will hold it (cache in tmp_path)."""
     monkeypatch.setenv("RETINA_FAST_CACHE", str(tmp_path))
-    if "onnxruntime" not in backends.names():
-        monkeypatch.setitem(backends._REGISTRY, "onnxruntime", backends.Backend(
-            name="onnxruntime", description="onnxruntime CPU sessions (fp32)", devices=("cpu",),
-            dtypes=(torch.float32,), speed_rank=15, requirements=(ortb.need_onnxruntime,)))
     return tmp_path
 
 
 def test_runner_is_registered():
-    assert RUNNERS["onnxruntime"] is ortb.ONNXRuntimeRunner
+    assert backends.runner_factory("onnxruntime", "sample") is ortb.ONNXRuntimeRunner
     assert ortb.need_onnxruntime() is None
 
 

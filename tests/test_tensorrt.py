@@ -113,21 +113,23 @@ def test_pure_parts_import_no_tensorrt():
 
 
 @pytest.mark.parametrize("with_fake_tensorrt", [False, True])
-def test_runner_registered_only_where_tensorrt_exists(tmp_path, with_fake_tensorrt):
-    """RUNNERS gets "tensorrt" exactly when the package can be found (checked without importing it),
-    whichever of runners / tensorrt_backend is imported first."""
+def test_registry_names_runners_by_module_path_and_imports_neither(tmp_path, with_fake_tensorrt):
+    """The registry holds the tensorrt runners as module paths: importing it (or building the factory) never
+    imports the tensorrt package, and the backend says why it is unusable exactly when the package is missing."""
     env = dict(os.environ)
     if with_fake_tensorrt:
         (tmp_path / "tensorrt").mkdir()
         (tmp_path / "tensorrt" / "__init__.py").write_text("raise ImportError('must not be imported')\n")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
-    code = ("import retina_fast.backends.tensorrt_backend, sys; from retina_fast.backends.runners import RUNNERS;"
-            "print(sorted(RUNNERS)); print('tensorrt' in sys.modules)")
-    for first in (code, code.replace("import retina_fast.backends.tensorrt_backend, sys;", "import sys;")):
-        out = subprocess.run([sys.executable, "-c", first], env=env, capture_output=True, text=True, check=True)
-        registered, imported = out.stdout.split("\n")[:2]
-        assert ("'tensorrt'" in registered) is with_fake_tensorrt
-        assert imported == "False"
+    code = ("import sys, retina_fast.backends as b; "
+            "print(any('tensorrt Python package' in r for r in b.get('tensorrt').not_supported_reasons('cuda'))); "
+            "print('retina_fast.backends.tensorrt_backend' in sys.modules); "
+            "f = b.runner_factory('tensorrt', 'sample'); print(f.__name__, 'tensorrt' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    missing, imported_backend, factory = out.stdout.split("\n")[:3]
+    assert missing == str(not with_fake_tensorrt)
+    assert imported_backend == "False"
+    assert factory == "TensorRTRunner False"
 
 
 # --- on a machine with a CUDA GPU and TensorRT ---------------------------------------------------------

@@ -6,9 +6,9 @@ never changes an image)::
     x_T  = samplers.initial_latents(seed, [i0 .. i1), (C, h, w))          per-image Philox keys
     x_0  = samplers.sample(unet, x_T, samplers.plan(sampler, schedule, steps, eta),
                            noise_fn=samplers.step_noise_fn(seed, [i0 .. i1), (C, h, w)), clip_x0=True)
-    z    = unscale_latent(x_0, lo, hi)                                     codebook min/max -> encoder range
-    idx  = nearest_code(z, codebook, impl="torch")                         per latent pixel
-    cube = model_to_reflectance(vqgan.decode_indices(idx))                 [-1, 1] -> [0, 1], clamped
+    cube = Runner(ldm).decode(x_0)                                         the torch backend's decode:
+           unscale_latent (codebook min/max -> encoder range), nearest_code(impl="torch") per latent pixel,
+           vqgan.decode_indices, model_to_reflectance (the model's normalisation inverted, clamped to [0, 1])
 
 Returns cubes (n, bands, H, W) float32 (and x_0 (n, C, h, w) when ``return_latents``).
 """
@@ -19,10 +19,8 @@ import os
 import torch
 
 from retina_fast import samplers
+from retina_fast.backends.runners import Runner
 from retina_fast.modelzoo import LoadedLDM, load_ldm
-from retina_fast.models.codebook import Codebook
-from retina_fast.models.vqgan import model_to_reflectance, unscale_latent
-from retina_fast.ops import nearest_code
 
 __all__ = ["reference_sample", "sample_loaded", "decode_latents"]
 
@@ -49,13 +47,19 @@ def _check_args(n, steps, sampler, eta, batch_size, seed, num_timesteps: int | N
 
 @torch.no_grad()
 def decode_latents(ldm: LoadedLDM, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents (B, C, h, w) in [-1, 1] -> reflectance cubes (B, bands, H, W) in [0, 1] (float32)."""
-    lo, hi = ldm.latent_range
-    z = unscale_latent(latents.float(), lo, hi)
-    b, _, h, w = z.shape
-    idx, _ = nearest_code(Codebook.flatten(z).contiguous(), ldm.vqgan.codebook.embedding.float(), impl="torch")
-    x = ldm.vqgan.decode_indices(idx.view(b, h, w))
-    return model_to_reflectance(x, ldm.config.vqgan, clamp=True).float()
+    """Scaled latents (B, C, h, w) in [-1, 1] -> reflectance cubes (B, bands, H, W) in [0, 1] (float32): the
+    ``torch`` backend's decode (``retina_fast.backends.runners.Runner.decode``), the one decode path."""
+    return _runner(ldm).decode(latents.float())
+
+
+def _runner(ldm: LoadedLDM) -> Runner:
+    runner = _RUNNERS.get(id(ldm))
+    if runner is None or runner.loaded is not ldm:
+        runner = _RUNNERS[id(ldm)] = Runner(ldm, ldm.device, torch.float32)
+    return runner
+
+
+_RUNNERS: dict[int, Runner] = {}
 
 
 @torch.no_grad()

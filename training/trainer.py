@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from retina_fast.checkpoint import load_checkpoint, load_state_into, save_checkpoint
+from retina_fast.files import atomic_write
 
 __all__ = ["checkpoint_to_resume", "DistInfo", "init_distributed", "BatchPlan", "epoch_permutation", "step_generator", "EMA",
            "save_train_state", "load_train_state", "latest_checkpoint", "MetricLogger", "provenance", "command_line",
@@ -245,9 +246,7 @@ def save_train_state(run_dir: str | os.PathLike, step: int, modules: Mapping[str
     config = {"kind": "train_state", "step": step, "options": dict(options), "optimizers": groups,
               "rng": rng_meta, **dict(extra or {})}
     save_checkpoint(target, tensors, config)
-    tmp = ckdir / f".latest.{os.getpid()}.tmp"
-    tmp.write_text(target.name + "\n")
-    os.replace(tmp, ckdir / "latest")
+    atomic_write(ckdir / "latest", target.name + "\n")
     old = sorted(p for p in ckdir.glob("step_*") if p.is_dir() and p != target)
     for p in old[:max(len(old) - (keep - 1), 0)]:
         shutil.rmtree(p, ignore_errors=True)

@@ -1,7 +1,11 @@
-"""Backend registry: capabilities as data, reasons when unusable, explicit selection, no silent fallback.
+"""Backend registry: one table for every workload, capabilities as data, reasons when unusable, explicit
+selection, no silent fallback.
 
 Each backend declares what it supports (devices, dtypes, minimum CUDA compute capability, software it
-needs) and answers :meth:`Backend.not_supported_reasons`. Selection, highest precedence first:
+needs) and, per workload (``sample``: the diffusion sampler's runner; ``enhance``: MAGE-Net's), where its
+runner lives -- a ``"module:attribute"`` path imported only when a runner is built, so importing the registry
+imports no backend -- and how ``auto`` ranks it for that workload. It answers
+:meth:`Backend.not_supported_reasons`. Selection, highest precedence first:
 
 1. the ``backend=`` argument of a call (``"auto"`` means "no preference here"),
 2. the innermost ``with use_backend(name):`` block,
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 import importlib.util
 import warnings
 from dataclasses import dataclass, field
@@ -27,6 +32,9 @@ from retina_fast import _env, _ext
 
 __all__ = [
     "Backend",
+    "Workload",
+    "WORKLOADS",
+    "runner_factory",
     "BackendUnavailable",
     "BackendFallbackWarning",
     "register",
@@ -48,21 +56,42 @@ class BackendFallbackWarning(RuntimeWarning):
     """``auto`` skipped a faster backend for this device; the message says why."""
 
 
+WORKLOADS = ("sample", "enhance")
+
+
 @dataclass(frozen=True)
+class Workload:
+    """A backend's runner for one workload: ``runner`` is ``"module.path:attribute"`` (a callable
+    ``(model, device, dtype) -> runner``), imported when first built; ``rank``: ``auto`` prefers the highest
+    usable rank, and ``None`` means only when asked for by name."""
+
+    runner: str
+    rank: int | None
+
+
+@dataclass(frozen=True, eq=False)
 class Backend:
     name: str
     description: str
     devices: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...]
-    speed_rank: int  # auto prefers the highest usable rank
+    workloads: dict[str, Workload] = field(default_factory=dict)
     min_compute_capability: tuple[int, int] | None = None
     requirements: tuple[Callable[[], str | None], ...] = field(default=(), repr=False)
     optional: bool = False  # needs an optional package: ``auto`` skips it quietly when that is missing
 
+    @property
+    def speed_rank(self) -> int:
+        """The sampling rank (``workloads["sample"].rank``)."""
+        w = self.workloads.get("sample")
+        return w.rank if w is not None and w.rank is not None else -1
+
     def not_supported_reasons(self, device: str | torch.device | None = None,
-                              dtype: torch.dtype | None = None) -> list[str]:
-        """Why this backend cannot run for (device, dtype) here; empty when it can."""
+                              dtype: torch.dtype | None = None, workload: str | None = None) -> list[str]:
+        """Why this backend cannot run for (device, dtype[, workload]) here; empty when it can."""
         reasons = [r for r in (req() for req in self.requirements) if r]
+        if workload is not None and workload not in self.workloads:
+            reasons.insert(0, f"has no {workload} runner (it runs {', '.join(self.workloads) or 'nothing'})")
         dev = torch.device(device) if device is not None else torch.device(self.devices[0])
         if dev.type not in self.devices:
             reasons.append(f"runs on {'/'.join(self.devices)}, not {dev.type}")
@@ -191,23 +220,27 @@ def requested_name(explicit: str | None = None) -> str:
 
 
 def resolve(name: str | None = None, *, device: str | torch.device | None = None,
-            dtype: torch.dtype | None = None) -> Backend:
-    """The backend to use for (device, dtype). Raises :class:`BackendUnavailable` with all reasons."""
+            dtype: torch.dtype | None = None, workload: str = "sample") -> Backend:
+    """The backend to use for ``workload`` on (device, dtype). Raises :class:`BackendUnavailable` with all
+    reasons."""
+    if workload not in WORKLOADS:
+        raise ValueError(f"unknown workload {workload!r}; known: {', '.join(WORKLOADS)}")
     name = requested_name(name)
     if device is None:
         device = "cuda" if cuda_device_reason() is None else "cpu"
     device = torch.device(device)
     if name != "auto":
         backend = get(name)
-        reasons = backend.not_supported_reasons(device, dtype)
+        reasons = backend.not_supported_reasons(device, dtype, workload)
         if reasons:
             raise BackendUnavailable(f"backend {name!r} cannot run on {device}: " + "; ".join(reasons))
         return backend
-    candidates = sorted((b for b in _REGISTRY.values() if device.type in b.devices),
-                        key=lambda b: -b.speed_rank)
+    candidates = sorted((b for b in _REGISTRY.values() if device.type in b.devices
+                         and workload in b.workloads and b.workloads[workload].rank is not None),
+                        key=lambda b: -b.workloads[workload].rank)
     skipped: list[str] = []
     for backend in candidates:
-        reasons = backend.not_supported_reasons(device, dtype)
+        reasons = backend.not_supported_reasons(device, dtype, workload)
         if not reasons:
             if skipped:
                 msg = f"auto chose {backend.name!r} on {device}; faster backends skipped: " + " | ".join(skipped)
@@ -217,29 +250,49 @@ def resolve(name: str | None = None, *, device: str | torch.device | None = None
             return backend
         if not backend.optional:  # an optional package's absence is not news
             skipped.append(f"{backend.name}: {'; '.join(reasons)}")
-    raise BackendUnavailable(f"no backend can run on {device}: " + " | ".join(skipped))
+    raise BackendUnavailable(f"no backend can run {workload} on {device}: " + " | ".join(skipped))
 
+
+def runner_factory(backend: Backend | str, workload: str) -> Callable:
+    """The callable that builds ``backend``'s runner for ``workload``, imported by its module path now."""
+    b = get(backend) if isinstance(backend, str) else backend
+    if workload not in b.workloads:
+        raise BackendUnavailable(f"backend {b.name!r} has no {workload} runner")
+    module, _, attr = b.workloads[workload].runner.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+_RUNNERS = "retina_fast.backends.runners"
+_ENHANCE = "retina_fast.enhance"
 
 register(Backend(
     name="torch", description="eager fp32 PyTorch: exactly the reference",
-    devices=("cpu", "cuda"), dtypes=(torch.float32,), speed_rank=0))
+    devices=("cpu", "cuda"), dtypes=(torch.float32,),
+    workloads={"sample": Workload(f"{_RUNNERS}:Runner", 0), "enhance": Workload(f"{_ENHANCE}:TorchRunner", 0)}))
 # cpu ranks above onnxruntime: shipped tiny, n=8, DDIM-50, one run on the 2-core AVX512-BF16 CPU: cpu fp32
-# (fused U-Net) 2.30x the reference vs onnxruntime 1.31x (benchmarks/results/).
+# (fused U-Net) 2.30x the reference vs onnxruntime 1.31x (benchmarks/results/). For MAGE-Net at 512^2 the cpu
+# backend (frozen bf16 graph) was 2.1x faster than onnxruntime fp32, so onnxruntime enhances only when named.
 register(Backend(
-    name="cpu", description="channels-last fused C++ norm/attention + prepacked oneDNN convs, fp32 or bf16",
-    devices=("cpu",), dtypes=(torch.float32, torch.bfloat16), speed_rank=15,
+    name="cpu", description="channels-last fused C++ ops and direct convolutions replayed as op graphs, fp32 or bf16",
+    devices=("cpu",), dtypes=(torch.float32, torch.bfloat16),
+    workloads={"sample": Workload(f"{_RUNNERS}:CPURunner", 15), "enhance": Workload(f"{_ENHANCE}:CPURunner", 15)},
     requirements=(_need_extension,)))
 register(Backend(
     name="onnxruntime", description="U-Net as an onnxruntime CPU session (fp32), fused C++ step",
-    devices=("cpu",), dtypes=(torch.float32,), speed_rank=10, optional=True,
+    devices=("cpu",), dtypes=(torch.float32,), optional=True,
+    workloads={"sample": Workload("retina_fast.backends.onnxruntime_backend:ONNXRuntimeRunner", 10),
+               "enhance": Workload(f"{_ENHANCE}:onnxruntime_runner", None)},
     requirements=(_need_extension, need_onnxruntime)))
 register(Backend(
     name="cuda", description="Triton kernels, CUDA graphs, bf16/fp16 with fp32 accumulation",
-    devices=("cuda",), dtypes=(torch.float32, torch.bfloat16, torch.float16), speed_rank=20,
+    devices=("cuda",), dtypes=(torch.float32, torch.bfloat16, torch.float16),
+    workloads={"sample": Workload(f"{_RUNNERS}:CUDARunner", 20), "enhance": Workload(f"{_ENHANCE}:CUDARunner", 20)},
     min_compute_capability=(8, 0),
     requirements=(cuda_device_reason, _need_triton, _need_extension_cuda)))
 register(Backend(
     name="tensorrt", description="whole-model TensorRT engines built from ONNX exports",
-    devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32), speed_rank=30,
-    min_compute_capability=(8, 0), optional=True,
+    devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32), optional=True,
+    workloads={"sample": Workload("retina_fast.backends.tensorrt_backend:TensorRTRunner", 30),
+               "enhance": Workload(f"{_ENHANCE}:tensorrt_runner", 30)},
+    min_compute_capability=(8, 0),
     requirements=(cuda_device_reason, _need_tensorrt, _need_extension_cuda)))

@@ -1,50 +1,34 @@
-"""The ``cpu`` backend's bf16 VQ-GAN decoder: code indices -> cube with the C++ ops of the fused U-Net.
+"""The ``cpu`` backend's VQ-GAN decoder: code indices -> cube, the model's own ``Decoder.forward`` recorded with
+the backend's op table (``cpu_graph``, ``cpu_table``) into a program of C++ ops.
 
-On an AVX512-BF16 CPU every convolution is the direct bf16 convolution of ``csrc/cpu/conv_bf16_cpu.cpp``
-(replicate padding read by clamping the taps; each x2 upsampling -- nearest x2 + 3x3 conv, or the
-source's ``ConvTranspose2d(4, 2, padding 3)`` of the replicate-padded input -- as four 2x2 phase
-convolutions with clamped taps, ``UpConv.phase_weight``), every GroupNorm + SiLU the fused
-C++ kernel, the ResBlock residual added inside its second convolution, and the whole decoder for a batch
-shape is recorded once into an OpGraph with a planned activation arena (``record_graph``), then replayed.
-The codebook lookup and the 1x1 ``post_quant`` projection are folded into one (K, C) float32 table (a
-per-code linear map), so the graph's input is a row gather. Every op computes per image, so image i does
-not depend on the batch (no padding of batches, unlike oneDNN's bf16 kernels).
+On an AVX-512 CPU (bf16: AVX512-BF16) every convolution is the direct convolution (replicate padding read by
+clamping the taps; each x2 ``UpConv`` -- nearest x2 + 3x3 conv, or the source's ``ConvTranspose2d(4, 2,
+padding 3)`` of the padded input -- as four 2x2 phase convolutions, ``UpConv.phase_weight``), every GroupNorm
++ SiLU the fused kernel, each ResBlock's residual added inside its second convolution, and the program for a
+batch shape is replayed as an op graph with a planned activation arena. The codebook lookup and the 1x1
+``post_quant`` projection are folded into one (K, C) float32 table (a per-code linear map), so the program's
+input is a row gather. Every op computes per image: image i does not depend on the batch. Speed (bf16,
+session 4): as fast as the frozen oneDNN graph, 5.4-5.6 ms per image, convolutions at 530-770 GFLOP/s.
 """
 from __future__ import annotations
 
 import threading
 
 import torch
-from torch import nn
 
-from retina_fast.backends.cpu_unet import (_conv_raw, _convt_raw, _empty, _gn_raw, direct_conv_usable,
-                                           graph_threads, pack_conv_transpose_k4s2p1, pack_conv_weight, record_graph,
-                                           replay, split_batch)
-from retina_fast.models.layers import GroupNormSiLU
-from retina_fast.models.vqgan import VQGAN, ResBlock, UpConv
+from retina_fast.backends.cpu_graph import Program, SplitPrograms, meta_cl, record
+from retina_fast.backends.cpu_table import CPU_OPS, Packing
+from retina_fast.models.vqgan import VQGAN
+from retina_fast.ops.conv import direct_conv_usable
+from retina_fast.ops.table import UnsupportedOp
 
 __all__ = ["FusedCPUDecoder"]
 
 
-def _norm(m: GroupNormSiLU) -> tuple:
-    return (m.num_groups, m.weight.detach().float().contiguous(), m.bias.detach().float().contiguous(),
-            bool(m.act), float(m.eps))
-
-
-def _conv3(conv: nn.Conv2d, dtype: torch.dtype) -> tuple:
-    if conv.padding_mode not in ("replicate", "zeros") or conv.stride != (1, 1) or conv.groups != 1 \
-            or conv.padding[0] != conv.padding[1] or (dtype == torch.bfloat16 and conv.weight.shape[1] % 2):
-        raise ValueError(f"unsupported decoder conv {conv}")
-    w = conv.weight.detach().float()
-    bias = conv.bias.detach().float().contiguous() if conv.bias is not None else None
-    return (pack_conv_weight(w, dtype), w.shape[0], int(w.shape[2]), int(w.shape[3]), conv.padding[0], bias,
-            conv.padding_mode == "replicate")
-
-
 class FusedCPUDecoder:
     """``__call__(indices (B, h, w) int64) -> (B, bands, h f, w f) float32``, the decoder of ``vqgan`` with
-    activations stored in ``dtype`` (bfloat16 or float32; fp32 accumulation). Weights are copied at
-    construction."""
+    activations stored in ``dtype`` (bfloat16 or float32; fp32 accumulation). Weights are packed when a
+    program is first recorded."""
 
     @staticmethod
     def unsupported_reason(vqgan: VQGAN, dtype: torch.dtype = torch.bfloat16) -> str | None:
@@ -56,68 +40,46 @@ class FusedCPUDecoder:
             return f"needs the {isa} direct convolution (retina_fast._C on a CPU with {isa})"
         if vqgan.config.padding_mode not in ("replicate", "zeros"):
             return f"padding_mode {vqgan.config.padding_mode!r} (zeros or replicate only)"
+        try:
+            program = FusedCPUDecoder._record_with(vqgan, Packing(dtype), 1, (1, 1))
+        except (UnsupportedOp, ValueError) as exc:
+            return str(exc)
+        if not program.all_cpp:
+            return "a layer would run on oneDNN (bf16 needs even channel counts >= 16)"
         return None
 
     def __init__(self, vqgan: VQGAN, dtype: torch.dtype = torch.bfloat16) -> None:
         reason = self.unsupported_reason(vqgan, dtype)
         if reason:
             raise RuntimeError(f"FusedCPUDecoder: {reason}")
+        self.vqgan = vqgan.eval()
         self.dtype = dtype
-        dec = vqgan.decoder
         emb = vqgan.codebook.embedding.detach().float()
         pq = vqgan.post_quant
         self.table = (emb @ pq.weight.detach().float().flatten(1).t() + pq.bias.detach().float()).contiguous()
         self.channels = self.table.shape[1]
-        self.norm_in = _norm(dec.norm_in)
-        self.stages = []
-        for stage in dec.stages:
-            up, *blocks = list(stage)
-            if not isinstance(up, UpConv) or up.mode not in ("replicate", "constant"):
-                raise ValueError(f"unsupported decoder upsampling {up}")
-            # both kinds are a 4x4 stride-2 transposed conv of the input padded by 1 (UpConv.phase_weight):
-            # padding by 1 then padding 3 = padding 1 of the input (zeros), or with clamped taps (replicate)
-            up_packed = (pack_conv_transpose_k4s2p1(up.phase_weight(), dtype), up.conv.out_channels,
-                         up.conv.bias.detach().float().contiguous() if up.conv.bias is not None else None,
-                         up.mode == "replicate")
-            res = [(_norm(b.norm1), _conv3(b.conv1, dtype), _norm(b.norm2), _conv3(b.conv2, dtype)) for b in blocks
-                   if isinstance(b, ResBlock)]
-            if len(res) != len(blocks):
-                raise ValueError("decoder stages must be an upsampling followed by ResBlocks")
-            self.stages.append((up_packed, res))
-        self.conv_out = _conv3(dec.conv_out, dtype)
-        self.bands = self.conv_out[1]
-        self.cores = graph_threads()
-        self._graphs: dict[tuple, list] = {}
+        self.packing = Packing(dtype)
+        self.programs = SplitPrograms(self._record, self._inputs)
         self._lock = threading.Lock()
 
-    @staticmethod
-    def _gn(x: torch.Tensor, norm: tuple, out: torch.Tensor | None = None) -> torch.Tensor:
-        g, w, b, act, eps = norm
-        return _gn_raw(x, _empty(tuple(x.shape), x.dtype) if out is None else out, None, g, w, b, None, None, 0,
-                       act, eps)
+    @property
+    def cores(self) -> int:
+        return self.programs.cores
 
     @staticmethod
-    def _conv(x: torch.Tensor, conv: tuple, residual: torch.Tensor | None = None) -> torch.Tensor:
-        packed, n, kh, kw, pad, bias, replicate = conv
-        return _conv_raw(x, packed, n, kh, kw, 1, pad, bias, residual, replicate)
+    def _record_with(vqgan: VQGAN, packing: Packing, batch: int, shape: tuple[int, int]) -> Program:
+        program = Program()
+        program.notes["packing"] = packing
+        c = vqgan.post_quant.out_channels
+        x = program.inputs["x"] = meta_cl((batch, c, *shape), packing.dtype)
+        return record(CPU_OPS, vqgan.decoder, program, x)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self._gn(x, self.norm_in)
-        for (packed, n, bias, replicate), blocks in self.stages:
-            h = _convt_raw(h, packed, n, bias, replicate)
-            for norm1, conv1, norm2, conv2 in blocks:
-                t = self._conv(self._gn(h, norm1), conv1)
-                h = self._conv(self._gn(t, norm2, out=t), conv2, residual=h)
-        return self._conv(h, self.conv_out)
+    def _record(self, batch: int, shape: tuple[int, int]) -> Program:
+        return self._record_with(self.vqgan, self.packing, batch, shape)
 
-    def _capture(self, b: int, hl: int, wl: int) -> tuple:
-        def build():
-            x_buf = torch.empty((b, hl, wl, self.channels), dtype=self.dtype)
-            out = self._forward(x_buf.permute(0, 3, 1, 2))
-            return out, [x_buf], x_buf
-
-        cap, out, x_buf = record_graph(build)
-        return cap, x_buf, out
+    def _inputs(self, program: Program, batch: int, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+        x_buf = torch.empty((batch, *shape, self.channels), dtype=self.dtype)
+        return {"x": x_buf.permute(0, 3, 1, 2), "rows": x_buf}
 
     @torch.no_grad()
     def __call__(self, indices: torch.Tensor) -> torch.Tensor:
@@ -125,14 +87,9 @@ class FusedCPUDecoder:
             raise ValueError(f"indices must be (B, h, w) int64, got {indices.dtype} {tuple(indices.shape)}")
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.table.shape[0]):
             raise ValueError(f"code indices must be in [0, {self.table.shape[0]})")
-        key = tuple(indices.shape)
-        with self._lock:  # one replay at a time: the graphs' buffers are shared
-            if key not in self._graphs:  # one graph per core (see cpu_unet.replay)
-                self._graphs[key] = [self._capture(n, *key[1:]) for n in split_batch(key[0], self.cores)]
-            parts = self._graphs[key]
-            start = 0
-            for _, x_buf, out in parts:
-                x_buf.copy_(self.table[indices[start:start + out.shape[0]]])
-                start += out.shape[0]
-            replay([cap for cap, *_ in parts])
-            return torch.cat([out for *_, out in parts]).float().contiguous()
+
+        def fill(inputs: dict, start: int, stop: int) -> None:
+            inputs["rows"].copy_(self.table[indices[start:stop]])
+
+        with self._lock:  # one replay at a time: the programs' buffers are shared
+            return self.programs.run(indices.shape[0], tuple(indices.shape[1:]), fill).float().contiguous()

@@ -27,7 +27,8 @@ from torch import nn
 
 from retina_fast import _env
 from retina_fast.backends import need_onnxruntime  # noqa: F401  (re-exported)
-from retina_fast.backends.runners import RUNNERS, Runner, _DecodeIndices, _FrozenGraphs, _fast_copy
+from retina_fast.backends.graphs import FrozenGraphs, fast_copy
+from retina_fast.backends.runners import Runner, _DecodeIndices
 from retina_fast.export import architecture_hash, export_onnx, onnxruntime_session, weights_hash
 
 __all__ = ["ONNXRuntimeRunner", "ONNXRuntimeEnhancer", "need_onnxruntime", "cached_onnx"]
@@ -59,7 +60,7 @@ class ONNXRuntimeRunner(Runner):
         self.unet_session = onnxruntime_session(cached_onnx(self.unet, "unet", latent), threads=threads)
         # The decoder runs as the cpu backend's frozen channels-last fp32 graph: measured in one run on the
         # 2-core CPU (tiny, B=8) it took 0.61x the time of eager PyTorch, the onnxruntime session 0.98x.
-        self.fast_decode = _FrozenGraphs(_DecodeIndices(_fast_copy(loaded.vqgan, torch.float32, True)))
+        self.fast_decode = FrozenGraphs(_DecodeIndices(fast_copy(loaded.vqgan, torch.float32, channels_last=True)))
 
     @torch.no_grad()
     def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -96,5 +97,3 @@ class ONNXRuntimeEnhancer:
         feed = {"image": np.ascontiguousarray(images.detach().float().cpu().numpy())}
         return torch.from_numpy(self._sessions[key].run(["restored"], feed)[0])
 
-
-RUNNERS["onnxruntime"] = ONNXRuntimeRunner

@@ -18,20 +18,19 @@ denoising step from a CUDA graph per batch shape (no host synchronisation inside
 """
 from __future__ import annotations
 
-import copy
-import types
 import warnings
 
 import torch
 
 from retina_fast.backends.cpu_decoder import FusedCPUDecoder
-from retina_fast.backends.cpu_unet import FusedCPUUNet, mkldnn_usable
-from retina_fast.models.attention import Attention, LinearAttention
-from retina_fast.models.layers import GroupNormSiLU
+from retina_fast.backends.cpu_pack import mkldnn_usable
+from retina_fast.backends.cpu_unet import FusedCPUUNet
+from retina_fast.backends.graphs import CudaGraphs, FrozenGraphs, fast_copy
 from retina_fast.models.vqgan import model_to_reflectance, unscale_latent
 from retina_fast.ops import nearest_code, sampler_step
+from retina_fast.ops.table import UnsupportedOp
 
-__all__ = ["Runner", "make_runner", "default_dtype"]
+__all__ = ["Runner", "CPURunner", "CUDARunner", "default_dtype", "cuda_table"]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -96,11 +95,6 @@ class Runner:
         return self.vqgan.decode_indices(idx)
 
 
-def _fast_copy(module: torch.nn.Module, dtype: torch.dtype, channels_last: bool) -> torch.nn.Module:
-    fast = copy.deepcopy(module).eval().to(dtype)
-    return fast.to(memory_format=torch.channels_last) if channels_last else fast
-
-
 class _DecodeIndices(torch.nn.Module):
     def __init__(self, vqgan: torch.nn.Module) -> None:
         super().__init__()
@@ -108,31 +102,6 @@ class _DecodeIndices(torch.nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.vqgan.decode_indices(idx)
-
-
-class _FrozenGraphs:
-    """Run a module through a frozen, inference-optimised TorchScript graph, one per input shape/dtype.
-
-    Freezing folds weights and fuses conv + add chains in oneDNN; tracing costs ~1 s per new shape.
-    ``torch.jit.optimize_for_inference`` is deliberately not applied: on the 2-core AVX-512 CPU it made
-    the channels-last fp32 graphs slower, not faster (same run, tiny model: U-Net step B=8 1.16x vs
-    1.43x over eager without it, B=32 1.06x vs 1.47x; decoder B=8 0.85x vs 1.63x).
-    (Splitting the batch over single-threaded workers looked faster on a loaded machine but gave no
-    gain on a quiet one and slowed later eager work in the same process, so it is not done.)
-    """
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
-        self._graphs: dict[tuple, torch.jit.ScriptModule] = {}
-
-    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-        key = tuple((tuple(a.shape), a.dtype) for a in args)
-        if key not in self._graphs:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # tracer notes on shape checks: shapes are fixed per graph
-                traced = torch.jit.trace(self.module, args, check_trace=False)
-                self._graphs[key] = torch.jit.freeze(traced.eval())
-        return self._graphs[key](*args)
 
 
 class CPURunner(Runner):
@@ -147,23 +116,28 @@ class CPURunner(Runner):
 
     def __init__(self, loaded, device, dtype) -> None:
         super().__init__(loaded, device, dtype)
-        if mkldnn_usable():
-            self.fast_unet = FusedCPUUNet(loaded.unet, dtype)
+        reason = None if mkldnn_usable() else "torch was built without oneDNN (mkldnn)"
+        if reason is None:
+            try:
+                self.fast_unet = FusedCPUUNet(loaded.unet, dtype)
+            except UnsupportedOp as exc:  # a layer the cpu op table does not have
+                reason = str(exc)
+        if reason is None:
             convs = "direct" if self.fast_unet.batch_invariant else "oneDNN"
             self.unet_path = f"fused C++ ops + {convs} convolutions ({_dtype_name(dtype)})"
-        else:  # a torch build without oneDNN: say so once, run the frozen graph instead
-            warnings.warn("torch was built without oneDNN (mkldnn): the cpu backend runs the U-Net as a frozen "
-                          "TorchScript graph instead of the fused path", RuntimeWarning, stacklevel=2)
-            frozen = _FrozenGraphs(_fast_copy(loaded.unet, dtype, channels_last=True))
+        else:  # say so once, run the same module as a frozen graph instead
+            warnings.warn(f"the cpu backend runs the U-Net as a frozen TorchScript graph instead of the fused path: "
+                          f"{reason}", RuntimeWarning, stacklevel=2)
+            frozen = FrozenGraphs(fast_copy(loaded.unet, dtype, channels_last=True))
             self.fast_unet = lambda x, t: frozen(
                 x.to(dtype).contiguous(memory_format=torch.channels_last), t).float().contiguous()
-            self.unet_path = "frozen TorchScript graph"
+            self.unet_path = f"frozen TorchScript graph ({reason})"
         reason = FusedCPUDecoder.unsupported_reason(loaded.vqgan, dtype)
         if reason is None:
             self.fast_decode = FusedCPUDecoder(loaded.vqgan, dtype)  # per-image C++ kernels: batch invariant
             self.decode_path = f"C++ ops + direct {_dtype_name(dtype)} convolutions, replayed op graph"
         else:  # oneDNN kernels: batches padded in bf16 (see BF16_BATCH_MULTIPLE)
-            self.fast_decode = _FrozenGraphs(_DecodeIndices(_fast_copy(loaded.vqgan, dtype, True)))
+            self.fast_decode = FrozenGraphs(_DecodeIndices(fast_copy(loaded.vqgan, dtype, channels_last=True)))
             self.decode_path = f"frozen TorchScript graph ({reason})"
         # Every op a per-image C++ kernel (the direct convolutions need AVX-512, in bf16 AVX512-BF16): image i
         # cannot depend on the batch. oneDNN's convolutions are chosen per problem size and round some images
@@ -207,65 +181,36 @@ class CPURunner(Runner):
         return torch.cat(out)[:b].float()
 
 
-def _swap_cuda_kernels(unet: torch.nn.Module) -> None:
-    from retina_fast.kernels import attention as tk_attn
-    from retina_fast.kernels.group_norm_silu import group_norm_silu
+def cuda_table():
+    """The ``cuda`` backend's op table: Triton GroupNorm+SiLU and attention; every other op the reference."""
+    from retina_fast.ops.attention import linear_attention, multihead_attention_ref, softmax_attention
+    from retina_fast.ops.group_norm_silu import group_norm_silu
+    from retina_fast.ops.table import OpTable
 
-    def gn_forward(self, x, scale_shift=None):
+    def gn(m, x, scale_shift=None):
         scale, shift = scale_shift if scale_shift is not None else (None, None)
-        return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps, scale, shift, self.act)
+        return group_norm_silu(x, m.num_groups, m.weight, m.bias, m.eps, scale, shift, m.act, impl="triton")
 
-    for m in unet.modules():
-        if isinstance(m, GroupNormSiLU):
-            m.forward = types.MethodType(gn_forward, m)
-        elif isinstance(m, LinearAttention):
-            m.attention_fn = tk_attn.linear_attention
-        elif isinstance(m, Attention):
-            m.attention_fn = tk_attn.softmax_attention
+    def attend(m, qkv):
+        fn = linear_attention if m.kind == "linear" else softmax_attention
+        return multihead_attention_ref(qkv, m.heads, m.head_dim, m.kind, lambda q, k, v: fn(q, k, v, impl="triton"))
+
+    return OpTable("cuda", {"group_norm_silu": gn, "multihead_attention": attend})
 
 
 class CUDARunner(Runner):
+    """U-Net in ``dtype`` with the Triton GroupNorm+SiLU and attention (``cuda_table``), replayed from one CUDA
+    graph per batch shape; fused Triton step and nearest-code lookup."""
+
     nearest_impl = "triton"
     step_impl = "triton"
 
     def __init__(self, loaded, device, dtype) -> None:
         super().__init__(loaded, device, dtype)
-        self.fast_unet = _fast_copy(loaded.unet, dtype, channels_last=False).to(device)
-        _swap_cuda_kernels(self.fast_unet)
-        self._graphs: dict[tuple, tuple] = {}
+        self.fast_unet = fast_copy(loaded.unet, dtype, device)
+        self.graphs = CudaGraphs(lambda x, t: self.fast_unet(x.to(self.dtype), t).float(), device,
+                                 table=cuda_table())
 
     @torch.no_grad()
     def denoise(self, x, t):
-        key = tuple(x.shape)
-        if key not in self._graphs:
-            self._graphs[key] = self._capture(x, t)
-        graph, x_in, t_in, out = self._graphs[key]
-        x_in.copy_(x)
-        t_in.copy_(t)
-        graph.replay()
-        return out.clone()
-
-    def _capture(self, x, t):
-        x_in, t_in = x.clone(), t.clone()
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm up: Triton compilation and allocator pools outside the graph
-                self.fast_unet(x_in.to(self.dtype), t_in)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self.fast_unet(x_in.to(self.dtype), t_in).float()
-        return graph, x_in, t_in, out
-
-
-RUNNERS = {"torch": Runner, "cpu": CPURunner, "cuda": CUDARunner}
-
-
-def make_runner(backend: str, loaded, device: torch.device, dtype: torch.dtype) -> Runner:
-    if backend not in RUNNERS:
-        raise ValueError(f"backend {backend!r} has no sampling runner here (tensorrt registers a runner only where the tensorrt package imports)")
-    return RUNNERS[backend](loaded, device, dtype)
-
-
-from retina_fast.backends import onnxruntime_backend, tensorrt_backend  # noqa: E402,F401  (they add to RUNNERS)
+        return self.graphs(x, t)

@@ -40,7 +40,9 @@ import torch
 from torch import nn
 
 from retina_fast import _env
-from retina_fast.backends.runners import RUNNERS, Runner
+from retina_fast.backends.graphs import capture_cuda_graph
+from retina_fast.files import atomic_write
+from retina_fast.backends.runners import Runner
 from retina_fast.export import INPUT_NAMES, WHATS, architecture_hash, export_onnx, weights_hash
 
 __all__ = ["PRECISIONS", "SAMPLING_BATCHES", "EngineSpec", "DeviceInfo", "structure_hash", "weights_hash",
@@ -135,13 +137,6 @@ def onnx_dtype(precision: str, has_precision_flags: bool) -> torch.dtype:
     return torch.float32 if has_precision_flags else _DTYPES[precision]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 # --- everything below needs the tensorrt package -------------------------------------------------------
 
 _LOGGER = None
@@ -187,7 +182,7 @@ def build_engine(onnx_path: Path, spec: EngineSpec, timing_cache: Path) -> bytes
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} for {spec}")
-    _write_atomic(timing_cache, bytes(cache.serialize()))
+    atomic_write(timing_cache, bytes(cache.serialize()))
     return bytes(plan)
 
 
@@ -243,8 +238,8 @@ def ensure_engine(module: nn.Module, spec: EngineSpec, device: torch.device | st
         plan = bytes(engine.serialize())
     else:
         plan = build_engine(onnx_file, spec, timing_cache_path(info, cache_dir))
-    _write_atomic(path, plan)
-    _write_atomic(meta_path, json.dumps({"weights": weights, "structure": structure, "spec": dataclasses.asdict(spec),
+    atomic_write(path, plan)
+    atomic_write(meta_path, json.dumps({"weights": weights, "structure": structure, "spec": dataclasses.asdict(spec),
                                          "gpu": info.gpu_name, "capability": list(info.capability),
                                          "tensorrt": info.trt_version}, indent=2).encode())
     return path
@@ -307,14 +302,12 @@ class TensorRTEngine:
                               dtype=_torch_dtype(self.engine.get_tensor_dtype(name)), device=self.device)
             context.set_tensor_address(name, buf.data_ptr())
             outs.append(buf)
-        stream = torch.cuda.Stream(self.device)
-        with torch.cuda.stream(stream):
-            if not context.execute_async_v3(stream.cuda_stream):  # once outside the graph: TensorRT
-                raise RuntimeError("TensorRT execution failed")  # finishes its lazy setup here
-            stream.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=stream):
-                context.execute_async_v3(stream.cuda_stream)
+        def execute(stream: torch.cuda.Stream) -> None:
+            if not context.execute_async_v3(stream.cuda_stream):
+                raise RuntimeError("TensorRT execution failed")
+
+        # once outside the graph, waited for: TensorRT finishes its lazy setup there
+        graph, _ = capture_cuda_graph(execute, self.device, warmup=1, sync=True)
         return graph, context, ins, outs
 
 
@@ -377,7 +370,3 @@ class TensorRTEnhancer:
             raise ValueError(f"TensorRTEnhancer expects (N, 3, H, W), got {tuple(images.shape)}")
         engine = self.engine_for(images.shape[-2], images.shape[-1])
         return engine(images.to(self.device)).float()
-
-
-if importlib.util.find_spec("tensorrt") is not None:  # the runner exists only where TensorRT does
-    RUNNERS["tensorrt"] = TensorRTRunner

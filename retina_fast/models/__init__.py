@@ -2,21 +2,20 @@
 
 ``VQGAN`` (autoencoder + ``Codebook``), ``UNet2D`` (latent denoiser), their configs and presets.
 """
-from retina_fast.models.attention import (Attention, LinearAttention, linear_attention_ref,
-                                          softmax_attention_ref)
+from retina_fast.models.attention import Attention, LinearAttention
 from retina_fast.models.codebook import Codebook, QuantizeOutput
 from retina_fast.models.config import (PRESETS, LDMConfig, UNetConfig, VQGANConfig, get_preset,
                                        sweep_grid)
 from retina_fast.models.kmeans import kmeans, quantisation_stats
-from retina_fast.models.layers import GroupNormSiLU, groupnorm_silu_ref
+from retina_fast.models.layers import GroupNormSiLU
 from retina_fast.models.unet import UNet2D
 from retina_fast.models.vqgan import (VQGAN, VQGANOutput, model_to_reflectance, reflectance_to_model,
                                       scale_latent, unscale_latent)
 
 __all__ = [
-    "Attention", "LinearAttention", "linear_attention_ref", "softmax_attention_ref",
+    "Attention", "LinearAttention",
     "Codebook", "QuantizeOutput", "PRESETS", "LDMConfig", "UNetConfig", "VQGANConfig", "get_preset",
-    "sweep_grid", "kmeans", "quantisation_stats", "GroupNormSiLU", "groupnorm_silu_ref", "UNet2D",
+    "sweep_grid", "kmeans", "quantisation_stats", "GroupNormSiLU", "UNet2D",
     "VQGAN", "VQGANOutput", "model_to_reflectance", "reflectance_to_model", "scale_latent",
     "unscale_latent",
 ]

@@ -1,15 +1,18 @@
-"""Small building blocks shared by the VQ-GAN and the U-Net, kept as separate modules so the engine can
-swap them for fused kernels (GroupNorm + scale/shift + SiLU is one op on the ``cuda``/``cpu`` backends).
+"""Small building blocks shared by the VQ-GAN and the U-Net. Their forwards are named ops
+(:mod:`retina_fast.ops.table`), so a backend runs these same modules with its own kernels (GroupNorm +
+scale/shift + SiLU is one op on the ``cuda``/``cpu`` backends, a convolution a direct C++ one on ``cpu``).
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["group_count", "groupnorm_silu_ref", "GroupNormSiLU", "sinusoidal_embedding"]
+from retina_fast.ops.group_norm_silu import group_norm_silu_ref
+from retina_fast.ops.table import op
+
+__all__ = ["group_count", "Conv2d", "ConvTranspose2d", "GroupNormSiLU", "sinusoidal_embedding"]
 
 
 def group_count(channels: int, preferred: int = 32) -> int:
@@ -24,20 +27,21 @@ def group_count(channels: int, preferred: int = 32) -> int:
     return 1
 
 
-def groupnorm_silu_ref(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
-                       bias: torch.Tensor | None, eps: float, scale: torch.Tensor | None = None,
-                       shift: torch.Tensor | None = None, act: bool = True) -> torch.Tensor:
-    """y = SiLU(GN(x) * (1 + scale) + shift).
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose forward is the op ``conv2d`` (:mod:`retina_fast.ops.table`), so a backend's op table
+    can run it (the ``cpu`` backend records it as a direct convolution). Same parameters and state dict."""
 
-    x: (B, C, H, W); weight, bias: (C,) affine of the GroupNorm; scale, shift: (B, C, 1, 1) or None.
-    GN normalises each of ``num_groups`` channel groups over (C/G, H, W) with biased variance.
-    """
-    y = F.group_norm(x, num_groups, weight, bias, eps)
-    if scale is not None:
-        y = y * (scale + 1)
-    if shift is not None:
-        y = y + shift
-    return F.silu(y) if act else y
+    @op("conv2d")
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+
+class ConvTranspose2d(nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` whose forward is the op ``conv_transpose2d``. Same parameters and state dict."""
+
+    @op("conv_transpose2d")
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        return super().forward(x, output_size)
 
 
 class GroupNormSiLU(nn.Module):
@@ -55,11 +59,12 @@ class GroupNormSiLU(nn.Module):
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
 
+    @op("group_norm_silu")
     def forward(self, x: torch.Tensor, scale_shift: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> torch.Tensor:
         scale, shift = scale_shift if scale_shift is not None else (None, None)
-        return groupnorm_silu_ref(x, self.num_groups, self.weight, self.bias, self.eps, scale, shift,
-                                  self.act)
+        return group_norm_silu_ref(x, self.num_groups, self.weight, self.bias, self.eps, scale, shift,
+                                   self.act)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, groups={self.num_groups}, eps={self.eps}, act={self.act}"

@@ -41,18 +41,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from retina_fast.models.rsp import RSPNet, RSPOutput, crop_to, pad_to_multiple, resize_add
+from retina_fast.ops.channel_attention import channel_attention_ref
+from retina_fast.ops.table import op
 
-__all__ = ["MAGENetConfig", "MAGENetOutput", "MAGENet", "CAB", "ChannelAttention", "SAM",
-           "channel_attention_ref", "MAGENET_PRESETS"]
-
-
-def channel_attention_ref(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """Reference channel attention. x (N, C, H, W); w1 (C/r, C) or (C/r, C, 1, 1); w2 (C, C/r) or
-    (C, C/r, 1, 1). Returns x · σ(w2 · ReLU(w1 · mean_hw(x))), shape (N, C, H, W)."""
-    y = x.mean(dim=(2, 3))
-    y = F.relu(y @ w1.reshape(w1.shape[0], -1).t())
-    y = torch.sigmoid(y @ w2.reshape(w2.shape[0], -1).t())
-    return x * y[:, :, None, None]
+__all__ = ["MAGENetConfig", "MAGENetOutput", "MAGENet", "CAB", "ChannelAttention", "SAM", "MAGENET_PRESETS"]
 
 
 class ChannelAttention(nn.Module):
@@ -63,8 +55,10 @@ class ChannelAttention(nn.Module):
         self.down = nn.Conv2d(channels, max(1, channels // reduction), 1, bias=False)
         self.up = nn.Conv2d(max(1, channels // reduction), channels, 1, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return channel_attention_ref(x, self.down.weight, self.up.weight)
+    @op("channel_attention")
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x * gate(x) (+ residual): the op ``channel_attention`` (:mod:`retina_fast.ops.channel_attention`)."""
+        return channel_attention_ref(x, self.down.weight, self.up.weight, residual)
 
 
 def conv3(cin: int, cout: int) -> nn.Conv2d:
@@ -80,7 +74,7 @@ class CAB(nn.Module):
         self.ca = ChannelAttention(channels, reduction)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ca(self.body(x)) + x
+        return self.ca(self.body(x), residual=x)
 
 
 class SAM(nn.Module):
@@ -98,14 +92,12 @@ class SAM(nn.Module):
 class Resample(nn.Module):
     """Bilinear resize to a target size (×0.5 down / ×2 up) then 1×1 conv cin -> cout."""
 
-    resize = staticmethod(resize_add)
-
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, 1, bias=False)
 
     def forward(self, x: torch.Tensor, size) -> torch.Tensor:
-        return self.conv(self.resize(x, size))
+        return self.conv(resize_add(x, size))
 
 
 def _cabs(n: int, channels: int, reduction: int) -> nn.Sequential:
@@ -150,8 +142,6 @@ class FAB(nn.Module):
     """Fundus attention block (see module doc). x (N, C, H, W), Stage-1 level features enc, dec
     (N, C_i, H_i, W_i), RSP features (N, R, H, W) or None -> (N, C, H, W)."""
 
-    resize = staticmethod(resize_add)
-
     def __init__(self, channels: int, stage1_channels: int, rsp_channels: int, cabs: int, reduction: int) -> None:
         super().__init__()
         self.body = nn.Sequential(_cabs(cabs, channels, reduction), conv3(channels, channels))
@@ -162,7 +152,7 @@ class FAB(nn.Module):
     def forward(self, x, enc, dec, rsp=None):
         size = x.shape[-2:]
         h = x + self.body(x)
-        h = self.resize(self.proj_dec(dec), size, add=self.resize(self.proj_enc(enc), size, add=h))
+        h = resize_add(self.proj_dec(dec), size, add=resize_add(self.proj_enc(enc), size, add=h))
         z = h if rsp is None else torch.cat([h, rsp], 1)
         return h + self.transform(z)
 
@@ -244,8 +234,6 @@ class MAGENetOutput:
 class MAGENet(nn.Module):
     """MAGE-Net; ``forward(x)`` -> MAGENetOutput, ``restore(x)`` -> final image tensor only."""
 
-    resize = staticmethod(resize_add)
-
     def __init__(self, config: MAGENetConfig | None = None) -> None:
         super().__init__()
         cfg = self.config = config or MAGENetConfig()
@@ -275,7 +263,7 @@ class MAGENet(nn.Module):
             full = xp.shape[-2:]
             rsp_feats = None
             if rsp_out is not None:
-                rsp_feats = torch.cat([self.resize(p(f), full) for p, f in zip(self.rsp_proj, rsp_out.features)], 1)
+                rsp_feats = torch.cat([resize_add(p(f), full) for p, f in zip(self.rsp_proj, rsp_out.features)], 1)
             h = self.bridge(torch.cat([self.shallow2(xp), feats], 1))
             for i, fab in enumerate(self.fabs):
                 h = fab(h, enc[i], dec[i], rsp_feats)

@@ -28,6 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from retina_fast.ops.resize import bilinear_resize_ref
+from retina_fast.ops.table import op
+
 __all__ = ["RSPNet", "RSPOutput", "AttentionGate", "AttentionGuidedUpsample", "box_filter",
            "weighted_guided_filter", "pad_to_multiple", "crop_to"]
 
@@ -48,12 +51,11 @@ def crop_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x[..., : size[0], : size[1]]
 
 
+@op("bilinear_resize")
 def resize_add(x: torch.Tensor, size, add: torch.Tensor | None = None) -> torch.Tensor:
-    """Bilinear resize of x to ``size`` (align_corners=False; none when already that size) [+ add]. Modules
-    call it as ``self.resize``, a class attribute an accelerated copy may replace per instance with a fused
-    kernel (retina_fast/backends/cpu_enhance.py)."""
-    y = x if x.shape[-2:] == tuple(size) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    return y if add is None else add + y
+    """Bilinear resize of x to ``size`` (align_corners=False; none when already that size) [+ add]: the op
+    ``bilinear_resize`` (reference and kernels in :mod:`retina_fast.ops.resize`)."""
+    return bilinear_resize_ref(x, size, add)
 
 
 def box_filter(x: torch.Tensor, r: int) -> torch.Tensor:
@@ -119,8 +121,6 @@ class AttentionGuidedUpsample(nn.Module):
     on the coarse grid; bilinear upsampling of A, B; output A↑ · guide + B↑.
     """
 
-    resize = staticmethod(resize_add)
-
     def __init__(self, channels: int, low_channels: int, radius: int = 1, eps: float = 1e-2) -> None:
         super().__init__()
         self.reduce = nn.Conv2d(low_channels, channels, 1, bias=False)
@@ -133,7 +133,7 @@ class AttentionGuidedUpsample(nn.Module):
         t = self.gate(guide_low, low)
         a, b = weighted_guided_filter(guide_low, low, t, self.radius, self.eps)
         size = guide.shape[-2:]
-        a, b = self.resize(a, size), self.resize(b, size)
+        a, b = resize_add(a, size), resize_add(b, size)
         return a * guide + b
 
 

@@ -33,7 +33,8 @@ from torch import nn
 
 from retina_fast.models.attention import Attention, LinearAttention, PreNormResidual
 from retina_fast.models.config import UNetConfig
-from retina_fast.models.layers import GroupNormSiLU, sinusoidal_embedding
+from retina_fast.models.layers import Conv2d, ConvTranspose2d, GroupNormSiLU, sinusoidal_embedding
+from retina_fast.ops.table import op
 
 __all__ = ["UNet2D", "ResnetBlock", "Block", "pad_to_multiple"]
 
@@ -43,7 +44,7 @@ class Block(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int, groups: int) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(dim_in, dim_out, 3, padding=1)
+        self.proj = Conv2d(dim_in, dim_out, 3, padding=1)
         self.norm_act = GroupNormSiLU(dim_out, groups, eps=1e-5)
 
     def forward(self, x: torch.Tensor, scale_shift: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -59,11 +60,16 @@ class ResnetBlock(nn.Module):
         self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, dim_out * 2))
         self.block1 = Block(dim_in, dim_out, groups)
         self.block2 = Block(dim_out, dim_out, groups)
-        self.res_conv = nn.Conv2d(dim_in, dim_out, 1) if dim_in != dim_out else nn.Identity()
+        self.res_conv = Conv2d(dim_in, dim_out, 1) if dim_in != dim_out else nn.Identity()
+
+    @op("time_film")
+    def film(self, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The time conditioning of this block: temb (B, T_dim) -> (scale, shift), each (B, C_out, 1, 1)."""
+        scale, shift = self.mlp(temb)[:, :, None, None].chunk(2, dim=1)
+        return scale, shift
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.mlp(temb)[:, :, None, None].chunk(2, dim=1)
-        h = self.block1(x, (scale, shift))
+        h = self.block1(x, self.film(temb))
         h = self.block2(h)
         return h + self.res_conv(x)
 
@@ -104,7 +110,7 @@ class UNet2D(nn.Module):
         cfg = config
         base, groups, heads, hd = cfg.base_channels, cfg.groups, cfg.attn_heads, cfg.attn_head_dim
         time_dim = cfg.time_mult * base
-        self.init_conv = nn.Conv2d(cfg.in_channels, base, cfg.init_kernel, padding=cfg.init_kernel // 2)
+        self.init_conv = Conv2d(cfg.in_channels, base, cfg.init_kernel, padding=cfg.init_kernel // 2)
         self.time_mlp = nn.Sequential(nn.Linear(base, time_dim), nn.GELU(), nn.Linear(time_dim, time_dim))
 
         dims = (base,) + cfg.level_channels
@@ -114,7 +120,7 @@ class UNet2D(nn.Module):
             c_in, c_out = dims[lvl], dims[lvl + 1]
             last = lvl == cfg.levels - 1
             blocks = [ResnetBlock(c_in if i == 0 else c_out, c_out, time_dim, groups) for i in range(n)]
-            down = nn.Identity() if last else nn.Conv2d(c_out, c_out, 4, stride=2, padding=1)
+            down = nn.Identity() if last else Conv2d(c_out, c_out, 4, stride=2, padding=1)
             self.downs.append(_Level(blocks, PreNormResidual(c_out, LinearAttention(c_out, heads, hd)), down))
 
         mid = dims[-1]
@@ -127,11 +133,11 @@ class UNet2D(nn.Module):
             c_in, c_out = dims[lvl], dims[lvl + 1]
             first = lvl == 0
             blocks = [ResnetBlock(2 * c_out if i == 0 else c_in, c_in, time_dim, groups) for i in range(n)]
-            up = nn.Identity() if first else nn.ConvTranspose2d(c_in, c_in, 4, stride=2, padding=1)
+            up = nn.Identity() if first else ConvTranspose2d(c_in, c_in, 4, stride=2, padding=1)
             self.ups.append(_Level(blocks, PreNormResidual(c_in, LinearAttention(c_in, heads, hd)), up))
 
         self.final_block = ResnetBlock(2 * base, base, time_dim, groups)
-        self.final_conv = nn.Conv2d(base, cfg.in_channels, 1)
+        self.final_conv = Conv2d(base, cfg.in_channels, 1)
 
     def time_embedding(self, t: torch.Tensor, batch: int) -> torch.Tensor:
         """t (B,) or scalar -> (B, time_mult * base)."""
@@ -147,7 +153,12 @@ class UNet2D(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"UNet2D expects (B, {self.config.in_channels}, h, w), got {tuple(x.shape)}")
         x, (h, w) = pad_to_multiple(x, self.config.multiple, self.config.pad_mode)
-        temb = self.time_embedding(t, x.shape[0])
+        return self.body(x, self.time_embedding(t, x.shape[0]))[..., :h, :w]
+
+    def body(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """The network on padded latents: x (B, C, H, W), H and W multiples of ``config.multiple``, and the time
+        embedding (B, T_dim) -> eps (B, C, H, W). Backends run this walk with their op tables (the ``cpu``
+        backend records it into an op graph, its time conditioning computed per timestep outside)."""
         x = self.init_conv(x)
         r = x
         skips = []
@@ -167,4 +178,4 @@ class UNet2D(nn.Module):
             x = level.attn(x)
             x = level.resample(x)
         x = self.final_block(torch.cat([x, r], dim=1), temb)
-        return self.final_conv(x)[..., :h, :w]
+        return self.final_conv(x)

@@ -38,9 +38,10 @@ from torch import nn
 
 from retina_fast.models.codebook import Codebook, QuantizeOutput
 from retina_fast.models.config import VQGANConfig
-from retina_fast.models.layers import GroupNormSiLU, group_count
+from retina_fast.models.layers import Conv2d, ConvTranspose2d, GroupNormSiLU, group_count
 from retina_fast.models.normalisation import model_to_reflectance, reflectance_to_model
 from retina_fast.ops import nearest_code
+from retina_fast.ops.table import op
 
 __all__ = ["VQGAN", "VQGANOutput", "ResBlock", "UpConv", "scale_latent", "unscale_latent",
            "reflectance_to_model", "model_to_reflectance"]
@@ -64,9 +65,9 @@ class VQGANOutput(NamedTuple):
     quant: QuantizeOutput
 
 
-def _conv(c_in: int, c_out: int, k: int, stride: int, mode: str) -> nn.Conv2d:
+def _conv(c_in: int, c_out: int, k: int, stride: int, mode: str) -> Conv2d:
     pad = (k - stride) // 2 if stride > 1 else k // 2
-    return nn.Conv2d(c_in, c_out, k, stride=stride, padding=pad, padding_mode=mode)
+    return Conv2d(c_in, c_out, k, stride=stride, padding=pad, padding_mode=mode)
 
 
 def _phase_taps(k: int) -> torch.Tensor:
@@ -102,10 +103,11 @@ class UpConv(nn.Module):
         if kind == "nearest_conv":
             self.conv = _conv(c_in, c_out, 3, 1, mode)
         elif kind == "transposed":
-            self.conv = nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=3)
+            self.conv = ConvTranspose2d(c_in, c_out, 4, stride=2, padding=3)
         else:
             raise ValueError(f"unknown upsampling {kind!r}")
 
+    @op("upconv")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "nearest_conv":
             return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -192,13 +194,13 @@ class VQGAN(nn.Module):
         self.config = config
         c_top = config.stage_channels[-1]
         self.encoder = Encoder(config)
-        self.pre_quant = nn.Conv2d(c_top, config.latent_channels, 1)
+        self.pre_quant = Conv2d(c_top, config.latent_channels, 1)
         self.codebook = Codebook(config.codebook_size, config.latent_channels,
                                  commitment=config.commitment, decay=config.ema_decay, eps=config.ema_eps,
                                  restart_threshold=config.restart_threshold,
                                  kmeans_iters=config.kmeans_iters, kmeans_tol=config.kmeans_tol,
                                  samples_per_code=config.kmeans_samples_per_code)
-        self.post_quant = nn.Conv2d(config.latent_channels, c_top, 1)
+        self.post_quant = Conv2d(config.latent_channels, c_top, 1)
         self.decoder = Decoder(config)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
