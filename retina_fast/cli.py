@@ -1,8 +1,9 @@
 """``retina-fast`` command line: one subcommand per module in ``retina_fast.commands``.
 
-Each command module defines ``add_parser(subparsers)`` (which sets ``func``) and is imported only
-when the CLI starts, so ``retina-fast info`` works even where optional dependencies are missing.
-Bad input exits non-zero with a one-line reason on stderr.
+Each command module defines ``add_parser(subparsers)`` (which sets ``func``) and is imported only when that
+command runs (``retina-fast --help`` and ``--version`` import none of them, nor torch: well under half a
+second), so ``retina-fast info`` works even where optional dependencies are missing. Every subcommand's
+``--help`` shows the defaults. Bad input exits non-zero with a one-line reason on stderr.
 """
 from __future__ import annotations
 
@@ -10,18 +11,26 @@ import argparse
 import importlib
 import sys
 
-# name -> module under retina_fast.commands
+# name -> (module under retina_fast.commands, one-line summary for the top-level help)
 COMMANDS = {
-    "info": "info",
-    "phantom": "phantom",
-    "train": "train",
-    "sample": "sample",
-    "evaluate": "evaluate",
-    "enhance": "enhance",
-    "degrade": "degrade",
-    "export": "export",
-    "bench": "bench",
+    "info": ("info", "versions, build flags, CPU/GPU features and usable backends"),
+    "phantom": ("phantom", "render hyperspectral retina phantoms (cubes + masks) to a folder"),
+    "train": ("train", "train a model (VQ-GAN, latent diffusion, ...) with the reference trainers"),
+    "sample": ("sample", "draw synthetic 16-band cubes into shards with a manifest"),
+    "evaluate": ("evaluate", "quality report of synthetic cubes vs real ones"),
+    "enhance": ("enhance", "enhance colour fundus photographs (MAGE-Net)"),
+    "degrade": ("degrade", "degrade clean fundus photographs (Cofe-Net model, seeded)"),
+    "export": ("export", "export a network as ONNX or as a TensorRT engine"),
+    "bench": ("bench", "speed-up table: backends vs the reference sampler, one run"),
 }
+
+
+class _Parser(argparse.ArgumentParser):
+    """Subcommand parsers show their defaults in ``--help``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 class UserError(Exception):
@@ -44,10 +53,27 @@ def input_files(inputs):
     return paths
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _selected(argv: list[str]) -> str | None:
+    """The command named on the command line (the first argument that is not an option)."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the command selected in ``argv`` (all of them when ``argv`` is None) is imported and
+    gets its full arguments, the others are listed by name and summary."""
+    from retina_fast import __version__
+
     parser = argparse.ArgumentParser(prog="retina-fast", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module in COMMANDS.items():
+    parser.add_argument("--version", action="version", version=f"retina-fast {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    chosen = None if argv is None else _selected(argv)
+    for name, (module, summary) in COMMANDS.items():
+        if argv is not None and name != chosen:
+            sub.add_parser(name, help=summary, add_help=False)
+            continue
         try:
             mod = importlib.import_module(f"retina_fast.commands.{module}")
         except ModuleNotFoundError as exc:
@@ -59,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         result = args.func(args)

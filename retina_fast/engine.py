@@ -66,7 +66,9 @@ class Pipeline:
             raise backends.BackendUnavailable(f"backend {chosen.name!r}: " + "; ".join(chosen_reasons))
         key = (chosen.name, str(dev), dtype)
         if key not in self._runners:
-            self._runners[key] = backends.runner_factory(chosen, "sample")(self.loaded, dev, dtype)
+            runner = backends.runner_factory(chosen, "sample")(self.loaded, dev, dtype)
+            runner.backend = chosen.name  # the registry name (run manifests record it)
+            self._runners[key] = runner
         return self._runners[key]
 
     def sample(self, n: int, steps: int = 50, *, seed: int = 0, sampler: str = "ddim", backend: str = "auto",

@@ -1,4 +1,7 @@
-"""Read and write hyperspectral cubes with their wavelengths: ``.npy``, ``.npz``, TIFF and HDF5.
+"""Read and write hyperspectral cubes with their wavelengths: ``.npy``, ``.npz``, TIFF and HDF5 -- the one cube
+I/O layer of the package: single cube files (``save_cube`` / ``load_cube``), stacks of cubes such as the shards
+of a sampling run (``save_cubes`` / ``load_cubes``), and :func:`iter_cubes`, which streams the cubes of a
+file, a folder of files or a run directory one at a time (evaluation, datasets).
 
 On disk a cube is (bands, H, W) (``save_cube`` always writes that layout) with its wavelengths:
 
@@ -8,6 +11,11 @@ On disk a cube is (bands, H, W) (``save_cube`` always writes that layout) with i
 ``.tif``  one page per band (multi-page TIFF); JSON in the first page's ImageDescription
 ``.h5``   dataset ``cube`` with attributes ``wavelengths`` (and ``metadata``, JSON)
 ========  ===================================================================================
+
+A stack is (N, bands, H, W): ``.npy`` the 4-D array, ``.npz`` array ``cubes``, ``.tif`` pages in N-major
+order with ``"axes": "NCYX"`` and the shape in the description's JSON, ``.h5`` dataset ``cubes``; wavelengths
+and metadata as for single cubes (``.npy`` stacks carry none). Every writer is atomic
+(``retina_fast.files.atomic_path``): a reader never sees half a file.
 
 ``load_cube`` reads any of these (also files written elsewhere: a single 3-D array/dataset, a
 (H, W, bands) layout when the wavelengths or the shape make it unambiguous, float or unsigned-integer
@@ -23,13 +31,15 @@ import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from retina_fast.files import atomic_path
+
 __all__ = [
-    "CubeFile", "CubeFormatError", "SUFFIXES", "load_cube", "save_cube", "save_masks", "load_masks",
-    "is_cube_file",
+    "CubeFile", "CubeStack", "CubeFormatError", "SUFFIXES", "load_cube", "save_cube", "load_cubes", "save_cubes",
+    "iter_cubes", "save_masks", "load_masks", "is_cube_file",
 ]
 
 SUFFIXES = (".npy", ".npz", ".tif", ".tiff", ".h5", ".hdf5")
@@ -101,27 +111,143 @@ def save_cube(
     if wl is not None and len(wl) != arr.shape[0]:
         raise ValueError(f"{path}: {len(wl)} wavelengths for a cube with {arr.shape[0]} bands")
     meta = dict(metadata or {})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if kind == ".npy":
-        np.save(path, arr)
-        side = path.with_suffix(".json")
-        if wl is not None or meta:
-            side.write_text(json.dumps({"wavelengths": wl, "metadata": meta}))
-    elif kind == ".npz":
-        extra = {} if wl is None else {"wavelengths": np.asarray(wl, dtype=np.float64)}
-        np.savez(path, cube=arr, metadata=np.asarray(json.dumps(meta)), **extra)
-    elif kind == ".tif":
-        tifffile = _optional("tifffile", "writing TIFF cubes")
-        desc = json.dumps({"retina_fast": 1, "axes": "CYX", "wavelengths": wl, "metadata": meta})
-        tifffile.imwrite(path, arr, photometric="minisblack", description=desc, metadata=None)
-    else:
-        h5py = _optional("h5py", "writing HDF5 cubes")
-        with h5py.File(path, "w") as f:
-            ds = f.create_dataset("cube", data=arr)
-            if wl is not None:
-                ds.attrs["wavelengths"] = np.asarray(wl, dtype=np.float64)
-            ds.attrs["metadata"] = json.dumps(meta)
+    _write(path, kind, arr, wl, meta, stack=False)
+    if kind == ".npy" and (wl is not None or meta):
+        from retina_fast.files import atomic_write
+
+        atomic_write(path.with_suffix(".json"), json.dumps({"wavelengths": wl, "metadata": meta}))
     return path
+
+
+def _write(path: Path, kind: str, arr: np.ndarray, wl: list | None, meta: dict, stack: bool) -> None:
+    """One writer for single cubes (CYX, array / dataset ``cube``) and stacks (NCYX, ``cubes``), atomic."""
+    name, axes = ("cubes", "NCYX") if stack else ("cube", "CYX")
+    with atomic_path(path) as tmp:
+        if kind == ".npy":
+            with open(tmp, "wb") as fh:
+                np.save(fh, arr)
+        elif kind == ".npz":
+            extra = {} if wl is None else {"wavelengths": np.asarray(wl, dtype=np.float64)}
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **{name: arr}, metadata=np.asarray(json.dumps(meta)), **extra)
+        elif kind == ".tif":
+            tifffile = _optional("tifffile", "writing TIFF cubes")
+            info = {"retina_fast": 1, "axes": axes, **({"shape": list(arr.shape)} if stack else {}),
+                    "wavelengths": wl, "metadata": meta}
+            tifffile.imwrite(tmp, arr, photometric="minisblack", description=json.dumps(info), metadata=None)
+        else:
+            h5py = _optional("h5py", "writing HDF5 cubes")
+            with h5py.File(tmp, "w") as f:
+                ds = f.create_dataset(name, data=arr)
+                if wl is not None:
+                    ds.attrs["wavelengths"] = np.asarray(wl, dtype=np.float64)
+                ds.attrs["metadata"] = json.dumps(meta)
+
+
+@dataclass
+class CubeStack:
+    """A stack of cubes: ``data`` float32 (N, bands, H, W), ``wavelengths`` or None, ``metadata``, ``path``."""
+
+    data: np.ndarray
+    wavelengths: tuple[float, ...] | None
+    path: Path
+    metadata: dict = field(default_factory=dict)
+
+
+def save_cubes(path: str | Path, cubes: Any, wavelengths: Sequence[float] | None = None, *,
+               metadata: dict | None = None) -> Path:
+    """Write a stack ``cubes`` (N, bands, H, W; NumPy or torch) as float32 with its wavelengths (nm)."""
+    path = Path(path)
+    kind = _kind(path)
+    arr = np.ascontiguousarray(np.asarray(cubes.detach().cpu() if hasattr(cubes, "detach") else cubes,
+                                          dtype=np.float32))
+    if arr.ndim != 4:
+        raise ValueError(f"{path}: save_cubes needs a (N, bands, H, W) stack, got shape {arr.shape}")
+    wl = None if wavelengths is None else [float(w) for w in wavelengths]
+    if wl is not None and len(wl) != arr.shape[1]:
+        raise ValueError(f"{path}: {len(wl)} wavelengths for cubes with {arr.shape[1]} bands")
+    _write(path, kind, arr, None if kind == ".npy" else wl, dict(metadata or {}), stack=True)
+    return path
+
+
+def load_cubes(path: str | Path) -> CubeStack:
+    """Read a stack written by :func:`save_cubes` (or a single cube file, as a stack of one)."""
+    path = Path(path)
+    kind = _kind(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        arr, wl, meta = _read_stack(path, kind)
+    except (CubeFormatError, ImportError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - truncated / corrupt: one clear error naming the file
+        raise CubeFormatError(path, f"cannot read {kind[1:]} file (truncated or corrupt?): "
+                                    f"{str(exc) or type(exc).__name__}") from exc
+    if arr is None:  # a single cube
+        single = load_cube(path)
+        return CubeStack(single.data[None], single.wavelengths, path, single.metadata)
+    if arr.ndim != 4:
+        raise CubeFormatError(path, f"expected a (N, bands, H, W) stack, got shape {tuple(arr.shape)}")
+    data = _to_float(path, np.ascontiguousarray(arr))
+    wl = None if wl is None else tuple(float(w) for w in np.asarray(wl, dtype=np.float64).ravel())
+    if wl is not None and len(wl) != data.shape[1]:
+        raise CubeFormatError(path, f"{data.shape[1]} bands but {len(wl)} wavelengths in the metadata")
+    return CubeStack(data, wl, path, dict(meta or {}))
+
+
+def _read_stack(path: Path, kind: str) -> tuple[np.ndarray | None, list | None, dict]:
+    """The stack stored in ``path`` (array None: the file holds a single cube)."""
+    if kind == ".npy":
+        arr = np.load(path, allow_pickle=False, mmap_mode="r")
+        return (np.array(arr) if arr.ndim == 4 else None), None, {}
+    if kind == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            if "cubes" not in z.files:
+                return None, None, {}
+            wl = z["wavelengths"].tolist() if "wavelengths" in z.files else None
+            meta = json.loads(str(z["metadata"])) if "metadata" in z.files else {}
+            return z["cubes"], wl, meta
+    if kind == ".tif":
+        tifffile = _optional("tifffile", "reading TIFF cubes")
+        with tifffile.TiffFile(path) as tif:
+            desc = tif.pages[0].description if len(tif.pages) else ""
+            try:
+                info = json.loads(desc) if desc else {}
+            except ValueError:
+                info = {}
+            if not isinstance(info, dict) or info.get("axes") != "NCYX":
+                return None, None, {}
+            return tif.asarray().reshape(info["shape"]), info.get("wavelengths"), info.get("metadata") or {}
+    h5py = _optional("h5py", "reading HDF5 cubes")
+    with h5py.File(path, "r") as f:
+        if "cubes" not in f:
+            return None, None, {}
+        ds = f["cubes"]
+        wl = ds.attrs["wavelengths"].tolist() if "wavelengths" in ds.attrs else None
+        raw = ds.attrs.get("metadata", "{}")
+        return ds[()], wl, json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
+
+
+def iter_cubes(source: str | Path, *, expected_bands: int | None = None) -> Iterator[CubeFile]:
+    """Stream the cubes of ``source`` one at a time, whatever holds them: a cube or stack file, a folder of cube
+    files (sorted by name, masks side files skipped), or a sampling run directory (its ``manifest.json``
+    shards, in image order). Memory: one file (one shard) at a time."""
+    source = Path(source)
+    if source.is_dir() and (source / "manifest.json").is_file():
+        from retina_fast.shards import iter_manifest
+
+        files = [path for _, path in iter_manifest(source)]
+    elif source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.is_file() and is_cube_file(p))
+    else:
+        files = [source]
+    for path in files:
+        stack = load_cubes(path)
+        if expected_bands is not None and stack.data.shape[1] != expected_bands:
+            raise CubeFormatError(path, f"wrong band count: {stack.data.shape[1]} bands, expected {expected_bands}")
+        for i, cube in enumerate(stack.data):
+            name = path if stack.data.shape[0] == 1 else path.with_name(f"{path.stem}[{i}]{path.suffix}")
+            yield CubeFile(cube, stack.wavelengths, name, stack.metadata)
 
 
 def save_masks(path: str | Path, masks: dict[str, Any]) -> Path:

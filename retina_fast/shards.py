@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+
+from retina_fast.files import atomic_write
+from retina_fast.io import save_cubes
 
 FORMATS = {"npy": ".npy", "tiff": ".tif", "h5": ".h5"}
 
@@ -64,69 +65,18 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_array(path: Path, cubes: np.ndarray, wavelengths, meta: dict) -> None:
-    """Write (N, bands, H, W) float32 to a temporary file beside ``path``, then rename it into place."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        if path.suffix == ".npy":
-            with open(tmp, "wb") as fh:
-                np.save(fh, cubes)
-        elif path.suffix == ".tif":
-            import tifffile
-
-            desc = json.dumps({"retina_fast": 1, "axes": "NCYX", "shape": list(cubes.shape),
-                               "wavelengths": list(wavelengths), "metadata": meta})
-            tifffile.imwrite(tmp, cubes, photometric="minisblack", description=desc, metadata=None)
-        else:
-            import h5py
-
-            with h5py.File(tmp, "w") as f:
-                ds = f.create_dataset("cubes", data=cubes)
-                ds.attrs["wavelengths"] = np.asarray(wavelengths, dtype=np.float64)
-                ds.attrs["metadata"] = json.dumps(meta)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def read_shard(path: str | Path) -> np.ndarray:
     """(count, bands, H, W) float32 from a shard file, with a clear error naming a bad file."""
+    from retina_fast.io import CubeFormatError, load_cubes
+
     path = Path(path)
+    if path.suffix not in FORMATS.values():
+        raise ValueError(f"{path}: unknown shard format {path.suffix!r}")
     try:
-        if path.suffix == ".npy":
-            arr = np.load(path, allow_pickle=False)
-        elif path.suffix == ".tif":
-            import tifffile
-
-            with tifffile.TiffFile(path) as tf:
-                info = json.loads(tf.pages[0].description)
-                arr = tf.asarray().reshape(info["shape"])
-        elif path.suffix == ".h5":
-            import h5py
-
-            with h5py.File(path, "r") as f:
-                arr = f["cubes"][...]
-        else:
-            raise ValueError(f"unknown shard format {path.suffix!r}")
-    except (OSError, ValueError, KeyError) as exc:
+        arr = load_cubes(path).data
+    except (OSError, CubeFormatError) as exc:
         raise ValueError(f"{path}: unreadable shard ({exc})") from exc
-    if arr.ndim != 4 or arr.dtype != np.float32:
+    if arr.ndim != 4:
         raise ValueError(f"{path}: expected a (count, bands, H, W) float32 shard, got {arr.dtype} {arr.shape}")
     return arr
 
@@ -149,7 +99,7 @@ def prepare_run(out: Path, spec: RunSpec, *, resume: bool, rank: int = 0) -> Non
         if leftovers:
             raise RunMismatch(f"{out} holds shards but no run.json: not a retina-fast run directory")
         if rank == 0:
-            _atomic_write_bytes(out / "run.json", json.dumps(asdict(spec), indent=2).encode())
+            atomic_write(out / "run.json", json.dumps(asdict(spec), indent=2).encode())
         return
     if not resume:
         raise RunMismatch(f"{out} already holds a run; pass --resume to finish it or choose another --out")
@@ -182,9 +132,9 @@ def run_shards(out: Path, spec: RunSpec, produce: Callable[[int, int], np.ndarra
         if cubes.shape[0] != count:
             raise RuntimeError(f"shard {k}: produced {cubes.shape[0]} images, expected {count}")
         path = spec.shard_path(out, k)
-        _write_array(path, cubes, spec.wavelengths, {"first": first, "count": count, "seed": spec.seed})
+        save_cubes(path, cubes, spec.wavelengths, metadata={"first": first, "count": count, "seed": spec.seed})
         record = {"index": k, "first": first, "count": count, "file": path.name, "sha256": sha256_file(path)}
-        _atomic_write_bytes(out / f"shard-{k:05d}.done.json", json.dumps(record).encode())
+        atomic_write(out / f"shard-{k:05d}.done.json", json.dumps(record).encode())
         written.append(k)
         if on_images is not None:
             on_images(count)
@@ -207,7 +157,7 @@ def write_manifest(out: Path, spec: RunSpec) -> Path:
         raise RuntimeError(f"{out}: shards {missing[:10]} are missing or corrupt; run again with --resume")
     manifest = {"run": asdict(spec), "shards": records, "images": spec.n}
     path = out / "manifest.json"
-    _atomic_write_bytes(path, json.dumps(manifest, indent=2).encode())
+    atomic_write(path, json.dumps(manifest, indent=2).encode())
     return path
 
 

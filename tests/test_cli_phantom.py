@@ -83,3 +83,20 @@ def test_phantom_bad_format_and_help(capsys):
         main(["phantom", "--help"])
     assert e.value.code == 0
     assert "--format" in capsys.readouterr().out
+
+
+def test_top_level_help_and_version_import_no_command_nor_torch():
+    """--help and --version list the commands without importing them (or torch): under half a second."""
+    import subprocess
+    import sys
+
+    import retina_fast
+
+    code = ("import sys, contextlib, io\nfrom retina_fast import cli\nfor a in (['--help'], ['--version']):\n"
+            "    buf = io.StringIO()\n    with contextlib.redirect_stdout(buf):\n        try:\n"
+            "            cli.main(a)\n        except SystemExit:\n            pass\n    print(buf.getvalue().strip().splitlines()[-1])\n"
+            "print('torch' in sys.modules, [m for m in sys.modules if m.startswith('retina_fast.commands.')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    lines = out.strip().splitlines()
+    assert lines[-2] == f"retina-fast {retina_fast.__version__}"
+    assert lines[-1] == "False []"

@@ -33,6 +33,7 @@ def test_run_writes_shards_and_manifest_equal_to_the_api(model_dir, tmp_path):
     assert _run(model_dir, tmp_path / "run") == 0
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert [s["count"] for s in manifest["shards"]] == [2, 2, 1] and manifest["images"] == 5
+    assert manifest["run"]["backend"] == "torch"  # the registry name of the backend
     expected = engine.load(str(model_dir)).sample(5, 4, seed=7, backend="torch").numpy()
     np.testing.assert_allclose(_images(tmp_path / "run"), expected, rtol=0, atol=1e-6)
 

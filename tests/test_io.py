@@ -217,3 +217,50 @@ def test_missing_optional_package_is_named(tmp_path, cube, monkeypatch, package,
         save_cube(tmp_path / f"b{suffix}", cube)
     with pytest.raises(ImportError, match=package):
         load_cube(path)
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".npz", ".tif", ".h5"])
+def test_stacks_round_trip_and_single_cubes_read_as_stacks_of_one(tmp_path, suffix):
+    from retina_fast.io import load_cubes, save_cubes
+
+    if suffix == ".tif":
+        pytest.importorskip("tifffile")
+    if suffix == ".h5":
+        pytest.importorskip("h5py")
+    rng = np.random.default_rng(1)
+    cubes = rng.random((3, 4, 9, 11), dtype=np.float32)
+    path = save_cubes(tmp_path / f"s{suffix}", cubes, WL[:4], metadata={"first": 6})
+    got = load_cubes(path)
+    np.testing.assert_array_equal(got.data, cubes)
+    if suffix != ".npy":  # .npy stacks hold the array only
+        assert got.wavelengths == tuple(WL[:4]) and got.metadata == {"first": 6}
+    assert not list(tmp_path.glob(".*"))  # written atomically: no temporary file left behind
+    single = load_cubes(save_cube(tmp_path / f"one{suffix}", cubes[1], WL[:4]))
+    np.testing.assert_array_equal(single.data, cubes[1:2])
+    with pytest.raises(ValueError, match="stack"):
+        save_cubes(tmp_path / f"bad{suffix}", cubes[0])
+
+
+def test_iter_cubes_streams_files_folders_and_run_directories(tmp_path):
+    from retina_fast import shards
+    from retina_fast.io import iter_cubes, save_cubes
+
+    rng = np.random.default_rng(2)
+    cubes = rng.random((5, 16, 8, 8), dtype=np.float32)
+    wl = tuple(float(w) for w in range(450, 930, 30))
+    folder = tmp_path / "folder"
+    for i, c in enumerate(cubes):
+        save_cube(folder / f"c{i}.npy", c, wl)
+    stack = save_cubes(tmp_path / "stack.npz", cubes, wl)
+    spec = shards.RunSpec(model="m", model_sha256="0", seed=0, n=5, steps=1, sampler="ddim", eta=0.0,
+                          backend="cpu", dtype="float32", shard_size=2, format="npy", wavelengths=wl)
+    run = tmp_path / "run"
+    shards.prepare_run(run, spec, resume=False)
+    shards.run_shards(run, spec, lambda first, count: cubes[first:first + count])
+    shards.write_manifest(run, spec)
+    for source in (folder, stack, run):
+        got = list(iter_cubes(source, expected_bands=16))
+        assert len(got) == 5
+        np.testing.assert_array_equal(np.stack([g.data for g in got]), cubes)
+    with pytest.raises(CubeFormatError, match="band count"):
+        next(iter_cubes(stack, expected_bands=4))

@@ -108,7 +108,7 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
     p.add_argument("--data-cache", metavar="DIR", help="cache the generated training data here (safetensors)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", "--no-progress", dest="no_progress", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:

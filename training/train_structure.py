@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="run directory (log.csv, heldout.json, structure-net/)")
     p.add_argument("--ship", help="also write the checkpoint here (e.g. retina_fast/weights/structure-net)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("-q", "--quiet", "--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     for key, value in DEFAULTS.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, tuple):

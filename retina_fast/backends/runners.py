@@ -62,6 +62,7 @@ class Runner:
     nearest_impl = "torch"
     step_impl = "torch"
     batch_invariant = False
+    backend = "torch"  # the registry name this runner was built for (set by Pipeline.runner)
 
     def __init__(self, loaded, device: torch.device, dtype: torch.dtype) -> None:
         self.loaded = loaded

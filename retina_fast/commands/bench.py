@@ -7,7 +7,7 @@ import json
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="speed-up table: backends vs training.reference_sample, one run")
     p.add_argument("--model", default="default")
-    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--num-images", "--n", dest="n", type=int, default=8, help="images per contender")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpmpp_2m"])
     p.add_argument("--backends", default="cpu",

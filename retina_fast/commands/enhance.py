@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
                    help="same-size images per forward pass (default: from the image size)")
     p.add_argument("--tile", type=int, default=None, metavar="PX",
                    help="tile side for large images (default: whole image up to ~4 MP; 0 = never tile)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", "--no-progress", dest="quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
@@ -96,7 +96,7 @@ def run(args) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     batch = max(1, args.batch_size or 4)
-    bar = tqdm(total=len(paths), desc="enhance", unit="img", disable=args.no_progress or len(paths) < 2)
+    bar = tqdm(total=len(paths), desc="enhance", unit="img", disable=args.quiet or len(paths) < 2)
     for start in range(0, len(paths), batch):
         group: dict[tuple, list[tuple[Path, np.ndarray]]] = {}
         for path in paths[start:start + batch]:

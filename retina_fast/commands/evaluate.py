@@ -32,7 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--structure-net", metavar="DIR",
                    help="structure network checkpoint (default: the shipped retina_fast/weights/structure-net)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", "--no-progress", dest="quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
 
@@ -72,7 +72,7 @@ def run(args) -> int:
         result = evaluate_folders(args.real, args.synthetic, args.train, args.val, args.out,
                                   max_images=args.max_images, pairs=args.pairs, seed=args.seed,
                                   n_boot=args.n_boot, extractor=extractor, segmenter=segmenter,
-                                  progress=not args.no_progress, plots=not args.no_plots)
+                                  progress=not args.quiet, plots=not args.no_plots)
     except (EvaluationError, CheckpointError) as exc:
         raise UserError(str(exc)) from exc
     fd, div, kl = result["hs_fid"], result["ms_ssim_diversity"], result["spectral_kl"]

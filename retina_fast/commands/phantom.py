@@ -23,14 +23,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="render hyperspectral retina phantoms (cubes + masks) to a folder",
         description=__doc__.splitlines()[0].split(": ", 1)[1],
     )
-    p.add_argument("--n", type=int, default=16, help="number of eyes (default 16)")
+    p.add_argument("--num-images", "--n", dest="n", type=int, default=16, help="number of eyes")
     p.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--format", choices=sorted(FORMATS), default="npy",
                    help="cube file format (default npy)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first eye; eye i uses seed + i (default 0)")
     p.add_argument("--preview", action="store_true", help="also write preview.png (contact sheet)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", "--no-progress", dest="quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
 
@@ -72,7 +72,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ext = FORMATS[args.format]
     entries, preview = [], []
-    for i in tqdm(range(args.n), desc="phantom", unit="eye", disable=args.no_progress):
+    for i in tqdm(range(args.n), desc="phantom", unit="eye", disable=args.quiet):
         seed = args.seed + i
         ph = render(seed, args.size)
         wavelengths = ph.wavelengths

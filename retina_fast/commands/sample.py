@@ -11,7 +11,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("sample", help="draw synthetic 16-band cubes into shards with a manifest",
                        description="Draw N images with the latent diffusion model. Image i depends only on "
                                    "(seed, i): runs split over torchrun ranks or resumed give the same set.")
-    p.add_argument("--n", "--num-images", dest="n", type=int, required=True,
+    p.add_argument("--num-images", "--n", dest="n", type=int, required=True,
                    help="number of images (under torchrun write --num-images: torchrun takes --n as its own)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
     p.add_argument("--shard-size", type=int, default=64, help="images per shard file")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run in --out")
     p.add_argument("--preview", action="store_true", help="write preview.png of the first images")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", "--no-progress", dest="quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
@@ -63,7 +63,7 @@ def run(args) -> int:
         raise UserError(str(exc)) from None
     spec = shards.RunSpec(
         model=str(model_dir), model_sha256=_config_sha(model_dir), seed=args.seed, n=args.n, steps=args.steps,
-        sampler=args.sampler, eta=args.eta, backend=type(runner).__name__, dtype=str(runner.dtype).replace("torch.", ""),
+        sampler=args.sampler, eta=args.eta, backend=runner.backend, dtype=str(runner.dtype).replace("torch.", ""),
         shard_size=args.shard_size, format=args.format, wavelengths=tuple(float(w) for w in pipe.wavelengths))
     out = Path(args.out)
     # Rank 0 alone checks (or creates) the run directory, then tells the others; they only verify that
