@@ -48,6 +48,11 @@ VARIANTS: dict[str, tuple[str, dict, list[str]]] = {
                ["--normalise", "band"]),
     "f4-dec2": ("f = 4, both fixes, two decoder ResBlocks per stage (the source's; tiny has one)",
                 {**NO_GAN, "f": 4, "dec_res_blocks": 2}, ["--normalise", "band"]),
+    "f4-adam": ("f = 4, both fixes, Adam betas 0.9, 0.99 (instead of the GAN setting 0.5, 0.9)",
+                {**NO_GAN, "f": 4}, ["--normalise", "band", "--betas", "0.9,0.99"]),
+    "f4-noclip": ("f = 4, both fixes, no gradient clipping (the norm is ~8 against the clip at 1)",
+                  {**NO_GAN, "f": 4}, ["--normalise", "band", "--grad-clip", "0"]),
+    "f4-lr1e-3": ("f = 4, both fixes, lr 1e-3", {**NO_GAN, "f": 4}, ["--normalise", "band", "--lr", "1e-3"]),
     "f4-long": ("f = 4, both fixes, 3000 steps", {**NO_GAN, "f": 4}, ["--normalise", "band"], 3000),
 }
 
