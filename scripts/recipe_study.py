@@ -28,12 +28,12 @@ SHIPPED_UP = {"upsample": "transposed"}
 # name -> (what it tests, vqgan config overrides, extra command-line options[, steps instead of --steps])
 VARIANTS: dict[str, tuple[str, dict, list[str]]] = {
     "f8-old": ("the shipped recipe's design: 2r-1 scaling, band-weighted L1, transposed upsampling",
-               {**NO_GAN, **SHIPPED_UP}, ["--normalise", "global", "--band-weights", "std"]),
+               {**NO_GAN, **SHIPPED_UP, "f": 8}, ["--normalise", "global", "--band-weights", "std"]),
     "f8-norm": ("+ per-band normalisation (no band weights: the normalisation subsumes them)",
-                {**NO_GAN, **SHIPPED_UP}, ["--normalise", "band"]),
+                {**NO_GAN, **SHIPPED_UP, "f": 8}, ["--normalise", "band"]),
     "f8-up": ("+ nearest x2 + conv3 upsampling (global scaling, band weights)",
-              {**NO_GAN}, ["--normalise", "global", "--band-weights", "std"]),
-    "f8-both": ("per-band normalisation + nearest-conv upsampling", {**NO_GAN}, ["--normalise", "band"]),
+              {**NO_GAN, "f": 8}, ["--normalise", "global", "--band-weights", "std"]),
+    "f8-both": ("per-band normalisation + nearest-conv upsampling", {**NO_GAN, "f": 8}, ["--normalise", "band"]),
     "f4-both": ("f = 4 (32x32x8 latents) with both fixes", {**NO_GAN, "f": 4}, ["--normalise", "band"]),
     "f4-old": ("f = 4 with the old design", {**NO_GAN, **SHIPPED_UP, "f": 4},
                ["--normalise", "global", "--band-weights", "std"]),
