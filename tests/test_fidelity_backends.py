@@ -76,3 +76,21 @@ def test_exported_decoder_ends_in_reflectance(pipe, tmp_path, side):
     with torch.no_grad():
         want = model_to_reflectance(vq.decode(zq), vq.config)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
+
+
+def test_pipeline_reconstruct_is_the_vqgan_round_trip_in_reflectance(pipe):
+    vq = pipe.loaded.vqgan
+    r = torch.rand(5, 16, 32, 32, generator=torch.Generator().manual_seed(5)) * 0.4
+    got = pipe.reconstruct(r, batch_size=2)
+    assert got.shape == r.shape and got.dtype == torch.float32 and float(got.min()) >= 0 and float(got.max()) <= 1
+    torch.testing.assert_close(got, vq.reconstruct(r), rtol=1e-5, atol=1e-6)  # batches of 2 vs 5: last bits
+    torch.testing.assert_close(pipe.reconstruct(r, quantize=False), vq.reconstruct(r, quantize=False))
+
+
+@pytest.mark.parametrize("bad,match", [(torch.rand(2, 15, 32, 32), "16, H, W"), (torch.rand(16, 32, 32), "16, H, W"),
+                                       (torch.rand(1, 16, 30, 32), "divisible"), ((torch.rand(1, 16, 32, 32) * 255).byte(),
+                                                                                  "floating-point"),
+                                       (torch.full((1, 16, 32, 32), float("nan")), "NaN"), ([1, 2], "list")])
+def test_pipeline_reconstruct_rejects_bad_input(pipe, bad, match):
+    with pytest.raises(ValueError, match=match):
+        pipe.reconstruct(bad)
