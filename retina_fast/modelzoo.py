@@ -59,11 +59,33 @@ class LoadedLDM:
         return next(self.unet.parameters()).device
 
 
-def available_models() -> list[str]:
-    """Names of the packaged models (sub-directories of ``WEIGHTS_DIR`` with a ``config.json``)."""
+def _kind(directory: Path) -> str | None:
+    """What a packaged checkpoint is for, from its config.json: ``"ldm"`` (sampling), ``"magenet"``
+    (enhancement), ``"structure_net"``, ... (``kind``, or for files without it: the modules it holds)."""
+    import json
+
+    try:
+        doc = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    if isinstance(doc.get("kind"), str):
+        return doc["kind"]
+    weights = doc.get("weights")
+    if isinstance(weights, dict) and {"vqgan", "unet"} <= set(weights):
+        return "ldm"
+    return "structure_net" if "structure_net" in doc else None
+
+
+def available_models(kind: str | None = "ldm") -> list[str]:
+    """Names of the packaged models of ``kind`` (sub-directories of ``WEIGHTS_DIR`` with a ``config.json``):
+    by default the sampling (latent diffusion) models; ``kind=None`` lists every packaged checkpoint
+    (the fundus enhancer ``magenet-tiny`` and the ``structure-net`` used by the evaluation too)."""
     if not WEIGHTS_DIR.is_dir():
         return []
-    return sorted(p.name for p in WEIGHTS_DIR.iterdir() if (p / "config.json").is_file())
+    found = (p for p in WEIGHTS_DIR.iterdir() if (p / "config.json").is_file())
+    return sorted(p.name for p in found if kind is None or _kind(p) == kind)
 
 
 def resolve_model(model: str | os.PathLike = "default") -> Path:
@@ -75,7 +97,10 @@ def resolve_model(model: str | os.PathLike = "default") -> Path:
     text = os.fspath(model)
     name = DEFAULT_MODEL if text == "default" else text
     packaged = available_models()
-    if os.sep not in name and (os.altsep is None or os.altsep not in name) and name in packaged:
+    if os.sep not in name and (os.altsep is None or os.altsep not in name) and name in available_models(None):
+        if name not in packaged:
+            raise FileNotFoundError(f"{name!r} is a packaged {_kind(WEIGHTS_DIR / name) or 'non-sampling'} "
+                                    f"checkpoint, not a sampling model; sampling models: {', '.join(packaged)}")
         return WEIGHTS_DIR / name
     path = Path(name).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
@@ -98,28 +123,65 @@ def schedule_for(config: LDMConfig) -> Schedule:
     return cosine_schedule(config.timesteps, config.cosine_s, config.max_beta)
 
 
-def load_ldm(model: str | os.PathLike = "default", device: str | torch.device = "cpu") -> LoadedLDM:
-    """Load an LDM sampling checkpoint (sha256-verified, strict state-dict match) onto ``device``."""
-    path = resolve_model(model)
-    doc, states = load_checkpoint(path, ["vqgan", "unet"])
+def _check_ldm_doc(path: Path, doc: dict) -> tuple[LDMConfig, tuple[float, float], tuple[float, ...]]:
+    """The architecture, latent range and wavelengths of an LDM config.json, every value checked (type,
+    range, consistency) before anything is built; CheckpointError naming the file and the field."""
+    from retina_fast.config_check import check_fields, check_number, check_wavelengths, check_weight_budget
+    from retina_fast.models.config import UNetConfig, VQGANConfig
+
     cfg_file = path / "config.json"
+    kind = doc.get("kind", "ldm")
+    if kind != "ldm":
+        raise CheckpointError(f"{cfg_file}: a {kind!r} checkpoint, not a sampling (latent diffusion) model; "
+                              f"packaged sampling models: {', '.join(available_models()) or 'none'}")
+    missing = [m for m in ("vqgan", "unet") if m not in doc["weights"]]
+    if missing:
+        raise CheckpointError(f"{cfg_file}: no module(s) {missing} in its weights table, so it is not a sampling "
+                              f"(latent diffusion) checkpoint; it has {sorted(doc['weights'])}")
+    arch = doc.get("architecture")
+    if arch is None:
+        raise CheckpointError(f"{cfg_file}: no 'architecture' entry; not an LDM sampling checkpoint")
+    check_fields(LDMConfig, arch, f"{cfg_file}: architecture")
+    check_fields(VQGANConfig, arch.get("vqgan", {}), f"{cfg_file}: architecture.vqgan")
+    check_fields(UNetConfig, arch.get("unet", {}), f"{cfg_file}: architecture.unet")
     try:
-        config = LDMConfig.from_dict(doc["architecture"])
-    except KeyError:
-        raise CheckpointError(f"{cfg_file}: no 'architecture' entry; not an LDM sampling checkpoint") from None
+        config = LDMConfig.from_dict(arch)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{cfg_file}: invalid architecture ({exc})") from exc
     rng = doc.get("latent_range")
     if not isinstance(rng, dict) or "min" not in rng or "max" not in rng:
         raise CheckpointError(f"{cfg_file}: no latent_range {{min, max}} (latent scaling constants)")
-    lo, hi = float(rng["min"]), float(rng["max"])
+    lo = check_number(rng["min"], f"{cfg_file}: latent_range.min")
+    hi = check_number(rng["max"], f"{cfg_file}: latent_range.max")
     if not hi > lo:
         raise CheckpointError(f"{cfg_file}: latent_range max {hi} must exceed min {lo}")
+    wavelengths = config.vqgan.wavelengths
+    if "wavelengths" in doc:
+        wavelengths = check_wavelengths(doc["wavelengths"], config.vqgan.bands, f"{cfg_file}: wavelengths")
+    check_weight_budget(cfg_file, doc, "vqgan", lambda: VQGAN(config.vqgan))
+    check_weight_budget(cfg_file, doc, "unet", lambda: UNet2D(config.unet))
+    return config, (lo, hi), tuple(float(w) for w in wavelengths)
+
+
+def _check_finite(states: dict[str, dict[str, torch.Tensor]], path: Path, doc: dict) -> None:
+    for name, state in states.items():
+        for key, t in state.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"{path / doc['weights'][name]['file']}: tensor {key!r} holds NaN or Inf: "
+                                      f"the weights are broken (a diverged training?)")
+
+
+def load_ldm(model: str | os.PathLike = "default", device: str | torch.device = "cpu") -> LoadedLDM:
+    """Load an LDM sampling checkpoint (values checked, sha256-verified, strict state-dict match) onto ``device``."""
+    from retina_fast.checkpoint import read_config
+
+    path = resolve_model(model)
+    config, (lo, hi), wavelengths = _check_ldm_doc(path, read_config(path))
+    doc, states = load_checkpoint(path, ["vqgan", "unet"])
+    _check_finite(states, path, doc)
     vqgan, unet = VQGAN(config.vqgan), UNet2D(config.unet)
     load_state_into(vqgan, states["vqgan"], str(path / doc["weights"]["vqgan"]["file"]))
     load_state_into(unet, states["unet"], str(path / doc["weights"]["unet"]["file"]))
     vqgan.to(device).eval().requires_grad_(False)
     unet.to(device).eval().requires_grad_(False)
-    wavelengths = tuple(float(w) for w in doc.get("wavelengths", config.vqgan.wavelengths))
     return LoadedLDM(config, vqgan, unet, schedule_for(config), (lo, hi), wavelengths, doc, path)
-
