@@ -13,9 +13,9 @@ Layout of a run directory::
 A shard counts as done only when its ``.done.json`` exists and the file's sha256 matches it, so a run
 killed at any instant resumes with no duplicates and no gaps. Reading a finished run back
 (:func:`read_shard` with the manifest's ``sha256``) hashes the bytes it has read anyway, once per shard
-read, and refuses a shard whose bytes changed. Files are created with the user's umask. Under torchrun, shard k belongs to rank
-k mod world_size; image i is a pure function of (seed, i), so the union of the ranks' shards equals the
-single-process run.
+read, and refuses a shard whose bytes changed. Files are created with the user's umask. Under torchrun,
+shard k belongs to rank k mod world_size; image i is drawn from (seed, i) alone and the batch size is
+fixed by run.json where it matters, so the union of the ranks' shards equals the single-process run.
 """
 from __future__ import annotations
 

@@ -21,7 +21,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__.splitlines()[0].split(": ", 1)[1],
     )
     p.add_argument("--real", required=True, metavar="DIR", help="folder of real (held-out) cubes")
-    p.add_argument("--synthetic", required=True, metavar="DIR", help="folder of synthetic cubes, or a retina-fast sample run directory")
+    p.add_argument("--synthetic", required=True, metavar="DIR",
+                   help="folder of synthetic cubes, or a retina-fast sample run directory")
     p.add_argument("--train", metavar="DIR", help="training cubes: nearest-neighbour authenticity check")
     p.add_argument("--val", metavar="DIR", help="held-out real cubes for the 5th-percentile rule (with --train; "
                                                 "may be the --real folder)")
