@@ -102,8 +102,8 @@ def nearest_code_flops(cfg: VQGANConfig) -> int:
     return 2 * cfg.latent_size ** 2 * cfg.codebook_size * cfg.latent_channels
 
 
-def sample_flops(cfg: LDMConfig, steps: int, unet_calls_per_step: int = 1) -> int:
-    """FLOPs to sample one image: ``steps`` U-Net calls, one nearest-code lookup and one decode."""
+def sample_flops(cfg: LDMConfig, steps: int) -> int:
+    """FLOPs to sample one image: ``steps`` U-Net calls (DDIM, DDPM and DPM-Solver++(2M) make one per step),
+    one nearest-code lookup and one decode."""
     _, h, w = cfg.latent_shape
-    return (steps * unet_calls_per_step * unet_flops(cfg.unet, h, w) + nearest_code_flops(cfg.vqgan)
-            + decode_flops(cfg.vqgan))
+    return steps * unet_flops(cfg.unet, h, w) + nearest_code_flops(cfg.vqgan) + decode_flops(cfg.vqgan)
