@@ -311,9 +311,9 @@ def step_speedups(pipe, batch: int, specs: tuple[str, ...], rounds: int = 5, dev
                   compile_backend: str = "inductor", compile_decoder: bool = True, steps: int = 50,
                   log: Callable[[str], None] | None = None) -> dict:
     """One U-Net call and one decode at ``batch`` for the eager fp32 reference and each contender, same
-    inputs: correctness once (relative L2 against the reference; reduced precision judged against the
-    ``plain`` row of its dtype when there is one), then interleaved rounds; GFLOP/s from the written count
-    and the implied time of a ``steps``-step sample per image."""
+    inputs: correctness once (relative L2 against the reference; a reduced-precision row is judged against
+    the ``plain`` row of its dtype, added when not asked for), then interleaved rounds; GFLOP/s from the
+    written count and the implied time of a ``steps``-step sample per image."""
     from retina_fast import flops
 
     cfg = pipe.config
@@ -323,6 +323,9 @@ def step_speedups(pipe, batch: int, specs: tuple[str, ...], rounds: int = 5, dev
     t = torch.randint(0, cfg.timesteps, (batch,), generator=gen)
     x0 = torch.rand(batch, c, h, w, generator=gen) * 2 - 1
     built = {"torch": make_contender(pipe, "torch", device)}
+    reduced = {parse_spec(s)[1] for s in specs} - {None, torch.float32}
+    have = {parse_spec(s)[1] for s in specs if parse_spec(s)[0] == "plain"}
+    specs = tuple(specs) + tuple(f"plain:{dtype_name(d)}" for d in sorted(reduced - have, key=str))  # yardsticks
     for spec in specs:
         if spec != "torch":
             built[spec] = make_contender(pipe, spec, device, compile_backend=compile_backend,

@@ -9,8 +9,10 @@ import functools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import xml.etree.ElementTree as ET
@@ -26,14 +28,23 @@ TEST_CMDS = [["-m", "gpu", "tests"], ["tests/test_kernels_unet.py", "tests/test_
 # --------------------------------------------------------------------------------- build and tests
 
 
+def _build_env() -> dict:
+    env = {**os.environ, **BUILD_ENV}
+    if shutil.which("nvcc") is None and Path("/usr/local/cuda/bin/nvcc").exists():
+        env["CUDACXX"] = "/usr/local/cuda/bin/nvcc"  # CMake looks on PATH, then at CUDACXX
+    return env
+
+
 def phase_build(plan: Plan, budget: Budget) -> dict:
     cmd = " ".join(f"{k}={v}" for k, v in BUILD_ENV.items()) + " " + " ".join(BUILD_CMD[1:])
     rec: dict = {"command": f"python {cmd}"}
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not headers.exists():
+        return {**rec, "status": "failed", "reason": f"no Python headers ({headers}): pybind11 cannot build _C"}
     if not plan.dry_run:
         cap = min(plan.build_cap_s, budget.left())
         try:
-            out = subprocess.run(BUILD_CMD, cwd=ROOT, env={**os.environ, **BUILD_ENV}, capture_output=True,
-                                 text=True, timeout=cap)
+            out = subprocess.run(BUILD_CMD, cwd=ROOT, env=_build_env(), capture_output=True, text=True, timeout=cap)
         except subprocess.TimeoutExpired:
             return {**rec, "status": "timed_out", "reason": f"build took over {cap:.0f} s"}
         if out.returncode:
