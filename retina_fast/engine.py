@@ -83,6 +83,31 @@ class Pipeline:
         return (cube, torch.cat(latents)) if return_latents else cube
 
 
+    @torch.no_grad()
+    def reconstruct(self, cubes: torch.Tensor, *, quantize: bool = True, batch_size: int = 16) -> torch.Tensor:
+        """Encode -> nearest code -> decode, reflectance in and out: (N, bands, H, W) float in [0, 1] ->
+        (N, bands, H, W) float32 in [0, 1] (H, W divisible by the VQ-GAN's f), with the reference modules
+        (eager fp32, on the model's device). ``quantize=False`` decodes the encoder's continuous output,
+        which shows what the codebook costs. The way to judge the autoencoder on one's own data: every
+        sample is drawn through the same decoder."""
+        vq = self.loaded.vqgan
+        cfg = vq.config
+        if not isinstance(cubes, torch.Tensor) or cubes.dim() != 4 or cubes.shape[1] != cfg.bands:
+            got = tuple(cubes.shape) if isinstance(cubes, torch.Tensor) else type(cubes).__name__
+            raise ValueError(f"reconstruct expects a tensor (N, {cfg.bands}, H, W) of reflectance, got {got}")
+        if not cubes.is_floating_point():
+            raise ValueError(f"reconstruct expects floating-point reflectance in [0, 1], got {cubes.dtype}")
+        if cubes.shape[-1] % cfg.f or cubes.shape[-2] % cfg.f or cubes.shape[0] == 0:
+            raise ValueError(f"reconstruct needs N >= 1 and H, W divisible by f={cfg.f}, got {tuple(cubes.shape)}")
+        if not bool(torch.isfinite(cubes).all()):
+            raise ValueError("reconstruct: the cubes contain NaN or infinite values")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        dev = next(vq.parameters()).device
+        out = [vq.eval().reconstruct(chunk.to(dev), quantize=quantize).cpu() for chunk in cubes.split(batch_size)]
+        return torch.cat(out)
+
+
 def _check_int(name: str, value, lo: int, hi: int | None = None, allow_none: bool = False,
                bound: str | None = None) -> None:
     if value is None and allow_none:

@@ -7,8 +7,10 @@ What each graph computes (names are the ONNX input / output names; B is the dyna
 other axes are fixed at export time because the networks pad / resize by shape):
 
     unet     x (B, C, h, w) float, t (B,) int64        -> eps (B, C, h, w)        UNet2D.forward
-    decoder  zq (B, D, h, w) float (quantised codes)   -> cube (B, bands, hf, wf)  VQGAN.decode, model
-                                                                                  range, not clamped
+    decoder  zq (B, D, h, w) float (quantised codes)   -> cube (B, bands, hf, wf)  VQGAN.decode, then
+                                                                                  the model's per-band
+                                                                                  normalisation inverted:
+                                                                                  reflectance in [0, 1]
     magenet  image (B, 3, H, W) float in [0, 1]        -> restored (B, 3, H, W)    MAGENet.restore
 
 Exporter: the TorchScript-based ``torch.onnx.export(..., dynamo=False)`` for opset <= 20 (no extra
@@ -39,6 +41,7 @@ from torch import nn
 
 from retina_fast.models.attention import Attention, LinearAttention, linear_attention_ref, softmax_attention_ref
 from retina_fast.models.layers import GroupNormSiLU
+from retina_fast.models.normalisation import band_affine
 
 __all__ = ["WHATS", "INPUT_NAMES", "OUTPUT_NAMES", "EXTERNAL_DATA_THRESHOLD", "export_onnx", "export_module",
            "default_sample_shape", "example_inputs", "weight_bytes", "architecture_hash", "weights_hash",
@@ -53,15 +56,24 @@ DEFAULT_MAGENET_SIZE = 512
 
 
 class _Decoder(nn.Module):
-    """VQ-GAN decode path only (post-quant 1x1 conv + decoder): zq (B, D, h, w) -> cube (B, bands, hf, wf)."""
+    """VQ-GAN decode path (post-quant 1x1 conv + decoder + the inverse of the model's normalisation,
+    ``model_to_reflectance``): zq (B, D, h, w) -> reflectance cube (B, bands, hf, wf) in [0, 1]. The
+    inverse affine r_b = x_b / s_b - t_b / s_b is held as two (bands, 1, 1) buffers."""
 
     def __init__(self, vqgan: nn.Module) -> None:
         super().__init__()
         self.post_quant = vqgan.post_quant
         self.decoder = vqgan.decoder
+        cfg = vqgan.config
+        scale, shift = band_affine(cfg, torch.empty(cfg.bands, 1, 1))
+        scale = torch.as_tensor(scale, dtype=torch.float32).expand(cfg.bands, 1, 1)
+        shift = torch.as_tensor(shift, dtype=torch.float32).expand(cfg.bands, 1, 1)
+        self.register_buffer("inv_scale", (1.0 / scale).contiguous())
+        self.register_buffer("inv_offset", (-shift / scale).contiguous())
 
     def forward(self, zq: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant(zq))
+        x = self.decoder(self.post_quant(zq))
+        return (x * self.inv_scale + self.inv_offset).clamp(0.0, 1.0)
 
 
 class _Restore(nn.Module):

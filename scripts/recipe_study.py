@@ -25,15 +25,15 @@ ROOT = Path(__file__).resolve().parent.parent
 NO_GAN = {"gan_warmup_steps": 10 ** 9}
 SHIPPED_UP = {"upsample": "transposed"}
 
-# name -> (what it tests, vqgan config overrides, extra command-line options)
+# name -> (what it tests, vqgan config overrides, extra command-line options[, steps instead of --steps])
 VARIANTS: dict[str, tuple[str, dict, list[str]]] = {
     "f8-old": ("the shipped recipe's design: 2r-1 scaling, band-weighted L1, transposed upsampling",
-               {**NO_GAN, **SHIPPED_UP}, ["--normalise", "global", "--band-weights", "std"]),
+               {**NO_GAN, **SHIPPED_UP, "f": 8}, ["--normalise", "global", "--band-weights", "std"]),
     "f8-norm": ("+ per-band normalisation (no band weights: the normalisation subsumes them)",
-                {**NO_GAN, **SHIPPED_UP}, ["--normalise", "band"]),
+                {**NO_GAN, **SHIPPED_UP, "f": 8}, ["--normalise", "band"]),
     "f8-up": ("+ nearest x2 + conv3 upsampling (global scaling, band weights)",
-              {**NO_GAN}, ["--normalise", "global", "--band-weights", "std"]),
-    "f8-both": ("per-band normalisation + nearest-conv upsampling", {**NO_GAN}, ["--normalise", "band"]),
+              {**NO_GAN, "f": 8}, ["--normalise", "global", "--band-weights", "std"]),
+    "f8-both": ("per-band normalisation + nearest-conv upsampling", {**NO_GAN, "f": 8}, ["--normalise", "band"]),
     "f4-both": ("f = 4 (32x32x8 latents) with both fixes", {**NO_GAN, "f": 4}, ["--normalise", "band"]),
     "f4-old": ("f = 4 with the old design", {**NO_GAN, **SHIPPED_UP, "f": 4},
                ["--normalise", "global", "--band-weights", "std"]),
@@ -44,11 +44,25 @@ VARIANTS: dict[str, tuple[str, dict, list[str]]] = {
     "f4-lr1e-4": ("f = 4, both fixes, lr 1e-4", {**NO_GAN, "f": 4}, ["--normalise", "band", "--lr", "1e-4"]),
     "f4-gan": ("f = 4, both fixes, PatchGAN + feature matching from step 500",
                {"f": 4, "gan_warmup_steps": 500}, ["--normalise", "band"]),
+    "f4-c16": ("f = 4, both fixes, 16 latent channels", {**NO_GAN, "f": 4, "latent_channels": 16},
+               ["--normalise", "band"]),
+    "f4-dec2": ("f = 4, both fixes, two decoder ResBlocks per stage (the source's; tiny has one)",
+                {**NO_GAN, "f": 4, "dec_res_blocks": 2}, ["--normalise", "band"]),
+    "f4-adam": ("f = 4, both fixes, Adam betas 0.9, 0.99 (instead of the GAN setting 0.5, 0.9)",
+                {**NO_GAN, "f": 4}, ["--normalise", "band", "--betas", "0.9,0.99"]),
+    "f4-noclip": ("f = 4, both fixes, no gradient clipping (the norm is ~8 against the clip at 1)",
+                  {**NO_GAN, "f": 4}, ["--normalise", "band", "--grad-clip", "0"]),
+    "f4-lr1e-3": ("f = 4, both fixes, lr 1e-3", {**NO_GAN, "f": 4}, ["--normalise", "band", "--lr", "1e-3"]),
+    "f4-long": ("f = 4, both fixes, 3000 steps", {**NO_GAN, "f": 4}, ["--normalise", "band"], 3000),
 }
 
 
+def variant_steps(name: str, default: int) -> int:
+    return VARIANTS[name][3] if len(VARIANTS[name]) > 3 else default
+
+
 def command(name: str, out: Path, steps: int) -> list[str]:
-    _, over, extra = VARIANTS[name]
+    _, over, extra = VARIANTS[name][:3]
     opts = {"--lr": "3e-4"}
     rest = list(extra)
     while "--lr" in rest:
@@ -73,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     for name in args.names or list(VARIANTS):
         run = out / name
-        cmd = command(name, out, args.steps)
+        steps = variant_steps(name, args.steps)
+        cmd = command(name, out, steps)
         if not (run / "final" / "config.json").is_file():
             resume = ["--resume"] if (run / "checkpoints" / "latest").is_file() else []
             print("+", shlex.join(cmd + resume), flush=True)
@@ -86,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([sys.executable, str(ROOT / "scripts" / "vessel_contrast.py"), "--json", str(tmp),
                         f"{name}={run}"], check=True)
         rows = json.loads(tmp.read_text())
-        results[name] = {"what": VARIANTS[name][0], "steps": args.steps, "command": shlex.join(cmd),
+        results[name] = {"what": VARIANTS[name][0], "steps": steps, "command": shlex.join(cmd),
                          "train_s": wall, **rows[name]}
         results["phantom"] = {"what": "the held-out eyes themselves", **rows["phantom"]}
         results_path.write_text(json.dumps(results, indent=1) + "\n")

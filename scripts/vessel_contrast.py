@@ -8,7 +8,9 @@ phantom eyes (seeds 5000..5047, at the model's image size; training uses 0..1023
 (all bands, and the 8 visible bands 465-600 nm) and the local vessel contrast
 (``retina_fast.metrics.vessel_contrast``) at 465/555/570/600/730 nm. The first row is the phantom itself.
 ``--continuous`` adds, per run, a row "NAME~" decoding the encoder's output without quantising it: the gap
-between the two rows is what the codebook loses. ``--json FILE`` also writes the rows as JSON.
+between the two rows is what the codebook loses. ``--json FILE`` also writes the rows as JSON;
+``--figure FILE.png`` draws the 555 nm band of the first two eyes (whole and a 48-px crop at 2x) for the
+phantom and each run, every panel on the phantom's grey scale.
 """
 from __future__ import annotations
 
@@ -32,37 +34,72 @@ def measure(cubes: torch.Tensor, real: torch.Tensor, masks: list[dict]) -> dict:
     return row
 
 
+def draw(panels: dict[str, torch.Tensor], path: str) -> None:
+    """Rows: eye 0, eye 0 crop, eye 1, eye 1 crop; columns: phantom then the runs (555 nm, phantom's scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lo, hi = 0.0, float(torch.quantile(panels["phantom"].flatten(), 0.99))
+    fig, axes = plt.subplots(4, len(panels), figsize=(2.2 * len(panels), 8.8), squeeze=False)
+    for col, (name, imgs) in enumerate(panels.items()):
+        for eye in range(2):
+            img = imgs[eye]
+            s = img.shape[-1]
+            crop = img[s // 8:s // 8 + 48, s // 2:s // 2 + 48]  # upper vascular arcade, above the fovea
+            for k, (im, label) in enumerate(((img, f"eye {eye}"), (crop, f"eye {eye}, crop"))):
+                ax = axes[2 * eye + k, col]
+                ax.imshow(im.numpy(), cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if col == 0:
+                    ax.set_ylabel(label)
+        axes[0, col].set_title(name, fontsize=9)
+    fig.suptitle("555 nm reflectance: held-out phantom eyes and their reconstructions", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def main(argv: list[str]) -> int:
     continuous = "--continuous" in argv
     argv = [a for a in argv if a != "--continuous"]
-    out_json = None
-    if "--json" in argv:
-        i = argv.index("--json")
-        out_json = argv[i + 1] if i + 1 < len(argv) else None
-        argv = argv[:i] + argv[i + 2:]
-    if not argv or any("=" not in a for a in argv) or ("--json" in sys.argv and out_json is None):
+    opts = {}
+    for flag in ("--json", "--figure"):
+        if flag in argv:
+            i = argv.index(flag)
+            opts[flag] = argv[i + 1] if i + 1 < len(argv) else None
+            argv = argv[:i] + argv[i + 2:]
+    out_json, figure = opts.get("--json"), opts.get("--figure")
+    if not argv or any("=" not in a for a in argv) or None in opts.values():
         print(__doc__)
         return 2
     runs = {name: load_vqgan(path)[0] for name, path in (a.split("=", 1) for a in argv)}
     sizes = {vq.config.image_size for vq in runs.values()}
     rows: dict[str, dict] = {}
+    panels: dict[str, torch.Tensor] = {}
     for size in sorted(sizes):
         eyes = [render(i, size) for i in EYES]
         real = torch.stack([e.cube for e in eyes])
         masks = [e.masks for e in eyes]
         rows[f"phantom@{size}" if len(sizes) > 1 else "phantom"] = measure(real, real, masks)
+        panels.setdefault("phantom", real[:2, BANDS[555]])
         for name, vq in runs.items():
             if vq.config.image_size != size:
                 continue
             vq.eval()
             recon = torch.cat([vq.reconstruct(real[i:i + 16]) for i in range(0, len(real), 16)])
             rows[name] = measure(recon, real, masks)
+            panels[name] = recon[:2, BANDS[555]]
             if continuous:
                 recon = torch.cat([vq.reconstruct(real[i:i + 16], quantize=False) for i in range(0, len(real), 16)])
                 rows[name + "~"] = measure(recon, real, masks)
     for name, r in rows.items():
         contrast = " ".join(f"C{wl}={r[f'c{wl}']:.3f}" for wl in BANDS)
         print(f"{name:16s} L1 {r['l1']:.4f}  visible-band L1 {r['l1_visible']:.4f}  {contrast}")
+    if figure:
+        draw(panels, figure)
     if out_json:
         Path(out_json).write_text(json.dumps(rows, indent=1) + "\n")
     return 0

@@ -1,4 +1,7 @@
-"""A small random-weight LDM shared by engine / CLI tests (speed and equivalence need no training)."""
+"""A small random-weight LDM shared by engine / CLI tests (speed and equivalence need no training).
+``vq_overrides`` change VQGANConfig fields (e.g. per-band ``reflectance_scale`` / ``reflectance_shift``,
+``upsample``)."""
+
 from __future__ import annotations
 
 import types
@@ -12,29 +15,34 @@ from retina_fast.models.unet import UNet2D
 from retina_fast.models.vqgan import VQGAN
 from retina_fast.schedules import cosine_schedule
 
+# A per-band normalisation like the phantom's: visible bands dim and narrow, NIR bright and wide.
+PER_BAND = {"reflectance_scale": tuple(1.0 / (0.02 + 0.004 * i) for i in range(16)),
+            "reflectance_shift": tuple(-(0.03 + 0.012 * i) / (0.02 + 0.004 * i) for i in range(16))}
 
-def small_config() -> LDMConfig:
-    vq = VQGANConfig(image_size=32, f=4, base_channels=8, latent_channels=4, codebook_size=64, gn_groups=8)
+
+def small_config(**vq_overrides) -> LDMConfig:
+    vq = VQGANConfig(**{"image_size": 32, "f": 4, "base_channels": 8, "latent_channels": 4, "codebook_size": 64,
+                        "gn_groups": 8, **vq_overrides})
     un = UNetConfig(in_channels=4, base_channels=16, channel_mults=(1, 2), attn_heads=2, attn_head_dim=8, groups=4)
     return LDMConfig(vqgan=vq, unet=un, name="test-small")
 
 
-def small_modules(seed: int = 0) -> tuple[LDMConfig, VQGAN, UNet2D]:
+def small_modules(seed: int = 0, **vq_overrides) -> tuple[LDMConfig, VQGAN, UNet2D]:
     torch.manual_seed(seed)
-    cfg = small_config()
+    cfg = small_config(**vq_overrides)
     vqgan, unet = VQGAN(cfg.vqgan).eval(), UNet2D(cfg.unet).eval()
     with torch.no_grad():  # spread the codebook so nearest-code choices are well separated
         vqgan.codebook.embedding.copy_(torch.randn_like(vqgan.codebook.embedding))
     return cfg, vqgan, unet
 
 
-def small_loaded(seed: int = 0):
-    cfg, vqgan, unet = small_modules(seed)
+def small_loaded(seed: int = 0, **vq_overrides):
+    cfg, vqgan, unet = small_modules(seed, **vq_overrides)
     return types.SimpleNamespace(config=cfg, vqgan=vqgan, unet=unet, schedule=cosine_schedule(1000),
                                  latent_range=vqgan.latent_range(), wavelengths=cfg.vqgan.wavelengths)
 
 
-def save_small_checkpoint(directory: Path, seed: int = 0) -> Path:
-    cfg, vqgan, unet = small_modules(seed)
+def save_small_checkpoint(directory: Path, seed: int = 0, **vq_overrides) -> Path:
+    cfg, vqgan, unet = small_modules(seed, **vq_overrides)
     return save_checkpoint(directory, {"vqgan": vqgan, "unet": unet}, model_config(cfg, vqgan.latent_range()),
                            {"data": "random weights (tests)"})

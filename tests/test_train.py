@@ -147,15 +147,21 @@ def test_ddp_two_processes_match_one(vq_run, ldm_run, tmp_path):
     """2 gloo processes x 2 images == 1 process x 4 images (same global batch), for both trainers.
     The discriminator uses GroupNorm here: BatchNorm statistics depend on the per-rank batch.
     The gradient all-reduce sums in another order, so weights agree as ``_assert_close_adam`` describes
-    and the logged losses agree to float32 rounding."""
+    and the logged losses agree to float32 rounding. The VQ-GAN runs with --normalise global: with this
+    tiny random model one latent vector of the per-band-normalised data sits within rounding of two codes
+    and flips its EMA assignment between the two summation orders (a tie, not a DDP difference); both
+    runs store identical per-band statistics (test_vqgan_stores_per_band_normalisation_of_its_data)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    vq = [*VQ, "--steps", "4", "--disc-norm", "group"]
+    vq = [*VQ, "--steps", "4", "--disc-norm", "group", "--normalise", "global"]
     assert main([*vq, "--out", str(one)]) == 0
     _spawn([*vq, "--out", str(two)], tmp_path / "init_vq")
     for name in ("vqgan", "disc"):
         _assert_close_adam(_state(one, 4, name), _state(two, 4, name), lr=3e-4)
     for column in ("l1", "loss", "d_loss"):
         assert _losses(two, column) == pytest.approx(_losses(one, column), rel=1e-5)
+    _spawn([*VQ, "--steps", "1", "--out", str(tmp_path / "band")], tmp_path / "init_band")
+    band = json.loads((tmp_path / "band" / "final" / "config.json").read_text())["normalisation"]
+    assert band["per_band"] and band == json.loads((vq_run / "final" / "config.json").read_text())["normalisation"]
     _spawn([*_ldm_args(vq_run), "--steps", "4", "--out", str(tmp_path / "ldm2")], tmp_path / "init_ldm")
     for name in ("unet", "ema"):
         _assert_close_adam(_state(ldm_run, 4, name), _state(tmp_path / "ldm2", 4, name), lr=1e-4)
@@ -169,11 +175,34 @@ def test_vqgan_band_weights_std(tmp_path):
     from safetensors.torch import load_file
 
     run = tmp_path / "bw"
-    assert main([*VQ, "--out", str(run), "--steps", "1", "--band-weights", "std"]) == 0
+    assert main([*VQ, "--out", str(run), "--steps", "1", "--band-weights", "std", "--normalise", "global"]) == 0
     cfg = json.loads((run / "final" / "config.json").read_text())
     w = torch.tensor(cfg["architecture"]["vqgan"]["band_loss_weights"], dtype=torch.float64)
-    imgs = load_file(str(next((run / "cache").glob("*.safetensors"))))["images"].double()
+    imgs = 2 * load_file(str(next((run / "cache").glob("*.safetensors"))))["images"].double() - 1  # model units
     std = imgs.transpose(0, 1).reshape(16, -1).std(dim=1)
     expected = (1 / std) / (1 / std).mean()
     torch.testing.assert_close(w, expected, atol=1e-5, rtol=0)
     assert float(w.max() / w.min()) > 1.5          # the phantom's bands differ in spread
+
+
+def test_vqgan_stores_per_band_normalisation_of_its_data(vq_run, tmp_path):
+    """--normalise band (the default): the final config standardises each band with the training data's
+    mean and std inside the field of view; --normalise global keeps 2 r - 1."""
+    from retina_fast.checkpoint import load_checkpoint
+    from retina_fast.data import PhantomDataset
+    from retina_fast.models import LDMConfig
+    from retina_fast.models.normalisation import band_statistics
+
+    doc, _ = load_checkpoint(vq_run / "final", [])
+    cfg = LDMConfig.from_dict(doc["architecture"]).vqgan
+    assert cfg.per_band_normalisation and doc["normalisation"]["per_band"]
+    r = torch.stack([PhantomDataset(8, 32, out_range=None)[i] for i in range(8)])
+    mean, std = band_statistics([r.half().float()])  # the trainer caches the phantoms as float16
+    torch.testing.assert_close(torch.tensor(cfg.reflectance_scale), 1 / torch.tensor(std), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(cfg.reflectance_shift), -torch.tensor(mean) / torch.tensor(std),
+                               rtol=1e-5, atol=1e-6)
+    run = tmp_path / "global"
+    assert main([*VQ, "--out", str(run), "--steps", "1", "--normalise", "global", "--betas", "0.9,0.99"]) == 0
+    doc, _ = load_checkpoint(run / "final", [])
+    assert doc["normalisation"]["reflectance_scale"] == 2.0 and doc["normalisation"]["per_band"] is False
+    assert main([*VQ, "--out", str(run), "--steps", "2", "--resume", "--betas", "0.5,0.9"]) == 2

@@ -9,7 +9,8 @@ Per step s (global batch x, B images in model units; under DDP each rank holds B
    ``kmeans_images`` images of the epoch (``Codebook.kmeans_init``; its epoch is in the state dict, so a
    resumed run never repeats it); EMA statistics are reset to B * h * w rows per step;
 2. generator step: L_G (training/losses.py: 4 L1 + SAM + commitment, and after ``gan_warmup_steps``
-   hinge GAN + 4 feature matching) -> Adam (betas 0.5, 0.9), gradient norm clipped;
+   hinge GAN + 4 feature matching) -> Adam (``--betas``, default 0.5, 0.9 as the source), gradient norm
+   clipped (``--grad-clip``);
 3. discriminator step after the warm-up: hinge loss on x and sg(x̂).
 
 Outputs in RUN: ``log.csv`` (+ TensorBoard when installed), ``samples/step_<s>.png`` (inputs above their
@@ -18,6 +19,7 @@ reconstructions), ``checkpoints/`` (exact resume) and ``final/`` (``vqgan.safete
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import time
@@ -43,7 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "preset": "tiny", "config_json": None, "data": "phantom", "steps": 1000, "batch_size": 8, "lr": 3e-4,
     "seed": 0, "num_workers": 0, "num_images": 512, "device": None, "amp": "off", "grad_clip": 1.0,
     "log_every": 10, "sample_every": 250, "ckpt_every": 250, "kmeans_images": 64, "disc_norm": "batch",
-    "band_weights": "none", "normalise": "band",
+    "band_weights": "none", "normalise": "band", "betas": [0.5, 0.9],
 }
 FIELDS = ["epoch", "loss", "l1", "sam", "commit", "gan", "fm", "d_loss", "perplexity", "grad_norm", "lr",
           "s_per_step"]
@@ -57,6 +59,8 @@ def add_arguments(p) -> None:
     p.add_argument("--disc-norm", choices=("batch", "group", "none"),
                    help="discriminator normalisation (default batch, as the source; group is batch-size "
                         "independent)")
+    p.add_argument("--betas", type=_betas, metavar="B1,B2",
+                   help="Adam betas of generator and discriminator (default 0.5,0.9: the source's GAN setting)")
     p.add_argument("--normalise", choices=("band", "global"),
                    help="model units of the data: band = each band standardised with its mean and std inside "
                         "the field of view of the training data, stored in the config (default); global = the "
@@ -64,6 +68,16 @@ def add_arguments(p) -> None:
     p.add_argument("--band-weights", choices=("none", "std"),
                    help="per-band weights of the L1 term: none, or std = 1/std of each band over the training "
                         "data, normalised to mean 1 (stored in the config; default none)")
+
+
+def _betas(text: str) -> list[float]:
+    try:
+        b = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--betas needs two numbers like 0.9,0.99, got {text!r}") from None
+    if len(b) != 2 or not all(0.0 <= v < 1.0 for v in b):
+        raise argparse.ArgumentTypeError(f"--betas needs two numbers in [0, 1), got {text!r}")
+    return b
 
 
 def run(args) -> int:
@@ -118,7 +132,7 @@ def _train(opts: dict, info: DistInfo, run_dir: Path, ck: Path | None) -> int:
     vq = VQGAN(cfg).to(dev)
     crit = VQGANLoss(cfg, disc_norm=opts["disc_norm"]).to(dev)
     disc = crit.discriminator
-    betas = (0.5, 0.9)
+    betas = tuple(opts["betas"])
     opt_g = torch.optim.Adam(vq.parameters(), lr=opts["lr"], betas=betas)
     opt_d = torch.optim.Adam(disc.parameters(), lr=opts["lr"], betas=betas)
     start = 0

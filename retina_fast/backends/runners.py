@@ -83,8 +83,12 @@ class Runner:
         b, c, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, c)
         idx, _ = nearest_code(flat, self.vqgan.codebook.embedding.float(), impl=self.nearest_impl)
-        cube = self.decode_indices(idx.view(b, h, w))
-        return model_to_reflectance(cube.float(), self.vqgan.config)
+        return self.decode_reflectance(idx.view(b, h, w))
+
+    def decode_reflectance(self, idx: torch.Tensor) -> torch.Tensor:
+        """Code indices (B, h, w) -> reflectance (B, bands, H, W) in [0, 1]: the decoder in model units,
+        then the model's (per-band) normalisation inverted."""
+        return model_to_reflectance(self.decode_indices(idx).float(), self.vqgan.config)
 
     def decode_indices(self, idx: torch.Tensor) -> torch.Tensor:
         return self.vqgan.decode_indices(idx)

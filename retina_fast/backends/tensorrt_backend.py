@@ -340,7 +340,8 @@ class TensorRTRunner(Runner):
         return self.unet_engine(x, t).float()
 
     @torch.no_grad()
-    def decode_indices(self, idx: torch.Tensor) -> torch.Tensor:
+    def decode_reflectance(self, idx: torch.Tensor) -> torch.Tensor:
+        """The exported decoder ends in reflectance (``retina_fast.export``: normalisation inverted, clamped)."""
         return self.decoder_engine(self.vqgan.codebook.lookup(idx)).float()
 
 

@@ -3,8 +3,8 @@
 ``LDMConfig`` = ``VQGANConfig`` (autoencoder + codebook + its training losses) + ``UNetConfig``
 (latent denoiser) + the diffusion schedule. Presets (DESIGN.md):
 
-* ``tiny``      128x128x16, f = 8 -> 16x16x8 latents, codebook 1024, VQ base 16, U-Net base 64;
-                sized to train VQ-GAN + LDM on a 2-core CPU within an hour.
+* ``tiny``      128x128x16, f = 4 -> 32x32x8 latents, codebook 1024, VQ base 16, U-Net base 32;
+                sized to train VQ-GAN + LDM on a 2-core CPU within ~2 hours.
 * ``paper-224`` 224x224x16, f = 8, 8 latent channels, codebook 1024, U-Net base 512, 3 levels.
 * ``paper-672`` the same at 672x672.
 * ``sweep_grid()`` the source's grid f in {4, 8, 16} x latent channels in {8, 32, 256} x U-Net base in
@@ -259,9 +259,11 @@ PRESETS: dict[str, LDMConfig] = {
     # VQ base 16 is Medical Diffusion's n_hiddens: every GroupNorm then has >= 32 channels. The
     # smaller discriminator and the earlier GAN start suit a run of a few thousand CPU steps.
     # tiny is the shipped CPU default: U-Net base 32 with 4 attention heads (2.4 M parameters, ~10 MB)
-    # and one decoder ResBlock per stage (the source has two; ~1.6x cheaper decoder) so that training
-    # both models fits in an hour on a 2-core CPU and sampling stays interactive there.
-    "tiny": _ldm("tiny", 128, 8, 8, 16, 32, unet_extra={"attn_heads": 4}, disc_channels=32,
+    # and one decoder ResBlock per stage (the source has two; no better in docs/recipe_study) so that
+    # training both models fits in ~2 hours on a 2-core CPU and sampling stays interactive there.
+    # f = 4 (32x32x8 latents): at f = 8 the autoencoder kept a third of f = 4's retinal-vessel contrast
+    # after the same 1000 steps (docs/recipe_study: 555 nm 0.013 vs 0.029; phantom 0.167).
+    "tiny": _ldm("tiny", 128, 4, 8, 16, 32, unet_extra={"attn_heads": 4}, disc_channels=32,
                  gan_warmup_steps=1000, dec_res_blocks=1),
     "paper-224": _ldm("paper-224", 224, 8, 8, 32, 512),
     "paper-672": _ldm("paper-672", 672, 8, 8, 32, 512),
