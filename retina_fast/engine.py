@@ -82,7 +82,6 @@ class Pipeline:
         cube = torch.cat(cubes)
         return (cube, torch.cat(latents)) if return_latents else cube
 
-
     @torch.no_grad()
     def reconstruct(self, cubes: torch.Tensor, *, quantize: bool = True, batch_size: int = 16) -> torch.Tensor:
         """Encode -> nearest code -> decode, reflectance in and out: (N, bands, H, W) float in [0, 1] ->
@@ -101,8 +100,7 @@ class Pipeline:
             raise ValueError(f"reconstruct needs N >= 1 and H, W divisible by f={cfg.f}, got {tuple(cubes.shape)}")
         if not bool(torch.isfinite(cubes).all()):
             raise ValueError("reconstruct: the cubes contain NaN or infinite values")
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        _check_int("batch_size", batch_size, 1)
         dev = next(vq.parameters()).device
         out = [vq.eval().reconstruct(chunk.to(dev), quantize=quantize).cpu() for chunk in cubes.split(batch_size)]
         return torch.cat(out)
