@@ -3,34 +3,20 @@
 Random weights (speed does not depend on training). Every benchmark checks its result against the
 reference once before timing. Groups put each contender beside its reference in the table.
 Run: pytest benchmarks/test_bench_engine.py --benchmark-json=benchmarks/results/<machine>.json
+(paper-224 rows are marked slow; the GPU path has its own prepared command, benchmarks/gpu/run.sh).
 """
 from __future__ import annotations
-
-import types
 
 import pytest
 import torch
 
 from retina_fast import _ext, noise
-from retina_fast.engine import Pipeline
-from retina_fast.models.config import get_preset
-from retina_fast.models.unet import UNet2D
-from retina_fast.models.vqgan import VQGAN
+from retina_fast.bench import random_pipeline
 from retina_fast.ops import nearest_code, nearest_code_ref, sampler_step, sampler_step_ref
 from retina_fast.samplers import plan
 from retina_fast.schedules import cosine_schedule
 
 needs_ext = pytest.mark.skipif(not _ext.available(), reason=f"extension not loaded: {_ext.load_error}")
-HAS_GPU = torch.backends.cuda.is_built() and torch.cuda.is_available()
-
-
-def random_pipeline(preset: str) -> Pipeline:
-    torch.manual_seed(0)
-    cfg = get_preset(preset)
-    vq, un = VQGAN(cfg.vqgan).eval(), UNet2D(cfg.unet).eval()
-    loaded = types.SimpleNamespace(config=cfg, vqgan=vq, unet=un, schedule=cosine_schedule(1000),
-                                   latent_range=vq.latent_range(), wavelengths=cfg.vqgan.wavelengths)
-    return Pipeline(loaded, f"random-{preset}")
 
 
 @pytest.fixture(scope="module")
@@ -154,29 +140,30 @@ def test_sample_tiny(benchmark, tiny, backend):
     benchmark.pedantic(lambda: tiny.sample(8, 50, seed=0, backend=name, dtype=dtype), rounds=2, iterations=1)
 
 
+@pytest.fixture(scope="module")
+def paper224():
+    return random_pipeline("paper-224")
+
+
 @pytest.mark.slow
-@pytest.mark.benchmark(group="paper-224 U-Net step B=1")
-@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_ext)])
-def test_unet_step_paper224(benchmark, backend):
-    pipe = random_pipeline("paper-224")
-    runner = pipe.runner(backend, "cuda" if HAS_GPU else "cpu")
-    x = torch.randn(1, *pipe.config.latent_shape, device=runner.device)
-    t = torch.full((1,), 500, device=runner.device)
-    runner.denoise(x, t)
-    benchmark.pedantic(lambda: runner.denoise(x, t), rounds=2, iterations=1)
+@pytest.mark.benchmark(group="paper-224 U-Net call (random weights)")
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("contender", ["torch", "plain:bf16", pytest.param("cpu", marks=needs_ext),
+                                       pytest.param("cpu:bf16", marks=needs_bf16_conv), "compile", "compile:bf16"])
+def test_unet_call_paper224(benchmark, paper224, batch, contender):
+    """One paper-224 U-Net call (110.8 GFLOP per image) per contender; ``compile`` is torch.compile (inductor),
+    what a PyTorch user tries first (its compile is the untimed first call). Ratios measured side by side:
+    benchmarks/bench_presets.py; on a GPU: benchmarks/gpu/run.sh."""
+    from retina_fast import flops
+    from retina_fast.bench import make_contender
 
-
-@pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU")
-@pytest.mark.benchmark(group="paper-224 sample n=64 DDIM-50 (GPU)")
-@pytest.mark.parametrize("mode", ["eager-fp32", "torch.compile", "cuda"])
-def test_sample_paper224_gpu(benchmark, mode):
-    pipe = random_pipeline("paper-224")
-    if mode == "torch.compile":
-        runner = pipe.runner("torch", "cuda")
-        runner.unet = torch.compile(runner.unet)
-        fn = lambda: pipe.sample(64, 50, backend="torch", device="cuda")  # noqa: E731
-    else:
-        fn = lambda: pipe.sample(64, 50, backend="torch" if mode == "eager-fp32" else "cuda", device="cuda")  # noqa: E731
-    pipe.sample(2, 2, backend="torch" if mode != "cuda" else "cuda", device="cuda")
-    benchmark.pedantic(fn, rounds=1, iterations=1)
-    benchmark.extra_info["images_per_s"] = 64 / benchmark.stats["median"]
+    con = make_contender(paper224, contender, "cpu")
+    x = torch.randn(batch, *paper224.config.latent_shape, generator=torch.Generator().manual_seed(batch))
+    t = torch.full((batch,), 500)
+    ref = paper224.runner("torch", "cpu").denoise(x, t)
+    err = ((con.runner.denoise(x, t) - ref).norm() / ref.norm()).item()
+    assert err < (1e-4 if con.dtype == torch.float32 else 0.05)
+    benchmark.pedantic(lambda: con.runner.denoise(x, t), rounds=3, iterations=1)
+    benchmark.extra_info.update(dtype=str(con.dtype), relative_l2_error=err,
+                                gflop_per_s=flops.unet_flops(paper224.config.unet, 28, 28) * batch
+                                / benchmark.stats["median"] / 1e9)

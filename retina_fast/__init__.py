@@ -38,11 +38,10 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return importlib.import_module(_LAZY[name])
     if name in {"sample", "load", "Pipeline"}:
-        from retina_fast import engine
-
-        return getattr(engine, name)
+        return getattr(importlib.import_module("retina_fast.engine"), name)
     if name == "enhance":
-        from retina_fast import enhance as _enhance
-
-        return _enhance.enhance
+        # ``from retina_fast import enhance`` inside this hook would look the name up on this package
+        # again (hasattr -> __getattr__) before importing the submodule: endless recursion. Importing
+        # by full name binds the submodule (callable: ``retina_fast.enhance(images)``) on the package.
+        return importlib.import_module("retina_fast.enhance")
     raise AttributeError(f"module 'retina_fast' has no attribute {name!r}")

@@ -28,13 +28,14 @@ from torch import nn
 
 from retina_fast.files import atomic_write
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_state_into", "model_config",
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_state_into", "model_config", "read_config",
            "CONFIG_NAME", "FORMAT", "FORMAT_VERSION"]
 
 CONFIG_NAME = "config.json"
 FORMAT = "retina_fast.checkpoint"
 FORMAT_VERSION = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _RESERVED = {"format", "format_version", "provenance", "weights"}
 
 
@@ -120,28 +121,47 @@ def _read_config(directory: Path) -> dict[str, Any]:
     fmt = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
     if fmt != FORMAT:
         raise CheckpointError(f"{path}: not a retina_fast checkpoint (format {fmt!r}, expected {FORMAT!r})")
-    if int(doc.get("format_version", -1)) > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {doc['format_version']} is newer than this "
+    version = doc.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path}: format_version must be a positive integer, got {json.dumps(version)[:40]}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version} is newer than this "
                               f"retina_fast understands ({FORMAT_VERSION}); upgrade retina_fast")
     if not isinstance(doc.get("weights"), dict):
         raise CheckpointError(f"{path}: no 'weights' table")
     return doc
 
 
-def _read_weights(directory: Path, name: str, entry: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    try:
-        fname, digest, size = str(entry["file"]), str(entry["sha256"]), int(entry["bytes"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{directory / CONFIG_NAME}: bad weights entry for {name!r}: {entry!r}") from exc
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's ``config.json`` (format and weights table checked), without reading any weights."""
+    return _read_config(Path(directory))
+
+
+def _check_weights_entry(directory: Path, name: str, entry: Any) -> tuple[Path, str, int]:
+    """(path, sha256, bytes) of a weights-table entry whose file exists with the recorded size (a stat,
+    nothing is read); CheckpointError naming config.json or the file otherwise."""
+    fname, digest, size = (entry.get(k) for k in ("file", "sha256", "bytes")) if isinstance(entry, Mapping) else (
+        None, None, None)
+    if not (isinstance(fname, str) and fname and isinstance(digest, str) and _SHA256_RE.match(digest)
+            and isinstance(size, int) and not isinstance(size, bool) and size >= 0):
+        raise CheckpointError(f"{directory / CONFIG_NAME}: bad weights entry for {name!r} (needs file, a 64-digit "
+                              f"hex sha256 and a byte count): {json.dumps(entry)[:120]}")
     path = directory / fname
     if Path(fname).name != fname:
         raise CheckpointError(f"{directory / CONFIG_NAME}: weights file {fname!r} must be inside the directory")
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (listed in {CONFIG_NAME} for module {name!r})")
+    on_disk = path.stat().st_size  # compared before reading: a wrong file is never read whole
+    if on_disk != size:
+        kind = "truncated" if on_disk < size else "longer than recorded"
+        raise CheckpointError(f"{path}: {kind}: {on_disk} bytes, {CONFIG_NAME} records {size}")
+    return path, digest, size
+
+
+def _read_weights(path: Path, digest: str, size: int) -> dict[str, torch.Tensor]:
     data = path.read_bytes()
     if len(data) != size:
-        kind = "truncated" if len(data) < size else "longer than recorded"
-        raise CheckpointError(f"{path}: {kind}: {len(data)} bytes, {CONFIG_NAME} records {size}")
+        raise CheckpointError(f"{path}: changed while it was read ({len(data)} bytes, {CONFIG_NAME} records {size})")
     actual = hashlib.sha256(data).hexdigest()
     if actual != digest:
         raise CheckpointError(f"{path}: sha256 mismatch (file {actual[:16]}..., {CONFIG_NAME} records "
@@ -166,7 +186,8 @@ def load_checkpoint(directory: str | os.PathLike, names: list[str] | None = None
     missing = [n for n in wanted if n not in table]
     if missing:
         raise CheckpointError(f"{directory / CONFIG_NAME}: no module(s) {missing}; it has {sorted(table)}")
-    return doc, {n: _read_weights(directory, n, table[n]) for n in wanted}
+    checked = {n: _check_weights_entry(directory, n, table[n]) for n in wanted}  # every entry before any read
+    return doc, {n: _read_weights(*checked[n]) for n in wanted}
 
 
 def load_state_into(module: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:

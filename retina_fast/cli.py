@@ -3,13 +3,19 @@
 Each command module defines ``add_parser(subparsers)`` (which sets ``func``) and is imported only when that
 command runs (``retina-fast --help`` and ``--version`` import none of them, nor torch: well under half a
 second), so ``retina-fast info`` works even where optional dependencies are missing. Every subcommand's
-``--help`` shows the defaults. Bad input exits non-zero with a one-line reason on stderr.
+``--help`` shows the defaults. Bad input exits with status 2 and a one-line reason on stderr, never a
+traceback: ``UserError`` (raised by the commands), ``ValueError`` (bad values found by the library;
+``FloatingPointError`` for a model whose samples overflow), ``OSError`` (an output on a file, a read-only or
+full disk, ...) and argparse's own errors. ``python -m retina_fast.cli`` (the form torchrun uses) and
+``python -m retina_fast`` behave exactly like ``retina-fast``.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from retina_fast.errors import UserError
 
 # name -> (module under retina_fast.commands, one-line summary for the top-level help)
 COMMANDS = {
@@ -26,15 +32,17 @@ COMMANDS = {
 
 
 class _Parser(argparse.ArgumentParser):
-    """Subcommand parsers show their defaults in ``--help``."""
+    """argparse with a one-line error (``retina-fast sample: error: ... (see --help)``), exit status 2.
+    Subcommand parsers (the same class) show their defaults in ``--help``."""
 
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _SubParser(_Parser):
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
-
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit status 2."""
 
 
 def input_files(inputs):
@@ -66,9 +74,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     gets its full arguments, the others are listed by name and summary."""
     from retina_fast import __version__
 
-    parser = argparse.ArgumentParser(prog="retina-fast", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="retina-fast", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"retina-fast {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_SubParser)
     chosen = None if argv is None else _selected(argv)
     for name, (module, summary) in COMMANDS.items():
         if argv is not None and name != chosen:
@@ -90,8 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = args.func(args)
-    except (UserError, FileNotFoundError, ValueError) as exc:
-        print(f"retina-fast {args.command}: error: {exc}", file=sys.stderr)
+    except (UserError, ValueError, FloatingPointError) as exc:
+        print(f"retina-fast {args.command}: error: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # FileNotFoundError, a file where a directory must be, read-only or full disk, ...
+        print(f"retina-fast {args.command}: error: {_one_line(os_error_text(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"retina-fast {args.command}: interrupted", file=sys.stderr)
@@ -99,5 +110,21 @@ def main(argv: list[str] | None = None) -> int:
     return int(result or 0)
 
 
+def os_error_text(exc: OSError) -> str:
+    """``PATH: reason`` for an OSError raised by the system (``[Errno 30] ...`` otherwise reads like a crash)."""
+    if exc.filename is not None and exc.strerror:
+        names = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
+        return f"{names}: {exc.strerror}"
+    return str(exc) or type(exc).__name__
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as ``python -m retina_fast.cli`` this file is ``__main__``, a second copy of the module: hand over
+    # to the imported ``retina_fast.cli`` so that there is one set of classes and state.
+    from retina_fast.cli import main as _main
+
+    sys.exit(_main())

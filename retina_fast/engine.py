@@ -9,6 +9,7 @@ first_index .. first_index + n - 1 of a run.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from pathlib import Path
 from typing import Callable
@@ -58,6 +59,9 @@ class Pipeline:
         return tuple(self.loaded.wavelengths)
 
     def runner(self, backend: str = "auto", device=None, dtype: torch.dtype | None = None) -> Runner:
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype (e.g. torch.bfloat16) or None, got {dtype!r}")
+        device = backends.check_device(device)
         chosen = backends.resolve(backend, device=device, dtype=dtype)
         dev = torch.device(device) if device is not None else torch.device(chosen.devices[0])
         dtype = dtype or default_dtype(chosen.name, dev)
@@ -76,10 +80,7 @@ class Pipeline:
                return_latents: bool = False, eta: float = 0.0, first_index: int = 0,
                progress: Callable[[int], None] | None = None):
         """n images (n, bands, H, W) float32 reflectance in [0, 1] (and latents (n, C, h, w) if asked)."""
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
-        if first_index < 0:
-            raise ValueError("first_index must be >= 0")
+        _check_sample_args(n, steps, seed, eta, batch_size, first_index)
         coefs = samplers.plan(sampler, self.loaded.schedule, steps, eta=eta)
         runner = self.runner(backend, device, dtype)
         batch = batch_size or auto_batch_size(runner, n)
@@ -104,7 +105,6 @@ class Pipeline:
         cube = torch.cat(cubes)
         return (cube, torch.cat(latents)) if return_latents else cube
 
-
     @torch.no_grad()
     def reconstruct(self, cubes: torch.Tensor, *, quantize: bool = True, batch_size: int = 16) -> torch.Tensor:
         """Encode -> nearest code -> decode, reflectance in and out: (N, bands, H, W) float in [0, 1] ->
@@ -123,11 +123,36 @@ class Pipeline:
             raise ValueError(f"reconstruct needs N >= 1 and H, W divisible by f={cfg.f}, got {tuple(cubes.shape)}")
         if not bool(torch.isfinite(cubes).all()):
             raise ValueError("reconstruct: the cubes contain NaN or infinite values")
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        _check_int("batch_size", batch_size, 1)
         dev = next(vq.parameters()).device
         out = [vq.eval().reconstruct(chunk.to(dev), quantize=quantize).cpu() for chunk in cubes.split(batch_size)]
         return torch.cat(out)
+
+
+def _check_int(name: str, value, lo: int, hi: int | None = None, allow_none: bool = False,
+               bound: str | None = None) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        what = "an int or None" if allow_none else "an int"
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        bound = bound or ("a positive int" if (lo, hi) == (1, None) else
+                          f">= {lo}" if hi is None else f"in [{lo}, {hi}]")
+        raise ValueError(f"{name} must be {bound}, got {value}" + (" (None means automatic)" if allow_none else ""))
+
+
+def _check_sample_args(n, steps, seed, eta, batch_size, first_index) -> None:
+    """Argument checks of ``Pipeline.sample``, before any work (steps' upper bound: samplers.plan)."""
+    _check_int("n", n, 1)
+    _check_int("steps", steps, 1)
+    _check_int("seed", seed, -(2**63), 2**64 - 1, bound="a 64-bit integer (-2**63 .. 2**64 - 1)")
+    _check_int("batch_size", batch_size, 1, allow_none=True)
+    _check_int("first_index", first_index, 0)
+    if first_index + n > 2**32:  # image indices are 32-bit Philox counters (retina_fast.noise)
+        raise ValueError(f"first_index + n must be <= 2**32, got {first_index + n}")
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
 
 
 def auto_batch_size(runner: Runner, n: int) -> int:
@@ -151,8 +176,10 @@ def _sample_batch(runner: Runner, coefs, seed: int, images: range, shape) -> tup
 
     x = samplers.sample(runner.denoise, x, coefs, step=step)
     if not bool(torch.isfinite(x).all()):
+        hint = ("try dtype=torch.float32" if runner.dtype != torch.float32 else
+                "in float32: the model's weights or its latent range are broken")
         raise FloatingPointError(f"non-finite latents for images {images.start}..{images.stop - 1} "
-                                 f"(dtype {runner.dtype}); try dtype=torch.float32")
+                                 f"(dtype {str(runner.dtype).replace('torch.', '')}); {hint}")
     return runner.decode(x), x
 
 

@@ -111,13 +111,23 @@ def load_enhancer(model: str | os.PathLike = "default") -> Enhancer:
     path = resolve_enhancer(model)
     key = str(path.resolve())
     if key not in _ENHANCERS:
-        doc, states = load_checkpoint(path, ["model"])
+        from retina_fast.checkpoint import read_config
+        from retina_fast.config_check import check_fields, check_weight_budget
+
+        cfg_file = path / "config.json"
+        doc = read_config(path)  # values checked before anything is built or read
         if doc.get("kind") != "magenet":
-            raise CheckpointError(f"{path / 'config.json'}: a {doc.get('kind')!r} checkpoint, not a MAGE-Net one")
+            raise CheckpointError(f"{cfg_file}: a {doc.get('kind')!r} checkpoint, not a MAGE-Net one")
+        if "architecture" not in doc:
+            raise CheckpointError(f"{cfg_file}: no 'architecture' entry")
+        check_fields(MAGENetConfig, doc["architecture"], f"{cfg_file}: architecture")
         try:
-            net = MAGENet(MAGENetConfig.from_dict(doc["architecture"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path / 'config.json'}: invalid MAGE-Net architecture ({exc})") from exc
+            config = MAGENetConfig.from_dict(doc["architecture"])
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{cfg_file}: invalid MAGE-Net architecture ({exc})") from exc
+        check_weight_budget(cfg_file, doc, "model", lambda: MAGENet(config))
+        doc, states = load_checkpoint(path, ["model"])
+        net = MAGENet(config)
         load_state_into(net, states["model"], str(path / doc["weights"]["model"]["file"]))
         _ENHANCERS[key] = Enhancer(net, doc, path)
     return _ENHANCERS[key]
@@ -234,6 +244,12 @@ def tensorrt_runner(model, device, dtype):
 # ----------------------------------------------------------------------------- inputs and outputs
 
 
+def _check_not_empty(shape, what: str) -> None:
+    if 0 in tuple(shape):
+        raise ValueError(f"{what}: empty input of shape {tuple(shape)}; need at least one image of at least "
+                         f"{MIN_SIDE}×{MIN_SIDE} px")
+
+
 def _check_float(x: torch.Tensor, what: str) -> None:
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{what}: contains NaN or Inf")
@@ -248,6 +264,7 @@ def _as_batch(image, what: str = "image") -> tuple[torch.Tensor, Callable[[torch
     if isinstance(image, torch.Tensor):
         if image.dim() not in (3, 4) or image.shape[-3] != 3:
             raise ValueError(f"{what}: expected a tensor (3, H, W) or (N, 3, H, W), got {tuple(image.shape)}")
+        _check_not_empty(image.shape, what)
         if not image.is_floating_point():
             raise ValueError(f"{what}: tensors must be float in [0, 1], got {image.dtype}")
         single, dtype = image.dim() == 3, image.dtype
@@ -257,6 +274,7 @@ def _as_batch(image, what: str = "image") -> tuple[torch.Tensor, Callable[[torch
     if isinstance(image, np.ndarray):
         if image.ndim not in (3, 4) or image.shape[-1] != 3:
             raise ValueError(f"{what}: expected an array (H, W, 3) or (N, H, W, 3), got {image.shape}")
+        _check_not_empty(image.shape, what)
         single, dtype = image.ndim == 3, image.dtype
         if dtype != np.uint8 and not np.issubdtype(dtype, np.floating):
             raise ValueError(f"{what}: numpy images must be uint8 or float, got {dtype}")
@@ -337,10 +355,13 @@ def enhance(images, *, model="default", backend: str = "auto", device=None, dtyp
     ≥ 64 = tiles of that side. batch_size: images per forward pass (default from the image size).
     progress: called with the number of images finished after each batch.
     """
+    for name, value in (("tile", tile), ("batch_size", batch_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"{name} must be an int or None, got {type(value).__name__} {value!r}")
     if tile is not None and tile != 0 and tile < 64:
         raise ValueError(f"tile must be 0 (off), None (auto) or >= 64, got {tile}")
     if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ValueError(f"batch_size must be >= 1 (None means automatic), got {batch_size}")
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError("no images given")

@@ -1,7 +1,9 @@
 """Evaluate a folder of synthetic cubes against a folder of real ones (``retina-fast evaluate``).
 
 :func:`evaluate_folders` reads cube folders with :mod:`retina_fast.io` (every ``.npy .npz .tif .h5``
-file, sorted by path, the first ``max_images``; bands mapped to the 16 default wavelengths) and
+file, sorted by path, the first ``max_images``; bands mapped to the 16 default wavelengths), or a
+finished ``retina-fast sample`` run directory (its shards in order, each checked against the
+manifest's sha256), and
 computes the source document's four metrics (FACTS.md §1, §4) with :mod:`retina_fast.metrics`:
 
 * **HS-FID**: Fréchet distance of structure-network features (the shipped 128-d extractor unless
@@ -80,10 +82,65 @@ def _dataset(root: Path, role: str):
         raise EvaluationError(f"--{role} {exc}") from exc
 
 
+def _is_run(root: Path) -> bool:
+    """A ``retina-fast sample`` run directory (shards + manifest) rather than a folder of cube files."""
+    return (root / "run.json").is_file()  # written first by every run (``retina-fast phantom`` folders
+    # have a manifest.json of their own)
+
+
+def _run_records(root: Path, role: str) -> list:
+    from retina_fast import shards
+
+    try:
+        return list(shards.iter_manifest(root))
+    except FileNotFoundError:
+        raise EvaluationError(f"--{role} {root}: a retina-fast sample run without manifest.json, i.e. unfinished; "
+                              f"finish it with `retina-fast sample ... --resume`") from None
+    except shards.RunError as exc:
+        raise EvaluationError(f"--{role} {exc}") from None
+
+
+def _count(root: Path, role: str) -> int:
+    if root.is_dir() and _is_run(root):
+        return sum(record["count"] for record, _ in _run_records(root, role))
+    return len(_dataset(root, role))
+
+
+def _load_run(root: Path, role: str, max_images: Optional[int], tick: Callable[[], None]) -> ImageSet:
+    """The images of a finished sample run, in order, each shard verified against the manifest's sha256."""
+    from retina_fast import shards
+    from retina_fast.data import resample_bands
+
+    records = _run_records(root, role)
+    try:
+        spec = shards.load_spec(root)
+    except shards.RunError as exc:
+        raise EvaluationError(f"--{role} {exc}") from None
+    limit = max_images if max_images is not None else math.inf
+    cubes, files = [], []
+    for record, path in records:
+        if len(cubes) >= limit:
+            break
+        try:
+            arr = shards.read_shard(path, sha256=record["sha256"])
+            for j, cube in enumerate(arr[: int(min(len(arr), limit - len(cubes)))]):
+                cubes.append(resample_bands(cube, spec.wavelengths, DEFAULT_WAVELENGTHS, path=path))
+                files.append(Path(f"{path.name}[{j}]"))  # image j of the shard (names in the report)
+                tick()
+        except (shards.RunError, CubeFormatError) as exc:
+            raise EvaluationError(f"--{role}: {exc}") from None
+    if len(cubes) < 2:
+        raise EvaluationError(f"--{role} {root}: the run holds {len(cubes)} image(s); at least 2 are needed")
+    return ImageSet(role, root, files, torch.from_numpy(np.stack(cubes)), None)
+
+
 def load_set(root: str | Path, role: str = "real", max_images: Optional[int] = None,
              tick: Callable[[], None] = lambda: None) -> ImageSet:
-    """Read a cube folder (see the module docstring); ``tick`` is called once per file."""
+    """Read a cube folder or a finished ``retina-fast sample`` run (see the module docstring); ``tick``
+    is called once per image."""
     root = Path(root)
+    if root.is_dir() and _is_run(root):
+        return _load_run(root, role, max_images, tick)
     ds = _dataset(root, role)
     n = len(ds) if max_images is None else min(len(ds), int(max_images))
     if n < 2:
@@ -218,7 +275,7 @@ def evaluate_folders(real: str | Path, synthetic: str | Path, train: str | Path 
     roles = {k: Path(v) for k, v in roles.items() if v is not None}
     if "val" in roles and "train" not in roles:
         raise EvaluationError("--val is only used with --train (the percentile rule of the authenticity check)")
-    counts = {k: len(_dataset(v, k)) for k, v in roles.items()}
+    counts = {k: _count(v, k) for k, v in roles.items()}
     total = sum(min(c, max_images or c) for k, c in counts.items()
                 if not (k == "val" and roles["val"] == roles["real"])) + len(_STAGES)
     bar = tqdm(total=total, desc="evaluate", unit="step", disable=not progress)

@@ -27,7 +27,9 @@ without them a clear ``ImportError`` names the package to install.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
+import io as _io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,20 +172,33 @@ def save_cubes(path: str | Path, cubes: Any, wavelengths: Sequence[float] | None
     return path
 
 
-def load_cubes(path: str | Path) -> CubeStack:
-    """Read a stack written by :func:`save_cubes` (or a single cube file, as a stack of one)."""
+def load_cubes(path: str | Path, *, sha256: str | None = None) -> CubeStack:
+    """Read a stack written by :func:`save_cubes` (or a single cube file, as a stack of one).
+
+    With ``sha256`` (e.g. a run manifest's record) the file is read into memory once, its hash compared and
+    the array parsed from those same bytes: a modified or corrupted file raises :class:`CubeFormatError`."""
     path = Path(path)
     kind = _kind(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
+    source: Path | _io.BytesIO = path
+    if sha256 is not None:
+        data = path.read_bytes()
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha256:
+            raise CubeFormatError(path, f"sha256 {actual[:16]}... does not match the recorded {sha256[:16]}...: "
+                                        f"the file was modified or corrupted")
+        source = _io.BytesIO(data)
     try:
-        arr, wl, meta = _read_stack(path, kind)
+        arr, wl, meta = _read_stack(source, kind)
     except (CubeFormatError, ImportError):
         raise
     except Exception as exc:  # noqa: BLE001 - truncated / corrupt: one clear error naming the file
         raise CubeFormatError(path, f"cannot read {kind[1:]} file (truncated or corrupt?): "
                                     f"{str(exc) or type(exc).__name__}") from exc
     if arr is None:  # a single cube
+        if sha256 is not None:
+            raise CubeFormatError(path, "expected a (N, bands, H, W) stack, found a single cube")
         single = load_cube(path)
         return CubeStack(single.data[None], single.wavelengths, path, single.metadata)
     if arr.ndim != 4:
@@ -195,10 +210,11 @@ def load_cubes(path: str | Path) -> CubeStack:
     return CubeStack(data, wl, path, dict(meta or {}))
 
 
-def _read_stack(path: Path, kind: str) -> tuple[np.ndarray | None, list | None, dict]:
-    """The stack stored in ``path`` (array None: the file holds a single cube)."""
+def _read_stack(path, kind: str) -> tuple[np.ndarray | None, list | None, dict]:
+    """The stack stored in ``path`` (a Path or the file's bytes in a BytesIO; array None: the file holds a
+    single cube)."""
     if kind == ".npy":
-        arr = np.load(path, allow_pickle=False, mmap_mode="r")
+        arr = np.load(path, allow_pickle=False, mmap_mode="r" if isinstance(path, Path) else None)
         return (np.array(arr) if arr.ndim == 4 else None), None, {}
     if kind == ".npz":
         with np.load(path, allow_pickle=False) as z:
@@ -236,13 +252,13 @@ def iter_cubes(source: str | Path, *, expected_bands: int | None = None) -> Iter
     if source.is_dir() and (source / "manifest.json").is_file():
         from retina_fast.shards import iter_manifest
 
-        files = [path for _, path in iter_manifest(source)]
+        files = [(path, record["sha256"]) for record, path in iter_manifest(source)]  # verified as read
     elif source.is_dir():
-        files = sorted(p for p in source.iterdir() if p.is_file() and is_cube_file(p))
+        files = [(p, None) for p in sorted(source.iterdir()) if p.is_file() and is_cube_file(p)]
     else:
-        files = [source]
-    for path in files:
-        stack = load_cubes(path)
+        files = [(source, None)]
+    for path, sha256 in files:
+        stack = load_cubes(path, sha256=sha256)
         if expected_bands is not None and stack.data.shape[1] != expected_bands:
             raise CubeFormatError(path, f"wrong band count: {stack.data.shape[1]} bands, expected {expected_bands}")
         for i, cube in enumerate(stack.data):

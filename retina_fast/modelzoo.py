@@ -61,6 +61,7 @@ class LoadedLDM:
 
 KINDS = ("ldm", "magenet", "structure-net")
 DEFAULTS = {"ldm": DEFAULT_MODEL, "magenet": "magenet-tiny", "structure-net": "structure-net"}
+KIND_NAMES = {"ldm": "a sampling model", "magenet": "a MAGE-Net model", "structure-net": "a structure network"}
 
 
 def checkpoint_kind(directory: str | os.PathLike) -> str | None:
@@ -111,14 +112,18 @@ def resolve_model(model: str | os.PathLike = "default", kind: str = "ldm") -> Pa
     name = DEFAULTS[kind] if text == "default" else text
     packaged = available_models(kind)
     listed = ", ".join(packaged) if packaged else "none (the package ships no weights)"
-    if os.sep not in name and (os.altsep is None or os.altsep not in name) and name in packaged:
+    if os.sep not in name and (os.altsep is None or os.altsep not in name) and name in available_models(None):
+        if name not in packaged:
+            found = checkpoint_kind(WEIGHTS_DIR / name)
+            raise FileNotFoundError(f"{name!r} is a packaged {found!r} checkpoint, not {KIND_NAMES[kind]}; "
+                                    f"packaged models of kind {kind}: {listed}")
         return WEIGHTS_DIR / name
     path = Path(name).expanduser()
     for cand in (path, path / "final"):
         if cand.is_dir() and (cand / "config.json").is_file():
             found = checkpoint_kind(cand)
             if found is not None and found != kind:
-                raise ValueError(f"{cand}: a {found} checkpoint, not a {kind} one")
+                raise CheckpointError(f"{cand}: a {found!r} checkpoint, not {KIND_NAMES[kind]}")
             return cand
     if text == "default":
         raise FileNotFoundError(f"the default {kind} model {name!r} is not installed in {WEIGHTS_DIR}; "
@@ -137,28 +142,65 @@ def schedule_for(config: LDMConfig) -> Schedule:
     return cosine_schedule(config.timesteps, config.cosine_s, config.max_beta)
 
 
-def load_ldm(model: str | os.PathLike = "default", device: str | torch.device = "cpu") -> LoadedLDM:
-    """Load an LDM sampling checkpoint (sha256-verified, strict state-dict match) onto ``device``."""
-    path = resolve_model(model)
-    doc, states = load_checkpoint(path, ["vqgan", "unet"])
+def _check_ldm_doc(path: Path, doc: dict) -> tuple[LDMConfig, tuple[float, float], tuple[float, ...]]:
+    """The architecture, latent range and wavelengths of an LDM config.json, every value checked (type,
+    range, consistency) before anything is built; CheckpointError naming the file and the field."""
+    from retina_fast.config_check import check_fields, check_number, check_wavelengths, check_weight_budget
+    from retina_fast.models.config import UNetConfig, VQGANConfig
+
     cfg_file = path / "config.json"
+    kind = doc.get("kind", "ldm")
+    if kind != "ldm":
+        raise CheckpointError(f"{cfg_file}: a {kind!r} checkpoint, not a sampling (latent diffusion) model; "
+                              f"packaged sampling models: {', '.join(available_models()) or 'none'}")
+    missing = [m for m in ("vqgan", "unet") if m not in doc["weights"]]
+    if missing:
+        raise CheckpointError(f"{cfg_file}: no module(s) {missing} in its weights table, so it is not a sampling "
+                              f"(latent diffusion) checkpoint; it has {sorted(doc['weights'])}")
+    arch = doc.get("architecture")
+    if arch is None:
+        raise CheckpointError(f"{cfg_file}: no 'architecture' entry; not an LDM sampling checkpoint")
+    check_fields(LDMConfig, arch, f"{cfg_file}: architecture")
+    check_fields(VQGANConfig, arch.get("vqgan", {}), f"{cfg_file}: architecture.vqgan")
+    check_fields(UNetConfig, arch.get("unet", {}), f"{cfg_file}: architecture.unet")
     try:
-        config = LDMConfig.from_dict(doc["architecture"])
-    except KeyError:
-        raise CheckpointError(f"{cfg_file}: no 'architecture' entry; not an LDM sampling checkpoint") from None
+        config = LDMConfig.from_dict(arch)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{cfg_file}: invalid architecture ({exc})") from exc
     rng = doc.get("latent_range")
     if not isinstance(rng, dict) or "min" not in rng or "max" not in rng:
         raise CheckpointError(f"{cfg_file}: no latent_range {{min, max}} (latent scaling constants)")
-    lo, hi = float(rng["min"]), float(rng["max"])
+    lo = check_number(rng["min"], f"{cfg_file}: latent_range.min")
+    hi = check_number(rng["max"], f"{cfg_file}: latent_range.max")
     if not hi > lo:
         raise CheckpointError(f"{cfg_file}: latent_range max {hi} must exceed min {lo}")
+    wavelengths = config.vqgan.wavelengths
+    if "wavelengths" in doc:
+        wavelengths = check_wavelengths(doc["wavelengths"], config.vqgan.bands, f"{cfg_file}: wavelengths")
+    check_weight_budget(cfg_file, doc, "vqgan", lambda: VQGAN(config.vqgan))
+    check_weight_budget(cfg_file, doc, "unet", lambda: UNet2D(config.unet))
+    return config, (lo, hi), tuple(float(w) for w in wavelengths)
+
+
+def _check_finite(states: dict[str, dict[str, torch.Tensor]], path: Path, doc: dict) -> None:
+    for name, state in states.items():
+        for key, t in state.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"{path / doc['weights'][name]['file']}: tensor {key!r} holds NaN or Inf: "
+                                      f"the weights are broken (a diverged training?)")
+
+
+def load_ldm(model: str | os.PathLike = "default", device: str | torch.device = "cpu") -> LoadedLDM:
+    """Load an LDM sampling checkpoint (values checked, sha256-verified, strict state-dict match) onto ``device``."""
+    from retina_fast.checkpoint import read_config
+
+    path = resolve_model(model)
+    config, (lo, hi), wavelengths = _check_ldm_doc(path, read_config(path))
+    doc, states = load_checkpoint(path, ["vqgan", "unet"])
+    _check_finite(states, path, doc)
     vqgan, unet = VQGAN(config.vqgan), UNet2D(config.unet)
     load_state_into(vqgan, states["vqgan"], str(path / doc["weights"]["vqgan"]["file"]))
     load_state_into(unet, states["unet"], str(path / doc["weights"]["unet"]["file"]))
     vqgan.to(device).eval().requires_grad_(False)
     unet.to(device).eval().requires_grad_(False)
-    wavelengths = tuple(float(w) for w in doc.get("wavelengths", config.vqgan.wavelengths))
     return LoadedLDM(config, vqgan, unet, schedule_for(config), (lo, hi), wavelengths, doc, path)
-

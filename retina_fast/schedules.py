@@ -10,7 +10,11 @@ Timestep spacing (identical in every backend; each sampler has a default, see re
 * ``linspace`` (DDIM, DDPM): t_i = round(linspace(T - 1, 0, steps))_i, descending, t_{steps-1} = 0.
   With ``steps == T`` this is every timestep T-1 .. 0, so respaced DDPM equals the full ancestral loop.
 * ``logsnr`` (DPM-Solver++): t_i = the integer timestep whose lambda = log(alpha/sigma) is nearest to
-  linspace(lambda(t_start), lambda(0), steps)_i, t_start = round(0.99 (T - 1)). The cosine schedule's
+  linspace(lambda(t_start), lambda(0), steps)_i, t_start = max(round(0.99 (T - 1)), steps - 1). Where
+  lambda changes by more than the target spacing per timestep (near both ends), nearest timesteps
+  repeat (T = 1000: from 39 steps on); those are made distinct with the fewest moves:
+  t_i = min(t_i, t_start - i), then from the end t_i = max(t_i, t_{i+1} + 1). A run without repeats is
+  unchanged, and every steps in 1..T gives distinct descending timesteps from t_start to 0. The cosine schedule's
   last 1 % of timesteps have alpha_bar down to 1e-10 (lambda -> -11); a single solver step across them
   dominates the error of a 10-20 step run (measured on a Gaussian with an exact denoiser: std error
   +36 % at 10 steps with ``linspace``, +3 % with ``logsnr``).
@@ -68,9 +72,12 @@ def timesteps_for(steps: int, num_timesteps: int, spacing: str = "linspace",
             raise ValueError("logsnr spacing needs the schedule")
         ab = schedule.alphas_cumprod.numpy()
         lam = 0.5 * np.log(ab / (1.0 - ab))
-        t_start = int(round(0.99 * (num_timesteps - 1)))
+        t_start = max(int(round(0.99 * (num_timesteps - 1))), steps - 1)
         targets = np.linspace(lam[t_start], lam[0], steps)
         ts = [int(np.argmin(np.abs(lam - v))) for v in targets]
+        ts = [min(t, t_start - i) for i, t in enumerate(ts)]  # room for the steps still to come
+        for i in range(steps - 2, -1, -1):  # distinct: each at least one above the next
+            ts[i] = max(ts[i], ts[i + 1] + 1)
     else:
         raise ValueError(f"unknown spacing {spacing!r}; choose from {SPACINGS}")
     if len(set(ts)) != steps:

@@ -3,24 +3,30 @@
 Layout of a run directory::
 
     run.json                 the run's identity (model, config sha256, seed, n, steps, sampler, eta,
-                             backend, dtype, shard size, format, wavelengths): resume refuses a mismatch
+                             backend, dtype, shard size, format, wavelengths, batch size where the
+                             backend's images depend on it): resume refuses a mismatch
     shard-00000.npy|tif|h5   images [0, S) as (count, bands, H, W) float32 reflectance
     shard-00000.done.json    written after the shard (atomically): first, count, file, sha256
     manifest.json            written when every shard is done: the shard list with hashes
     preview.png              optional contact sheet of the first images
 
 A shard counts as done only when its ``.done.json`` exists and the file's sha256 matches it, so a run
-killed at any instant resumes with no duplicates and no gaps. Under torchrun, shard k belongs to rank
-k mod world_size; image i is a pure function of (seed, i), so the union of the ranks' shards equals the
-single-process run.
+killed at any instant resumes with no duplicates and no gaps. Reading a finished run back
+(:func:`read_shard` with the manifest's ``sha256``) hashes the bytes it has read anyway, once per shard
+read, and refuses a shard whose bytes changed. Files are created with the user's umask. Under torchrun,
+shard k belongs to rank k mod world_size; image i is drawn from (seed, i) alone and the batch size is
+fixed by run.json where it matters, so the union of the ranks' shards equals the single-process run.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -28,10 +34,19 @@ from retina_fast.files import atomic_write
 from retina_fast.io import save_cubes
 
 FORMATS = {"npy": ".npy", "tiff": ".tif", "h5": ".h5"}
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class RunMismatch(ValueError):
+class RunError(ValueError):
+    """A run directory that cannot be used as asked; the message names the file."""
+
+
+class RunMismatch(RunError):
     """--resume with arguments that differ from the run already in the directory."""
+
+
+class BadRunFile(RunError):
+    """A run file (run.json, manifest.json, a shard) is unreadable, malformed or corrupted."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +63,9 @@ class RunSpec:
     shard_size: int
     format: str
     wavelengths: tuple[float, ...]
+    # Images per sampling batch where the backend cannot promise that image i is the same whatever the
+    # batch (Runner.batch_invariant); None where it can, and in runs written before this field existed.
+    batch_size: int | None = None
 
     def shards(self) -> list[tuple[int, int, int]]:
         """(index, first image, count) for every shard of the run."""
@@ -65,33 +83,115 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_shard(path: str | Path) -> np.ndarray:
-    """(count, bands, H, W) float32 from a shard file, with a clear error naming a bad file."""
+def read_shard(path: str | Path, sha256: str | None = None) -> np.ndarray:
+    """(count, bands, H, W) float32 from a shard file, with a clear error naming a bad file.
+
+    With ``sha256`` (the manifest's record) the file is read into memory once, its hash compared and the
+    array parsed from those same bytes (:func:`retina_fast.io.load_cubes`): a modified or corrupted shard
+    raises :class:`BadRunFile`."""
     from retina_fast.io import CubeFormatError, load_cubes
 
     path = Path(path)
     if path.suffix not in FORMATS.values():
-        raise ValueError(f"{path}: unknown shard format {path.suffix!r}")
+        raise BadRunFile(f"{path}: unknown shard format {path.suffix!r}")
     try:
-        arr = load_cubes(path).data
-    except (OSError, CubeFormatError) as exc:
-        raise ValueError(f"{path}: unreadable shard ({exc})") from exc
+        arr = load_cubes(path, sha256=sha256).data
+    except OSError as exc:
+        raise BadRunFile(f"{path}: cannot read shard ({exc.strerror or exc})") from exc
+    except CubeFormatError as exc:
+        hint = ("; run `retina-fast sample ... --resume` with the run's settings to draw it again"
+                if "sha256" in str(exc) else "")
+        raise BadRunFile(f"{path}: unreadable shard ({exc}){hint}") from exc
     if arr.ndim != 4:
-        raise ValueError(f"{path}: expected a (count, bands, H, W) float32 shard, got {arr.dtype} {arr.shape}")
+        raise BadRunFile(f"{path}: expected a (count, bands, H, W) float32 shard, got {arr.dtype} {arr.shape}")
     return arr
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRunFile(f"{path}: not valid JSON (not UTF-8 text)") from exc
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise BadRunFile(f"{path}: not valid JSON ({exc}); the file is truncated or corrupt") from exc
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _spec_problem(key: str, value: Any) -> str | None:
+    """Why ``value`` is not a valid ``key`` of run.json (None when it is)."""
+    from retina_fast.samplers import SAMPLERS
+
+    if key in ("model", "backend", "dtype"):
+        return None if isinstance(value, str) and value else "must be a non-empty string"
+    if key == "model_sha256":
+        return None if isinstance(value, str) and _SHA256.match(value) else "must be a 64-digit hex sha256"
+    if key == "seed":
+        return None if _is_int(value) and -2**63 <= value < 2**64 else "must be an integer that fits in 64 bits"
+    if key in ("n", "steps", "shard_size"):
+        return None if _is_int(value) and value >= 1 else "must be a positive integer"
+    if key == "batch_size":
+        return None if value is None or (_is_int(value) and value >= 1) else "must be null or a positive integer"
+    if key == "sampler":
+        return None if value in SAMPLERS else f"must be one of {', '.join(SAMPLERS)}"
+    if key == "format":
+        return None if value in FORMATS else f"must be one of {', '.join(FORMATS)}"
+    if key == "eta":
+        return None if _is_number(value) and value >= 0 else "must be a finite number >= 0"
+    if key == "wavelengths":
+        ok = isinstance(value, list) and value and all(_is_number(w) and w > 0 for w in value)
+        return None if ok else "must be a non-empty list of positive numbers (nm)"
+    return "unknown key"
+
+
+def spec_from_dict(data: Any, path: Path) -> RunSpec:
+    """A RunSpec from run.json's content; :class:`BadRunFile` naming ``path`` and the key otherwise."""
+    if not isinstance(data, dict):
+        raise BadRunFile(f"{path}: expected a JSON object, got {type(data).__name__}")
+    fields = [f.name for f in dataclasses.fields(RunSpec)]
+    optional = {"batch_size"}  # absent in runs written before it existed
+    unknown = sorted(set(data) - set(fields))
+    missing = [k for k in fields if k not in data and k not in optional]
+    if unknown or missing:
+        parts = ([f"unknown key(s) {', '.join(unknown)}"] if unknown else []) + \
+                ([f"missing key(s) {', '.join(missing)}"] if missing else [])
+        raise BadRunFile(f"{path}: not a retina-fast run file: " + "; ".join(parts))
+    for key, value in data.items():
+        problem = _spec_problem(key, value)
+        if problem:
+            raise BadRunFile(f"{path}: {key} {problem}, got {json.dumps(value)[:80]}")
+    return RunSpec(**{**data, "wavelengths": tuple(float(w) for w in data["wavelengths"]),
+                      "eta": float(data["eta"])})
+
+
 def load_spec(out: Path) -> RunSpec | None:
+    """The RunSpec in ``out/run.json`` (None when there is none); :class:`BadRunFile` for a bad file."""
     path = out / "run.json"
     if not path.exists():
         return None
-    data = json.loads(path.read_text())
-    data["wavelengths"] = tuple(data["wavelengths"])
-    return RunSpec(**data)
+    return spec_from_dict(_read_json(path), path)
+
+
+def spec_json(spec: RunSpec) -> bytes:
+    return json.dumps(asdict(spec), indent=2, allow_nan=False).encode()
 
 
 def prepare_run(out: Path, spec: RunSpec, *, resume: bool, rank: int = 0) -> None:
     """Create the run directory (rank 0 writes run.json) or check that ``--resume`` matches it."""
+    if out.exists() and not out.is_dir():
+        raise RunMismatch(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     existing = load_spec(out)
     if existing is None:
@@ -99,14 +199,18 @@ def prepare_run(out: Path, spec: RunSpec, *, resume: bool, rank: int = 0) -> Non
         if leftovers:
             raise RunMismatch(f"{out} holds shards but no run.json: not a retina-fast run directory")
         if rank == 0:
-            atomic_write(out / "run.json", json.dumps(asdict(spec), indent=2).encode())
+            atomic_write(out / "run.json", spec_json(spec))
         return
     if not resume:
         raise RunMismatch(f"{out} already holds a run; pass --resume to finish it or choose another --out")
     if existing != spec:
-        diff = [f"{k}: {getattr(existing, k)!r} -> {getattr(spec, k)!r}" for k in asdict(spec)
-                if getattr(existing, k) != getattr(spec, k)]
-        raise RunMismatch(f"--resume with different settings than {out / 'run.json'}: " + "; ".join(diff))
+        diff = [k for k in asdict(spec) if getattr(existing, k) != getattr(spec, k)]
+        if diff == ["batch_size"] and existing.batch_size is not None:
+            raise RunMismatch(f"--resume with batch size {spec.batch_size}, but {out / 'run.json'} records "
+                              f"{existing.batch_size} and this backend's images depend on the batch size; "
+                              f"resume with --batch-size {existing.batch_size} (or without --batch-size)")
+        raise RunMismatch(f"--resume with different settings than {out / 'run.json'}: " + "; ".join(
+            f"{k}: {getattr(existing, k)!r} -> {getattr(spec, k)!r}" for k in diff))
 
 
 def shard_done(out: Path, spec: RunSpec, k: int) -> bool:
@@ -157,16 +261,36 @@ def write_manifest(out: Path, spec: RunSpec) -> Path:
         raise RuntimeError(f"{out}: shards {missing[:10]} are missing or corrupt; run again with --resume")
     manifest = {"run": asdict(spec), "shards": records, "images": spec.n}
     path = out / "manifest.json"
-    atomic_write(path, json.dumps(manifest, indent=2).encode())
+    atomic_write(path, json.dumps(manifest, indent=2, allow_nan=False).encode())
     return path
 
 
+def _record_problem(record: Any) -> str | None:
+    if not isinstance(record, dict):
+        return "a shard record is not an object"
+    for key in ("first", "count"):
+        if not _is_int(record.get(key)) or record[key] < (1 if key == "count" else 0):
+            return f"shard record {key} must be a {'positive' if key == 'count' else 'non-negative'} integer"
+    name = record.get("file")
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        return "shard record file must be a file name inside the run directory"
+    if not isinstance(record.get("sha256"), str) or not _SHA256.match(record["sha256"]):
+        return "shard record sha256 must be a 64-digit hex digest"
+    return None
+
+
 def iter_manifest(out: str | Path) -> Iterator[tuple[dict, Path]]:
-    """(shard record, shard path) for every shard of a finished run, verifying the manifest exists."""
+    """(shard record, shard path) for every shard of a finished run. The manifest is checked first
+    (:class:`BadRunFile` naming it); each record's ``sha256`` is what :func:`read_shard` verifies."""
     out = Path(out)
     path = out / "manifest.json"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no manifest (the run is unfinished or this is not a run directory)")
-    manifest = json.loads(path.read_text())
-    for record in manifest["shards"]:
-        yield record, out / record["file"]
+    manifest = _read_json(path)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise BadRunFile(f"{path}: not a retina-fast manifest (no 'shards' list)")
+    for i, record in enumerate(manifest["shards"]):
+        problem = _record_problem(record)
+        if problem:
+            raise BadRunFile(f"{path}: shard {i}: {problem}")
+    return iter([(record, out / record["file"]) for record in manifest["shards"]])

@@ -3,7 +3,8 @@
 Two sources, one IterableDataset:
 
 * a finished ``retina-fast sample`` run directory (reads manifest.json; shards are split across
-  DataLoader workers and DDP ranks, so every image is seen once per epoch), or
+  DataLoader workers and DDP ranks, so every image is seen once per epoch; each shard's bytes are
+  checked against the manifest's sha256 as they are read), or
 * sampling on the fly from a model (``SyntheticRetinaDataset.from_model``): worker w of W on rank r
   of R draws images i with (i // block) mod (W·R) == r·W + w, so the union over workers and ranks is
   exactly images 0 .. n-1 of the run with that seed.
@@ -78,7 +79,9 @@ class SyntheticRetinaDataset(IterableDataset):
             rng.shuffle(order)
         for pos in order[me::consumers]:
             record, path = self.records[pos]
-            cubes = shards.read_shard(path)
+            cubes = shards.read_shard(path, sha256=record["sha256"])  # verified: one hash per shard read
+            if len(cubes) != record["count"]:
+                raise shards.BadRunFile(f"{path}: {len(cubes)} images, the manifest records {record['count']}")
             idx = rng.permutation(len(cubes)) if self.shuffle else range(len(cubes))
             for i in idx:
                 yield torch.from_numpy(cubes[i].copy())

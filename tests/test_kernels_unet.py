@@ -35,6 +35,29 @@ def test_group_norm_silu(b, c, h, w, g, cond, act):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("b,c,h,w,g", [(2, 24, 13, 7, 4), (1, 40, 9, 11, 8), (3, 16, 29, 31, 2)])
+@pytest.mark.parametrize("mean_over_std", [100.0, 1000.0])
+@pytest.mark.parametrize("block", [64, 1024])
+def test_group_norm_silu_large_mean(b, c, h, w, g, mean_over_std, block):
+    """Groups far from zero mean (activations after a large bias): the variance must not come from
+    E[x^2] - E[x]^2, which at mean/std = 1000 leaves ~1 significant digit in fp32. Errors against float64
+    on the same fp32 input: err(kernel) <= 2 * err(torch fp32) + atol."""
+    from retina_fast.kernels.group_norm_silu import group_norm_silu
+
+    gen = torch.Generator().manual_seed(c * h + w)
+    std = 0.37
+    offset = mean_over_std * std * (1 + torch.rand(b, g, 1, generator=gen, dtype=torch.float64))
+    x = (torch.randn(b, g, c // g * h * w, generator=gen, dtype=torch.float64) * std + offset).reshape(b, c, h, w).float()
+    wt, bs = torch.randn(c, generator=gen), torch.randn(c, generator=gen)
+    sc, sh = (torch.randn(b, c, 1, 1, generator=gen) for _ in range(2))
+    exact = groupnorm_silu_ref(x.double(), g, wt.double(), bs.double(), 1e-5, sc.double(), sh.double())
+    torch_err = (groupnorm_silu_ref(x, g, wt, bs, 1e-5, sc, sh).double() - exact).abs().max().item()
+    dev = _dev()
+    out = group_norm_silu(x.to(dev), g, wt.to(dev), bs.to(dev), 1e-5, sc.to(dev), sh.to(dev), block=block)
+    err = (out.cpu().double() - exact).abs().max().item()
+    assert err <= 2 * torch_err + 1e-5, (err, torch_err)
+
+
 @pytest.mark.parametrize("b,h,n,d", [(1, 1, 1, 32), (2, 3, 59, 32), (1, 2, 97, 16), (2, 8, 64, 32)])
 def test_flash_softmax_attention(b, h, n, d):
     from retina_fast.kernels.attention import softmax_attention

@@ -178,7 +178,7 @@ def test_band_triplets_mechanics():
 @pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed")
 def test_inception_without_torchvision_is_a_clear_error(tmp_path):
     with pytest.raises(ImportError, match="torchvision"):
-        M.InceptionBandTriplets(tmp_path / "inception_v3.pth")
+        M.InceptionBandTriplets(tmp_path / "inception_v3.safetensors")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="torchvision is not installed")
@@ -192,7 +192,7 @@ def test_inception_loads_local_weights(tmp_path):
     ex = M.InceptionBandTriplets(str(path), resize=75)
     assert ex(torch.rand(2, 16, 40, 40)).shape == (2, 2048)
     with pytest.raises(FileNotFoundError):
-        M.InceptionBandTriplets(str(tmp_path / "missing.pth"))
+        M.InceptionBandTriplets(str(tmp_path / "missing.safetensors"))
 
 
 class _TinyInception(torch.nn.Module):
@@ -221,21 +221,25 @@ def test_inception_loader_with_stub_architecture(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision", tv)
     monkeypatch.setitem(sys.modules, "torchvision.models", models)
     src = _TinyInception(num_classes=10)
-    pth, st = tmp_path / "w.pth", tmp_path / "w.safetensors"
-    torch.save({"module." + k: v for k, v in src.state_dict().items()}, pth)
+    st, prefixed = tmp_path / "w.safetensors", tmp_path / "module.safetensors"
     save_file(src.state_dict(), str(st))
+    save_file({"module." + k: v.contiguous() for k, v in src.state_dict().items()}, str(prefixed))  # DataParallel
     x = torch.rand(2, 16, 20, 20)
     want = torch.stack([src.stem(2 * x[:, list(t)] - 1).mean((2, 3)) for t in M.default_triplets(16)]).mean(0)
-    for path in (pth, st):
+    for path in (st, prefixed):
         ex = M.InceptionBandTriplets(str(path), resize=20)
         torch.testing.assert_close(ex(x), want)
         assert ex.backbone.seen[0][0] == (2, 3, 20, 20) and ex.backbone.seen[0][1] >= -1.0
-    assert M.InceptionBandTriplets(str(pth), resize=31, combine="concat")(x).shape == (2, 48)
-    torch.save({"stem.weight": torch.zeros(1)}, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match="bad.pth"):
-        M.InceptionBandTriplets(str(tmp_path / "bad.pth"))
-    torch.save({"fc.weight": torch.zeros(10, 8), "fc.bias": torch.zeros(10)}, tmp_path / "partial.pth")
+    assert M.InceptionBandTriplets(str(st), resize=31, combine="concat")(x).shape == (2, 48)
+    save_file({"stem.weight": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        M.InceptionBandTriplets(str(tmp_path / "bad.safetensors"))
+    save_file({"fc.weight": torch.zeros(10, 8), "fc.bias": torch.zeros(10)}, str(tmp_path / "partial.safetensors"))
     with pytest.raises(ValueError, match="does not match"):
-        M.InceptionBandTriplets(str(tmp_path / "partial.pth"))
+        M.InceptionBandTriplets(str(tmp_path / "partial.safetensors"))
+    pth = tmp_path / "w.pth"  # pickle-based files are refused before anything is read
+    torch.save(src.state_dict(), pth)
+    with pytest.raises(ValueError, match="must be a .safetensors file"):
+        M.InceptionBandTriplets(str(pth))
     with pytest.raises(FileNotFoundError):
-        M.InceptionBandTriplets(str(tmp_path / "missing.pth"))
+        M.InceptionBandTriplets(str(tmp_path / "missing.safetensors"))

@@ -26,12 +26,12 @@ def _meta(cfg: LDMConfig) -> tuple[VQGAN, UNet2D]:
 
 # Parameter counts (millions) of VQ-GAN (autoencoder, codebook is buffers) and U-Net per preset.
 # VQ-GAN with nearest x2 + 3x3 conv upsampling (the default); the source's 4x4 transposed convs give
-# tiny 1.38 M and paper 7.07 M (test_transposed_upsampling_parameter_count).
-EXPECTED_PARAMS_M = {"tiny": (1.20, 2.41), "paper-224": (6.32, 556.37), "paper-672": (6.32, 556.37)}
+# tiny 0.33 M and paper 7.07 M (test_transposed_upsampling_parameter_count). tiny: f = 4, VQ base 16.
+EXPECTED_PARAMS_M = {"tiny": (0.29, 2.41), "paper-224": (6.32, 556.37), "paper-672": (6.32, 556.37)}
 
 
 def test_transposed_upsampling_parameter_count():
-    for name, expected in (("tiny", 1.38), ("paper-224", 7.07)):
+    for name, expected in (("tiny", 0.33), ("paper-224", 7.07)):
         cfg = dataclasses.replace(get_preset(name).vqgan, upsample="transposed")
         assert _params(VQGAN(cfg)) / 1e6 == pytest.approx(expected, abs=0.01)
 
@@ -56,7 +56,7 @@ def test_config_validation():
 
 def test_presets_and_errors():
     tiny = get_preset("tiny")
-    assert tiny.vqgan.bands == 16 and tiny.vqgan.image_size >= 128 and tiny.latent_shape == (8, 16, 16)
+    assert tiny.vqgan.bands == 16 and tiny.vqgan.image_size >= 128 and tiny.latent_shape == (8, 32, 32)
     p = get_preset("paper-224")
     assert (p.vqgan.image_size, p.vqgan.f, p.vqgan.latent_channels, p.vqgan.codebook_size) == (224, 8, 8, 1024)
     assert (p.unet.base_channels, p.unet.levels) == (512, 3)
@@ -99,8 +99,9 @@ def test_vqgan_forward_small(name):
     assert not torch.equal(vq.codebook.embedding, codes_before)        # training mode: EMA update
     (out.recon.abs().mean() + out.quant.commit_loss).backward()
     assert all(p.grad is not None for p in vq.parameters())             # straight-through to the encoder
-    assert out.recon.shape == x.shape and out.z.shape == (2, 8, 4, 6)
-    assert out.quant.indices.shape == (2, 4, 6) and out.quant.indices.dtype == torch.int64
+    h, w = 32 // cfg.f, 48 // cfg.f
+    assert out.recon.shape == x.shape and out.z.shape == (2, 8, h, w)
+    assert out.quant.indices.shape == (2, h, w) and out.quant.indices.dtype == torch.int64
     assert torch.isfinite(out.recon).all()
     vq.eval()
     with torch.no_grad():

@@ -45,6 +45,7 @@ __all__ = [
     "use_backend",
     "cpu_features",
     "cuda_device_reason",
+    "check_device",
 ]
 
 
@@ -95,6 +96,8 @@ class Backend:
         dev = torch.device(device) if device is not None else torch.device(self.devices[0])
         if dev.type not in self.devices:
             reasons.append(f"runs on {'/'.join(self.devices)}, not {dev.type}")
+        elif dev.type == "cuda" and cuda_device_reason() not in reasons + [None]:
+            reasons.append(cuda_device_reason())
         if dtype is not None and dtype not in self.dtypes:
             names_ = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             reasons.append(f"supports dtypes {names_}, not {str(dtype).replace('torch.', '')}")
@@ -128,6 +131,30 @@ def cuda_device_reason() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA GPU visible (torch.cuda.is_available() is False)"
     return None
+
+
+def check_device(device) -> torch.device | None:
+    """``device`` as a torch.device (None stays None) that this machine can run on; otherwise a one-line
+    error: a malformed name (ValueError), a device type no backend runs on, CUDA on a CPU-only torch or
+    without a GPU, or a GPU index that does not exist (BackendUnavailable)."""
+    if device is None:
+        return None
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(f"device must be a string such as 'cpu' or 'cuda:0', or a torch.device, got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {device!r} is not a device name (use cpu, cuda or cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise BackendUnavailable(f"device {dev}: retina_fast's backends run on cpu or cuda, not {dev.type}")
+    if dev.type == "cuda":
+        reason = cuda_device_reason()
+        if reason is not None:
+            raise BackendUnavailable(f"device {dev}: {reason}")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise BackendUnavailable(f"device {dev}: this machine has {count} CUDA GPU(s) (cuda:0 .. cuda:{count - 1})")
+    return dev
 
 
 def _need_triton() -> str | None:
@@ -225,10 +252,12 @@ def resolve(name: str | None = None, *, device: str | torch.device | None = None
     reasons."""
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; known: {', '.join(WORKLOADS)}")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float32) or None, got {dtype!r}")
     name = requested_name(name)
     if device is None:
         device = "cuda" if cuda_device_reason() is None else "cpu"
-    device = torch.device(device)
+    device = check_device(device)
     if name != "auto":
         backend = get(name)
         reasons = backend.not_supported_reasons(device, dtype, workload)
@@ -238,6 +267,10 @@ def resolve(name: str | None = None, *, device: str | torch.device | None = None
     candidates = sorted((b for b in _REGISTRY.values() if device.type in b.devices
                          and workload in b.workloads and b.workloads[workload].rank is not None),
                         key=lambda b: -b.workloads[workload].rank)
+    if not candidates:
+        runs_on = sorted({d for b in _REGISTRY.values() if workload in b.workloads for d in b.devices})
+        raise BackendUnavailable(f"no backend runs {workload!r} on device type {device.type!r}; they run on "
+                                 f"{', '.join(runs_on)}")
     skipped: list[str] = []
     for backend in candidates:
         reasons = backend.not_supported_reasons(device, dtype, workload)

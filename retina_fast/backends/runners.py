@@ -18,6 +18,7 @@ denoising step from a CUDA graph per batch shape (no host synchronisation inside
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -61,6 +62,9 @@ class Runner:
 
     nearest_impl = "torch"
     step_impl = "torch"
+    # True only where image i is bit-identical whatever batch it is drawn in (tested for every runner that says
+    # so: tests/test_engine.py); for the others ``retina-fast sample`` records the batch size of a run and keeps
+    # it on --resume.
     batch_invariant = False
     backend = "torch"  # the registry name this runner was built for (set by Pipeline.runner)
 
@@ -68,8 +72,10 @@ class Runner:
         self.loaded = loaded
         self.device = device
         self.dtype = dtype
-        self.unet = loaded.unet.to(device)
-        self.vqgan = loaded.vqgan.to(device)
+        # The loaded modules are shared by every runner of a pipeline: a runner for another device gets its
+        # own copy (``.to`` moves a module's parameters in place, which broke the runners built before).
+        self.unet = _on_device(loaded.unet, device)
+        self.vqgan = _on_device(loaded.vqgan, device)
 
     @torch.no_grad()
     def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -94,6 +100,24 @@ class Runner:
 
     def decode_indices(self, idx: torch.Tensor) -> torch.Tensor:
         return self.vqgan.decode_indices(idx)
+
+
+def _on_device(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` itself when all its tensors are on ``device``, else a copy there (the original untouched)."""
+    device = torch.device(device)
+    tensors = list(module.parameters()) + list(module.buffers())
+    if all(_same_device(t.device, device) for t in tensors):
+        return module
+    return copy.deepcopy(module).to(device)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    current = torch.cuda.current_device()
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
 
 
 class _DecodeIndices(torch.nn.Module):

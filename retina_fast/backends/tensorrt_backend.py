@@ -182,6 +182,7 @@ def build_engine(onnx_path: Path, spec: EngineSpec, timing_cache: Path) -> bytes
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} for {spec}")
+    timing_cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(timing_cache, bytes(cache.serialize()))
     return bytes(plan)
 
@@ -238,6 +239,7 @@ def ensure_engine(module: nn.Module, spec: EngineSpec, device: torch.device | st
         plan = bytes(engine.serialize())
     else:
         plan = build_engine(onnx_file, spec, timing_cache_path(info, cache_dir))
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, plan)
     atomic_write(meta_path, json.dumps({"weights": weights, "structure": structure, "spec": dataclasses.asdict(spec),
                                          "gpu": info.gpu_name, "capability": list(info.capability),

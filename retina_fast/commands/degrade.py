@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
 
 
 def _kinds(values: list[str]):
-    from retina_fast.cli import UserError
+    from retina_fast.errors import UserError
     from retina_fast.training.degrade import parse_kinds
 
     if len(values) == 1 and values[0] == "random":
@@ -51,7 +51,7 @@ def _read(path: Path, size: int | None):
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
-    from retina_fast.cli import UserError
+    from retina_fast.errors import UserError
 
     if not path.is_file():
         raise UserError(f"{path}: no such file")
@@ -71,7 +71,8 @@ def run(args) -> int:
     from PIL import Image
     from tqdm import tqdm
 
-    from retina_fast.cli import UserError, input_files
+    from retina_fast.cli import input_files
+    from retina_fast.errors import UserError
     from retina_fast.training.degrade import degrade, fov_mask, kinds_code
 
     if args.seed < 0:

@@ -34,7 +34,7 @@ def read_image(path: Path):
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
-    from retina_fast.cli import UserError
+    from retina_fast.errors import UserError
 
     if not path.is_file():
         raise UserError(f"{path}: no such file")
@@ -76,13 +76,44 @@ def read_image(path: Path):
     raise UserError(f"{path}: unsupported pixel type {arr.dtype} (8- or 16-bit, or float in [0, 1])")
 
 
+def _output_paths(paths: list[Path], out_dir: Path) -> list[Path]:
+    """``out_dir/<stem>.png`` per input; an output that would replace one of the inputs is refused."""
+    import os
+
+    from retina_fast.errors import UserError
+
+    targets = [out_dir / f"{p.stem}.png" for p in paths]
+    for src, dst in zip(paths, targets):
+        same = dst.exists() and os.path.samefile(src, dst)
+        if same or os.path.abspath(src) == os.path.abspath(dst):
+            raise UserError(f"{src}: the output {dst} would overwrite this input; choose another --out")
+    return targets
+
+
+def _prepare_out_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` and check that files can be created in it, before any work is done."""
+    from retina_fast.files import temp_beside
+    from retina_fast.cli import os_error_text
+    from retina_fast.errors import UserError
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} exists and is not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        temp_beside(out_dir / "probe").unlink()
+    except OSError as exc:
+        raise UserError(f"--out {out_dir}: cannot write there ({os_error_text(exc)})") from None
+
+
 def run(args) -> int:
     import numpy as np
     from PIL import Image
     from tqdm import tqdm
 
+    from retina_fast.files import atomic_path
     from retina_fast.backends import BackendUnavailable
-    from retina_fast.cli import UserError, input_files
+    from retina_fast.cli import input_files
+    from retina_fast.errors import UserError
     from retina_fast.enhance import MIN_SIDE, enhance
 
     if args.batch_size is not None and args.batch_size < 1:
@@ -94,7 +125,8 @@ def run(args) -> int:
         if p.suffix.lower() not in EXTENSIONS:
             raise UserError(f"{p}: unsupported extension (use {', '.join(EXTENSIONS)})")
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    targets = dict(zip(paths, _output_paths(paths, out_dir)))
+    _prepare_out_dir(out_dir)
     batch = max(1, args.batch_size or 4)
     bar = tqdm(total=len(paths), desc="enhance", unit="img", disable=args.quiet or len(paths) < 2)
     for start in range(0, len(paths), batch):
@@ -109,12 +141,15 @@ def run(args) -> int:
             try:
                 out = enhance(stack, model=args.model, backend=args.backend, device=args.device,
                               tile=args.tile, batch_size=args.batch_size)
-            except (ValueError, BackendUnavailable) as exc:
+            except (ValueError, TypeError, BackendUnavailable) as exc:
                 raise UserError(f"{items[0][0]}: {exc}") from None
             for (path, _), res in zip(items, out):
                 if res.dtype != np.uint8:
                     res = np.round(np.clip(res, 0, 1) * 255).astype(np.uint8)
-                Image.fromarray(res).save(out_dir / f"{path.stem}.png")
+                # written beside the target and renamed: a full disk or a kill never leaves half a file,
+                # and an earlier output of the same name stays intact until the new one is complete
+                with atomic_path(targets[path]) as tmp:
+                    Image.fromarray(res).save(tmp, format="PNG")
             bar.update(len(items))
     bar.close()
     return 0

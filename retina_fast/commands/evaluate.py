@@ -2,9 +2,10 @@
 
 Computes HS-FID (+ bootstrap interval, KID), spectral KL inside vein / artery / ONH, the MS-SSIM
 diversity gap and, with ``--train``, a nearest-neighbour authenticity check (``--val``: the
-5th-percentile rule). Writes ``REPORT/report.md``, ``REPORT/metrics.json`` and PNG plots. Folders
-hold cube files readable by ``retina_fast.io`` (``.npy .npz .tif .h5``, e.g. written by
-``retina-fast phantom`` or ``retina-fast sample``); ``<stem>_masks.npz`` next to a real cube gives
+5th-percentile rule). Writes ``REPORT/report.md``, ``REPORT/metrics.json`` and PNG plots. Each DIR
+is a folder of cube files readable by ``retina_fast.io`` (``.npy .npz .tif .h5``, e.g. written by
+``retina-fast phantom``) or a finished ``retina-fast sample`` run directory (its shards, checked
+against the manifest); ``<stem>_masks.npz`` next to a real cube gives
 its masks, otherwise the shipped structure network segments it. See ``retina_fast.evaluate``.
 """
 from __future__ import annotations
@@ -20,7 +21,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__.splitlines()[0].split(": ", 1)[1],
     )
     p.add_argument("--real", required=True, metavar="DIR", help="folder of real (held-out) cubes")
-    p.add_argument("--synthetic", required=True, metavar="DIR", help="folder of synthetic cubes")
+    p.add_argument("--synthetic", required=True, metavar="DIR",
+                   help="folder of synthetic cubes, or a retina-fast sample run directory")
     p.add_argument("--train", metavar="DIR", help="training cubes: nearest-neighbour authenticity check")
     p.add_argument("--val", metavar="DIR", help="held-out real cubes for the 5th-percentile rule (with --train; "
                                                 "may be the --real folder)")
@@ -38,7 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _check_args(args) -> None:
-    from retina_fast.cli import UserError
+    from retina_fast.errors import UserError
 
     if args.max_images is not None and args.max_images < 2:
         raise UserError(f"--max-images must be at least 2, got {args.max_images}")
@@ -58,7 +60,7 @@ def _check_args(args) -> None:
 def run(args) -> int:
     _check_args(args)
     from retina_fast.checkpoint import CheckpointError
-    from retina_fast.cli import UserError
+    from retina_fast.errors import UserError
     from retina_fast.evaluate import EvaluationError, evaluate_folders
 
     extractor = segmenter = None

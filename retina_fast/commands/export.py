@@ -58,7 +58,7 @@ def _note(message: str) -> None:
 def load_for_export(model: str, what: str):
     """The object ``export_onnx`` takes for (model, what): a loaded LDM, a stand-in built from a preset
     (random weights), or a MAGENet."""
-    from retina_fast.cli import UserError
+    from retina_fast.errors import UserError
 
     if what == "magenet":
         return _load_magenet(model)
@@ -79,7 +79,7 @@ def load_for_export(model: str, what: str):
 
 def _load_magenet(model: str):
     from retina_fast.checkpoint import load_checkpoint, load_state_into
-    from retina_fast.cli import UserError
+    from retina_fast.errors import UserError
     from retina_fast.models.magenet import MAGENET_PRESETS, MAGENet, MAGENetConfig
 
     if Path(model).is_dir():
@@ -95,7 +95,7 @@ def _load_magenet(model: str):
 
 
 def _sample_shape(loaded, what: str, size: int | None):
-    from retina_fast.cli import UserError
+    from retina_fast.errors import UserError
     from retina_fast.export import default_sample_shape
 
     shape = default_sample_shape(loaded, what)
@@ -109,7 +109,7 @@ def _sample_shape(loaded, what: str, size: int | None):
 def run_onnx(args) -> int:
     import torch
 
-    from retina_fast.cli import UserError
+    from retina_fast.errors import UserError
     from retina_fast.export import export_onnx
 
     if args.opset < 17:
@@ -131,7 +131,7 @@ def run_onnx(args) -> int:
 
 def run_tensorrt(args) -> int:
     from retina_fast import backends
-    from retina_fast.cli import UserError
+    from retina_fast.errors import UserError
 
     if not 1 <= args.min_batch <= args.opt_batch <= args.max_batch:
         raise UserError(f"need 1 <= --min-batch <= --opt-batch <= --max-batch, got "

@@ -36,7 +36,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _check_args(args) -> None:
-    from retina_fast.cli import UserError
+    from retina_fast.errors import UserError
     from retina_fast.phantom import MIN_SIZE
 
     if args.n < 1:

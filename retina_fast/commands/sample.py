@@ -22,7 +22,9 @@ def add_parser(sub) -> None:
     p.add_argument("--format", default="npy", choices=["npy", "tiff", "h5"])
     p.add_argument("--backend", default="auto")
     p.add_argument("--dtype", default="auto", choices=list(DTYPES))
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per batch (default: automatic); recorded in run.json and kept on --resume where "
+                        "the backend's images depend on the batch size")
     p.add_argument("--shard-size", type=int, default=64, help="images per shard file")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run in --out")
     p.add_argument("--preview", action="store_true", help="write preview.png of the first images")
@@ -34,16 +36,40 @@ def _config_sha(path: Path) -> str:
     return hashlib.sha256((path / "config.json").read_bytes()).hexdigest()
 
 
-def run(args) -> int:
-    import torch
-    from tqdm import tqdm
+def _check_args(args) -> None:
+    import math
 
-    from retina_fast import _env, backends, engine, shards
-    from retina_fast.cli import UserError
-    from retina_fast.modelzoo import resolve_model
+    from retina_fast.errors import UserError
 
     if args.n < 1 or args.steps < 1 or args.shard_size < 1:
         raise UserError("--n, --steps and --shard-size must be positive")
+    if not math.isfinite(args.eta) or args.eta < 0:
+        raise UserError(f"--eta must be a finite number >= 0, got {args.eta}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not -(2**63) <= args.seed < 2**64:
+        raise UserError(f"--seed must be a 64-bit integer, got {args.seed}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    if args.format != "npy":
+        import importlib.util
+
+        needs = {"tiff": "tifffile", "h5": "h5py"}[args.format]
+        if importlib.util.find_spec(needs) is None:
+            raise UserError(f"--format {args.format} needs the optional package '{needs}' (pip install {needs})")
+
+
+def run(args) -> int:
+    _check_args(args)
+    import torch
+    from tqdm import tqdm
+
+    from retina_fast import _env, backends, engine, samplers, shards
+    from retina_fast.checkpoint import CheckpointError
+    from retina_fast.errors import UserError
+    from retina_fast.modelzoo import resolve_model
+
     rank, world = _env.dist_env()
     device = None
     if world > 1:
@@ -55,44 +81,67 @@ def run(args) -> int:
             device = f"cuda:{_env.local_rank()}"
         dist.init_process_group("nccl" if use_cuda else "gloo")
     model_dir = resolve_model(args.model)
-    pipe = engine.load(str(model_dir))
+    try:
+        pipe = engine.load(str(model_dir))
+    except CheckpointError as exc:
+        raise UserError(str(exc)) from None
     dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
     try:
+        samplers.plan(args.sampler, pipe.loaded.schedule, args.steps, eta=args.eta)  # e.g. --steps above T
         runner = pipe.runner(args.backend, device, dtype)
-    except backends.BackendUnavailable as exc:
+    except (backends.BackendUnavailable, ValueError) as exc:
         raise UserError(str(exc)) from None
-    spec = shards.RunSpec(
-        model=str(model_dir), model_sha256=_config_sha(model_dir), seed=args.seed, n=args.n, steps=args.steps,
-        sampler=args.sampler, eta=args.eta, backend=runner.backend, dtype=str(runner.dtype).replace("torch.", ""),
-        shard_size=args.shard_size, format=args.format, wavelengths=tuple(float(w) for w in pipe.wavelengths))
     out = Path(args.out)
+
+    def make_spec(batch_size):
+        return shards.RunSpec(
+            model=str(model_dir), model_sha256=_config_sha(model_dir), seed=args.seed, n=args.n, steps=args.steps,
+            sampler=args.sampler, eta=args.eta, backend=runner.backend,
+            dtype=str(runner.dtype).replace("torch.", ""), shard_size=args.shard_size, format=args.format,
+            wavelengths=tuple(float(w) for w in pipe.wavelengths), batch_size=batch_size)
+
+    # Where the backend cannot promise that image i is the same in any batch, the batch size is part of
+    # the run: fixed once (the automatic choice can depend on free GPU memory), recorded in run.json, and
+    # taken from there on --resume and by the other torchrun ranks when --batch-size is not given.
+    invariant = bool(getattr(runner, "batch_invariant", False))
     # Rank 0 alone checks (or creates) the run directory, then tells the others; they only verify that
     # the run.json it wrote matches their settings. (Checking concurrently was a race: a rank that looked
     # after rank 0 had written run.json saw "already holds a run".)
-    error = None
+    error, batch, record = None, args.batch_size, None
     if rank == 0:
         try:
-            shards.prepare_run(out, spec, resume=args.resume, rank=0)
-        except shards.RunMismatch as exc:
-            error = str(exc)
+            existing = shards.load_spec(out) if args.resume and out.is_dir() else None
+            if not invariant:
+                if batch is None:
+                    batch = (existing.batch_size if existing else None) or engine.auto_batch_size(
+                        runner, min(args.n, args.shard_size))
+                # a run.json written before the batch size was recorded (null) is resumed as it was written
+                legacy = existing is not None and existing.batch_size is None and args.batch_size is None
+                record = None if legacy else batch
+            shards.prepare_run(out, make_spec(record), resume=args.resume, rank=0)
+        except (shards.RunError, OSError) as exc:
+            error = str(exc) if isinstance(exc, shards.RunError) else _os_error(exc)
     if world > 1:
-        status = [error]
+        status = [error, batch, record]
         dist.broadcast_object_list(status, src=0)
-        error = status[0]
+        error, record = status[0], status[2]
+        if args.batch_size is None:
+            batch = status[1]
         if error is None and rank != 0:
             try:
-                shards.prepare_run(out, spec, resume=True, rank=rank)
-            except shards.RunMismatch as exc:
+                shards.prepare_run(out, make_spec(record), resume=True, rank=rank)
+            except shards.RunError as exc:
                 error = f"rank {rank}: {exc}"
     if error is not None:
         raise UserError(error)
+    spec = make_spec(record)
     todo = shards.pending_images(out, spec, rank, world)
     bar = tqdm(total=todo, unit="img", desc=f"sample r{rank}" if world > 1 else "sample",
                disable=args.quiet, dynamic_ncols=True)
 
     def produce(first: int, count: int):
         return pipe.sample(count, args.steps, seed=args.seed, sampler=args.sampler, eta=args.eta,
-                           backend=args.backend, device=device, dtype=dtype, batch_size=args.batch_size,
+                           backend=args.backend, device=device, dtype=dtype, batch_size=batch,
                            first_index=first, progress=bar.update).numpy()
 
     written = shards.run_shards(out, spec, produce, rank=rank, world=world)
@@ -102,13 +151,20 @@ def run(args) -> int:
     if rank == 0:
         manifest = shards.write_manifest(out, spec)
         if args.preview:
+            from retina_fast.files import atomic_path
             from retina_fast.preview import contact_sheet
 
             first = shards.read_shard(spec.shard_path(out, 0))[:4]
-            contact_sheet(first, spec.wavelengths, path=out / "preview.png",
-                          titles=[f"image {i}" for i in range(len(first))])
+            with atomic_path(out / "preview.png") as tmp:
+                contact_sheet(first, spec.wavelengths, path=tmp, titles=[f"image {i}" for i in range(len(first))])
         print(f"{spec.n} images in {len(spec.shards())} shards -> {manifest} "
               f"({len(written)} shards written by rank 0 in this call)")
     if world > 1:
         dist.destroy_process_group()
     return 0
+
+
+def _os_error(exc: OSError) -> str:
+    from retina_fast.cli import os_error_text
+
+    return os_error_text(exc)

@@ -69,15 +69,20 @@ class BandTriplets(nn.Module):
 
 
 def _load_state_dict(path: str) -> dict:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    """Tensors of a ``.safetensors`` file. Nothing else is accepted: ``torch.load`` unpickles, and even with
+    ``weights_only=True`` the pickle machinery runs on a file the user got from somewhere (see
+    https://huggingface.co/docs/hub/security-pickle); convert a ``.pth`` once where you trust it, e.g.
+    ``safetensors.torch.save_file(torch.load(p, weights_only=True), "inception_v3.safetensors")``."""
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"{path}: weights must be a .safetensors file (pickle-based .pt/.pth files are not read; "
+                         f"convert it with safetensors.torch.save_file where you trust it)")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
+    try:
         sd = load_file(path)
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - reported with the file name
-            raise ValueError(f"{path}: cannot be read as a tensor-only state dict ({exc})") from exc
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a valid safetensors file ({exc})") from exc
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path}: expected a state dict of tensors (name -> tensor)")
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
@@ -86,8 +91,8 @@ def _load_state_dict(path: str) -> dict:
 class InceptionBandTriplets(BandTriplets):
     """Inception-v3 (torchvision architecture, local weights) applied to band triplets.
 
-    weights_path: a ``.safetensors`` file or a torchvision state-dict ``.pth`` / ``.pt`` (read with
-    ``torch.load(weights_only=True)``: tensors only, no pickled code). The weights are assumed to be
+    weights_path: a ``.safetensors`` file with torchvision's Inception-v3 state dict (pickle-based
+    ``.pth`` / ``.pt`` files are refused: convert them once, see ``_load_state_dict``). The weights are assumed to be
     torchvision's ``IMAGENET1K_V1`` port of the Google weights, which expect inputs scaled to [−1, 1]:
     each triplet in [0, data_range] is mapped by x ↦ 2x / data_range − 1 and resized bilinearly to
     ``resize`` × ``resize`` (299). Features are the 2048-d global-average-pool output (fc removed).
@@ -96,6 +101,9 @@ class InceptionBandTriplets(BandTriplets):
 
     def __init__(self, weights_path: str, bands: int = 16, triplets: Optional[Sequence[Sequence[int]]] = None,
                  combine: str = "mean", data_range: float = 1.0, resize: int = 299) -> None:
+        path = os.fspath(weights_path)
+        if not path.endswith(".safetensors"):
+            _load_state_dict(path)  # raises: the file is checked before torchvision is needed
         try:
             from torchvision.models import inception_v3
         except Exception as exc:  # noqa: BLE001 - a torchvision built for another torch raises RuntimeError
