@@ -1,4 +1,4 @@
-"""Checkpoint directories: ``config.json`` + one ``<name>.safetensors`` per module (DESIGN.md).
+"""Checkpoint directories: ``config.json`` + one ``<name>.safetensors`` per module.
 
 Layout of ``config.json``::
 

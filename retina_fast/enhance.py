@@ -392,7 +392,7 @@ def enhance(images, *, model="default", backend: str = "auto", device=None, dtyp
 
 
 class _CallableModule(types.ModuleType):
-    """``retina_fast.enhance`` is both this module and, when called, ``enhance(...)`` (DESIGN.md's API)."""
+    """``retina_fast.enhance`` is both this module and, when called, ``enhance(...)`` (the documented API)."""
 
     def __call__(self, images, **kwargs):
         return enhance(images, **kwargs)

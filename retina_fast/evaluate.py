@@ -4,7 +4,8 @@
 file, sorted by path, the first ``max_images``; bands mapped to the 16 default wavelengths), or a
 finished ``retina-fast sample`` run directory (its shards in order, each checked against the
 manifest's sha256), and
-computes the source document's four metrics (FACTS.md §1, §4) with :mod:`retina_fast.metrics`:
+computes the four metrics of the hyperspectral latent-diffusion study this package reproduces (HS-FID,
+spectral KL per structure, MS-SSIM diversity, nearest-neighbour authenticity) with :mod:`retina_fast.metrics`:
 
 * **HS-FID**: Fréchet distance of structure-network features (the shipped 128-d extractor unless
   another is given), with a percentile bootstrap interval and bias estimate, and KID alongside

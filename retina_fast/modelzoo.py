@@ -8,7 +8,7 @@ A *model* argument is one of
 * a checkpoint directory path (``config.json`` + ``vqgan.safetensors`` + ``unet.safetensors``), e.g. the
   ``final/`` directory written by ``retina-fast train ldm``.
 
-An LDM checkpoint (DESIGN.md "Checkpoint format", written with ``retina_fast.checkpoint``) stores in
+An LDM checkpoint (written with ``retina_fast.checkpoint``) stores in
 ``config.json``: ``architecture`` (``LDMConfig.to_dict()``), ``preset``, ``wavelengths`` (nm, one per band),
 ``latent_range`` ({"min", "max"} of the codebook: the latent scaling constants), ``normalisation`` and
 ``provenance``; ``vqgan.safetensors`` holds the autoencoder + codebook and ``unet.safetensors`` the EMA

@@ -1,6 +1,6 @@
 """Deterministic noise: Philox4x32-10, bit-compatible with ``triton.language.randn``.
 
-The contract (DESIGN.md, "Noise contract")::
+The noise contract::
 
     randn(seed, shape, offset=k) == tl.randn(seed, k + arange(numel)).reshape(shape)
 

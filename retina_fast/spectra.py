@@ -17,7 +17,8 @@ Whole-blood absorption for haemoglobin concentration ``c`` (g/L) and oxygen satu
 
     mu_a(lambda, S) = ln(10) * c / 64500 * (S * eps_HbO2(lambda) + (1 - S) * eps_Hb(lambda))   [cm^-1]
 
-With c = 150 g/L this reproduces FACTS.md section 5 (e.g. 178 / 220 cm^-1 at 560 nm for S = 0.97 / 0.60,
+With c = 150 g/L this reproduces the whole-blood values of Prahl's compilation (Oregon Medical Laser Center,
+"Optical absorption of hemoglobin", 1999; e.g. 178 / 220 cm^-1 at 560 nm for S = 0.97 / 0.60,
 19 / 42 at 600 nm, 6.3 / 5.5 at 900 nm). Isosbestic points of the table (eps_HbO2 = eps_Hb) lie near
 452, 500, 529, 545, 570, 584 and 797 nm.
 

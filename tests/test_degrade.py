@@ -61,7 +61,7 @@ def test_numpy_uint8_float_and_batch_types():
     yb, params = degrade(batch, seed=5, return_params=True)
     assert yb.shape == batch.shape and yb.dtype == torch.float64 and len(params) == 2
     torch.testing.assert_close(yb[0], degrade(batch[0], seed=5))  # image 0 of a batch == single image
-    import retina_fast.training as training  # DESIGN.md's spelling: retina_fast.training.degrade(...)
+    import retina_fast.training as training  # the documented spelling: retina_fast.training.degrade(...)
     torch.testing.assert_close(training.degrade(x, seed=5), degrade(x, seed=5))
     with pytest.raises(ValueError):
         degrade(torch.rand(4, 8, 8), seed=0)

@@ -11,7 +11,8 @@ import torch
 
 from retina_fast import _ext, noise
 
-# Random123 known-answer vectors (FACTS.md §3): counter, key -> output
+# Random123 known-answer vectors (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011;
+# kat_vectors of the Random123 distribution): counter, key -> output
 KAT = [
     ([0, 0, 0, 0], [0, 0], [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
     ([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2, [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),

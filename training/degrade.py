@@ -310,7 +310,7 @@ def degrade(image, *, seed, kinds: str | Sequence[str] = DEGRADATION_KINDS, mode
 
 
 class _CallableModule(types.ModuleType):
-    """DESIGN.md names the function ``retina_fast.training.degrade(image, ...)`` while this module is
+    """The documented API names the function ``retina_fast.training.degrade(image, ...)`` while this module is
     ``retina_fast.training.degrade``: calling the module calls ``degrade``, so both spellings work
     without the package shadowing its own submodule."""
 

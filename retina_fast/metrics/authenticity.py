@@ -5,7 +5,9 @@ For every synthetic image s, in pixel space (flattened, L2) and optionally in a 
     d1(s) = min_t ‖s − t‖,  d2(s) = second smallest distance over training images t,
     ratio(s) = d1 / d2  (0 when d2 = 0, i.e. s equals duplicated training images).
 
-Rules (FACTS.md §4):
+Rules (the ratio test of Yoon et al., "Diffusion probabilistic models generalize when they fail to
+memorize", ICML 2023 workshop; the percentile rule is the distance-to-closest-record check of synthetic-data
+privacy evaluations):
 - ratio test: flag s when ratio(s) < ``ratio`` (1/3): s is far closer to one training image than to
   any other, the signature of a copy;
 - percentile rule (needs ``val``): flag s when d1(s) < the ``percentile``-th (5th) percentile of the

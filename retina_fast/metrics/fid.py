@@ -11,7 +11,8 @@ values. The trace is taken through a similar symmetric PSD matrix instead:
     tr (Σ1 Σ2)^{1/2} = Σ_i sqrt(λ_i),   λ = eigvalsh(Σ1^{1/2} Σ2 Σ1^{1/2}),
 
 with Σ1^{1/2} = V diag(sqrt(max(d, 0))) Vᵀ from ``eigh`` and tiny negative eigenvalues (round-off)
-clipped to 0. FD estimated from N samples is biased upward by roughly O(F/N) (FACTS.md §4): compare
+clipped to 0. FD estimated from N samples is biased upward by roughly O(F/N) (Chong & Forsyth, "Effectively unbiased FID and
+Inception Score and where to find them", CVPR 2020; Binkowski et al., ICLR 2018 for KID): compare
 only values computed with the same N and the same feature extractor, and report KID and bootstrap
 intervals alongside.
 

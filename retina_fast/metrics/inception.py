@@ -1,6 +1,6 @@
 r"""Feature extractors that apply an RGB network to band triplets of a hyperspectral cube.
 
-There is no published definition of a "hyperspectral FID" (FACTS.md §4). One of the options is to
+There is no published definition of a "hyperspectral FID" (FID: Heusel et al., NeurIPS 2017). One option is to
 feed band triplets to an ImageNet Inception-v3 as if they were RGB images:
 
     x (B, C, H, W) → for each triplet τ = (b0, b1, b2): φ(pre(x[:, τ])) ∈ R^F

@@ -1,7 +1,8 @@
 r"""Spectral KL divergence inside retinal structures (vein, artery, optic nerve head).
 
 The source document reports a "spectral KL divergence" per structure without defining it; this is
-the reading recorded in FACTS.md §4. For a structure s and band b:
+this package's reading of it (histogram KL, as for the spectra of segmented regions). For a structure s
+and band b:
 
 1. pool the reflectance of every pixel inside the structure mask over all real images → values R,
    and likewise over all synthetic images → values S;

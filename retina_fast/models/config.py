@@ -1,7 +1,7 @@
 """Model configurations: frozen dataclasses that round-trip through JSON, and the named presets.
 
 ``LDMConfig`` = ``VQGANConfig`` (autoencoder + codebook + its training losses) + ``UNetConfig``
-(latent denoiser) + the diffusion schedule. Presets (DESIGN.md):
+(latent denoiser) + the diffusion schedule. Presets:
 
 * ``tiny``      128x128x16, f = 4 -> 32x32x8 latents, codebook 1024, VQ base 16, U-Net base 32;
                 sized to train VQ-GAN + LDM on a 2-core CPU within ~2 hours.

@@ -22,7 +22,8 @@ the optic nerve head; arteries cross veins), and a pixel may belong to several s
 activations (after its last GroupNorm + SiLU), concatenated with those of the ``feature_levels - 1``
 levels above it when ``feature_levels > 1``. With the shipped configuration (channels 16, 32, 64, 128;
 ``feature_levels = 1``) that is a 128-dimensional vector per image. Spatial averaging makes it defined
-at any image size; compare HS-FID values only at equal image size and N (FACTS.md §4). GroupNorm makes
+at any image size; compare HS-FID values only at equal image size and N (FD is biased by ~1/N: Chong &
+Forsyth, CVPR 2020). GroupNorm makes
 the features nearly invariant to a global gain: measured on 200 vs 200 phantom eyes at 128 px, a gain
 of x0.9 moved HS-FID from 0.0058 to 0.0076, while a 1-px blur gave 0.13 and noise sigma 0.01 gave 0.30
 (``docs/eval/baseline_real_vs_real.md``). Spectral errors are the spectral KL's job.

@@ -1,4 +1,6 @@
-"""2D diffusion U-Net over VQ-GAN latents: a 2D reading of Medical Diffusion's Unet3D (FACTS.md §2).
+"""2D diffusion U-Net over VQ-GAN latents: a 2D reading of Medical Diffusion's Unet3D
+(Khader et al., "Denoising diffusion probabilistic models for 3D medical image generation", Sci. Rep. 13,
+7303, 2023).
 
 The source's "3D" U-Net uses depth-1 kernels on a depth-1 volume, so it is a 2D U-Net plus a
 "temporal" attention over the depth axis; at depth 1 that attention attends over a single token and
