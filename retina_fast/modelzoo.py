@@ -115,7 +115,7 @@ def resolve_model(model: str | os.PathLike = "default", kind: str = "ldm") -> Pa
     if os.sep not in name and (os.altsep is None or os.altsep not in name) and name in available_models(None):
         if name not in packaged:
             found = checkpoint_kind(WEIGHTS_DIR / name)
-            raise FileNotFoundError(f"{name!r} is a packaged {found!r} checkpoint, not {KIND_NAMES[kind]}; "
+            raise CheckpointError(f"{name!r} is a packaged {found!r} checkpoint, not {KIND_NAMES[kind]}; "
                                     f"packaged models of kind {kind}: {listed}")
         return WEIGHTS_DIR / name
     path = Path(name).expanduser()

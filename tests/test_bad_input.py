@@ -222,7 +222,7 @@ ENHANCE_API = {
     "batch True": (lambda: torch.rand(3, 32, 32), {"batch_size": True}, TypeError, "batch_size must be an int"),
     "device meta": (lambda: torch.rand(3, 32, 32), {"device": "meta"}, backends.BackendUnavailable, "meta"),
     "backend unknown": (lambda: torch.rand(3, 32, 32), {"backend": "nope"}, ValueError, "unknown backend 'nope'"),
-    "model sampler": (lambda: torch.rand(3, 32, 32), {"model": "tiny"}, CheckpointError, "not a MAGE-Net one"),
+    "model sampler": (lambda: torch.rand(3, 32, 32), {"model": "tiny"}, CheckpointError, "not a MAGE-Net model"),
     "not an image": (lambda: "photo.png", {}, TypeError, "expected a torch tensor, numpy array or PIL image"),
 }
 
