@@ -125,7 +125,7 @@ def _sample_batch(runner: Runner, coefs, seed: int, images: range, shape) -> tup
     for i, c in enumerate(coefs):
         eps = runner.denoise(x, t.fill_(c.t))
         keys = noise.derive_keys(seed, images, step=i, stream=noise.STREAM_STEP).to(dev) if c.std else None
-        x, x0_prev = runner.step(x, eps, c, x0_prev if c.cp else None, keys, True)
+        x, x0_prev = runner.step(x, eps, c, x0_prev if c.cp else None, keys, runner.loaded.clip_x0)
     if not bool(torch.isfinite(x).all()):
         raise FloatingPointError(f"non-finite latents for images {images.start}..{images.stop - 1} "
                                  f"(dtype {runner.dtype}); try dtype=torch.float32")

@@ -42,7 +42,9 @@ class LoadedLDM:
     (B, C, h, w) = (B, *config.latent_shape) in the scaled range [-1, 1]; ``schedule``: the training
     schedule (T = config.timesteps); ``latent_range``: (lo, hi) codebook min/max, z = unscale(z', lo, hi);
     ``wavelengths``: nm per output band; ``meta``: the whole ``config.json`` (provenance included);
-    ``path``: the checkpoint directory (None for a model assembled in memory, e.g. during training).
+    ``path``: the checkpoint directory (None for a model assembled in memory, e.g. during training);
+    ``clip_x0``: whether the samplers clamp their x0 prediction to [-1, 1] (config.json ``latent_clip``;
+    true for checkpoints without the key, whose latents all lie inside their range).
     """
 
     config: LDMConfig
@@ -53,6 +55,7 @@ class LoadedLDM:
     wavelengths: tuple[float, ...]
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    clip_x0: bool = True
 
     @property
     def device(self) -> torch.device:
@@ -115,11 +118,14 @@ def load_ldm(model: str | os.PathLike = "default", device: str | torch.device = 
     lo, hi = float(rng["min"]), float(rng["max"])
     if not hi > lo:
         raise CheckpointError(f"{cfg_file}: latent_range max {hi} must exceed min {lo}")
+    clip = doc.get("latent_clip", True)
+    if not isinstance(clip, bool):
+        raise CheckpointError(f"{cfg_file}: latent_clip must be true or false, got {clip!r}")
     vqgan, unet = VQGAN(config.vqgan), UNet2D(config.unet)
     load_state_into(vqgan, states["vqgan"], str(path / doc["weights"]["vqgan"]["file"]))
     load_state_into(unet, states["unet"], str(path / doc["weights"]["unet"]["file"]))
     vqgan.to(device).eval().requires_grad_(False)
     unet.to(device).eval().requires_grad_(False)
     wavelengths = tuple(float(w) for w in doc.get("wavelengths", config.vqgan.wavelengths))
-    return LoadedLDM(config, vqgan, unet, schedule_for(config), (lo, hi), wavelengths, doc, path)
+    return LoadedLDM(config, vqgan, unet, schedule_for(config), (lo, hi), wavelengths, doc, path, clip)
 

@@ -5,8 +5,9 @@ never changes an image)::
 
     x_T  = samplers.initial_latents(seed, [i0 .. i1), (C, h, w))          per-image Philox keys
     x_0  = samplers.sample(unet, x_T, samplers.plan(sampler, schedule, steps, eta),
-                           noise_fn=samplers.step_noise_fn(seed, [i0 .. i1), (C, h, w)), clip_x0=True)
-    z    = unscale_latent(x_0, lo, hi)                                     codebook min/max -> encoder range
+                           noise_fn=samplers.step_noise_fn(seed, [i0 .. i1), (C, h, w)),
+                           clip_x0=latent_clip)                          config.json, default true
+    z    = unscale_latent(x_0, lo, hi)                                     latent_range (lo, hi) of config.json
     idx  = nearest_code(z, codebook, impl="torch")                         per latent pixel
     cube = model_to_reflectance(vqgan.decode_indices(idx))                 [-1, 1] -> [0, 1], clamped
 
@@ -75,7 +76,7 @@ def sample_loaded(ldm: LoadedLDM, n: int, steps: int = 50, *, seed: int = 0, sam
         images = range(i0, min(i0 + bs, n))
         x = samplers.initial_latents(seed, images, shape, device=device)
         noise_fn = samplers.step_noise_fn(seed, images, shape, device=device)
-        x0 = samplers.sample(ldm.unet, x, coefs, noise_fn=noise_fn, clip_x0=True)
+        x0 = samplers.sample(ldm.unet, x, coefs, noise_fn=noise_fn, clip_x0=ldm.clip_x0)
         cubes.append(decode_latents(ldm, x0))
         if return_latents:
             lats.append(x0.float())
