@@ -172,7 +172,7 @@ def _sample_batch(runner: Runner, coefs, seed: int, images: range, shape) -> tup
 
     def step(i, x, eps, c, x0_prev):
         keys = noise.derive_keys(seed, images, step=i, stream=noise.STREAM_STEP).to(dev) if c.std else None
-        return runner.step(x, eps, c, x0_prev, keys, True)
+        return runner.step(x, eps, c, x0_prev, keys, runner.loaded.clip_x0)
 
     x = samplers.sample(runner.denoise, x, coefs, step=step)
     if not bool(torch.isfinite(x).all()):

@@ -42,7 +42,9 @@ class LoadedLDM:
     (B, C, h, w) = (B, *config.latent_shape) in the scaled range [-1, 1]; ``schedule``: the training
     schedule (T = config.timesteps); ``latent_range``: (lo, hi) codebook min/max, z = unscale(z', lo, hi);
     ``wavelengths``: nm per output band; ``meta``: the whole ``config.json`` (provenance included);
-    ``path``: the checkpoint directory (None for a model assembled in memory, e.g. during training).
+    ``path``: the checkpoint directory (None for a model assembled in memory, e.g. during training);
+    ``clip_x0``: whether the samplers clamp their x0 prediction to [-1, 1] (config.json ``latent_clip``;
+    true for checkpoints without the key, whose latents all lie inside their range).
     """
 
     config: LDMConfig
@@ -53,6 +55,7 @@ class LoadedLDM:
     wavelengths: tuple[float, ...]
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    clip_x0: bool = True
 
     @property
     def device(self) -> torch.device:
@@ -142,7 +145,7 @@ def schedule_for(config: LDMConfig) -> Schedule:
     return cosine_schedule(config.timesteps, config.cosine_s, config.max_beta)
 
 
-def _check_ldm_doc(path: Path, doc: dict) -> tuple[LDMConfig, tuple[float, float], tuple[float, ...]]:
+def _check_ldm_doc(path: Path, doc: dict) -> tuple[LDMConfig, tuple[float, float], tuple[float, ...], bool]:
     """The architecture, latent range and wavelengths of an LDM config.json, every value checked (type,
     range, consistency) before anything is built; CheckpointError naming the file and the field."""
     from retina_fast.config_check import check_fields, check_number, check_wavelengths, check_weight_budget
@@ -174,12 +177,15 @@ def _check_ldm_doc(path: Path, doc: dict) -> tuple[LDMConfig, tuple[float, float
     hi = check_number(rng["max"], f"{cfg_file}: latent_range.max")
     if not hi > lo:
         raise CheckpointError(f"{cfg_file}: latent_range max {hi} must exceed min {lo}")
+    clip = doc.get("latent_clip", True)
+    if not isinstance(clip, bool):
+        raise CheckpointError(f"{cfg_file}: latent_clip must be true or false, got {clip!r}")
     wavelengths = config.vqgan.wavelengths
     if "wavelengths" in doc:
         wavelengths = check_wavelengths(doc["wavelengths"], config.vqgan.bands, f"{cfg_file}: wavelengths")
     check_weight_budget(cfg_file, doc, "vqgan", lambda: VQGAN(config.vqgan))
     check_weight_budget(cfg_file, doc, "unet", lambda: UNet2D(config.unet))
-    return config, (lo, hi), tuple(float(w) for w in wavelengths)
+    return config, (lo, hi), tuple(float(w) for w in wavelengths), clip
 
 
 def _check_finite(states: dict[str, dict[str, torch.Tensor]], path: Path, doc: dict) -> None:
@@ -195,7 +201,7 @@ def load_ldm(model: str | os.PathLike = "default", device: str | torch.device = 
     from retina_fast.checkpoint import read_config
 
     path = resolve_model(model)
-    config, (lo, hi), wavelengths = _check_ldm_doc(path, read_config(path))
+    config, (lo, hi), wavelengths, clip = _check_ldm_doc(path, read_config(path))
     doc, states = load_checkpoint(path, ["vqgan", "unet"])
     _check_finite(states, path, doc)
     vqgan, unet = VQGAN(config.vqgan), UNet2D(config.unet)
@@ -203,4 +209,4 @@ def load_ldm(model: str | os.PathLike = "default", device: str | torch.device = 
     load_state_into(unet, states["unet"], str(path / doc["weights"]["unet"]["file"]))
     vqgan.to(device).eval().requires_grad_(False)
     unet.to(device).eval().requires_grad_(False)
-    return LoadedLDM(config, vqgan, unet, schedule_for(config), (lo, hi), wavelengths, doc, path)
+    return LoadedLDM(config, vqgan, unet, schedule_for(config), (lo, hi), wavelengths, doc, path, clip)

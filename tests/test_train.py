@@ -97,6 +97,19 @@ def test_ldm_resume_is_exact_and_final_loads(ldm_run, vq_run, tmp_path):
     assert prov["steps"] == 4 and "phantom" in prov["data"] and "retina-fast train ldm" in prov["command"]
     assert prov["vqgan"]["sha256"] == json.loads((vq_run / "final" / "config.json").read_text())[
         "weights"]["vqgan"]["sha256"]
+    # --latent-quantile 0.005 (the default): the latent range is the 0.5 % / 99.5 % quantiles of the cached
+    # training latents (torch.quantile as the independent reference), not the codebook's min / max
+    (cache,) = (ldm_run / "cache").glob("latents_raw_*.safetensors")
+    flat = load_file(str(cache))["latents"].flatten().double()
+    want = torch.quantile(flat, torch.tensor([0.005, 0.995], dtype=torch.float64), interpolation="nearest")
+    torch.testing.assert_close(torch.tensor(ldm.latent_range, dtype=torch.float64), want, rtol=0, atol=1e-6)
+    # the recorded commands parse again (lists such as --betas written as the CLI reads them)
+    import shlex
+
+    from retina_fast.cli import build_parser
+    for cmd in (prov["command"], prov["vqgan"]["command"]):
+        argv = shlex.split(cmd)[1:]
+        build_parser(argv).parse_args(argv)
     ema = _state(ldm_run, 4, "ema")
     for k, v in ldm.unet.state_dict().items():
         assert torch.equal(v, ema[k])

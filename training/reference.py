@@ -5,9 +5,10 @@ never changes an image)::
 
     x_T  = samplers.initial_latents(seed, [i0 .. i1), (C, h, w))          per-image Philox keys
     x_0  = samplers.sample(unet, x_T, samplers.plan(sampler, schedule, steps, eta),
-                           noise_fn=samplers.step_noise_fn(seed, [i0 .. i1), (C, h, w)), clip_x0=True)
+                           noise_fn=samplers.step_noise_fn(seed, [i0 .. i1), (C, h, w)),
+                           clip_x0=latent_clip)                          config.json, default true
     cube = Runner(ldm).decode(x_0)                                         the torch backend's decode:
-           unscale_latent (codebook min/max -> encoder range), nearest_code(impl="torch") per latent pixel,
+           unscale_latent (latent_range (lo, hi) of config.json), nearest_code(impl="torch") per latent pixel,
            vqgan.decode_indices, model_to_reflectance (the model's normalisation inverted, clamped to [0, 1])
 
 Returns cubes (n, bands, H, W) float32 (and x_0 (n, C, h, w) when ``return_latents``).
@@ -79,7 +80,7 @@ def sample_loaded(ldm: LoadedLDM, n: int, steps: int = 50, *, seed: int = 0, sam
         images = range(i0, min(i0 + bs, n))
         x = samplers.initial_latents(seed, images, shape, device=device)
         noise_fn = samplers.step_noise_fn(seed, images, shape, device=device)
-        x0 = samplers.sample(ldm.unet, x, coefs, noise_fn=noise_fn, clip_x0=True)
+        x0 = samplers.sample(ldm.unet, x, coefs, noise_fn=noise_fn, clip_x0=ldm.clip_x0)
         cubes.append(decode_latents(ldm, x0))
         if return_latents:
             lats.append(x0.float())

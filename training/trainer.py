@@ -342,5 +342,6 @@ def command_line(trainer: str, options: Mapping[str, Any], cli_keys: Iterable[st
     for key in cli_keys:
         value = options.get(key)
         if value is not None and key != "resume":
-            parts += [f"--{key.replace('_', '-')}", shlex.quote(str(value))]
+            text = ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)  # --betas
+            parts += [f"--{key.replace('_', '-')}", shlex.quote(text)]
     return " ".join(parts)
