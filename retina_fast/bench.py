@@ -131,7 +131,7 @@ def random_pipeline(preset, device=None, seed: int = 0):
     vq.requires_grad_(False)
     un.requires_grad_(False)
     loaded = types.SimpleNamespace(config=cfg, vqgan=vq, unet=un, schedule=cosine_schedule(cfg.timesteps),
-                                   latent_range=vq.latent_range(), wavelengths=cfg.vqgan.wavelengths)
+                                   latent_range=vq.latent_range(), wavelengths=cfg.vqgan.wavelengths, clip_x0=True)
     return Pipeline(loaded, f"random-{cfg.name}")
 
 

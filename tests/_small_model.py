@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import types
 from pathlib import Path
 
 import torch
@@ -36,10 +35,13 @@ def small_modules(seed: int = 0, **vq_overrides) -> tuple[LDMConfig, VQGAN, UNet
     return cfg, vqgan, unet
 
 
-def small_loaded(seed: int = 0, **vq_overrides):
+def small_loaded(seed: int = 0, latent_range=None, clip_x0: bool = True, **vq_overrides):
+    """``latent_range`` defaults to the codebook's min / max; ``clip_x0`` is config.json's ``latent_clip``."""
     cfg, vqgan, unet = small_modules(seed, **vq_overrides)
-    return types.SimpleNamespace(config=cfg, vqgan=vqgan, unet=unet, schedule=cosine_schedule(1000),
-                                 latent_range=vqgan.latent_range(), wavelengths=cfg.vqgan.wavelengths)
+    from retina_fast.modelzoo import LoadedLDM
+
+    return LoadedLDM(cfg, vqgan, unet, cosine_schedule(1000), latent_range or vqgan.latent_range(),
+                     tuple(cfg.vqgan.wavelengths), clip_x0=clip_x0)
 
 
 def save_small_checkpoint(directory: Path, seed: int = 0, **vq_overrides) -> Path:

@@ -94,3 +94,24 @@ def test_pipeline_reconstruct_is_the_vqgan_round_trip_in_reflectance(pipe):
 def test_pipeline_reconstruct_rejects_bad_input(pipe, bad, match):
     with pytest.raises(ValueError, match=match):
         pipe.reconstruct(bad)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_ext),
+                                     pytest.param("onnxruntime", marks=[needs_ext, needs_ort])])
+def test_unclipped_latents_follow_the_reference(backend):
+    """config.json ``latent_clip: false`` (latents beyond the scaling range kept): every backend leaves x0
+    unclamped as the reference does. A narrow range makes the U-Net's x0 predictions exceed [-1, 1], so
+    clamping would change the images."""
+    from retina_fast.training.reference import sample_loaded
+
+    base = small_loaded(5)
+    lo, hi = base.latent_range
+    narrow = (lo / 8, hi / 8)
+    free = Pipeline(small_loaded(5, latent_range=narrow, clip_x0=False), "unclipped")
+    ref_cube, ref_lat = sample_loaded(free.loaded, 3, 6, seed=1, return_latents=True)
+    assert float(ref_lat.abs().max()) > 1.5  # the case the flag is for
+    cube, lat = free.sample(3, 6, seed=1, backend=backend, dtype=torch.float32, return_latents=True)
+    assert relerr(lat, ref_lat) <= 1e-4 and relerr(cube, ref_cube) <= 1e-4
+    clipped = Pipeline(small_loaded(5, latent_range=narrow, clip_x0=True), "clipped")
+    _, lat_c = clipped.sample(3, 6, seed=1, backend=backend, dtype=torch.float32, return_latents=True)
+    assert float(lat_c.abs().max()) <= 1.0 + 1e-6 and relerr(lat_c, ref_lat) > 1e-2
