@@ -124,6 +124,7 @@ def save_cube(
 def _write(path: Path, kind: str, arr: np.ndarray, wl: list | None, meta: dict, stack: bool) -> None:
     """One writer for single cubes (CYX, array / dataset ``cube``) and stacks (NCYX, ``cubes``), atomic."""
     name, axes = ("cubes", "NCYX") if stack else ("cube", "CYX")
+    path.parent.mkdir(parents=True, exist_ok=True)  # a user's new output folder (a file in the way raises)
     with atomic_path(path) as tmp:
         if kind == ".npy":
             with open(tmp, "wb") as fh:

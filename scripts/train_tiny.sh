@@ -10,12 +10,12 @@ out=${1:-runs}
 resume() { [ -f "$1/checkpoints/latest" ] && echo --resume || true; }
 if [ ! -f "$out/tiny-vqgan/final/config.json" ]; then
   retina-fast train vqgan --preset tiny --data phantom --out "$out/tiny-vqgan" $(resume "$out/tiny-vqgan") \
-    --steps 5000 --batch-size 8 --lr 1e-3 --num-images 1024 --num-workers 2 --amp bf16 --normalise band \
+    --steps 5000 --batch-size 8 --lr 1e-3 --num-images 1024 --num-workers 2 --amp bf16 --normalise band --kmeans-images 64 \
     --sample-every 500 --ckpt-every 250
 fi
 if [ ! -f "$out/tiny-ldm/final/config.json" ]; then
   retina-fast train ldm --preset tiny --data phantom --vqgan "$out/tiny-vqgan" --out "$out/tiny-ldm" \
-    $(resume "$out/tiny-ldm") --steps 4500 --batch-size 32 --lr 2e-4 --num-images 1024 --amp bf16 --latent-quantile 0.005 --latent-clip off
+    $(resume "$out/tiny-ldm") --steps 4500 --batch-size 32 --lr 2e-4 --num-images 1024 --amp bf16 --latent-quantile 0.005 --latent-clip on
 fi
 mkdir -p retina_fast/weights/tiny
 rm -f retina_fast/weights/tiny/*.safetensors retina_fast/weights/tiny/config.json

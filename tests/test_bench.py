@@ -19,7 +19,8 @@ def test_step_part_reports_flops_and_checks_each_row(tmp_path):
                      "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     cfg = get_preset("tiny")
-    assert res["unet_gflop_per_image"] == pytest.approx(flops.unet_flops(cfg.unet, 16, 16) / 1e9)
+    _, h, w = cfg.latent_shape
+    assert res["unet_gflop_per_image"] == pytest.approx(flops.unet_flops(cfg.unet, h, w) / 1e9)
     assert res["decode_gflop_per_image"] == pytest.approx(flops.decode_flops(cfg.vqgan) / 1e9)
     rows = {r["name"]: r for r in res["rows"]}
     assert set(rows) == {"torch", "plain:bf16", "compile"}

@@ -54,7 +54,8 @@ def test_numpy_and_pil_round_trip(ckpt, fundus):
     out = E.enhance(arr, model=ckpt, backend="torch")
     assert out.shape == arr.shape and out.dtype == np.uint8
     outs = E.enhance(np.stack([arr, arr]), model=ckpt, backend="torch")
-    assert outs.shape == (2, 61, 59, 3) and np.array_equal(outs[0], out)
+    # eager torch is not batch invariant (~1e-7 in float), so a value at a .5 boundary may round the other way
+    assert outs.shape == (2, 61, 59, 3) and np.abs(outs[0].astype(int) - out.astype(int)).max() <= 1
     f32 = E.enhance(arr.astype(np.float32) / 255, model=ckpt, backend="torch")
     assert f32.dtype == np.float32 and f32.shape == arr.shape
     pil = E.enhance(Image.fromarray(arr), model=ckpt, backend="torch")
@@ -197,7 +198,8 @@ def test_cli(ckpt, fundus, tmp_path, capsys):
     assert main(args) == 0
     assert Image.open(out / "a.png").size == (59, 61) and Image.open(out / "c.png").size == (40, 48)
     expected = E.enhance(arr, model=ckpt, backend="torch")
-    assert np.array_equal(np.asarray(Image.open(out / "a.png")), expected)
+    # batch of 2 against 1: eager torch may round a value at a .5 boundary the other way (see above)
+    assert np.abs(np.asarray(Image.open(out / "a.png")).astype(int) - expected.astype(int)).max() <= 1
     (tmp_path / "bad.png").write_bytes(b"not an image")
     assert main(["enhance", str(tmp_path / "bad.png"), "--out", str(out), "--model", ckpt]) == 2
     err = capsys.readouterr().err

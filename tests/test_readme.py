@@ -49,6 +49,8 @@ SCALE = [
     (r"--nproc_per_node \d+", "--nproc_per_node 2"),
     (r"\bsample\(\d+, steps=\d+", "sample(2, steps=2"),
     (r"--benchmark-json=\S+", "--benchmark-disable"),  # each benchmark body runs once, nothing is timed
+    (r"--preset paper-\d+", "--preset tiny"),
+    (r"(retina-fast bench [^\n#]*\bcompile\b[^\n#]*)", r"\1 --compile-backend eager --repeats 1 "),
 ]
 # A block is quick when every size argument is at most this after scaling.
 LIMITS = [(r"--n(?:um-images)? (\d+)", 4), (r"--steps (\d+)", 4), (r"--nproc_per_node (\d+)", 2),
@@ -67,7 +69,8 @@ class Program:
 PROGRAMS = {
     "scripts/train_tiny.sh": Program(subs=[(r"--steps \d+", "--steps 2"), (r"--num-images \d+", "--num-images 8"),
                                            (r"--batch-size \d+", "--batch-size 2"),
-                                           (r"--num-workers \d+", "--num-workers 0")]),
+                                           (r"--num-workers \d+", "--num-workers 0"),
+                                           (r"--kmeans-images \d+", "--kmeans-images 2")]),
     "scripts/train_enhance_ablation.sh": Program(
         subs=[(r"--size 256 --crop 128 --batch-size 4 --eyes 48 --per-eye 4",
                "--size 64 --crop 32 --batch-size 2 --eyes 2 --per-eye 1"),
@@ -75,13 +78,23 @@ PROGRAMS = {
               (r"(-m retina_fast\.training\.eval_enhance)", r"\1 --n-test 2 --size 64")],
         env={"STEPS_RSP": "2", "STEPS": "2", "STEPS_LONG": "2", "PARALLEL": "0"}),
     "pytest benchmarks": Program(needs_in_block="--benchmark-disable"),
+    # the GPU check runs on a CPU only as its dry run (the real command is a `text` block in the README)
+    "benchmarks/gpu/run.sh": Program(needs_in_block="--dry-run"),
+    "benchmarks/gpu/gpu_check.py": Program(),
+    # paper size -> tiny, one batch size, one round, torch.compile's tracing-only backend
+    "benchmarks/bench_presets.py": Program(subs=[(r'default=\["paper-224"\]', 'default=["tiny"]'),
+                                                 (r"default=\[1, 4\]", "default=[1]"),
+                                                 (r'"--rounds", type=int, default=\d+', '"--rounds", type=int, default=1'),
+                                                 (r'default="inductor"', 'default="eager"'),
+                                                 (r"list\(sweep_grid\(\)\)", "list(sweep_grid())[:1]")]),
 }
 # Anything else that looks like a repository program is unknown (and fails): scripts, benchmarks, python files.
-PROGRAM_LIKE = re.compile(r"(?:^|[\s;&|(])((?:scripts|benchmarks)/[\w./-]+|pytest benchmarks\b|python3? [\w./-]+\.py)")
+PROGRAM_LIKE = re.compile(r"(?:^|[\s;&|(])((?:scripts|benchmarks)/[\w./-]+\.(?:sh|py)\b|pytest benchmarks\b|"
+                          r"python3? [\w./-]+\.py)")
 
 # Files a user brings along for a block (created in its directory when the block names them).
 USER_FILES = ("photo1.jpg", "photo2.png")
-COPIED = ("scripts", "benchmarks", "pyproject.toml", "setup.py", "README.md")
+COPIED = ("scripts", "benchmarks", "tests", "pyproject.toml", "setup.py", "README.md")  # tests: the GPU dry run's pytest
 
 
 @dataclass

@@ -105,9 +105,10 @@ def phase_triton(plan: Plan) -> dict:
     import torch
 
     from retina_fast import _env, bench, engine, noise, samplers
-    from retina_fast.backends.runners import CUDARunner, Runner
+    from retina_fast.backends.runners import CUDARunner, Runner, cuda_table
     from retina_fast.enhance import CUDARunner as EnhanceCUDARunner
-    from retina_fast.enhance import load_enhancer
+    from retina_fast.enhance import cuda_enhance_table, load_enhancer
+    from retina_fast.ops.table import use_table
     from retina_fast.models.magenet import ChannelAttention, channel_attention_ref
     from retina_fast.ops import sampler_step_ref
 
@@ -127,7 +128,8 @@ def phase_triton(plan: Plan) -> dict:
         t = torch.full((1,), 600)
         exact = pipe.loaded.unet(x, t)
         plain = copy.deepcopy(pipe.loaded.unet).to(bf16)(x.to(bf16), t).float()
-        eps = runner.fast_unet(x.to(bf16), t).float()       # what CUDARunner.denoise captures in its graph
+        with use_table(cuda_table()):                       # what CUDARunner.denoise captures in its graph
+            eps = runner.fast_unet(x.to(bf16), t).float()
         yard = bench.relative_l2(plain, exact)
         check("U-Net bf16 (GroupNorm+SiLU, linear and softmax attention) vs fp32", bench.relative_l2(eps, exact),
               2 * yard + 1e-3)
@@ -155,7 +157,9 @@ def phase_triton(plan: Plan) -> dict:
             w1, w2 = m.down.weight.float(), m.up.weight.float()
             want = channel_attention_ref(xa.float(), w1, w2)
             plain_err = float((channel_attention_ref(xa, m.down.weight, m.up.weight).float() - want).abs().max())
-            check(f"MAGE-Net channel attention C={c} bf16 channels-last", float((m(xa).float() - want).abs().max()),
+            with use_table(cuda_enhance_table()):            # the table the runner captures its graph with
+                got = m(xa).float()
+            check(f"MAGE-Net channel attention C={c} bf16 channels-last", float((got - want).abs().max()),
                   2 * plain_err + 1e-2)
     rec = {"checks": checks, "launches": len(launches)}
     with tempfile.TemporaryDirectory() as tmp:
