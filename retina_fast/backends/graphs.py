@@ -75,7 +75,17 @@ class FrozenGraphs:
 
 # Measured (benchmarks/bench_compile.py, one run each on the loaded 2-core AVX-512 CPU, same process,
 # interleaved medians): see the README's "frozen graphs vs torch.compile" note and the JSON it writes.
-COMPILED_VS_FROZEN: dict[str, str] = {}
+# Measured side by side (benchmarks/bench_compile.py: one process, warm-up, 5 interleaved rounds, medians; every
+# contender checked against eager fp32 first), 2-core AMD EPYC Zen 5, torch 2.13, 2026-12-03, two runs:
+# benchmarks/results/cpu-2core-amd-epyc-compile-vs-frozen.json. torch.compile = inductor with freezing.
+# The frozen graphs are kept because they were faster in both runs; torch.compile's first call also costs
+# 11-28 s against 0.5-2.3 s. Caveat: on the enhancer dynamo hit its recompile limit (8, in MAGE-Net's forward),
+# so part of that compiled run fell back to eager; an earlier measurement had compile ahead there (1.86x vs
+# 1.72x). torch.export (AOTInductor) was not measured (--skip-export).
+COMPILED_VS_FROZEN: dict[str, str] = {
+    "decoder_fp32 (shipped tiny, B = 8)": "frozen 1.21x / 1.04x over eager, torch.compile 0.92x / 0.81x",
+    "enhancer_fp32 (512 px)": "frozen 1.43x / 1.36x over eager, torch.compile 1.13x / 1.04x",
+}
 
 
 def capture_cuda_graph(fn: Callable[[torch.cuda.Stream], torch.Tensor], device: torch.device, *, warmup: int = 2,
