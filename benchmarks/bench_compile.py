@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 import warnings
@@ -19,6 +18,7 @@ import warnings
 import torch
 
 from retina_fast.backends.cpu_enhance import enhance_table
+from retina_fast.bench import interleaved
 from retina_fast.backends.graphs import FrozenGraphs, fast_copy
 from retina_fast.ops.table import use_table
 
@@ -27,18 +27,6 @@ def _timed(fn):
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0
-
-
-def _interleaved(fns: dict, rounds: int) -> dict[str, float]:
-    times = {k: [] for k in fns}
-    for f in fns.values():
-        f()
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 class _Restore(torch.nn.Module):
@@ -89,7 +77,7 @@ def run(name: str, module: torch.nn.Module, x: torch.Tensor, table, rounds: int,
         ref = module.float()(x.float()) if x.dtype != torch.float32 else module(x)
         fns, build = contenders(module, x, table, skip_export)
         err = {k: float((f().float() - ref.float()).abs().max()) for k, f in fns.items()}
-        med = _interleaved(fns, rounds)
+        med = {k: v["median_s"] for k, v in interleaved(fns, rounds).items()}
     out = {"median_s": med, "speedup_over_eager": {k: med["eager"] / v for k, v in med.items()},
            "max_abs_vs_eager_fp32": err, "build_s": build}
     print(name, json.dumps(out, indent=1), flush=True)

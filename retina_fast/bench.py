@@ -182,6 +182,7 @@ def _derived_pipeline(pipe, device: torch.device, dtype: torch.dtype, label: str
                       wrap_unet: Callable | None = None, wrap_decoder: Callable | None = None):
     """A Pipeline over the same model whose ``torch`` runner on ``device`` runs copies of the U-Net and the
     decoder at ``dtype`` as given by ``wrap_*`` (e.g. ``torch.compile``), under no_grad, fp32 in and out."""
+    from retina_fast.backends.runners import _DecodeIndices
     from retina_fast.engine import Pipeline
 
     loaded = copy.copy(pipe.loaded)
@@ -203,15 +204,6 @@ def _derived_pipeline(pipe, device: torch.device, dtype: torch.dtype, label: str
 
     runner.denoise, runner.decode_indices = denoise, decode_indices
     return derived, runner
-
-
-class _DecodeIndices(torch.nn.Module):
-    def __init__(self, vqgan: torch.nn.Module) -> None:
-        super().__init__()
-        self.vqgan = vqgan
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.vqgan.decode_indices(idx)
 
 
 def make_contender(pipe, spec: str, device=None, *, default_dtype: torch.dtype | None = None,
