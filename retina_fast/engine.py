@@ -44,7 +44,8 @@ class Pipeline:
 
         meta = dict(self.loaded.meta)
         config = {k: v for k, v in meta.items() if k not in ("format", "format_version", "provenance", "weights")}
-        config.update(model_config(self.loaded.config, self.loaded.latent_range), kind="ldm")
+        config.update(model_config(self.loaded.config, self.loaded.latent_range), kind="ldm",
+                      latent_clip=bool(self.loaded.clip_x0), latent_asinh=self.loaded.latent_asinh)
         config["wavelengths"] = list(self.wavelengths)
         provenance = dict(meta.get("provenance", {}))
         provenance.setdefault("saved_from", self.source)

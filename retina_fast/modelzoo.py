@@ -10,8 +10,9 @@ A *model* argument is one of
 
 An LDM checkpoint (written with ``retina_fast.checkpoint``) stores in
 ``config.json``: ``architecture`` (``LDMConfig.to_dict()``), ``preset``, ``wavelengths`` (nm, one per band),
-``latent_range`` ({"min", "max"} of the codebook: the latent scaling constants), ``normalisation`` and
-``provenance``; ``vqgan.safetensors`` holds the autoencoder + codebook and ``unet.safetensors`` the EMA
+``latent_range`` ({"min", "max"}: the latent scaling constants), ``latent_asinh`` (optional: the asinh
+companding scale, see ``models.vqgan.scale_latent``), ``latent_clip`` (optional, default true: the samplers
+clamp x0 to [-1, 1]), ``normalisation`` and ``provenance``; ``vqgan.safetensors`` holds the autoencoder + codebook and ``unet.safetensors`` the EMA
 weights of the denoiser. Every weights file is sha256-verified before it is parsed; nothing is unpickled.
 """
 from __future__ import annotations
@@ -40,11 +41,12 @@ class LoadedLDM:
 
     ``vqgan``: autoencoder + codebook; ``unet``: denoiser (EMA weights) predicting epsilon for latents
     (B, C, h, w) = (B, *config.latent_shape) in the scaled range [-1, 1]; ``schedule``: the training
-    schedule (T = config.timesteps); ``latent_range``: (lo, hi) codebook min/max, z = unscale(z', lo, hi);
+    schedule (T = config.timesteps); ``latent_range``: (lo, hi), z = unscale_latent(z', lo, hi, latent_asinh);
     ``wavelengths``: nm per output band; ``meta``: the whole ``config.json`` (provenance included);
     ``path``: the checkpoint directory (None for a model assembled in memory, e.g. during training);
     ``clip_x0``: whether the samplers clamp their x0 prediction to [-1, 1] (config.json ``latent_clip``;
-    true for checkpoints without the key, whose latents all lie inside their range).
+    true for checkpoints without the key, whose latents all lie inside their range); ``latent_asinh``: the
+    asinh companding scale of the latents (config.json ``latent_asinh``; None: linear scaling).
     """
 
     config: LDMConfig
@@ -56,6 +58,7 @@ class LoadedLDM:
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     clip_x0: bool = True
+    latent_asinh: float | None = None
 
     @property
     def device(self) -> torch.device:
@@ -145,8 +148,9 @@ def schedule_for(config: LDMConfig) -> Schedule:
     return cosine_schedule(config.timesteps, config.cosine_s, config.max_beta)
 
 
-def _check_ldm_doc(path: Path, doc: dict) -> tuple[LDMConfig, tuple[float, float], tuple[float, ...], bool]:
-    """The architecture, latent range and wavelengths of an LDM config.json, every value checked (type,
+def _check_ldm_doc(path: Path, doc: dict
+                   ) -> tuple[LDMConfig, tuple[float, float], tuple[float, ...], bool, float | None]:
+    """The architecture, latent range, wavelengths, x0 clip and asinh scale of an LDM config.json, every value checked (type,
     range, consistency) before anything is built; CheckpointError naming the file and the field."""
     from retina_fast.config_check import check_fields, check_number, check_wavelengths, check_weight_budget
     from retina_fast.models.config import UNetConfig, VQGANConfig
@@ -180,12 +184,17 @@ def _check_ldm_doc(path: Path, doc: dict) -> tuple[LDMConfig, tuple[float, float
     clip = doc.get("latent_clip", True)
     if not isinstance(clip, bool):
         raise CheckpointError(f"{cfg_file}: latent_clip must be true or false, got {clip!r}")
+    asinh = doc.get("latent_asinh")
+    if asinh is not None:
+        asinh = check_number(asinh, f"{cfg_file}: latent_asinh")
+        if not asinh > 0:
+            raise CheckpointError(f"{cfg_file}: latent_asinh must be a positive number or null, got {asinh}")
     wavelengths = config.vqgan.wavelengths
     if "wavelengths" in doc:
         wavelengths = check_wavelengths(doc["wavelengths"], config.vqgan.bands, f"{cfg_file}: wavelengths")
     check_weight_budget(cfg_file, doc, "vqgan", lambda: VQGAN(config.vqgan))
     check_weight_budget(cfg_file, doc, "unet", lambda: UNet2D(config.unet))
-    return config, (lo, hi), tuple(float(w) for w in wavelengths), clip
+    return config, (lo, hi), tuple(float(w) for w in wavelengths), clip, asinh
 
 
 def _check_finite(states: dict[str, dict[str, torch.Tensor]], path: Path, doc: dict) -> None:
@@ -201,7 +210,7 @@ def load_ldm(model: str | os.PathLike = "default", device: str | torch.device = 
     from retina_fast.checkpoint import read_config
 
     path = resolve_model(model)
-    config, (lo, hi), wavelengths, clip = _check_ldm_doc(path, read_config(path))
+    config, (lo, hi), wavelengths, clip, asinh = _check_ldm_doc(path, read_config(path))
     doc, states = load_checkpoint(path, ["vqgan", "unet"])
     _check_finite(states, path, doc)
     vqgan, unet = VQGAN(config.vqgan), UNet2D(config.unet)
@@ -209,4 +218,4 @@ def load_ldm(model: str | os.PathLike = "default", device: str | torch.device = 
     load_state_into(unet, states["unet"], str(path / doc["weights"]["unet"]["file"]))
     vqgan.to(device).eval().requires_grad_(False)
     unet.to(device).eval().requires_grad_(False)
-    return LoadedLDM(config, vqgan, unet, schedule_for(config), (lo, hi), wavelengths, doc, path, clip)
+    return LoadedLDM(config, vqgan, unet, schedule_for(config), (lo, hi), wavelengths, doc, path, clip, asinh)

@@ -35,13 +35,14 @@ def small_modules(seed: int = 0, **vq_overrides) -> tuple[LDMConfig, VQGAN, UNet
     return cfg, vqgan, unet
 
 
-def small_loaded(seed: int = 0, latent_range=None, clip_x0: bool = True, **vq_overrides):
-    """``latent_range`` defaults to the codebook's min / max; ``clip_x0`` is config.json's ``latent_clip``."""
+def small_loaded(seed: int = 0, latent_range=None, clip_x0: bool = True, latent_asinh=None, **vq_overrides):
+    """``latent_range`` defaults to the codebook's min / max; ``clip_x0`` and ``latent_asinh`` are config.json's
+    ``latent_clip`` and ``latent_asinh``."""
     cfg, vqgan, unet = small_modules(seed, **vq_overrides)
     from retina_fast.modelzoo import LoadedLDM
 
     return LoadedLDM(cfg, vqgan, unet, cosine_schedule(1000), latent_range or vqgan.latent_range(),
-                     tuple(cfg.vqgan.wavelengths), clip_x0=clip_x0)
+                     tuple(cfg.vqgan.wavelengths), clip_x0=clip_x0, latent_asinh=latent_asinh)
 
 
 def save_small_checkpoint(directory: Path, seed: int = 0, **vq_overrides) -> Path:

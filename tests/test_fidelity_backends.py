@@ -115,3 +115,28 @@ def test_unclipped_latents_follow_the_reference(backend):
     clipped = Pipeline(small_loaded(5, latent_range=narrow, clip_x0=True), "clipped")
     _, lat_c = clipped.sample(3, 6, seed=1, backend=backend, dtype=torch.float32, return_latents=True)
     assert float(lat_c.abs().max()) <= 1.0 + 1e-6 and relerr(lat_c, ref_lat) > 1e-2
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_ext),
+                                     pytest.param("onnxruntime", marks=[needs_ext, needs_ort])])
+def test_companded_latents_follow_the_reference(backend, tmp_path):
+    """config.json ``latent_asinh`` (latents companded, z = C sinh(u)): every backend decodes as the
+    reference does, the value survives save_pretrained / from_pretrained, and it changes the images (so the
+    check can fail: a backend that ignored it would decode other codes)."""
+    import math
+
+    from retina_fast.training.reference import sample_loaded
+
+    base = small_loaded(6)
+    lo, hi = base.latent_range
+    comp = (math.asinh(lo / 0.5), math.asinh(hi / 0.5))
+    pipe = Pipeline(small_loaded(6, latent_range=comp, latent_asinh=0.5), "companded")
+    ref_cube, ref_lat = sample_loaded(pipe.loaded, 3, 6, seed=2, return_latents=True)
+    cube, lat = pipe.sample(3, 6, seed=2, backend=backend, dtype=torch.float32, return_latents=True)
+    assert relerr(lat, ref_lat) <= 1e-4 and relerr(cube, ref_cube) <= 1e-4
+    linear = Pipeline(small_loaded(6, latent_range=comp), "linear")
+    assert relerr(linear.sample(3, 6, seed=2, backend=backend, dtype=torch.float32), ref_cube) > 1e-2
+    again = Pipeline.from_pretrained(pipe.save_pretrained(tmp_path / "ck"))
+    assert again.loaded.latent_asinh == 0.5 and again.loaded.clip_x0 is True
+    torch.testing.assert_close(again.sample(3, 6, seed=2, backend=backend, dtype=torch.float32), cube,
+                               rtol=0, atol=1e-6)

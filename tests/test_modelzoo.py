@@ -88,3 +88,19 @@ def test_engine_side_does_not_import_training():
             "bad = [m for m in sys.modules if m.startswith('retina_fast.training')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("value,match", [(-1.0, "latent_asinh must be a positive number"),
+                                         (0, "latent_asinh must be a positive number"),
+                                         ("2", "latent_asinh must be a finite number")])
+def test_load_ldm_checks_latent_asinh(tmp_path, value, match):
+    make_checkpoint(tmp_path / "ck")
+    cfg = tmp_path / "ck" / "config.json"
+    doc = json.loads(cfg.read_text())
+    doc["latent_asinh"] = 2.0
+    cfg.write_text(json.dumps(doc))
+    assert load_ldm(tmp_path / "ck").latent_asinh == 2.0
+    doc["latent_asinh"] = value
+    cfg.write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match=match):
+        load_ldm(tmp_path / "ck")

@@ -98,7 +98,8 @@ def test_engine_is_a_drop_in_replacement_on_the_shipped_model(backend):
     vq, (lo, hi) = ldm.vqgan, ldm.latent_range
     from retina_fast.models.vqgan import unscale_latent
 
-    z_ref, z = unscale_latent(ref_lat, lo, hi), unscale_latent(lat, lo, hi)
+    a = ldm.latent_asinh
+    z_ref, z = unscale_latent(ref_lat, lo, hi, a), unscale_latent(lat, lo, hi, a)
     idx_ref, d_ref = vq.codebook_nearest(z_ref)
     idx, _ = vq.codebook_nearest(z)
     flips = idx != idx_ref

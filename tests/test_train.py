@@ -103,6 +103,7 @@ def test_ldm_resume_is_exact_and_final_loads(ldm_run, vq_run, tmp_path):
     flat = load_file(str(cache))["latents"].flatten().double()
     want = torch.quantile(flat, torch.tensor([0.005, 0.995], dtype=torch.float64), interpolation="nearest")
     torch.testing.assert_close(torch.tensor(ldm.latent_range, dtype=torch.float64), want, rtol=0, atol=1e-6)
+    assert ldm.latent_asinh is None and ldm.clip_x0 is True
     # the recorded commands parse again (lists such as --betas written as the CLI reads them)
     import shlex
 
@@ -219,3 +220,22 @@ def test_vqgan_stores_per_band_normalisation_of_its_data(vq_run, tmp_path):
     doc, _ = load_checkpoint(run / "final", [])
     assert doc["normalisation"]["reflectance_scale"] == 2.0 and doc["normalisation"]["per_band"] is False
     assert main([*VQ, "--out", str(run), "--steps", "2", "--resume", "--betas", "0.5,0.9"]) == 2
+
+
+def test_ldm_latent_asinh_range_and_config(vq_run, tmp_path, capsys):
+    """--latent-asinh C: the range is the companded quantiles (asinh is monotone, so asinh(q(z) / C)), the
+    scaled training latents are scale_latent(z, lo, hi, C), and config.json carries latent_asinh."""
+    import math
+
+    run = tmp_path / "ldm"
+    assert main([*_ldm_args(vq_run), "--out", str(run), "--steps", "2", "--latent-asinh", "0.5",
+                 "--latent-quantile", "0.01"]) == 0
+    ldm = load_ldm(run / "final")
+    assert ldm.latent_asinh == 0.5 and json.loads((run / "final" / "config.json").read_text())["latent_asinh"] == 0.5
+    (cache,) = (run / "cache").glob("latents_raw_*.safetensors")
+    flat = load_file(str(cache))["latents"].flatten().double()
+    q = torch.quantile(flat, torch.tensor([0.01, 0.99], dtype=torch.float64), interpolation="nearest")
+    want = torch.tensor([math.asinh(float(v) / 0.5) for v in q], dtype=torch.float64)
+    torch.testing.assert_close(torch.tensor(ldm.latent_range, dtype=torch.float64), want, rtol=0, atol=1e-6)
+    assert main([*_ldm_args(vq_run), "--out", str(tmp_path / "bad"), "--steps", "1", "--latent-asinh", "-1"]) == 2
+    assert "--latent-asinh must be a finite number >= 0" in capsys.readouterr().err

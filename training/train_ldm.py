@@ -33,6 +33,7 @@ seed), ``checkpoints/`` (exact resume) and ``final/``: a sampling checkpoint (vq
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0, "num_workers": 0, "num_images": 2048, "device": None, "amp": "off", "grad_clip": 1.0,
     "log_every": 25, "sample_every": 1000, "ckpt_every": 500, "vqgan": None, "ema_decay": 0.995,
     "ema_start": 200, "sample_steps": 50, "latent_quantile": 0.005, "latent_clip": "on",
+    "latent_asinh": 0.0,
 }
 FIELDS = ["epoch", "loss", "grad_norm", "lr", "s_per_step"]
 
@@ -75,6 +77,9 @@ def add_arguments(p) -> None:
     p.add_argument("--latent-clip", choices=("on", "off"),
                    help="on: clamp the scaled training latents to [-1, 1] and have the samplers clamp their x0 "
                         "prediction there; off: keep the tails beyond the range, no x0 clamp (default on)")
+    p.add_argument("--latent-asinh", type=float, metavar="C",
+                   help="compand the latents, u = asinh(z / C), before the linear scaling (tails kept inside the "
+                        "range); 0 = linear (default 0)")
 
 
 def load_vqgan(path: str | Path) -> tuple[VQGAN, dict]:
@@ -109,6 +114,10 @@ def run(args) -> int:
         opts["latent_quantile"] = 0.0  # a run started before the option: keep the codebook range
     if saved is not None and "latent_clip" not in saved:
         opts["latent_clip"] = "on"  # a run started before the option: latents clamped, x0 clipped
+    if saved is not None and "latent_asinh" not in saved:
+        opts["latent_asinh"] = 0.0  # a run started before the option: linear scaling
+    if not (math.isfinite(opts["latent_asinh"]) and opts["latent_asinh"] >= 0.0):
+        raise ValueError(f"--latent-asinh must be a finite number >= 0, got {opts['latent_asinh']}")
     if not 0.0 <= opts["latent_quantile"] < 0.5:
         raise ValueError(f"--latent-quantile must be in [0, 0.5), got {opts['latent_quantile']}")
     info = init_distributed(opts["device"])
@@ -159,7 +168,8 @@ def latent_range(vq: VQGAN, latents: torch.Tensor, q: float) -> tuple[float, flo
 
 def _latents(opts: dict, vq: VQGAN, vq_doc: dict, info: DistInfo, run_dir: Path
              ) -> tuple[torch.Tensor, tuple[float, float], str]:
-    """Scaled, clamped training latents, the scaling constants (lo, hi) and the data's description."""
+    """Scaled (companded with ``--latent-asinh``), clamped training latents, the scaling constants (lo, hi)
+    and the data's description."""
     data = load_data(opts["data"], opts["num_images"], vq.config, info, run_dir, opts["num_workers"])
     sha = vq_doc["weights"]["vqgan"]["sha256"]
     cache = run_dir / "cache" / f"latents_raw_{sha[:16]}_n{len(data)}.safetensors"
@@ -170,10 +180,12 @@ def _latents(opts: dict, vq: VQGAN, vq_doc: dict, info: DistInfo, run_dir: Path
         tmp.replace(cache)
     info.barrier()
     raw = load_file(str(cache))["latents"]
+    asinh = opts["latent_asinh"] or None
     if opts.get("latent_range") is None:
-        opts["latent_range"] = list(latent_range(vq, raw, opts["latent_quantile"]))
+        rng = latent_range(vq, raw, opts["latent_quantile"])
+        opts["latent_range"] = [math.asinh(v / asinh) for v in rng] if asinh else list(rng)
     lo, hi = opts["latent_range"]
-    scaled = scale_latent(raw, lo, hi)
+    scaled = scale_latent(raw, lo, hi, asinh)
     return (scaled.clamp_(-1.0, 1.0) if opts["latent_clip"] == "on" else scaled), (lo, hi), data.description
 
 
@@ -240,7 +252,7 @@ def _train(opts: dict, info: DistInfo, run_dir: Path, ck: Path | None) -> int:
             t_last, s_last, loss_sum, n_sum = now, done, 0.0, 0
         if info.is_main and opts["sample_every"] and (done % opts["sample_every"] == 0 or done == total):
             ldm = LoadedLDM(cfg, vq, ema.module, schedule, (lo, hi), tuple(cfg.vqgan.wavelengths),
-                            clip_x0=opts["latent_clip"] == "on")
+                            clip_x0=opts["latent_clip"] == "on", latent_asinh=opts["latent_asinh"] or None)
             _preview(ldm, run_dir / "samples" / f"step_{done:08d}.png", opts["sample_steps"])
         if done % opts["ckpt_every"] == 0 or done == total:
             if info.is_main:
@@ -253,7 +265,8 @@ def _train(opts: dict, info: DistInfo, run_dir: Path, ck: Path | None) -> int:
         cmd = command_line("ldm", opts, ["out", *DEFAULTS])
         prov = provenance(opts, total, data_desc, cmd, trainer="ldm", vqgan={"path": vq_doc["path"], "sha256":
                           opts["vqgan_sha256"], "steps": vq_prov.get("steps"), "command": vq_prov.get("command")})
-        config = {**model_config(cfg, (lo, hi)), "kind": "ldm", "latent_clip": opts["latent_clip"] == "on"}
+        config = {**model_config(cfg, (lo, hi)), "kind": "ldm", "latent_clip": opts["latent_clip"] == "on",
+                  "latent_asinh": opts["latent_asinh"] or None}
         save_checkpoint(run_dir / "final", {"vqgan": vq, "unet": ema.module}, config, prov)
     info.barrier()
     return 0

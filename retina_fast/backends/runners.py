@@ -87,7 +87,7 @@ class Runner:
     @torch.no_grad()
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         lo, hi = self.loaded.latent_range
-        z = unscale_latent(x0, lo, hi)
+        z = unscale_latent(x0, lo, hi, self.loaded.latent_asinh)
         b, c, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, c)
         idx, _ = nearest_code(flat, self.vqgan.codebook.embedding.float(), impl=self.nearest_impl)

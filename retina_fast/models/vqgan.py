@@ -47,14 +47,21 @@ __all__ = ["VQGAN", "VQGANOutput", "ResBlock", "UpConv", "scale_latent", "unscal
            "reflectance_to_model", "model_to_reflectance"]
 
 
-def scale_latent(z: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """z' = 2 (z - lo) / (hi - lo) - 1 (codebook range -> [-1, 1])."""
-    return 2.0 * (z - lo) / (hi - lo) - 1.0
+def scale_latent(z: torch.Tensor, lo: float, hi: float, asinh: float | None = None) -> torch.Tensor:
+    """z' = 2 (u - lo) / (hi - lo) - 1 with u = z, or u = asinh(z / asinh) when ``asinh`` is given.
+
+    The asinh companding (linear near 0, logarithmic in the tails) keeps a heavy-tailed latent distribution's
+    extremes inside the scaling range without squeezing its bulk: with it, (lo, hi) can span every latent
+    of the data (nothing clamped) while z' keeps a useful spread (the sinh-arcsinh family of Jones & Pewsey
+    (2009), Biometrika 96(4), used here only as a fixed invertible map)."""
+    u = torch.asinh(z / asinh) if asinh else z
+    return 2.0 * (u - lo) / (hi - lo) - 1.0
 
 
-def unscale_latent(z: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """Inverse of ``scale_latent``: z = (z' + 1) (hi - lo) / 2 + lo."""
-    return (z + 1.0) * (hi - lo) / 2.0 + lo
+def unscale_latent(z: torch.Tensor, lo: float, hi: float, asinh: float | None = None) -> torch.Tensor:
+    """Inverse of ``scale_latent``: u = (z' + 1) (hi - lo) / 2 + lo, then z = asinh * sinh(u) when companded."""
+    u = (z + 1.0) * (hi - lo) / 2.0 + lo
+    return asinh * torch.sinh(u) if asinh else u
 
 
 class VQGANOutput(NamedTuple):
