@@ -22,7 +22,6 @@ import platform
 import statistics
 import subprocess
 import time
-import types
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
@@ -130,8 +129,9 @@ def random_pipeline(preset, device=None, seed: int = 0):
         vq, un = VQGAN(cfg.vqgan).eval(), UNet2D(cfg.unet).eval()
     vq.requires_grad_(False)
     un.requires_grad_(False)
-    loaded = types.SimpleNamespace(config=cfg, vqgan=vq, unet=un, schedule=cosine_schedule(cfg.timesteps),
-                                   latent_range=vq.latent_range(), wavelengths=cfg.vqgan.wavelengths, clip_x0=True)
+    from retina_fast.modelzoo import LoadedLDM  # the real type, so a new field never goes missing here
+
+    loaded = LoadedLDM(cfg, vq, un, cosine_schedule(cfg.timesteps), vq.latent_range(), tuple(cfg.vqgan.wavelengths))
     return Pipeline(loaded, f"random-{cfg.name}")
 
 

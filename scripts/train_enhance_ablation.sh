@@ -26,6 +26,11 @@ COMMON="--size 256 --crop 128 --batch-size 4 --eyes 48 --per-eye 4 --threads 1 -
 STEPS_RSP=${STEPS_RSP:-500}
 STEPS=${STEPS:-600}
 STEPS_LONG=${STEPS_LONG:-2000}
+# Recipe options under study for never harming mild inputs (docs/enhance_eval/no_harm_study.md); off by
+# default, so that this script reproduces the shipped weights: IDENTITY_FRACTION=0.25 (identity pairs),
+# REAL_PAIRS=48 (labelled real pairs), REAL_AUGMENT=0.2 (T-MAGE-Net's widened unlabelled real domain).
+IDENT="--identity-fraction ${IDENTITY_FRACTION:-0} --real-pairs ${REAL_PAIRS:-0}"
+AUG="--real-augment ${REAL_AUGMENT:-0}"
 PARALLEL=${PARALLEL:-1}
 mkdir -p "$RUNS"
 WALL="$RUNS/walltimes.txt"
@@ -46,16 +51,24 @@ train() {  # name kind extra-args...
 
 train rsp         rsp      --steps "$STEPS_RSP" --lr 2e-3
 long_run() {  # MAGE-Net trained longer (not part of the ablation ladder; STEPS_LONG=0 skips it)
-  [[ "$STEPS_LONG" -gt 0 ]] && train magenet-long magenet --steps "$STEPS_LONG" --rsp-init "$RUNS/rsp/final"
+  [[ "$STEPS_LONG" -gt 0 ]] && train magenet-long magenet --steps "$STEPS_LONG" --rsp-init "$RUNS/rsp/final" $IDENT
   return 0
 }
 pid=""
 if [[ "$PARALLEL" == 1 ]]; then long_run & pid=$!; fi
-train stage1-only magenet  --steps "$STEPS" --stage1-only
-train no-rsp      magenet  --steps "$STEPS" --no-rsp
-train magenet     magenet  --steps "$STEPS" --rsp-init "$RUNS/rsp/final"
-train tmagenet    tmagenet --steps "$STEPS" --rsp-init "$RUNS/rsp/final" --unlabelled-batch-size 2 \
-                           --real-images 48 --ema 0.99 --warmup 0.3 --consistency-weight 1.0 --noise-std 0.05
+if [[ "$PARALLEL" == 1 && "$STEPS_LONG" -le 0 ]]; then  # no long run: the two halves of the ladder side by side
+  { train stage1-only magenet --steps "$STEPS" --stage1-only $IDENT
+    train tmagenet tmagenet --steps "$STEPS" --rsp-init "$RUNS/rsp/final" --unlabelled-batch-size 2 $IDENT $AUG \
+      --real-images 48 --ema 0.99 --warmup 0.3 --consistency-weight 1.0 --noise-std 0.05; } & pid=$!
+  train no-rsp  magenet --steps "$STEPS" --no-rsp $IDENT
+  train magenet magenet --steps "$STEPS" --rsp-init "$RUNS/rsp/final" $IDENT
+else
+  train stage1-only magenet  --steps "$STEPS" --stage1-only $IDENT
+  train no-rsp      magenet  --steps "$STEPS" --no-rsp $IDENT
+  train magenet     magenet  --steps "$STEPS" --rsp-init "$RUNS/rsp/final" $IDENT
+  train tmagenet    tmagenet --steps "$STEPS" --rsp-init "$RUNS/rsp/final" --unlabelled-batch-size 2 $IDENT $AUG \
+                             --real-images 48 --ema 0.99 --warmup 0.3 --consistency-weight 1.0 --noise-std 0.05
+fi
 if [[ -n "$pid" ]]; then wait "$pid"; else long_run; fi
 
 t0=$(date +%s)

@@ -88,10 +88,14 @@ def test_fused_enhance_ops_reject_bad_inputs():
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
-@pytest.mark.parametrize("config", [MAGENetConfig(), MAGENetConfig(use_rsp=False), MAGENetConfig(stage1_only=True)])
+@pytest.mark.parametrize("config", [MAGENetConfig(), MAGENetConfig(use_rsp=False), MAGENetConfig(stage1_only=True),
+                                    MAGENetConfig(output_gate=True)])
 def test_accelerated_magenet_matches_the_reference_in_fp32(config):
     torch.manual_seed(0)
     net = MAGENet(config).eval()
+    if config.output_gate:  # a gate that varies over the image (it starts constant)
+        torch.nn.init.normal_(net.gate.weight, std=0.3)
+        torch.nn.init.normal_(net.gate.bias, std=1.0)
     fast = copy.deepcopy(net).to(memory_format=torch.channels_last)
     x = torch.rand(2, 3, 45, 37)
     with torch.no_grad():

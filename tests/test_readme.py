@@ -75,7 +75,8 @@ PROGRAMS = {
         subs=[(r"--size 256 --crop 128 --batch-size 4 --eyes 48 --per-eye 4",
                "--size 64 --crop 32 --batch-size 2 --eyes 2 --per-eye 1"),
               (r"--real-images \d+", "--real-images 2"),
-              (r"(-m retina_fast\.training\.eval_enhance)", r"\1 --n-test 2 --size 64")],
+              (r"(-m retina_fast\.training\.eval_enhance)",
+               r"\1 --n-test 2 --size 64 --kind-size 64 --test-seeds 0 --val-seeds 10")],
         env={"STEPS_RSP": "2", "STEPS": "2", "STEPS_LONG": "2", "PARALLEL": "0"}),
     "pytest benchmarks": Program(needs_in_block="--benchmark-disable"),
     # the GPU check runs on a CPU only as its dry run (the real command is a `text` block in the README)

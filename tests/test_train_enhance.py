@@ -138,11 +138,59 @@ def test_eval_report_and_ship(tmp_path, rsp_run):
                               ("magenet", "magenet", []), ("tmagenet", "tmagenet", [])):
         T.run(_args(kind, "--out", str(runs / name), "--steps", "1", *flags))
     eval_enhance.main(["--runs", str(runs), "--out", str(tmp_path / "doc"), "--n-test", "2", "--size", "48",
-                       "--ship-to", str(tmp_path / "ship")])
+                       "--kind-size", "64", "--test-seeds", "0", "--val-seeds", "10", "--ship-to", str(tmp_path / "ship")])
     md = (tmp_path / "doc" / "ablation.md").read_text()
     for label in ("Degraded input", "CLAHE", "Stage-1 only", "MAGE-Net w/o RSP", "| MAGE-Net |", "T-MAGE-Net"):
         assert label in md
     assert (tmp_path / "doc" / "examples.png").is_file() and (tmp_path / "doc" / "ablation.json").is_file()
+    assert "Per degradation kind" in md and (tmp_path / "doc" / "kinds.png").is_file()
+    import json
+
+    res = json.loads((tmp_path / "doc" / "ablation.json").read_text())
+    assert set(res["kinds"]) == set(res["validation"]) == {"Stage-1 only", "MAGE-Net w/o RSP", "MAGE-Net", "T-MAGE-Net"}
+    assert len(res["kinds"]["MAGE-Net"]["rows"]) == 8  # the clean photograph + seven combinations
     doc, states = load_checkpoint(tmp_path / "ship")
     assert set(states) == {"model"} and "selection" in doc["provenance"]
     assert (tmp_path / "ship" / "TRAINING.md").is_file() and (tmp_path / "ship" / "log.csv").is_file()
+    val = {k: v["score"] for k, v in res["validation"].items() if k in ("MAGE-Net", "T-MAGE-Net")}
+    best = max(val, key=lambda k: (val[k][0], round(val[k][1], 2), k == "T-MAGE-Net"))
+    assert doc["provenance"]["selection"].startswith(best + ":")  # chosen on validation, not on the test half
+
+
+def test_identity_pairs_and_real_augment_options(tmp_path, rsp_run):
+    """--identity-fraction 1 turns every labelled input into its clean target; --real-augment widens the
+    real pool; both recorded in the options and the data description; bad values rejected."""
+    g_args = _args("magenet", "--out", str(tmp_path / "x"), "--identity-fraction", "1.0")
+    opts = {**T.DEFAULTS, **{k: v for k, v in vars(g_args).items() if v is not None}, "kind": "magenet"}
+    syn, real, desc = T._load_data(opts, progress=False)
+    assert "identity pairs" in desc and real == (None, None)
+    seen = {}
+
+    class Spy(torch.nn.Module):
+        def forward(self, x):
+            seen["x"] = x
+            raise StopIteration
+
+    with pytest.raises(StopIteration):
+        T._step(Spy(), None, opts, syn, None, 0, torch.device("cpu"))
+    g = T.step_generator(opts["seed"], 0, T._STREAM)
+    idx = torch.randint(len(syn), (opts["batch_size"],), generator=g)
+    from retina_fast.training import enhance_data
+
+    crops = enhance_data.random_crops(syn.get(idx), opts["crop"], g)
+    assert torch.equal(seen["x"], crops["y"]) and not torch.equal(crops["x"], crops["y"])
+    out = tmp_path / "t"
+    assert T.run(_args("tmagenet", "--out", str(out), "--steps", "1", "--real-augment", "0.2",
+                       "--identity-fraction", "0.5")) == 0
+    doc, _ = load_checkpoint(out / "final")
+    assert doc["provenance"]["options"]["real_augment"] == 0.2 and "augmented variants" in doc["provenance"]["data"]
+    out = tmp_path / "p"
+    assert T.run(_args("magenet", "--out", str(out), "--steps", "2", "--real-pairs", "2", "--real-pairs-batch-size", "1",
+                       "--identity-fraction", "0.5")) == 0
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert all(float(r["real_pairs"]) > 0 for r in rows)  # the real pairs' image loss is logged every step
+    doc, _ = load_checkpoint(out / "final")
+    assert "labelled real pairs: 2 variants of the real left half" in doc["provenance"]["data"]
+    for flag, bad in (("--identity-fraction", "1.5"), ("--real-augment", "-0.1"), ("--real-pairs", "-1")):
+        with pytest.raises(ValueError, match=flag):
+            T.run(_args("magenet", "--out", str(tmp_path / "bad"), "--steps", "1", flag, bad))

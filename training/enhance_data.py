@@ -41,11 +41,11 @@ import torch.nn.functional as F
 
 from retina_fast.training.degrade import degradation_combinations, degrade, fov_mask
 
-__all__ = ["SYN_TRAIN", "SYN_TEST", "REAL_TRAIN", "REAL_TEST", "TEST_EYE_OFFSET", "SPLIT_COLUMN",
+__all__ = ["SYN_TRAIN", "SYN_TEST", "REAL_TRAIN", "REAL_TEST", "REAL_PAIRS", "TEST_EYE_OFFSET", "SPLIT_COLUMN",
            "Pool", "synthetic_pairs", "synthetic_test_set", "real_image", "real_half", "degrade_half",
-           "real_unlabelled", "real_test_set", "random_crops"]
+           "real_unlabelled", "real_pairs", "real_test_set", "random_crops", "augment_real"]
 
-SYN_TRAIN, SYN_TEST, REAL_TRAIN, REAL_TEST = 0x5E1, 0x5E2, 0x4EA1, 0x4EA2  # degrade seed stream tags
+SYN_TRAIN, SYN_TEST, REAL_TRAIN, REAL_TEST, REAL_PAIRS = 0x5E1, 0x5E2, 0x4EA1, 0x4EA2, 0x4EA3  # degrade seed tags
 TEST_EYE_OFFSET = 1_000_000
 SPLIT_COLUMN = 705
 _FULL = 1411
@@ -229,21 +229,58 @@ def degrade_half(half: torch.Tensor, side: str, *, seed, kinds="random") -> torc
     return out[..., :w] if side == "left" else out[..., w:]
 
 
-def _real_pool(side: str, n: int, size: int, tag: int, cycle: bool, progress: bool) -> Pool:
+def augment_real(half: torch.Tensor, seed, amount: float) -> torch.Tensor:
+    """A photometric / geometric variant of a clean half fundus (3, H, W): a zoom onto a random window of
+    (1 − U(0, amount/2)) of its size resized back (bilinear), per-channel colour gains exp(U(−a, a)) and an
+    exposure gain exp(U(−a, a)) with a = ``amount`` (0 returns the half unchanged). The field of view is
+    kept: the surround stays black. Everything from ``np.random.default_rng(SeedSequence(seed))``."""
+    if amount <= 0:
+        return half
+    rng = np.random.default_rng(np.random.SeedSequence(list(seed)))
+    _, h, w = half.shape
+    z = 1.0 - rng.uniform(0.0, amount / 2)
+    ch, cw = max(8, round(h * z)), max(8, round(w * z))
+    top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    win = half[None, :, top:top + ch, left:left + cw]
+    out = F.interpolate(win, size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0]
+    gains = np.exp(rng.uniform(-amount, amount, 3)) * np.exp(rng.uniform(-amount, amount))
+    out = out * torch.from_numpy(gains).float().view(3, 1, 1) * fov_mask(out).float()
+    return _to_float(_to_u8(out))
+
+
+def _real_pool(side: str, n: int, size: int, tag: int, cycle: bool, progress: bool, augment: float = 0.0) -> Pool:
+    """``n`` degradations of a half; with ``augment`` each of its own ``augment_real`` variant, which is then
+    that row's target (else every row's target is the half itself)."""
     half = real_half(side, size)
     combos = degradation_combinations()
-    inputs = [_to_u8(degrade_half(half, side, seed=(tag, i), kinds=combos[i % 7] if cycle else "random"))
-              for i in _progress(range(n), progress, f"real {side} half")]
-    fov = fov_mask(half)[None, None]
-    return Pool(inputs=torch.stack(inputs), targets=_to_u8(half)[None], source=torch.zeros(n, dtype=torch.long),
-                fov=fov)
+    inputs, targets, fovs = [], [], []
+    for i in _progress(range(n), progress, f"real {side} half"):
+        clean = augment_real(half, (tag, i, 0xA6), augment)
+        inputs.append(_to_u8(degrade_half(clean, side, seed=(tag, i), kinds=combos[i % 7] if cycle else "random")))
+        if augment > 0 or i == 0:
+            targets.append(_to_u8(clean))
+            fovs.append(fov_mask(clean)[None])
+    source = torch.arange(n) if augment > 0 else torch.zeros(n, dtype=torch.long)
+    return Pool(inputs=torch.stack(inputs), targets=torch.stack(targets), source=source, fov=torch.stack(fovs))
 
 
-def real_unlabelled(n: int = 64, size: int = 256, *, cache_dir=None, progress: bool = False) -> Pool:
-    """The unlabelled real domain: ``n`` random degradations of the left half (targets are kept in the
-    pool for inspection only; the trainers never read them)."""
+def real_unlabelled(n: int = 64, size: int = 256, *, augment: float = 0.0, cache_dir=None,
+                    progress: bool = False) -> Pool:
+    """The unlabelled real domain: ``n`` random degradations of the left half, each of its own
+    ``augment_real`` variant when ``augment`` > 0 (targets are kept in the pool for inspection only; the
+    trainers never read them)."""
     spec = {"kind": "real-left", "n": n, "size": size, "tag": REAL_TRAIN, "version": 1}
-    return _cached(cache_dir, spec, lambda: _real_pool("left", n, size, REAL_TRAIN, False, progress))
+    if augment > 0:
+        spec["augment"] = augment
+    return _cached(cache_dir, spec, lambda: _real_pool("left", n, size, REAL_TRAIN, False, progress, augment))
+
+
+def real_pairs(n: int = 48, size: int = 256, *, augment: float = 0.2, cache_dir=None, progress: bool = False) -> Pool:
+    """Labelled real pairs: ``n`` ``augment_real`` variants of the left half (the training half), each degraded
+    with its own random combination (seeds (REAL_PAIRS, j), a stream apart from the unlabelled pool's) and
+    paired with its clean variant as the target. The right half never enters."""
+    spec = {"kind": "real-left-pairs", "n": n, "size": size, "tag": REAL_PAIRS, "augment": augment, "version": 1}
+    return _cached(cache_dir, spec, lambda: _real_pool("left", n, size, REAL_PAIRS, False, progress, augment))
 
 
 def real_test_set(n: int = 14, size: int = 256, *, cache_dir=None, progress: bool = False) -> Pool:

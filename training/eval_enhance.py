@@ -13,9 +13,17 @@ the pretrained RSP network (RUNS/rsp) segments the phantom test images (σ(mean 
 the phantom's artery|vein mask inside the field of view, for clean, degraded, CLAHE and every variant.
 
 A run ``magenet-long`` (MAGE-Net trained longer), when present, is evaluated as an extra row.
-Writes OUT/ablation.md, OUT/ablation.json and OUT/examples.png; with ``--ship-to DIR`` also copies the
-best MAGE-Net / T-MAGE-Net run on the real half (T-MAGE-Net on a tie) to DIR as a clean checkpoint
-(``model.safetensors`` + config.json with provenance) with its ``log.csv`` and a TRAINING.md.
+
+Per degradation kind (training/enhance_kinds.py): the whole real photograph at 512 px, each of the seven
+combinations with seeds 0–3 and the clean image itself, PSNR per half; the right half is the held-out
+test, and the worst combination must not lose against its input. Model selection uses a separate
+validation split that the tables never report: the same protocol with seeds 10 and 11, scored on the
+left half only (the real training domain; T-MAGE-Net saw degraded versions of it without their labels).
+
+Writes OUT/ablation.md, OUT/ablation.json, OUT/examples.png and OUT/kinds.png; with ``--ship-to DIR``
+also copies the MAGE-Net / T-MAGE-Net run that is best on the validation split (T-MAGE-Net on a tie) to
+DIR as a clean checkpoint (``model.safetensors`` + config.json with provenance) with its ``log.csv`` and
+a TRAINING.md.
 """
 from __future__ import annotations
 
@@ -31,7 +39,7 @@ import torch
 
 from retina_fast.checkpoint import load_checkpoint, save_checkpoint
 from retina_fast.metrics import psnr, ssim
-from retina_fast.training import enhance_data
+from retina_fast.training import enhance_data, enhance_kinds
 
 __all__ = ["VARIANTS", "clahe", "evaluate", "vessel_iou", "portable_command", "main"]
 
@@ -116,7 +124,18 @@ def _run_info(path: Path) -> dict[str, Any]:
             "command": portable_command(prov.get("command"))}
 
 
-def evaluate(runs: Path, n_test: int = 14, size: int = 256, backend: str = "torch") -> dict[str, Any]:
+TEST_SEEDS, VAL_SEEDS, KIND_SIZE = (0, 1, 2, 3), (10, 11), 512
+
+
+def validation_score(table: dict[str, Any]) -> tuple[bool, float]:
+    """(no combination loses more than 1 dB on the left half, mean left-half gain over the combinations)
+    of a validation kind table; larger is better (compared as a tuple)."""
+    rows = [r for k, r in table["rows"].items() if k != "none"]
+    return (min(r["gain_left"] for r in rows) >= -1.0, sum(r["gain_left"] for r in rows) / len(rows))
+
+
+def evaluate(runs: Path, n_test: int = 14, size: int = 256, backend: str = "torch", *, kind_size: int = KIND_SIZE,
+             test_seeds=TEST_SEEDS, val_seeds=VAL_SEEDS) -> dict[str, Any]:
     """All numbers of the ablation (see the module doc) as a JSON-serialisable dict."""
     from retina_fast.enhance import enhance
 
@@ -136,8 +155,20 @@ def evaluate(runs: Path, n_test: int = 14, size: int = 256, backend: str = "torc
         runs_info[label] = _run_info(ck)
         for name, b in sets.items():
             outputs[name][label] = enhance(b["x"], model=str(ck), backend=backend)
+    test_in = enhance_kinds.kind_inputs(kind_size, test_seeds)
+    val_in = enhance_kinds.kind_inputs(kind_size, val_seeds)
+    kinds, validation = {}, {}
+    for label in runs_info:
+        ck = str(runs / {v: k for k, v in VARIANTS.items()}[label] / "final")
+        fn = lambda x, ck=ck: enhance(x, model=ck, backend=backend)  # noqa: E731
+        kinds[label] = enhance_kinds.kind_table(fn, inputs=test_in)
+        validation[label] = enhance_kinds.kind_table(fn, inputs=val_in)
     result: dict[str, Any] = {"test_sets": {}, "runs": runs_info, "backend": backend,
-                              "size": size, "n_test": n_test}
+                              "size": size, "n_test": n_test, "kind_size": kind_size,
+                              "test_seeds": list(test_seeds), "val_seeds": list(val_seeds),
+                              "kinds": {k: _public(v) for k, v in kinds.items()},
+                              "validation": {k: {**_public(v), "score": list(validation_score(v))}
+                                             for k, v in validation.items()}}
     for name, b in sets.items():
         result["test_sets"][name] = {label: _scores(y, b["y"]) for label, y in outputs[name].items()}
     rsp_ck = runs / "rsp" / "final"
@@ -149,8 +180,12 @@ def evaluate(runs: Path, n_test: int = 14, size: int = 256, backend: str = "torc
             seg[label] = vessel_iou(rsp, y, b["vessels"], b["fov"])
         result["vessel_iou"] = seg
         result["runs"]["RSP pretraining"] = _run_info(rsp_ck)
-    result["_outputs"], result["_sets"] = outputs, sets
+    result["_outputs"], result["_sets"], result["_kinds"] = outputs, sets, kinds
     return result
+
+
+def _public(table: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in table.items() if not k.startswith("_")}
 
 
 def _table(result: dict[str, Any]) -> str:
@@ -202,6 +237,8 @@ def write_report(result: dict[str, Any], out: Path) -> None:
     data = {k: v for k, v in result.items() if not k.startswith("_")}
     (out / "ablation.json").write_text(json.dumps(data, indent=1) + "\n")
     _examples(result, out / "examples.png")
+    if result.get("_kinds"):
+        enhance_kinds.kinds_figure(result["_kinds"], out / "kinds.png")
     real = result["test_sets"]["real"]
     base = real["Degraded input"]["psnr"]
     gains = ", ".join(f"{k} {v['psnr'] - base:+.2f} dB" for k, v in real.items() if k != "Degraded input")
@@ -238,25 +275,48 @@ def write_report(result: dict[str, Any], out: Path) -> None:
         "",
         "`examples.png`: two real test images; columns = " + ", ".join(result["_outputs"]["real"]) + ", ground truth.",
     ]
+    if result.get("kinds"):
+        md += ["", "## Per degradation kind: does it ever harm?", "",
+               f"The whole real photograph at {result['kind_size']} px degraded by each of the seven combinations with "
+               f"seeds {', '.join(map(str, result['test_seeds']))} (and the clean photograph itself), enhanced whole; PSNR (dB) against "
+               "the clean photograph per half, mean over the seeds. L = left half (optic disc; T-MAGE-Net's unlabelled "
+               "real training domain), R = right half (held out). Gain = output − input. Produced by "
+               "`training/enhance_kinds.py` (`python -m retina_fast.training.enhance_kinds --model DIR` prints it "
+               "for any checkpoint).", "",
+               "| Method | worst combination gain, R | worst, L | mean gain over illumination combinations, R | "
+               "clean photograph out, L / R |", "|---|---|---|---|---|"]
+        for label, t in result["kinds"].items():
+            sm = t["summary"]
+            none = t["rows"]["none"]
+            md.append(f"| {label} | {sm['worst_combination_gain_right']:+.2f} | {sm['worst_combination_gain_left']:+.2f} | "
+                      f"{sm['mean_illumination_gain_right']:+.2f} | {none['output_left']:.1f} / {none['output_right']:.1f} |")
+        md += ["", enhance_kinds.format_kind_table(result["kinds"]), "",
+               "Validation (model selection only; seeds " + ", ".join(map(str, result["val_seeds"])) + ", left half): "
+               + ", ".join(f"{k} mean gain {v['score'][1]:+.2f} dB{'' if v['score'][0] else ' (a combination loses > 1 dB)'}"
+                           for k, v in result["validation"].items()) + ".", "",
+               "`kinds.png`: rows = the clean photograph and each combination (seed 0); columns = degraded input, "
+               + ", ".join(result["kinds"]) + ", clean photograph."]
     (out / "ablation.md").write_text("\n".join(md) + "\n")
 
 
 def ship(result: dict[str, Any], runs: Path, target: Path) -> str:
-    """Copy the best MAGE-Net / T-MAGE-Net run on the real half (PSNR) to ``target``; returns its label."""
-    real = result["test_sets"]["real"]
-    cands = [label for label in SHIPPABLE if label in real]
+    """Copy the MAGE-Net / T-MAGE-Net run best on the validation split (``validation_score``, then T-MAGE-Net
+    on a tie) to ``target``; returns its label. The held-out test numbers play no part in the choice."""
+    real, val = result["test_sets"]["real"], result["validation"]
+    cands = [label for label in SHIPPABLE if label in val]
     if not cands:
         raise ValueError(f"{runs}: none of the magenet / tmagenet runs has finished")
-    label = max(cands, key=lambda k: (round(real[k]["psnr"], 2), -SHIPPABLE.index(k)))
+    label = max(cands, key=lambda k: (val[k]["score"][0], round(val[k]["score"][1], 2), -SHIPPABLE.index(k)))
     run = {v: k for k, v in VARIANTS.items()}[label]
     doc, states = load_checkpoint(runs / run / "final", ["model"])
     config = {k: v for k, v in doc.items() if k not in ("format", "format_version", "provenance", "weights")}
     config.pop("model_weights", None)
     prov = dict(doc["provenance"])
     prov["command"] = portable_command(prov.get("command"))
-    others = {k: round(v["psnr"], 2) for k, v in real.items() if k in cands}
-    prov["selection"] = (f"{label}: best real-half PSNR (dB) among {others} (T-MAGE-Net preferred on a tie); "
-                         "see docs/enhance_eval/ablation.md")
+    others = {k: round(val[k]["score"][1], 2) for k in cands}
+    prov["selection"] = (f"{label}: best mean PSNR gain (dB) on the validation split (left half of the real "
+                         f"photograph, seeds {', '.join(map(str, result['val_seeds']))}, every combination; runs losing > 1 dB on "
+                         f"one ranked last) among {others} (T-MAGE-Net preferred on a tie); see docs/enhance_eval/ablation.md")
     if target.exists():
         shutil.rmtree(target)
     save_checkpoint(target, {"model": states["model"]}, config, prov)
@@ -277,6 +337,10 @@ def ship(result: dict[str, Any], runs: Path, target: Path) -> str:
           f"- data: {prov.get('data')}",
           f"- real-half PSNR {real[label]['psnr']:.2f} dB vs degraded input {real['Degraded input']['psnr']:.2f} dB; "
           f"phantom PSNR {result['test_sets']['phantom'][label]['psnr']:.2f} dB",
+          f"- per degradation kind (held-out right half, {result['kind_size']} px, seeds "
+          f"{', '.join(map(str, result['test_seeds']))}): worst combination gain "
+          f"{result['kinds'][label]['summary']['worst_combination_gain_right']:+.2f} dB, mean gain over the "
+          f"illumination combinations {result['kinds'][label]['summary']['mean_illumination_gain_right']:+.2f} dB",
           "- files: config.json (architecture, provenance, sha256), model.safetensors, log.csv (training log)"]
     (target / "TRAINING.md").write_text("\n".join(md) + "\n")
     return label
@@ -290,10 +354,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-test", type=int, default=14, help="images per test set (default 14 = 7 combinations × 2)")
     p.add_argument("--size", type=int, default=256, help="whole-fundus size in px (as in training; default 256)")
     p.add_argument("--backend", default="torch", help="enhance backend (default torch, the reference)")
+    p.add_argument("--kind-size", type=int, default=KIND_SIZE, help=f"size of the per-kind check (default {KIND_SIZE})")
+    p.add_argument("--test-seeds", type=int, nargs="+", default=list(TEST_SEEDS), help="per-kind test seeds (default 0 1 2 3)")
+    p.add_argument("--val-seeds", type=int, nargs="+", default=list(VAL_SEEDS), help="validation seeds (default 10 11)")
     p.add_argument("--ship-to", metavar="DIR", help="copy the chosen model here (retina_fast/weights/magenet-tiny)")
     args = p.parse_args(argv)
     runs = Path(args.runs)
-    result = evaluate(runs, args.n_test, args.size, args.backend)
+    if set(args.test_seeds) & set(args.val_seeds):
+        p.error(f"--test-seeds and --val-seeds must not overlap (both hold {sorted(set(args.test_seeds) & set(args.val_seeds))})")
+    result = evaluate(runs, args.n_test, args.size, args.backend, kind_size=args.kind_size,
+                      test_seeds=args.test_seeds, val_seeds=args.val_seeds)
     write_report(result, Path(args.out))
     if args.ship_to:
         ship(result, runs, Path(args.ship_to))

@@ -61,12 +61,13 @@ KINDS = ("rsp", "magenet", "tmagenet")
 DEFAULTS: dict[str, Any] = {
     "preset": "tiny", "steps": 600, "batch_size": 4, "unlabelled_batch_size": 2, "crop": 128, "size": 256,
     "eyes": 48, "per_eye": 4, "real_images": 48, "colour_jitter": 0.25, "no_identity_init": False,
-    "lr": 1e-3, "lr_min": 1e-5, "seed": 0, "no_rsp": False,
-    "stage1_only": False, "rsp_init": None, "ema": 0.999, "consistency_weight": 1.0, "warmup": 0.3,
+    "lr": 1e-3, "lr_min": 1e-5, "seed": 0, "no_rsp": False, "identity_fraction": 0.0,
+    "real_augment": 0.0, "real_pairs": 0, "real_pairs_batch_size": 2,
+    "stage1_only": False, "output_gate": False, "rsp_init": None, "ema": 0.999, "consistency_weight": 1.0, "warmup": 0.3,
     "noise_std": 0.05, "log_every": 10, "ckpt_every": 100, "device": None, "threads": None, "data_cache": None,
 }
 FIELDS = ["loss", "char_s1", "edge_s1", "char_s2", "edge_s2", "seg", "consistency", "con_weight", "ema_alpha",
-          "lr", "s_per_step"]
+          "real_pairs", "lr", "s_per_step"]
 _STREAM = 0xE7A
 _MUTABLE = ("threads", "data_cache")  # besides trainer_setup.MUTABLE (steps, log/ckpt intervals, device, out)
 
@@ -91,12 +92,26 @@ def add_arguments(p) -> None:
     p.add_argument("--no-identity-init", action="store_true", default=None,
                    help="keep PyTorch's default init of the two image heads (default: zero, so MAGE-Net starts as "
                         "the identity)")
+    p.add_argument("--identity-fraction", type=float, metavar="P",
+                   help="probability that a labelled row's input is its clean target (identity pairs: the network "
+                        "learns to leave a good photograph alone)" + d("identity_fraction"))
     p.add_argument("--real-images", type=int, help="degraded versions of the real left half" + d("real_images"))
+    p.add_argument("--real-augment", type=float, metavar="A",
+                   help="widen the unlabelled real domain: each degraded left half starts from its own variant (zoom "
+                        "up to A/2, colour and exposure gains exp(U(-A, A))); 0 = the half itself" + d("real_augment"))
+    p.add_argument("--real-pairs", type=int, metavar="N",
+                   help="labelled real pairs: N degraded variants of the real left half (zoom / colour / exposure, "
+                        "amount --real-augment or 0.2) with their clean variants as targets; 0 = none" + d("real_pairs"))
+    p.add_argument("--real-pairs-batch-size", type=int,
+                   help="real pairs per step, beside the synthetic batch (image losses only: no vessel labels)"
+                        + d("real_pairs_batch_size"))
     p.add_argument("--lr", type=float, help="initial Adam learning rate (cosine decay)" + d("lr"))
     p.add_argument("--lr-min", type=float, help="final learning rate" + d("lr_min"))
     p.add_argument("--seed", type=int, help="seed of initialisation and every per-step choice" + d("seed"))
     p.add_argument("--no-rsp", action="store_true", default=None, help="ablation: MAGE-Net without the RSP module")
     p.add_argument("--stage1-only", action="store_true", default=None, help="ablation: Stage-1 U-Net + SAM only")
+    p.add_argument("--output-gate", action="store_true", default=None,
+                   help="gate the final residual per pixel (x + sigmoid(g) * delta; not in the paper)")
     p.add_argument("--rsp-init", metavar="DIR", help="pretrained RSP checkpoint (final/ of a `train rsp` run)")
     p.add_argument("--ema", type=float, help="mean-teacher EMA α (tmagenet)" + d("ema"))
     p.add_argument("--consistency-weight", type=float, help="w_max of the consistency loss" + d("consistency_weight"))
@@ -122,6 +137,17 @@ def run(args) -> int:
     given = {k: v for k, v in vars(args).items() if k not in ("func", "model", "command", "kind", "no_progress")}
     local = {k: given.pop(k) for k in _MUTABLE if given.get(k) is not None}  # may change on --resume
     opts = {**resolve_options(argparse.Namespace(**given), {**DEFAULTS, "kind": kind}, saved), **local}
+    for key in ("identity_fraction", "real_augment", "real_pairs"):
+        if saved is not None and key not in saved:
+            opts[key] = 0  # a run started before the option
+    if not 0.0 <= opts["identity_fraction"] <= 1.0:
+        raise ValueError(f"--identity-fraction must be in [0, 1], got {opts['identity_fraction']}")
+    if not isinstance(opts["real_pairs"], int) or opts["real_pairs"] < 0:
+        raise ValueError(f"--real-pairs must be an integer >= 0, got {opts['real_pairs']!r}")
+    if opts["real_pairs"] and kind == "rsp":
+        raise ValueError("--real-pairs is an option of magenet / tmagenet, not of `train rsp`")
+    if not 0.0 <= opts["real_augment"] <= 1.0:
+        raise ValueError(f"--real-augment must be in [0, 1], got {opts['real_augment']}")
     if saved is not None and saved.get("kind") != kind:
         raise ValueError(f"--resume: {run_dir} is a {saved.get('kind')!r} run, not {kind!r}")
     train(opts, run_dir, ck, progress=not getattr(args, "no_progress", False))
@@ -135,7 +161,8 @@ def rsp_config(cfg: MAGENetConfig) -> dict[str, Any]:
 def build_model(opts: dict[str, Any]) -> tuple[torch.nn.Module, MAGENetConfig]:
     """The network of a run: RSPNet for ``rsp``, else MAGE-Net of the preset with the ablation flags."""
     base = MAGENET_PRESETS[opts["preset"]].to_dict()
-    cfg = MAGENetConfig.from_dict({**base, "use_rsp": not opts["no_rsp"], "stage1_only": bool(opts["stage1_only"])})
+    cfg = MAGENetConfig.from_dict({**base, "use_rsp": not opts["no_rsp"], "stage1_only": bool(opts["stage1_only"]),
+                                   "output_gate": bool(opts.get("output_gate"))})
     if opts["kind"] == "rsp":
         if opts["no_rsp"] or opts["stage1_only"]:
             raise ValueError("--no-rsp / --stage1-only are MAGE-Net ablations, not options of `train rsp`")
@@ -181,18 +208,32 @@ def _load_data(opts: dict[str, Any], progress: bool):
                                        cache_dir=cache, progress=progress)
     real = None
     if opts["kind"] == "tmagenet":
-        real = enhance_data.real_unlabelled(opts["real_images"], opts["size"], cache_dir=cache, progress=progress)
+        real = enhance_data.real_unlabelled(opts["real_images"], opts["size"], augment=opts["real_augment"],
+                                            cache_dir=cache, progress=progress)
     desc = (f"phantom eyes 0..{opts['eyes'] - 1} at {opts['size']} px, {opts['per_eye']} Cofe-Net degradations "
             f"each (random combination, mode=code), colour gains exp(U(-{opts['colour_jitter']}, "
             f"{opts['colour_jitter']})) per pair")
+    if opts["identity_fraction"]:
+        desc += f"; identity pairs (input = clean target) with probability {opts['identity_fraction']}"
     if real is not None:
         desc += (f"; unlabelled real: left half (columns 0-704) of skimage.data.retina(), "
                  f"{opts['real_images']} random degradations")
-    return syn, real, desc
+        if opts["real_augment"]:
+            desc += f" of augmented variants (zoom, colour and exposure gains, amount {opts['real_augment']})"
+    pairs = None
+    if opts["real_pairs"] and opts["kind"] != "rsp":
+        amount = opts["real_augment"] or 0.2
+        pairs = enhance_data.real_pairs(opts["real_pairs"], opts["size"], augment=amount, cache_dir=cache,
+                                        progress=progress)
+        desc += (f"; labelled real pairs: {opts['real_pairs']} variants of the real left half (amount {amount}), "
+                 f"random degradations, {opts['real_pairs_batch_size']} per step")
+    return syn, (real, pairs), desc
 
 
 def _step(model, mt, opts, syn, real, step: int, device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss of one step; all randomness from the (seed, step) generator."""
+    """Loss of one step; all randomness from the (seed, step) generator. ``real`` = (unlabelled pool or None,
+    labelled real pairs or None)."""
+    real, pairs = real if isinstance(real, tuple) else (real, None)
     g = step_generator(opts["seed"], step, _STREAM)
     idx = torch.randint(len(syn), (opts["batch_size"],), generator=g)
     b = {k: v.to(device) for k, v in enhance_data.random_crops(syn.get(idx), opts["crop"], g).items()}
@@ -200,6 +241,9 @@ def _step(model, mt, opts, syn, real, step: int, device) -> tuple[torch.Tensor, 
         clean = (torch.rand(opts["batch_size"], generator=g) < 0.5).to(device)[:, None, None, None]
         loss = rsp_loss(model(torch.where(clean, b["y"], b["x"])), b["vessels"])
         return loss, {"seg": loss.detach(), "total": loss.detach()}
+    if opts["identity_fraction"] > 0:
+        ident = (torch.rand(opts["batch_size"], generator=g) < opts["identity_fraction"]).to(device)
+        b["x"] = torch.where(ident[:, None, None, None], b["y"], b["x"])
     loss, parts = magenet_loss(model(b["x"]), b["y"], b["vessels"])
     if mt is not None:
         ridx = torch.randint(len(real), (opts["unlabelled_batch_size"],), generator=g)
@@ -209,6 +253,16 @@ def _step(model, mt, opts, syn, real, step: int, device) -> tuple[torch.Tensor, 
         w = mt.weight()
         loss = loss + w * con
         parts.update(consistency=con.detach(), con_weight=torch.tensor(w), total=loss.detach())
+    if pairs is not None:  # drawn after everything else, so runs without pairs keep their random stream
+        k = opts["real_pairs_batch_size"]
+        pb = enhance_data.random_crops(pairs.get(torch.randint(len(pairs), (k,), generator=g)), opts["crop"], g)
+        px, py = pb["x"].to(device), pb["y"].to(device)
+        if opts["identity_fraction"] > 0:
+            ident = (torch.rand(k, generator=g) < opts["identity_fraction"]).to(device)
+            px = torch.where(ident[:, None, None, None], py, px)
+        real_loss, _ = magenet_loss(model(px), py, None)
+        loss = loss + real_loss
+        parts.update(real_pairs=real_loss.detach(), total=loss.detach())
     return loss, parts
 
 
@@ -216,10 +270,10 @@ def train(opts: dict[str, Any], run_dir: Path, ck: Path | None = None, *, progre
     """Train per ``opts`` (DEFAULTS plus ``kind``) into ``run_dir``; returns ``run_dir / "final"``."""
     from tqdm import tqdm
 
-    for key in ("crop", "size", "eyes", "per_eye", "real_images", "unlabelled_batch_size"):
+    for key in ("crop", "size", "eyes", "per_eye", "real_images", "unlabelled_batch_size", "real_pairs_batch_size"):
         if not isinstance(opts[key], int) or opts[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {opts[key]!r}")
-    if opts["crop"] > opts["size"] // 2 and opts["kind"] == "tmagenet":
+    if opts["crop"] > opts["size"] // 2 and (opts["kind"] == "tmagenet" or opts["real_pairs"]):
         raise ValueError(f"--crop {opts['crop']} must fit in the real half ({opts['size']}×~{opts['size'] // 2} px)")
     if opts["threads"]:
         torch.set_num_threads(int(opts["threads"]))

@@ -28,6 +28,10 @@ FAB i (the paper's words, our reading where it is silent):
 The paper's multi-patch split of the Stage-1 input is omitted (it needs fixed sizes; the U-Net sees
 the whole image).
 
+Output gate (``output_gate=True``; our addition, not the paper's): the final image is
+x + sigmoid(gate(h)) · tail(h) with a 3×3 conv gate on the last Stage-2 features, so "leave this pixel
+alone" is a saturating choice rather than an exact cancellation of the residual.
+
 Ablations: ``use_rsp=False`` ("without RSP": no RSP module, no segmentation outputs);
 ``stage1_only=True`` (Stage-1 U-Net + SAM only; no Stage-2 and no RSP).
 """
@@ -173,6 +177,7 @@ class MAGENetConfig:
     rsp_channels: int = 4  # RSP feature channels per scale fed to every FAB (4 scales)
     gf_radius: int = 1
     gf_eps: float = 1e-2
+    output_gate: bool = False  # final image = x + sigmoid(gate(h)) * tail(h) (ours; see the module doc)
 
     def __post_init__(self) -> None:
         for name in ("channels", "cabs_per_level", "cabs_per_fab", "num_fabs", "reduction", "rsp_base", "rsp_channels"):
@@ -249,6 +254,10 @@ class MAGENet(nn.Module):
             self.bridge = conv3(2 * c, c)
             self.fabs = nn.ModuleList([FAB(c, c + i * s, rsp_ch, cfg.cabs_per_fab, r) for i in range(cfg.num_fabs)])
             self.tail = conv3(c, 3)
+            if cfg.output_gate:  # a per-pixel gate on the Stage-2 residual; starts half open (weights 0, bias 0)
+                self.gate = nn.Conv2d(c, 1, 3, padding=1, bias=True)
+                nn.init.zeros_(self.gate.weight)
+                nn.init.zeros_(self.gate.bias)
 
     def forward(self, x: torch.Tensor) -> MAGENetOutput:
         """x (N, 3, H, W) in [0, 1], any H, W -> MAGENetOutput cropped to (H, W)."""
@@ -267,7 +276,10 @@ class MAGENet(nn.Module):
             h = self.bridge(torch.cat([self.shallow2(xp), feats], 1))
             for i, fab in enumerate(self.fabs):
                 h = fab(h, enc[i], dec[i], rsp_feats)
-            img2 = crop_to(self.tail(h) + xp, size)
+            delta = self.tail(h)
+            if self.config.output_gate:
+                delta = torch.sigmoid(self.gate(h)) * delta
+            img2 = crop_to(delta + xp, size)
         if rsp_out is not None:
             rsp_out = RSPOutput(sides=[crop_to(t, size) for t in rsp_out.sides], mean=crop_to(rsp_out.mean, size),
                                 features=rsp_out.features)

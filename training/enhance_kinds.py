@@ -1,0 +1,158 @@
+"""Per-degradation-kind check of a fundus enhancer on the real photograph: does it ever harm?
+
+Protocol. ``skimage.data.retina()`` resized whole (bilinear, antialiased) to ``size`` px is the clean
+image. For every one of the seven non-empty combinations of :func:`retina_fast.training.degrade.degrade`
+and every seed s, the whole image is degraded with ``degrade(clean, seed=s, kinds=combination)`` and
+enhanced whole; PSNR against the clean image is taken per half: the left half, columns
+[0, round(size·705/1411)), holds the optic disc and is the real training domain of T-MAGE-Net; the right
+half (the rest) is held out. Both the input's and the output's PSNR are reported, and the gain = output
+− input. An eighth row, ``none``, enhances the clean image itself (the enhancer should leave it alone).
+
+Outputs follow :func:`retina_fast.enhance.enhance` (clamped to [0, 1], times the field-of-view mask of
+the input), so the numbers are what a user gets.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from retina_fast.metrics import psnr
+from retina_fast.training.degrade import degradation_combinations, degrade, kinds_code
+from retina_fast.training.enhance_data import SPLIT_COLUMN, _FULL, real_image
+
+__all__ = ["clean_real", "kind_inputs", "kind_table", "format_kind_table", "summary", "kinds_figure"]
+
+ILLUMINATION = "illumination"
+
+
+def clean_real(size: int = 512) -> torch.Tensor:
+    """The whole real photograph (1, 3, size, size) in [0, 1], rounded to uint8 levels like a photograph."""
+    img = F.interpolate(real_image()[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return (img.clamp(0, 1) * 255).round() / 255
+
+
+def kind_inputs(size: int = 512, seeds: Sequence[int] = (0, 1, 2, 3)) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(names, inputs (8·len(seeds), 3, size, size), clean (1, 3, size, size)); names are Cofe-Net codes
+    ('001' … '111') or 'none', one per row, seed-major within a name."""
+    clean = clean_real(size)
+    names, rows = [], []
+    for combo in [None, *degradation_combinations()]:
+        for s in seeds:
+            names.append("none" if combo is None else kinds_code(combo))
+            rows.append(clean[0] if combo is None else (degrade(clean, seed=s, kinds=combo)[0] * 255).round() / 255)
+    return names, torch.stack(rows), clean
+
+
+def _half_psnr(x: torch.Tensor, clean: torch.Tensor, split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    c = clean.expand_as(x)
+    return psnr(x[..., :split], c[..., :split]).double(), psnr(x[..., split:], c[..., split:]).double()
+
+
+def kind_table(enhance_fn: Callable[[torch.Tensor], torch.Tensor], size: int = 512,
+               seeds: Sequence[int] = (0, 1, 2, 3), inputs=None) -> dict[str, Any]:
+    """Per combination (and 'none'): mean over seeds of input / output PSNR and gain, left and right half.
+    ``enhance_fn`` maps (N, 3, H, W) in [0, 1] to the enhanced images; ``inputs`` = kind_inputs(...) to reuse."""
+    names, x, clean = inputs if inputs is not None else kind_inputs(size, seeds)
+    split = round(x.shape[-1] * SPLIT_COLUMN / _FULL)
+    y = torch.cat([enhance_fn(x[i:i + 4]) for i in range(0, len(x), 4)])
+    in_l, in_r = _half_psnr(x, clean, split)
+    out_l, out_r = _half_psnr(y, clean, split)
+    rows: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(names):
+        m = torch.tensor([n == name for n in names])
+        rows[name] = {"input_left": in_l[m].mean().item(), "input_right": in_r[m].mean().item(),
+                      "output_left": out_l[m].mean().item(), "output_right": out_r[m].mean().item(),
+                      "gain_left": (out_l[m] - in_l[m]).mean().item(), "gain_right": (out_r[m] - in_r[m]).mean().item(),
+                      "worst_gain_right": (out_r[m] - in_r[m]).min().item(),
+                      "worst_gain_left": (out_l[m] - in_l[m]).min().item()}
+    return {"size": int(x.shape[-1]), "seeds": list(seeds), "split_column": split, "rows": rows,
+            "summary": summary(rows), "_outputs": y, "_inputs": x, "_names": names}
+
+
+def _has_illumination(code: str) -> bool:
+    return code != "none" and code[2] == "1"  # Cofe-Net codes: characters (blur, spot, illumination)
+
+
+def summary(rows: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The issue's acceptance numbers: worst mean gain per combination (right and left), the mean gain over
+    the illumination combinations (right), and the clean image's change."""
+    degraded = {k: v for k, v in rows.items() if k != "none"}
+    ill = [v["gain_right"] for k, v in degraded.items() if _has_illumination(k)]
+    return {"worst_combination_gain_right": min(v["gain_right"] for v in degraded.values()),
+            "worst_combination_gain_left": min(v["gain_left"] for v in degraded.values()),
+            "mean_illumination_gain_right": sum(ill) / len(ill),
+            "clean_gain_right": rows["none"]["gain_right"] if "none" in rows else float("nan"),
+            "clean_output_right": rows["none"]["output_right"] if "none" in rows else float("nan")}
+
+
+def _label(code: str) -> str:
+    if code == "none":
+        return "none (clean input)"
+    return " + ".join(k for k, b in zip(("illumination", "spot", "blur"), reversed(code)) if b == "1")
+
+
+def format_kind_table(tables: dict[str, dict[str, Any]]) -> str:
+    """Markdown: one block of rows per method: combination | input dB L / R | output dB L / R | gain L / R."""
+    lines = ["| Method | Degradation | Input dB (L / R) | Output dB (L / R) | Gain dB (L / R) |", "|---|---|---|---|---|"]
+    for method, t in tables.items():
+        for code, r in t["rows"].items():
+            out_l = "∞" if r["output_left"] == float("inf") else f"{r['output_left']:.1f}"
+            in_l = "∞" if r["input_left"] == float("inf") else f"{r['input_left']:.1f}"
+            in_r = "∞" if r["input_right"] == float("inf") else f"{r['input_right']:.1f}"
+            gain = ("—" if code == "none" else f"{r['gain_left']:+.1f} / {r['gain_right']:+.1f}")
+            lines.append(f"| {method} | {_label(code)} | {in_l} / {in_r} | {out_l} / {r['output_right']:.1f} | {gain} |")
+    return "\n".join(lines)
+
+
+def kinds_figure(tables: dict[str, dict[str, Any]], path, seed_index: int = 0, side: int = 256) -> None:
+    """PNG: one row per kind (the clean photograph, then the seven combinations) at the ``seed_index``-th
+    seed; columns: the degraded input, each table's output (``kind_table`` results sharing one input set),
+    the clean photograph; every tile area-downsized to ``side`` px."""
+    import numpy as np
+    from PIL import Image
+
+    first = next(iter(tables.values()))
+    names, x = first["_names"], first["_inputs"]
+    per = len(first["seeds"])
+    clean = clean_real(x.shape[-1])[0]
+    tiles = []
+    for i in range(seed_index, len(names), per):
+        row = [x[i]] + [t["_outputs"][i] for t in tables.values()] + [clean]
+        tiles.append(torch.cat([F.interpolate(r[None], size=(side, side), mode="area")[0] for r in row], -1))
+    img = torch.cat(tiles, -2).clamp(0, 1).permute(1, 2, 0).numpy()
+    Image.fromarray(np.round(img * 255).astype(np.uint8)).save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m retina_fast.training.enhance_kinds --model DIR [--size 512] [--seeds 0 1 2 3]``: print the table."""
+    import argparse
+    import json
+
+    from retina_fast.enhance import enhance
+
+    p = argparse.ArgumentParser(prog="python -m retina_fast.training.enhance_kinds", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", nargs="+", default=["default"], help="MAGE-Net checkpoint directories or names")
+    p.add_argument("--size", type=int, default=512, help="whole-image size in px (default 512)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="degradation seeds (default 0 1 2 3)")
+    p.add_argument("--backend", default="auto", help="enhance backend (default auto)")
+    p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    p.add_argument("--figure", metavar="PNG", help="also write inputs and outputs of the first seed, one row per kind")
+    args = p.parse_args(argv)
+    inputs = kind_inputs(args.size, args.seeds)
+    tables = {}
+    for m in args.model:
+        tables[m] = kind_table(lambda x, m=m: enhance(x, model=m, backend=args.backend), inputs=inputs)
+        print(m, json.dumps(tables[m]["summary"]), flush=True)
+    print(format_kind_table(tables))
+    if args.figure:
+        kinds_figure(tables, args.figure)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({m: {k: v for k, v in t.items() if not k.startswith("_")} for m, t in tables.items()}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
