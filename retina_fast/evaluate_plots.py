@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ["write_report", "pseudo_colour"]
+__all__ = ["write_report", "pseudo_colour", "nearest_rows"]
 
 SHEET_ROWS = 4
 SHEET_DPI = 80
@@ -87,20 +87,26 @@ def _plot_ms_ssim(div: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def _plot_nn(result: dict, sets: dict, path: Path) -> None:
+def nearest_rows(result: dict) -> list[tuple[int, int]]:
+    """(synthetic index, nearest training index) of the pairs ``nearest_neighbours.png`` shows: the
+    ``NN_ROWS`` smallest pixel-space nearest / second-nearest ratios."""
     auth = result["authenticity"]["pixel"]
     ratio = np.asarray(auth["ratio_values"], dtype=float)
-    order = np.argsort(ratio, kind="stable")[:NN_ROWS]
+    return [(int(i), int(auth["nearest_index"][i])) for i in np.argsort(ratio, kind="stable")[:NN_ROWS]]
+
+
+def _plot_nn(result: dict, rows: list, path: Path) -> None:
+    """``rows``: (synthetic index, train index, synthetic cube, train cube, synthetic name, train name) for
+    each pair of :func:`nearest_rows`."""
+    auth = result["authenticity"]["pixel"]
     wl = result["settings"]["wavelengths"]
-    fig = _figure(7.5, 2.4 * len(order) + 0.4)
-    axes = fig.subplots(len(order), 3, squeeze=False)
-    for r, i in enumerate(order):
-        j = auth["nearest_index"][i]
-        syn, tr = sets["synthetic"].images[i], sets["train"].images[j]
-        panels = [(pseudo_colour(syn, wl), f"synthetic {sets['synthetic'].files[i].name}"),
-                  (pseudo_colour(tr, wl, ref=syn), f"nearest train {sets['train'].files[j].name}"),
+    fig = _figure(7.5, 2.4 * len(rows) + 0.4)
+    axes = fig.subplots(len(rows), 3, squeeze=False)
+    for r, (i, _, syn, tr, syn_name, tr_name) in enumerate(rows):
+        panels = [(pseudo_colour(syn, wl), f"synthetic {syn_name}"),
+                  (pseudo_colour(tr, wl, ref=syn), f"nearest train {tr_name}"),
                   ((syn - tr).abs().mean(0).numpy(), f"|diff| d={auth['nearest_distance'][i]:.2f} "
-                                                     f"ratio={ratio[i]:.3f}")]
+                                                     f"ratio={auth['ratio_values'][i]:.3f}")]
         for c, (img, title) in enumerate(panels):
             ax = axes[r, c]
             ax.imshow(img, cmap="magma" if c == 2 else None, interpolation="nearest")
@@ -163,27 +169,31 @@ def _markdown(result: dict, images: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(out: Path, result: dict, sets: dict, masks: dict, div: dict, plots: bool = True) -> Path:
-    """Write metrics.json, the plots and report.md to ``out`` (created); returns ``out / report.md``."""
+def write_report(out: Path, result: dict, div: dict, images: Optional[dict] = None, plots: bool = True) -> Path:
+    """Write metrics.json, the plots and report.md to ``out`` (created); returns ``out / report.md``.
+
+    ``result``: the JSON-ready metrics; ``div``: the MS-SSIM diversity result with its per-pair
+    ``val_scores`` / ``syn_scores``; ``images`` (needed with ``plots``): {"contact": {role: (cubes
+    (k, 16, H, W), one mask dict per cube, k titles)} for "real" and "synthetic", "nearest": the rows of
+    :func:`_plot_nn` (empty without an authenticity check)}.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    images: list[str] = []
+    names: list[str] = []
     if plots:
         from retina_fast.preview import contact_sheet
 
         _plot_spectra(result, out / "spectra.png")
         _plot_ms_ssim(div, out / "ms_ssim.png")
-        images += ["spectra.png", "ms_ssim.png"]
+        names += ["spectra.png", "ms_ssim.png"]
         if result["authenticity"] is not None:
-            _plot_nn(result, sets, out / "nearest_neighbours.png")
-            images.append("nearest_neighbours.png")
+            _plot_nn(result, images["nearest"], out / "nearest_neighbours.png")
+            names.append("nearest_neighbours.png")
         for role in ("real", "synthetic"):
-            s, k = sets[role], min(SHEET_ROWS, len(sets[role].files))
-            row_masks = [{name: m[i] for name, m in masks[role].items()} for i in range(k)]
-            contact_sheet(s.images[:k], result["settings"]["wavelengths"], row_masks, out / f"contact_{role}.png",
-                          titles=[f.name for f in s.files[:k]], dpi=SHEET_DPI)
-            images.append(f"contact_{role}.png")
+            cubes, row_masks, titles = images["contact"][role]
+            contact_sheet(cubes, result["settings"]["wavelengths"], row_masks, out / f"contact_{role}.png",
+                          titles=titles, dpi=SHEET_DPI)
+            names.append(f"contact_{role}.png")
     (out / "metrics.json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
     path = out / "report.md"
-    path.write_text(_markdown(result, images), encoding="utf-8")
+    path.write_text(_markdown(result, names), encoding="utf-8")
     return path
-
