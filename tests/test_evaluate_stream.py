@@ -39,7 +39,7 @@ def data(tmp_path_factory):
     shutil.copytree(root / "real", root / "bare")
     for f in (root / "bare").glob("*_masks.npz"):
         f.unlink()
-    from tests._small_model import save_small_checkpoint
+    from _small_model import save_small_checkpoint
 
     model = save_small_checkpoint(root / "ckpt", image_size=SIZE)
     assert main(["sample", "--n", "10", "--steps", "2", "--seed", "1", "--model", str(model), "--out",
