@@ -13,10 +13,11 @@ synthetic, max_images=N)`` (no --train, small ``--pairs`` / ``--n-boot``, no rep
 set in memory, as before, would take N x 1 MiB at 128 px.
 
 The feature extractor and segmenter are cheap stand-ins by default (band means over a 2 x 4 grid: 128 features;
-masks from per-image quantiles of the 555-nm band), since the shipped structure network takes ~0.6 s (features) + ~1.8 s
-(masks) per 128-px cube on this 2-core CPU, i.e. ~13 h for 2 x 10 000 cubes; it too is called one batch at a
-time (``--shipped-net`` uses it). ``--old N`` also runs the in-memory implementation this replaced (the file at
-``git show <rev>:retina_fast/evaluate.py``, loaded as a separate module) at N, for comparison.
+masks from per-image quantiles of the 555-nm band), since the shipped structure network took ~0.6 s (features) +
+~1.8 s (masks) per 128-px cube on this 2-core CPU while another job used it, i.e. hours for 2 x 10 000 cubes;
+it too is called one batch at a time (``--shipped-net`` uses it). ``--compare-old N ...`` also runs the in-memory
+implementation this replaced (``git show <--old-rev>:retina_fast/evaluate.py``, loaded as a separate module) at
+those N, for comparison. Each run records the peak RSS after each stage (``peak_rss_mb_after_stage``).
 """
 from __future__ import annotations
 
@@ -167,6 +168,16 @@ def _run_child(args, n: int, old: str | None = None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _tree_state() -> str:
+    files = ["retina_fast/evaluate.py", "retina_fast/evaluate_sets.py", "retina_fast/evaluate_plots.py",
+             "benchmarks/bench_evaluate_memory.py"]
+    changed = subprocess.run(["git", "status", "--porcelain", "--", *files], cwd=ROOT, capture_output=True,
+                             text=True).stdout.split("\n")
+    changed = [ln[3:] for ln in changed if ln.strip()]
+    return (f"uncommitted changes to {', '.join(changed)}" if changed
+            else f"{', '.join(files)} as in git_commit")
+
+
 def _machine() -> dict:
     import torch
 
@@ -206,8 +217,8 @@ def main(argv=None) -> int:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     doc = {"benchmark": "peak RSS of retina_fast.evaluate.evaluate_folders vs cubes per set",
            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-           "git_commit": commit, "working_tree": "uncommitted changes to retina_fast/evaluate*.py on top of it",
-           "machine": _machine(),
+           "git_commit": commit, "working_tree": _tree_state(),
+           "machine": _machine(), "niceness": os.nice(0),
            "command": "python " + " ".join([str(Path(__file__).relative_to(ROOT))] + (argv or sys.argv[1:])),
            "settings": {"size": a.size, "bands": 16, "pairs": a.pairs, "n_boot": a.n_boot, "batch_size": a.batch_size,
                         "train": None, "plots": False,
