@@ -145,7 +145,7 @@ def schedule_for(config: LDMConfig) -> Schedule:
     """The diffusion schedule a config was trained with."""
     if config.schedule != "cosine":
         raise ValueError(f"schedule {config.schedule!r} is not implemented; only 'cosine' is")
-    return cosine_schedule(config.timesteps, config.cosine_s, config.max_beta)
+    return cosine_schedule(config.timesteps, config.cosine_s, config.max_beta, config.logsnr_shift)
 
 
 def _check_ldm_doc(path: Path, doc: dict

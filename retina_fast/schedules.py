@@ -5,6 +5,15 @@ Cosine schedule (Nichol & Dhariwal 2021), computed in float64 as Medical Diffusi
     f(t) = cos^2(((t / T) + s) / (1 + s) * pi / 2),   s = 0.008
     beta_t = min(1 - f(t + 1) / f(t), 0.9999),        alpha_bar_t = prod_{i <= t} (1 - beta_i)
 
+Shifted cosine (``logsnr_shift`` = d, default 0): alpha_bar'_t = sigmoid(logit(alpha_bar_t) + d), i.e. the
+log signal-to-noise ratio log(alpha_bar / (1 - alpha_bar)) moved by d nats at every timestep, and
+beta'_t = 1 - alpha_bar'_t / alpha_bar'_{t-1}. Scaling the data by b is the same as shifting the schedule by
+2 log b (Chen 2023, "On the importance of noise scheduling for diffusion models", arXiv:2301.10972; the shifted
+cosine of Hoogeboom et al. 2023, "simple diffusion", arXiv:2301.11093, uses it downwards for large images).
+Latents scaled into [-1, 1] have a standard deviation well below 1 (~0.27 for the shipped ``tiny``); the shift
+d = -log(var) gives them the signal-to-noise ratios of unit-variance data at every timestep while the samplers
+keep clamping x0 to [-1, 1] (``retina-fast train ldm --logsnr-shift auto``).
+
 Timestep spacing (identical in every backend; each sampler has a default, see retina_fast.samplers):
 
 * ``linspace`` (DDIM, DDPM): t_i = round(linspace(T - 1, 0, steps))_i, descending, t_{steps-1} = 0.
@@ -27,9 +36,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Schedule", "cosine_schedule", "timesteps_for", "SPACINGS"]
+__all__ = ["Schedule", "cosine_schedule", "timesteps_for", "SPACINGS", "MAX_LOGSNR_SHIFT"]
 
 SPACINGS = ("linspace", "logsnr")
+MAX_LOGSNR_SHIFT = 20.0
 
 
 @dataclass(frozen=True)
@@ -48,13 +58,24 @@ class Schedule:
         return 1.0 if t < 0 else float(self.alphas_cumprod[t])
 
 
-def cosine_schedule(num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.9999) -> Schedule:
+def cosine_schedule(num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.9999,
+                    logsnr_shift: float = 0.0) -> Schedule:
+    """The cosine schedule; ``logsnr_shift`` != 0 shifts its log signal-to-noise ratio by that many nats at
+    every timestep (module docstring)."""
     if num_timesteps < 1:
         raise ValueError("num_timesteps must be >= 1")
+    if not (math.isfinite(logsnr_shift) and abs(logsnr_shift) <= MAX_LOGSNR_SHIFT):
+        raise ValueError(f"logsnr_shift must be a finite number in [-{MAX_LOGSNR_SHIFT}, {MAX_LOGSNR_SHIFT}], "
+                         f"got {logsnr_shift}")
     t = np.arange(num_timesteps + 1, dtype=np.float64)
     f = np.cos(((t / num_timesteps) + s) / (1 + s) * math.pi / 2) ** 2
     betas = np.minimum(1.0 - f[1:] / f[:-1], max_beta)
     alphas_cumprod = np.cumprod(1.0 - betas)
+    if logsnr_shift != 0.0:
+        # alpha_bar' = sigmoid(logit(alpha_bar) + shift), in a form that stays exact where alpha_bar -> 0 or 1
+        logit = np.log(alphas_cumprod) - np.log1p(-alphas_cumprod)
+        alphas_cumprod = 1.0 / (1.0 + np.exp(-(logit + logsnr_shift)))
+        betas = 1.0 - alphas_cumprod / np.concatenate(([1.0], alphas_cumprod[:-1]))
     return Schedule(torch.from_numpy(betas), torch.from_numpy(alphas_cumprod))
 
 

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -12,7 +13,6 @@ from retina_fast.checkpoint import model_config, save_checkpoint
 from retina_fast.models.config import LDMConfig, UNetConfig, VQGANConfig
 from retina_fast.models.unet import UNet2D
 from retina_fast.models.vqgan import VQGAN
-from retina_fast.schedules import cosine_schedule
 
 # A per-band normalisation like the phantom's: visible bands dim and narrow, NIR bright and wide.
 PER_BAND = {"reflectance_scale": tuple(1.0 / (0.02 + 0.004 * i) for i in range(16)),
@@ -35,13 +35,15 @@ def small_modules(seed: int = 0, **vq_overrides) -> tuple[LDMConfig, VQGAN, UNet
     return cfg, vqgan, unet
 
 
-def small_loaded(seed: int = 0, latent_range=None, clip_x0: bool = True, latent_asinh=None, **vq_overrides):
+def small_loaded(seed: int = 0, latent_range=None, clip_x0: bool = True, latent_asinh=None,
+                 logsnr_shift: float = 0.0, **vq_overrides):
     """``latent_range`` defaults to the codebook's min / max; ``clip_x0`` and ``latent_asinh`` are config.json's
-    ``latent_clip`` and ``latent_asinh``."""
+    ``latent_clip`` and ``latent_asinh``; ``logsnr_shift`` the config's schedule shift."""
     cfg, vqgan, unet = small_modules(seed, **vq_overrides)
-    from retina_fast.modelzoo import LoadedLDM
+    from retina_fast.modelzoo import LoadedLDM, schedule_for
 
-    return LoadedLDM(cfg, vqgan, unet, cosine_schedule(1000), latent_range or vqgan.latent_range(),
+    cfg = dataclasses.replace(cfg, logsnr_shift=logsnr_shift)
+    return LoadedLDM(cfg, vqgan, unet, schedule_for(cfg), latent_range or vqgan.latent_range(),
                      tuple(cfg.vqgan.wavelengths), clip_x0=clip_x0, latent_asinh=latent_asinh)
 
 

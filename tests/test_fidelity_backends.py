@@ -140,3 +140,24 @@ def test_companded_latents_follow_the_reference(backend, tmp_path):
     assert again.loaded.latent_asinh == 0.5 and again.loaded.clip_x0 is True
     torch.testing.assert_close(again.sample(3, 6, seed=2, backend=backend, dtype=torch.float32), cube,
                                rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_ext),
+                                     pytest.param("onnxruntime", marks=[needs_ext, needs_ort])])
+def test_shifted_schedule_follows_the_reference(backend, tmp_path):
+    """config ``logsnr_shift`` (shifted cosine schedule): every backend samples as the reference does, the
+    value survives save_pretrained / from_pretrained, and it changes the images (a backend that kept the plain
+    schedule would fail)."""
+    from retina_fast.training.reference import sample_loaded
+
+    pipe = Pipeline(small_loaded(7, logsnr_shift=2.5), "shifted")
+    ref_cube, ref_lat = sample_loaded(pipe.loaded, 3, 6, seed=3, return_latents=True)
+    cube, lat = pipe.sample(3, 6, seed=3, backend=backend, dtype=torch.float32, return_latents=True)
+    assert relerr(lat, ref_lat) <= 1e-4 and relerr(cube, ref_cube) <= 1e-4
+    plain = Pipeline(small_loaded(7), "plain")
+    assert relerr(plain.sample(3, 6, seed=3, backend=backend, dtype=torch.float32, return_latents=True)[1],
+                  ref_lat) > 1e-2
+    again = Pipeline.from_pretrained(pipe.save_pretrained(tmp_path / "ck"))
+    assert again.loaded.config.logsnr_shift == 2.5
+    torch.testing.assert_close(again.sample(3, 6, seed=3, backend=backend, dtype=torch.float32), cube,
+                               rtol=0, atol=1e-6)

@@ -104,3 +104,27 @@ def test_load_ldm_checks_latent_asinh(tmp_path, value, match):
     cfg.write_text(json.dumps(doc))
     with pytest.raises(CheckpointError, match=match):
         load_ldm(tmp_path / "ck")
+
+
+@pytest.mark.parametrize("value,match", [(25.0, "logsnr_shift must be a finite number in"),
+                                         ("2", "logsnr_shift must be a finite number"),
+                                         (None, "logsnr_shift must be a finite number")])
+def test_load_ldm_checks_logsnr_shift(tmp_path, value, match):
+    """config.json architecture.logsnr_shift: absent = the plain schedule (older checkpoints), a number shifts
+    the schedule load_ldm builds, anything else is refused with the file named."""
+    make_checkpoint(tmp_path / "ck")
+    cfg = tmp_path / "ck" / "config.json"
+    doc = json.loads(cfg.read_text())
+    assert doc["architecture"].pop("logsnr_shift", 0.0) == 0.0
+    cfg.write_text(json.dumps(doc))
+    plain = load_ldm(tmp_path / "ck").schedule.alphas_cumprod
+    doc["architecture"]["logsnr_shift"] = 1.5
+    cfg.write_text(json.dumps(doc))
+    shifted = load_ldm(tmp_path / "ck").schedule.alphas_cumprod
+    logit = lambda a: torch.log(a) - torch.log1p(-a)  # noqa: E731
+    torch.testing.assert_close(logit(shifted) - logit(plain), torch.full_like(plain, 1.5), rtol=0, atol=1e-7)
+    doc["architecture"]["logsnr_shift"] = value
+    cfg.write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match=match) as err:
+        load_ldm(tmp_path / "ck")
+    assert "config.json" in str(err.value)

@@ -23,6 +23,32 @@ def test_cosine_schedule_values():
     assert torch.all(SCHED.alphas_cumprod[1:] < SCHED.alphas_cumprod[:-1])
 
 
+@pytest.mark.parametrize("shift", [2.6, -1.5, 8.0])
+def test_shifted_cosine_schedule(shift):
+    """logsnr_shift d: log(abar / (1 - abar)) moves by exactly d at every timestep, the betas reproduce the
+    shifted abar, and d = 0 leaves the plain schedule bit for bit."""
+    sh = cosine_schedule(1000, logsnr_shift=shift)
+    a0, a1 = SCHED.alphas_cumprod.numpy(), sh.alphas_cumprod.numpy()
+    logit = lambda a: np.log(a) - np.log1p(-a)  # noqa: E731
+    np.testing.assert_allclose(logit(a1) - logit(a0), shift, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(np.cumprod(1.0 - sh.betas.numpy()), a1, rtol=1e-10, atol=0)
+    assert np.all(np.diff(a1) < 0) and float(sh.betas.min()) > 0 and float(sh.betas.max()) < 1
+    assert torch.equal(cosine_schedule(1000, logsnr_shift=0.0).alphas_cumprod, SCHED.alphas_cumprod)
+    assert float(cosine_schedule(1000, logsnr_shift=20.0).alphas_cumprod[-1]) > 0  # the largest accepted shift
+    for bad in (float("nan"), 20.5, -float("inf")):
+        with pytest.raises(ValueError, match="logsnr_shift"):
+            cosine_schedule(1000, logsnr_shift=bad)
+
+
+def test_shift_equals_scaling_the_data():
+    """Chen (2023): x0 scaled by b under the plain schedule has the signal-to-noise ratio of x0 under the
+    schedule shifted by 2 log b; the exact Gaussian denoiser then takes DDIM to the same std either way."""
+    b = 0.25
+    sh = cosine_schedule(1000, logsnr_shift=-2 * math.log(b))
+    snr = lambda s: s.alphas_cumprod / (1 - s.alphas_cumprod)  # noqa: E731
+    torch.testing.assert_close(snr(sh) * b**2, snr(SCHED), rtol=1e-9, atol=0)
+
+
 def test_timestep_spacing():
     assert timesteps_for(1000, 1000) == list(range(999, -1, -1))
     ts = timesteps_for(50, 1000)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from retina_fast.cli import main
 from retina_fast.modelzoo import load_ldm
+from retina_fast.schedules import cosine_schedule
 from retina_fast.training import reference_sample
 
 TINY_JSON = json.dumps({
@@ -220,6 +221,29 @@ def test_vqgan_stores_per_band_normalisation_of_its_data(vq_run, tmp_path):
     doc, _ = load_checkpoint(run / "final", [])
     assert doc["normalisation"]["reflectance_scale"] == 2.0 and doc["normalisation"]["per_band"] is False
     assert main([*VQ, "--out", str(run), "--steps", "2", "--resume", "--betas", "0.5,0.9"]) == 2
+
+
+def test_ldm_logsnr_shift_auto(vq_run, tmp_path, capsys):
+    """--logsnr-shift auto: D = -log(var) of the scaled (clamped) training latents, recorded in config.json and
+    in the reproducing command as a number; the loaded schedule is the shifted one; bad values exit 2."""
+    import math
+
+    from retina_fast.models.vqgan import scale_latent
+
+    run = tmp_path / "ldm"
+    assert main([*_ldm_args(vq_run), "--out", str(run), "--steps", "2", "--logsnr-shift", "auto"]) == 0
+    ldm = load_ldm(run / "final")
+    (cache,) = (run / "cache").glob("latents_raw_*.safetensors")
+    lo, hi = ldm.latent_range
+    scaled = scale_latent(load_file(str(cache))["latents"], lo, hi).clamp(-1, 1).double()
+    want = -math.log(float(scaled.var()))
+    assert abs(ldm.config.logsnr_shift - want) < 1e-4
+    doc = json.loads((run / "final" / "config.json").read_text())
+    assert f"--logsnr-shift {ldm.config.logsnr_shift}" in doc["provenance"]["command"]
+    assert ldm.schedule.alphas_cumprod[500] > cosine_schedule(1000).alphas_cumprod[500]
+    with pytest.raises(SystemExit) as bad:
+        main([*_ldm_args(vq_run), "--out", str(tmp_path / "bad"), "--steps", "1", "--logsnr-shift", "nan"])
+    assert bad.value.code == 2 and "--logsnr-shift" in capsys.readouterr().err
 
 
 def test_ldm_latent_asinh_range_and_config(vq_run, tmp_path, capsys):

@@ -32,7 +32,9 @@ seed), ``checkpoints/`` (exact resume) and ``final/``: a sampling checkpoint (vq
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -46,6 +48,7 @@ from retina_fast.checkpoint import load_checkpoint, load_state_into, model_confi
 from retina_fast.models import VQGAN, LDMConfig, UNet2D
 from retina_fast.models.vqgan import scale_latent
 from retina_fast.modelzoo import LoadedLDM, schedule_for
+from retina_fast.schedules import MAX_LOGSNR_SHIFT
 from retina_fast.training.trainer import (EMA, BatchPlan, DistInfo, MetricLogger, command_line, init_distributed,
                                           checkpoint_to_resume, load_train_state, provenance, save_train_state,
                                           seed_everything, step_generator)
@@ -59,7 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0, "num_workers": 0, "num_images": 2048, "device": None, "amp": "off", "grad_clip": 1.0,
     "log_every": 25, "sample_every": 1000, "ckpt_every": 500, "vqgan": None, "ema_decay": 0.995,
     "ema_start": 200, "sample_steps": 50, "latent_quantile": 0.005, "latent_clip": "on",
-    "latent_asinh": 0.0,
+    "latent_asinh": 0.0, "logsnr_shift": 0.0,
 }
 FIELDS = ["epoch", "loss", "grad_norm", "lr", "s_per_step"]
 
@@ -80,6 +83,23 @@ def add_arguments(p) -> None:
     p.add_argument("--latent-asinh", type=float, metavar="C",
                    help="compand the latents, u = asinh(z / C), before the linear scaling (tails kept inside the "
                         "range); 0 = linear (default 0)")
+    p.add_argument("--logsnr-shift", type=_shift_arg, metavar="D",
+                   help="shift the cosine schedule's log signal-to-noise ratio by D nats (config.json "
+                        "logsnr_shift); 'auto': D = -log(variance of the scaled training latents), the SNRs of "
+                        "unit-variance data (default 0)")
+
+
+def _shift_arg(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+    if not (math.isfinite(value) and abs(value) <= MAX_LOGSNR_SHIFT):
+        raise argparse.ArgumentTypeError(f"must be a finite number in [-{MAX_LOGSNR_SHIFT:g}, "
+                                         f"{MAX_LOGSNR_SHIFT:g}] or 'auto', got {text}")
+    return value
 
 
 def load_vqgan(path: str | Path) -> tuple[VQGAN, dict]:
@@ -116,6 +136,8 @@ def run(args) -> int:
         opts["latent_clip"] = "on"  # a run started before the option: latents clamped, x0 clipped
     if saved is not None and "latent_asinh" not in saved:
         opts["latent_asinh"] = 0.0  # a run started before the option: linear scaling
+    if saved is not None and "logsnr_shift" not in saved:
+        opts["logsnr_shift"] = 0.0  # a run started before the option: the plain cosine schedule
     if not (math.isfinite(opts["latent_asinh"]) and opts["latent_asinh"] >= 0.0):
         raise ValueError(f"--latent-asinh must be a finite number >= 0, got {opts['latent_asinh']}")
     if not 0.0 <= opts["latent_quantile"] < 0.5:
@@ -137,7 +159,8 @@ def _config(opts: dict, vq_doc: dict) -> LDMConfig:
         raise ValueError(f"the VQ-GAN has {vq_cfg.latent_channels} latent channels but the preset's U-Net takes "
                          f"{base.unet.in_channels}")
     return LDMConfig(vqgan=vq_cfg, unet=base.unet, timesteps=base.timesteps, schedule=base.schedule,
-                     cosine_s=base.cosine_s, max_beta=base.max_beta, prediction=base.prediction, name=base.name)
+                     cosine_s=base.cosine_s, max_beta=base.max_beta, prediction=base.prediction, name=base.name,
+                     logsnr_shift=base.logsnr_shift)
 
 
 @torch.no_grad()
@@ -202,6 +225,11 @@ def _train(opts: dict, info: DistInfo, run_dir: Path, ck: Path | None) -> int:
     opts["architecture"] = cfg.to_dict()
     vq.to(dev)
     latents, (lo, hi), data_desc = _latents(opts, vq, vq_doc, info, run_dir)
+    if opts["logsnr_shift"] == "auto":  # resolved once; a resumed run reads the number back
+        opts["logsnr_shift"] = round(-math.log(float(latents.double().var())), 4)
+    if opts["logsnr_shift"] != cfg.logsnr_shift:
+        cfg = dataclasses.replace(cfg, logsnr_shift=float(opts["logsnr_shift"]))
+        opts["architecture"] = cfg.to_dict()
     schedule = schedule_for(cfg)
     abar = schedule.alphas_cumprod.to(torch.float32)
     seed_everything(opts["seed"])

@@ -37,6 +37,23 @@ struct ConvShape {
 
 // One tile: kMR output pixels (rows m0 .. m0 + mr - 1) x 32 output channels from n0. src[t * kMR + i] points at
 // pixel i's input row for tap t (or at a zero row outside the image).
+// The epilogue of a tile's output columns n0 .. n0 + 31 (of n): lane masks of the two 16-column halves (m1 = 0
+// when only the first half holds outputs) and the bias in those lanes (zero without a bias).
+struct TileTail {
+  __mmask16 m0, m1;
+  __m512 b0, b1;
+};
+
+__attribute__((always_inline)) RF_F32_TARGET inline TileTail tile_tail(int64_t n, int64_t n0, const float* bias) {
+  const int64_t valid = std::min<int64_t>(32, n - n0);
+  TileTail t;
+  t.m0 = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
+  t.m1 = valid >= 32 ? 0xFFFF : valid <= 16 ? 0 : static_cast<__mmask16>((1u << (valid - 16)) - 1);
+  t.b0 = bias ? _mm512_maskz_loadu_ps(t.m0, bias + n0) : _mm512_setzero_ps();
+  t.b1 = bias ? _mm512_maskz_loadu_ps(t.m1, bias + n0 + 16) : _mm512_setzero_ps();
+  return t;
+}
+
 // kHalf: only the first 16 of the 32 columns hold outputs (a last block with N - n0 <= 16, e.g. a 16-band
 // or 8-channel output conv): the other half is neither loaded nor multiplied.
 template <bool kHalf>
@@ -61,11 +78,9 @@ RF_BF16_TARGET void tile_bf16(const ConvShape& s, const uint16_t* const* src, co
       }
     }
   }
-  const int64_t valid = std::min<int64_t>(32, s.n - n0);
-  const __mmask16 m0k = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
-  const __mmask16 m1k = valid >= 32 ? 0xFFFF : valid <= 16 ? 0 : static_cast<__mmask16>((1u << (valid - 16)) - 1);
-  const __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0k, bias + n0) : _mm512_setzero_ps();
-  const __m512 b1 = bias ? _mm512_maskz_loadu_ps(m1k, bias + n0 + 16) : _mm512_setzero_ps();
+  const TileTail tail = tile_tail(s.n, n0, bias);
+  const __mmask16 m0k = tail.m0, m1k = tail.m1;
+  const __m512 b0 = tail.b0, b1 = tail.b1;
   for (int64_t i = 0; i < mr; ++i) {
     const int64_t off = dst[i] * s.n + n0;
     __m512 v0 = _mm512_add_ps(acc[i][0], b0), v1 = _mm512_add_ps(acc[i][1], b1);
@@ -100,11 +115,9 @@ RF_F32_TARGET void tile_f32(const ConvShape& s, const float* const* src, const i
       }
     }
   }
-  const int64_t valid = std::min<int64_t>(32, s.n - n0);
-  const __mmask16 m0k = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
-  const __mmask16 m1k = valid >= 32 ? 0xFFFF : valid <= 16 ? 0 : static_cast<__mmask16>((1u << (valid - 16)) - 1);
-  const __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0k, bias + n0) : _mm512_setzero_ps();
-  const __m512 b1 = bias ? _mm512_maskz_loadu_ps(m1k, bias + n0 + 16) : _mm512_setzero_ps();
+  const TileTail tail = tile_tail(s.n, n0, bias);
+  const __mmask16 m0k = tail.m0, m1k = tail.m1;
+  const __m512 b0 = tail.b0, b1 = tail.b1;
   for (int64_t i = 0; i < mr; ++i) {
     const int64_t off = dst[i] * s.n + n0;
     __m512 v0 = _mm512_add_ps(acc[i][0], b0), v1 = _mm512_add_ps(acc[i][1], b1);

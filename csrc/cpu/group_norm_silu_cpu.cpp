@@ -15,6 +15,25 @@ using namespace vec;
 
 // ---- GroupNorm + scale/shift + SiLU (+ residual), one image ------------------------------------------
 
+// Per-channel y = x * a + k from the group statistics: on entry a[c] holds channel c's sum of squared
+// deviations from its group mean mean[c]; GroupNorm's affine (weight, bias) and the optional FiLM scale / shift
+// (y * (1 + scale) + shift) fold into a and k.
+RF_INLINE void fold_groups(int64_t groups, int64_t cg, float count, float eps, const float* mean,
+                           const float* weight, const float* bias, const float* scale, const float* shift, float* a,
+                           float* k) {
+  for (int64_t g = 0; g < groups; ++g) {
+    float s = 0.0f;
+    for (int64_t c = g * cg; c < (g + 1) * cg; ++c) s += a[c];
+    const float rstd = 1.0f / std::sqrt(s / count + eps);
+    for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
+      const float sc = scale ? 1.0f + scale[c] : 1.0f;
+      const float w = rstd * weight[c];
+      a[c] = w * sc;
+      k[c] = (bias[c] - mean[c] * w) * sc + (shift ? shift[c] : 0.0f);
+    }
+  }
+}
+
 template <typename T>
 RF_INLINE void gn_item_impl(const T* x, int64_t pixels, int64_t channels, int64_t groups, const float* weight,
                             const float* bias, const float* scale, const float* shift, const T* residual,
@@ -44,17 +63,7 @@ RF_INLINE void gn_item_impl(const T* x, int64_t pixels, int64_t channels, int64_
       a[c] += d * d;
     }
   }
-  for (int64_t g = 0; g < groups; ++g) {
-    float s = 0.0f;
-    for (int64_t c = g * cg; c < (g + 1) * cg; ++c) s += a[c];
-    const float rstd = 1.0f / std::sqrt(s / count + eps);
-    for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
-      const float sc = scale ? 1.0f + scale[c] : 1.0f;
-      const float w = rstd * weight[c];
-      a[c] = w * sc;
-      k[c] = (bias[c] - csum[c] * w) * sc + (shift ? shift[c] : 0.0f);
-    }
-  }
+  fold_groups(groups, cg, count, eps, csum, weight, bias, scale, shift, a, k);
   for (int64_t p = 0; p < pixels; ++p) {
     const T* xr = x + p * channels;
     const T* rr = residual ? residual + p * channels : nullptr;
@@ -115,17 +124,7 @@ RF_INLINE void gn_item_vec(const T* x, int64_t pixels, int64_t groups, const flo
       acc[n] += d * d;
     }
   for (int n = 0; n < NV; ++n) vst(a + 16 * n, acc[n]);
-  for (int64_t g = 0; g < groups; ++g) {
-    float sum = 0.0f;
-    for (int64_t c = g * cg; c < (g + 1) * cg; ++c) sum += a[c];
-    const float rstd = 1.0f / std::sqrt(sum / count + eps);
-    for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
-      const float sc = scale ? 1.0f + scale[c] : 1.0f;
-      const float w = rstd * weight[c];
-      a[c] = w * sc;
-      k[c] = (bias[c] - mean[c] * w) * sc + (shift ? shift[c] : 0.0f);
-    }
-  }
+  fold_groups(groups, cg, count, eps, mean, weight, bias, scale, shift, a, k);
   v16 av[NV], kv[NV];
   for (int n = 0; n < NV; ++n) {
     av[n] = vld(a + 16 * n);

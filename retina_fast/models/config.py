@@ -217,6 +217,8 @@ class LDMConfig:
     max_beta: float = 0.9999
     prediction: str = "eps"
     name: str = "custom"
+    # log-SNR shift of the cosine schedule in nats (retina_fast.schedules; 0: the plain cosine schedule)
+    logsnr_shift: float = 0.0
 
     def __post_init__(self) -> None:
         if self.unet.in_channels != self.vqgan.latent_channels:
@@ -226,6 +228,8 @@ class LDMConfig:
             raise ValueError(f"schedule {self.schedule!r}: use cosine or linear")
         if self.prediction != "eps":
             raise ValueError("only epsilon prediction is implemented (prediction='eps')")
+        if not (math.isfinite(self.logsnr_shift) and abs(self.logsnr_shift) <= 20.0):
+            raise ValueError(f"logsnr_shift must be a finite number in [-20, 20], got {self.logsnr_shift}")
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
