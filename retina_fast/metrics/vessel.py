@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["vessel_contrast", "dilate"]
+__all__ = ["vessel_contrast", "vessel_tree_length", "dilate"]
 
 
 def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
@@ -42,3 +42,58 @@ def vessel_contrast(cubes: torch.Tensor, masks: Sequence[Mapping[str, torch.Tens
         ring_mean = img[around].mean()
         values.append(float((ring_mean - img[on].mean()) / ring_mean))
     return sum(values) / len(values)
+
+
+def vessel_tree_length(cubes: torch.Tensor, band: int, *, fov: torch.Tensor | None = None,
+                       sigmas: Sequence[float] = (1.5, 2.0), threshold: float = 0.05, min_length: int = 20,
+                       ) -> torch.Tensor:
+    """Per image: the length (skeleton pixels) of the dark ridges at ``band`` that form connected curves of at
+    least ``min_length`` pixels -- how much of a vessel *tree* an image has, with no vessel masks needed (for
+    samples, where the local contrast above sees only what a segmenter marks).
+
+    Steps, per image: the field of view (``fov`` (N, H, W) bool, else the pixels whose mean over the last four
+    bands exceeds half its median inside the bright part of the image), eroded by 4 px; the band divided by its
+    local background (a Gaussian of sigma 4 px, normalised over the field) minus 1; the optic disc (pixels
+    brighter than twice the band's median, dilated by 6 px) left out; Sato's tubeness filter for dark ridges at
+    ``sigmas`` (Sato et al. 1998, Medical Image Analysis 2(2); ``skimage.filters.sato``); the response above
+    ``threshold`` skeletonised; the 8-connected skeleton components of at least ``min_length`` pixels summed.
+
+    At 128 px the phantom's eyes give 376 (median of eyes 6000..6011), the same eyes blurred by a Gaussian
+    of sigma 1 px 95, and the eyes with their vessels painted over 0. Pixel noise makes ridges too: the
+    painted-over eyes with 10 % multiplicative noise give 0, with 20 % 368, so compare sets by their median
+    and look at noisy images before reading a high value as vessels. Needs scipy and scikit-image (the
+    ``eval`` extra). Returns an (N,) float64 tensor."""
+    import numpy as np
+    from scipy import ndimage as ndi
+    from skimage.filters import sato
+    from skimage.measure import label
+    from skimage.morphology import skeletonize
+
+    if cubes.dim() != 4 or cubes.shape[1] < 4 or not 0 <= band < cubes.shape[1]:
+        raise ValueError(f"need (N, bands >= 4, H, W) cubes and a band index inside them, got "
+                         f"{tuple(cubes.shape)} and band {band}")
+    if fov is not None and tuple(fov.shape) != (cubes.shape[0], *cubes.shape[2:]):
+        raise ValueError(f"fov must be (N, H, W) = {(cubes.shape[0], *cubes.shape[2:])}, got {tuple(fov.shape)}")
+    out = []
+    for i, cube in enumerate(cubes.detach().to("cpu", torch.float64).numpy()):
+        if fov is not None:
+            field = fov[i].cpu().numpy().astype(bool)
+        else:
+            nir = cube[-4:].mean(0)
+            bright = nir[nir > 0.02]
+            field = nir > 0.5 * float(np.median(bright)) if bright.size else np.zeros_like(nir, bool)
+        field = ndi.binary_erosion(field, np.ones((9, 9), bool))
+        if not field.any():
+            out.append(0.0)
+            continue
+        img = cube[band]
+        weight = ndi.gaussian_filter(field.astype(np.float64), 4)
+        background = ndi.gaussian_filter(img * field, 4) / np.maximum(weight, 1e-6)
+        rel = np.where(field, img / np.maximum(background, 1e-6) - 1.0, 0.0)
+        disc = ndi.binary_dilation(img > 2.0 * float(np.median(img[field])), iterations=6)
+        response = sato(rel, sigmas=list(sigmas), black_ridges=True)
+        response[~field | disc] = 0.0
+        skeleton = skeletonize(response > threshold)
+        sizes = np.bincount(label(skeleton, connectivity=2).ravel())[1:]
+        out.append(float(sizes[sizes >= min_length].sum()))
+    return torch.tensor(out, dtype=torch.float64)

@@ -1,0 +1,40 @@
+"""The diagnostic scripts run as a user runs them (fresh interpreter, from another directory)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from _small_model import save_small_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("skimage")
+
+
+def _run(args, cwd):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_ldm_vessel_profile_runs_on_a_checkpoint(tmp_path):
+    ck = save_small_checkpoint(tmp_path / "ck")
+    out = _run([str(ROOT / "scripts" / "ldm_vessel_profile.py"), str(ck), "--eyes", "2", "--samples", "2",
+                "--json", str(tmp_path / "p.json")], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (rows,) = json.loads((tmp_path / "p.json").read_text()).values()
+    names = [r["row"] for r in rows]
+    assert names[:2] == ["phantom", "autoencoder"] and names[-1] == "samples" and len(names) == 12
+    starts = [r for r in rows if r["row"].startswith("t=")]
+    assert all(0 <= r["abar"] <= 1 and r["tree"] >= 0 for r in starts)
+    assert [r["abar"] for r in starts] == sorted((r["abar"] for r in starts), reverse=True)
+    assert "eff. SNR" in out.stdout
+    bad = _run([str(ROOT / "scripts" / "ldm_vessel_profile.py"), str(ck), "--eyes", "0"], tmp_path)
+    assert bad.returncode == 2 and "--eyes" in bad.stderr
+
+
+def test_bench_before_after_refuses_unknown_workloads(tmp_path):
+    out = _run([str(ROOT / "benchmarks" / "bench_before_after.py"), "--before", ".", "--after", ".",
+                "--workloads", "train"], tmp_path)
+    assert out.returncode == 2 and "unknown workload" in out.stderr
