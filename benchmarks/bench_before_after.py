@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -81,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         def commit(t: Path) -> str:
             return subprocess.run(["git", "-C", str(t), "rev-parse", "HEAD"], capture_output=True,
                                   text=True).stdout.strip()
-        doc = {"device": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        from retina_fast.bench import hardware_line
+
+        doc = {"device": hardware_line(), "cpu_count": os.cpu_count(),
                "date": time.strftime("%Y-%m-%d"), "before": commit(trees["before"]), "after": commit(trees["after"]),
                "rows": rows}
         Path(args.json).write_text(json.dumps(doc, indent=1))
