@@ -73,18 +73,21 @@ class FrozenGraphs:
         return self.graph(*args)(*args)
 
 
-# Measured (benchmarks/bench_compile.py, one run each on the loaded 2-core AVX-512 CPU, same process,
-# interleaved medians): see the README's "frozen graphs vs torch.compile" note and the JSON it writes.
 # Measured side by side (benchmarks/bench_compile.py: one process, warm-up, 5 interleaved rounds, medians; every
-# contender checked against eager fp32 first), 2-core AMD EPYC Zen 5, torch 2.13, 2026-12-03, two runs:
-# benchmarks/results/cpu-2core-amd-epyc-compile-vs-frozen.json. torch.compile = inductor with freezing.
-# The frozen graphs are kept because they were faster in both runs; torch.compile's first call also costs
-# 11-28 s against 0.5-2.3 s. Caveat: on the enhancer dynamo hit its recompile limit (8, in MAGE-Net's forward),
-# so part of that compiled run fell back to eager; an earlier measurement had compile ahead there (1.86x vs
-# 1.72x). torch.export (AOTInductor) was not measured (--skip-export).
+# contender checked against eager fp32 first), 2-core AVX-512 CPU, torch 2.13, 2026-12-03. torch.compile =
+# inductor with freezing; torch.export = AOTInductor (torch._inductor.aoti_compile_and_package), run on a quiet
+# CPU in the third measurement (benchmarks/results/cpu-2core-compile-frozen-export.json; the first two:
+# cpu-2core-amd-epyc-compile-vs-frozen.json). The frozen graphs are kept: they were the fastest or tied in every
+# run (decoder: frozen 1.205x over eager, AOTInductor 1.203x, compile 0.91x; enhancer: 1.38x / 1.33x / 1.09x)
+# and they build in 0.4-2 s per input shape against 7-23 s for AOTInductor and 8-28 s for torch.compile, a cost
+# a user pays on the first call of every new shape. Caveat: on the enhancer dynamo hits its recompile limit (8,
+# in MAGE-Net's forward), so part of the compiled run falls back to eager; an earlier measurement had compile
+# ahead there (1.86x vs 1.72x).
 COMPILED_VS_FROZEN: dict[str, str] = {
-    "decoder_fp32 (shipped tiny, B = 8)": "frozen 1.21x / 1.04x over eager, torch.compile 0.92x / 0.81x",
-    "enhancer_fp32 (512 px)": "frozen 1.43x / 1.36x over eager, torch.compile 1.13x / 1.04x",
+    "decoder_fp32 (shipped tiny, B = 8)": "frozen 1.21x / 1.04x / 1.21x over eager, torch.compile 0.92x / 0.81x / "
+                                          "0.91x, AOTInductor 1.20x (third run only)",
+    "enhancer_fp32 (512 px)": "frozen 1.43x / 1.36x / 1.38x over eager, torch.compile 1.13x / 1.04x / 1.09x, "
+                              "AOTInductor 1.33x (third run only)",
 }
 
 
