@@ -35,7 +35,9 @@ def test_run_writes_shards_and_manifest_equal_to_the_api(model_dir, tmp_path):
     assert [s["count"] for s in manifest["shards"]] == [2, 2, 1] and manifest["images"] == 5
     assert manifest["run"]["backend"] == "torch"  # the registry name of the backend
     expected = engine.load(str(model_dir)).sample(5, 4, seed=7, backend="torch").numpy()
-    np.testing.assert_allclose(_images(tmp_path / "run"), expected, rtol=0, atol=1e-6)
+    # The run samples in shards of 2, the API all 5 at once; eager PyTorch is not batch-invariant (Runner:
+    # ~1e-6 in fp32, and with one thread its GEMM blocking gives 1.07e-6 here), so allow a few ulps more.
+    np.testing.assert_allclose(_images(tmp_path / "run"), expected, rtol=0, atol=5e-6)
 
 
 def test_resume_after_a_crash_has_no_gaps_and_no_duplicates(model_dir, tmp_path):
