@@ -36,10 +36,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Schedule", "cosine_schedule", "timesteps_for", "SPACINGS", "MAX_LOGSNR_SHIFT"]
+__all__ = ["Schedule", "cosine_schedule", "timesteps_for", "SPACINGS", "MAX_LOGSNR_SHIFT", "check_logsnr_shift"]
 
 SPACINGS = ("linspace", "logsnr")
 MAX_LOGSNR_SHIFT = 20.0
+
+
+def check_logsnr_shift(value: float) -> float:
+    """``value`` if it is a usable log-SNR shift (finite, |value| <= MAX_LOGSNR_SHIFT), else ValueError."""
+    if not (math.isfinite(value) and abs(value) <= MAX_LOGSNR_SHIFT):
+        raise ValueError(f"logsnr_shift must be a finite number in [-{MAX_LOGSNR_SHIFT:g}, {MAX_LOGSNR_SHIFT:g}], "
+                         f"got {value}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -64,9 +72,7 @@ def cosine_schedule(num_timesteps: int = 1000, s: float = 0.008, max_beta: float
     every timestep (module docstring)."""
     if num_timesteps < 1:
         raise ValueError("num_timesteps must be >= 1")
-    if not (math.isfinite(logsnr_shift) and abs(logsnr_shift) <= MAX_LOGSNR_SHIFT):
-        raise ValueError(f"logsnr_shift must be a finite number in [-{MAX_LOGSNR_SHIFT}, {MAX_LOGSNR_SHIFT}], "
-                         f"got {logsnr_shift}")
+    check_logsnr_shift(logsnr_shift)
     t = np.arange(num_timesteps + 1, dtype=np.float64)
     f = np.cos(((t / num_timesteps) + s) / (1 + s) * math.pi / 2) ** 2
     betas = np.minimum(1.0 - f[1:] / f[:-1], max_beta)

@@ -48,7 +48,7 @@ from retina_fast.checkpoint import load_checkpoint, load_state_into, model_confi
 from retina_fast.models import VQGAN, LDMConfig, UNet2D
 from retina_fast.models.vqgan import scale_latent
 from retina_fast.modelzoo import LoadedLDM, schedule_for
-from retina_fast.schedules import MAX_LOGSNR_SHIFT
+from retina_fast.schedules import MAX_LOGSNR_SHIFT, check_logsnr_shift
 from retina_fast.training.trainer import (EMA, BatchPlan, DistInfo, MetricLogger, command_line, init_distributed,
                                           checkpoint_to_resume, load_train_state, provenance, save_train_state,
                                           seed_everything, step_generator)
@@ -93,13 +93,10 @@ def _shift_arg(text: str) -> float | str:
     if text == "auto":
         return text
     try:
-        value = float(text)
+        return check_logsnr_shift(float(text))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
-    if not (math.isfinite(value) and abs(value) <= MAX_LOGSNR_SHIFT):
         raise argparse.ArgumentTypeError(f"must be a finite number in [-{MAX_LOGSNR_SHIFT:g}, "
-                                         f"{MAX_LOGSNR_SHIFT:g}] or 'auto', got {text}")
-    return value
+                                         f"{MAX_LOGSNR_SHIFT:g}] or 'auto', got {text}") from None
 
 
 def load_vqgan(path: str | Path) -> tuple[VQGAN, dict]:

@@ -228,8 +228,9 @@ class LDMConfig:
             raise ValueError(f"schedule {self.schedule!r}: use cosine or linear")
         if self.prediction != "eps":
             raise ValueError("only epsilon prediction is implemented (prediction='eps')")
-        if not (math.isfinite(self.logsnr_shift) and abs(self.logsnr_shift) <= 20.0):
-            raise ValueError(f"logsnr_shift must be a finite number in [-20, 20], got {self.logsnr_shift}")
+        from retina_fast.schedules import check_logsnr_shift
+
+        check_logsnr_shift(self.logsnr_shift)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
