@@ -316,3 +316,25 @@ def test_help_runs(command, tmp_path):
     proc = subprocess.run([*console_script(), *command, "--help"], cwd=tmp_path, env=fresh_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "usage:" in proc.stdout and not proc.stderr.strip(), proc.stderr[-2000:]
+    text = " ".join(proc.stdout.split())  # help lines are wrapped: one line
+    assert "(default: None)" not in text, text  # no empty default
+    assert not re.search(r"\(default[^()]*\) \(default", text), text  # none stated twice
+
+
+def test_every_option_is_described():
+    """Each option of each command says what it does (--help shows nothing for an option without help)."""
+    import argparse
+
+    from retina_fast import cli
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, path + [name])
+            elif action.option_strings and action.help != argparse.SUPPRESS:
+                yield " ".join(path), action
+
+    missing = [f"{cmd} {a.option_strings[-1]}" for cmd, a in walk(cli.build_parser(), ["retina-fast"])
+               if not (a.help or "").strip()]
+    assert not missing, missing

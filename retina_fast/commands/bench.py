@@ -21,11 +21,12 @@ def add_parser(sub) -> None:
                    help="sample: whole sampling runs; step: one U-Net call + one decode at batch --n")
     p.add_argument("--num-images", "--n", dest="n", type=int, default=8, help="images (sample) or batch size (step)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (step: used for s/image)")
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpmpp_2m"])
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpmpp_2m"], help="sampling method")
     p.add_argument("--backends", default="cpu",
                    help="comma-separated contenders NAME[:DTYPE]: a backend (cpu, cpu:bf16, onnxruntime, cuda), "
                         "plain:DTYPE (eager PyTorch at DTYPE; plain-bf16), compile[:DTYPE] (torch.compile)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="precision of backends named without one")
     p.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the backends' own)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend for compile rows")

@@ -13,15 +13,15 @@ def add_parser(sub) -> None:
                                    "(seed, i): runs split over torchrun ranks or resumed give the same set.")
     p.add_argument("--num-images", "--n", dest="n", type=int, required=True,
                    help="number of images (under torchrun write --num-images: torchrun takes --n as its own)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpmpp_2m"])
+    p.add_argument("--steps", type=int, default=50, help="denoising steps")
+    p.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i)")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpmpp_2m"], help="sampling method")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--model", default="default", help="packaged model name or checkpoint directory")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--format", default="npy", choices=["npy", "tiff", "h5"])
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--dtype", default="auto", choices=list(DTYPES))
+    p.add_argument("--format", default="npy", choices=["npy", "tiff", "h5"], help="shard file format")
+    p.add_argument("--backend", default="auto", help="auto, torch, cpu, onnxruntime or cuda")
+    p.add_argument("--dtype", default="auto", choices=list(DTYPES), help="compute precision (auto: the backend's best)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per batch (default: automatic); recorded in run.json and kept on --resume where "
                         "the backend's images depend on the batch size")
