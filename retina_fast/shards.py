@@ -66,6 +66,10 @@ class RunSpec:
     # Images per sampling batch where the backend cannot promise that image i is the same whatever the
     # batch (Runner.batch_invariant); None where it can, and in runs written before this field existed.
     batch_size: int | None = None
+    # The cpu backend's U-Net convolution library (direct | onednn), measured when its runner is built: kept on
+    # --resume and shared by torchrun ranks so that every image of a run is computed the same way. None for
+    # other backends and in runs written before this field existed.
+    convolutions: str | None = None
 
     def shards(self) -> list[tuple[int, int, int]]:
         """(index, first image, count) for every shard of the run."""
@@ -144,6 +148,8 @@ def _spec_problem(key: str, value: Any) -> str | None:
         return None if _is_int(value) and value >= 1 else "must be a positive integer"
     if key == "batch_size":
         return None if value is None or (_is_int(value) and value >= 1) else "must be null or a positive integer"
+    if key == "convolutions":
+        return None if value in (None, "direct", "onednn") else "must be null, \"direct\" or \"onednn\""
     if key == "sampler":
         return None if value in SAMPLERS else f"must be one of {', '.join(SAMPLERS)}"
     if key == "format":
@@ -161,7 +167,7 @@ def spec_from_dict(data: Any, path: Path) -> RunSpec:
     if not isinstance(data, dict):
         raise BadRunFile(f"{path}: expected a JSON object, got {type(data).__name__}")
     fields = [f.name for f in dataclasses.fields(RunSpec)]
-    optional = {"batch_size"}  # absent in runs written before it existed
+    optional = {"batch_size", "convolutions"}  # absent in runs written before they existed
     unknown = sorted(set(data) - set(fields))
     missing = [k for k in fields if k not in data and k not in optional]
     if unknown or missing:

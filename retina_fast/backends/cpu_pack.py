@@ -26,7 +26,9 @@ from torch import nn
 from retina_fast.models.vqgan import UpConv
 from retina_fast.ops.conv import direct_conv_usable, pack_conv_rows, pack_conv_transpose_k4s2p1, pack_conv_weight
 
-__all__ = ["PackedConv", "mkldnn_usable"]
+__all__ = ["PackedConv", "mkldnn_usable", "CONV_LIBRARIES"]
+
+CONV_LIBRARIES = ("direct", "onednn")
 
 
 def mkldnn_usable() -> bool:
@@ -39,7 +41,9 @@ class PackedConv:
     the program's input, which the caller can hand over already zero-padded (row form allowed)."""
 
     def __init__(self, module: nn.Module, dtype: torch.dtype, weight_scale: torch.Tensor | None = None,
-                 input_padded: bool = False) -> None:
+                 input_padded: bool = False, library: str = "direct") -> None:
+        if library not in CONV_LIBRARIES:
+            raise ValueError(f"convolution library must be one of {CONV_LIBRARIES}, got {library!r}")
         self.dtype = dtype
         self.replicate = False
         if isinstance(module, UpConv):
@@ -71,7 +75,9 @@ class PackedConv:
         usable = self.groups == 1 and square and direct_conv_usable(dtype)
         channels_ok = not bf16 or (c_in % 2 == 0 and c_in >= 16)
         self.kind, self.packed = "onednn", None
-        if self.transposed:
+        if library == "onednn" and mkldnn_usable() and not self.replicate:
+            pass  # oneDNN chosen (replicate padding has no oneDNN form: those layers stay direct)
+        elif self.transposed:
             if usable and channels_ok and self.kernel == (4, 4) and self.stride == [2, 2] and \
                     self.padding == [1, 1] and self.output_padding == [0, 0]:
                 self.kind, self.packed = "transposed", pack_conv_transpose_k4s2p1(w, dtype)

@@ -37,15 +37,15 @@ class FilmSlice:
 class Packing:
     """Packed weights of the recorded model, per layer (and folded gain), shared by every recording of it."""
 
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
+    def __init__(self, dtype: torch.dtype, library: str = "direct") -> None:
+        self.dtype, self.library = dtype, library
         self._convs: dict[tuple, PackedConv] = {}
         self._norms: dict[int, tuple] = {}
 
     def conv(self, module: nn.Module, scale: torch.Tensor | None = None, input_padded: bool = False) -> PackedConv:
         key = (id(module), id(scale) if scale is not None else None, input_padded)
         if key not in self._convs:
-            self._convs[key] = PackedConv(module, self.dtype, scale, input_padded)
+            self._convs[key] = PackedConv(module, self.dtype, scale, input_padded, self.library)
         return self._convs[key]
 
     def norm(self, m: nn.Module) -> tuple:

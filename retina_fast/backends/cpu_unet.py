@@ -8,7 +8,12 @@ tensors -- ``GroupNorm`` on a bf16 channels-last (8, 32, 16, 16) tensor took 236
 of those is one pass over the tensor: GroupNorm * (1 + scale) + shift -> SiLU (+ the ResnetBlock's residual)
 is one kernel, the channel LayerNorm one (its gamma folded into ``to_qkv``), each attention one, and the
 residual of ``PreNormResidual`` is added inside ``to_out``'s convolution. Every convolution is the C++ direct
-convolution on an AVX-512 CPU (fp32; bf16 with AVX512-BF16), else oneDNN (``cpu_pack``).
+convolution on an AVX-512 CPU (fp32; bf16 with AVX512-BF16), else oneDNN (``cpu_pack``) -- or oneDNN for every
+convolution (``library="onednn"``), chosen by measurement (:meth:`FusedCPUUNet.choose_library`): the direct
+kernel is batch invariant and wins on small models, oneDNN's blocked kernels win at paper scale and, on CPUs
+with AMX tiles, in bf16 at every size. One U-Net call, one thread, Intel Xeon with AMX-BF16 (2 cores), same
+process: ``tiny`` B = 8 fp32 direct 43.7 ms / oneDNN 65.1 ms, bf16 62.5 / 27.2 ms; ``paper-224`` B = 1 fp32
+3257 / 1051 ms, bf16 3135 / 208 ms.
 
 Time conditioning: the program's FiLM input holds, per image, the (scale, shift) of every ResnetBlock; the
 runner computes it per timestep value from the module's own ``time_embedding`` and the blocks' ``mlp``
@@ -23,7 +28,9 @@ as running the reference module in bf16 (tests/test_cpu_unet.py compares the two
 """
 from __future__ import annotations
 
+import os
 import threading
+import time
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +40,24 @@ from retina_fast.backends.cpu_graph import Program, SplitPrograms, meta_cl, reco
 from retina_fast.backends.cpu_table import CPU_OPS, ConvNode, Packing, TimeInput
 from retina_fast.models.unet import UNet2D, pad_to_multiple
 
-__all__ = ["FusedCPUUNet"]
+__all__ = ["FusedCPUUNet", "pick_library", "LIBRARY_ENV", "ONEDNN_MARGIN", "MEASURE_BATCH"]
+
+LIBRARY_ENV = "RETINA_FAST_CPU_CONVS"  # direct | onednn | auto (default): pins the choice of choose_library
+# oneDNN is taken only when it is this much faster: the direct kernels are batch invariant (image i the same in
+# any batch), and a choice that flipped between runs on near-equal timings would change bf16 images slightly.
+ONEDNN_MARGIN = 1.25
+# the batch the choice is measured for: the engine's CPU batches are 8-16 images (bf16 through oneDNN is padded
+# to a multiple of 8), and one call at 8 costs a few seconds even for paper-224
+MEASURE_BATCH = 8
+
+
+def pick_library(direct_s: float | None, onednn_s: float | None, margin: float = ONEDNN_MARGIN) -> str:
+    """The convolution library for measured seconds per call (None: that library cannot run the model)."""
+    if direct_s is None and onednn_s is None:
+        raise ValueError("neither convolution library can run this model")
+    if direct_s is None or onednn_s is None:
+        return "onednn" if direct_s is None else "direct"
+    return "onednn" if onednn_s * margin < direct_s else "direct"
 
 
 class FusedCPUUNet:
@@ -44,7 +68,7 @@ class FusedCPUUNet:
     ``graphs``: programs are replayed as C++ op graphs (True exactly then; tests may switch it off to run
     the same nodes one by one)."""
 
-    def __init__(self, unet: UNet2D, dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(self, unet: UNet2D, dtype: torch.dtype = torch.bfloat16, library: str = "direct") -> None:
         if not _ext.available():
             raise RuntimeError(f"FusedCPUUNet needs the compiled core retina_fast._C ({_ext.load_error})")
         if dtype not in (torch.float32, torch.bfloat16):
@@ -52,15 +76,66 @@ class FusedCPUUNet:
         self.unet = unet.eval()
         self.config = unet.config
         self.dtype = dtype
-        self.packing = Packing(dtype)
         self.films: list[torch.nn.Linear] | None = None
         self.film_weight = self.film_bias = None
         self._film_cache: dict[tuple, torch.Tensor] = {}
+        self._lock = threading.Lock()
+        self.timings: dict = {}  # what choose_library measured
+        self.use_library(library)
+
+    def use_library(self, library: str) -> None:
+        """Run every convolution the ``library`` can (``direct``: the C++ direct kernel where the CPU has it,
+        else oneDNN; ``onednn``: oneDNN except replicate-padded layers); programs are recorded afresh."""
+        self.packing = Packing(self.dtype, library)
+        self.library = library
         m = self.config.multiple
         probe = self._record(1, (m, m))  # which kernel runs each layer is known before the first call
         self.batch_invariant = probe.all_cpp
         self.programs = SplitPrograms(self._record, self._inputs, graphs=self.batch_invariant)
-        self._lock = threading.Lock()
+
+    def choose_library(self, shape: tuple[int, int], setting: str | None = None, rounds: int = 2) -> str:
+        """Use the faster convolution library for latents of ``shape`` (h, w), measured here: a U-Net call
+        at a batch of 8 with each library (after a warm-up call; see ``_measure``), best of ``rounds``, and
+        oneDNN only when :data:`ONEDNN_MARGIN` times faster (:func:`pick_library`). ``setting`` (default: the
+        ``RETINA_FAST_CPU_CONVS`` environment variable, else ``auto``) = ``direct`` or ``onednn`` skips the
+        measurement. Returns the library in use."""
+        from retina_fast.backends.cpu_pack import mkldnn_usable
+
+        setting = (setting if setting is not None else os.environ.get(LIBRARY_ENV, "auto")).strip().lower()
+        if setting not in ("auto", "direct", "onednn"):
+            raise ValueError(f"{LIBRARY_ENV}={setting!r}: expected direct, onednn or auto")
+        if setting == "auto" and not mkldnn_usable():
+            setting = "direct"
+        if setting == "auto":
+            if self.library != "direct":
+                self.use_library("direct")
+            if not self.batch_invariant:  # no direct kernel on this CPU: oneDNN runs either way
+                return self.library
+            setting = pick_library(*self._measure(shape, rounds))
+        if setting != self.library:
+            self.use_library(setting)
+        return self.library
+
+    def _measure(self, shape: tuple[int, int], rounds: int) -> tuple[float, float]:
+        """Seconds per call at a batch of :data:`MEASURE_BATCH`: oneDNN timed at that batch; the direct
+        kernels at one image per core, times the images each core then runs (its time is per image: one graph
+        per core, each image computed on its own)."""
+        cores = self.programs.cores
+        per_core = -(-MEASURE_BATCH // cores)
+        seconds = {}
+        for library, batch, scale in (("direct", cores, per_core), ("onednn", MEASURE_BATCH, 1)):
+            x = torch.randn((batch, self.config.in_channels, *shape), generator=torch.Generator().manual_seed(0))
+            t = torch.full((batch,), 500, dtype=torch.int64)
+            self.use_library(library)
+            self(x, t)  # records, packs and reorders the weights
+            best = float("inf")
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                self(x, t)
+                best = min(best, time.perf_counter() - t0)
+            seconds[library] = best * scale
+        self.timings = {"seconds_at_batch": seconds, "batch": MEASURE_BATCH, "shape": tuple(shape)}
+        return seconds["direct"], seconds["onednn"]
 
     @property
     def graphs(self) -> bool:

@@ -148,8 +148,8 @@ class CPURunner(Runner):
             except UnsupportedOp as exc:  # a layer the cpu op table does not have
                 reason = str(exc)
         if reason is None:
-            convs = "direct" if self.fast_unet.batch_invariant else "oneDNN"
-            self.unet_path = f"fused C++ ops + {convs} convolutions ({_dtype_name(dtype)})"
+            # direct or oneDNN convolutions: measured once for the model's latent size (RETINA_FAST_CPU_CONVS pins it)
+            self.default_convolutions = self.fast_unet.choose_library(tuple(loaded.config.latent_shape[1:]))
         else:  # say so once, run the same module as a frozen graph instead
             warnings.warn(f"the cpu backend runs the U-Net as a frozen TorchScript graph instead of the fused path: "
                           f"{reason}", RuntimeWarning, stacklevel=2)
@@ -169,6 +169,27 @@ class CPURunner(Runner):
         # differently at some batch sizes (fp32: ~1e-6, enough to flip a codebook choice); bf16 batches through
         # oneDNN are padded to a multiple of 8, which made them agree in every case measured, but that is a
         # measurement on one CPU, not a guarantee, so such a runner says False.
+        self._describe()
+
+    @property
+    def convolutions(self) -> str | None:
+        """The U-Net's convolution library (``direct`` or ``onednn``; None on the frozen-graph fallback)."""
+        return getattr(self.fast_unet, "library", None)
+
+    def use_convolutions(self, library: str) -> None:
+        """Run the U-Net's convolutions with ``library`` (a resumed run keeps the one its run.json records;
+        ``default_convolutions`` is the runner's own choice)."""
+        if self.convolutions is None:
+            raise ValueError("this cpu runner has no fused U-Net to choose convolutions for")
+        if library == self.convolutions:
+            return
+        self.fast_unet.choose_library(tuple(self.loaded.config.latent_shape[1:]), setting=library)
+        self._describe()
+
+    def _describe(self) -> None:
+        if self.convolutions is not None:
+            convs = "direct" if self.fast_unet.batch_invariant else "oneDNN"
+            self.unet_path = f"fused C++ ops + {convs} convolutions ({_dtype_name(self.dtype)})"
         self.batch_invariant = bool(getattr(self.fast_unet, "batch_invariant", False)) and \
             isinstance(self.fast_decode, FusedCPUDecoder)
 

@@ -93,24 +93,33 @@ def run(args) -> int:
         raise UserError(str(exc)) from None
     out = Path(args.out)
 
-    def make_spec(batch_size):
+    def make_spec(batch_size, convolutions):
         return shards.RunSpec(
             model=str(model_dir), model_sha256=_config_sha(model_dir), seed=args.seed, n=args.n, steps=args.steps,
             sampler=args.sampler, eta=args.eta, backend=runner.backend,
             dtype=str(runner.dtype).replace("torch.", ""), shard_size=args.shard_size, format=args.format,
-            wavelengths=tuple(float(w) for w in pipe.wavelengths), batch_size=batch_size)
+            wavelengths=tuple(float(w) for w in pipe.wavelengths), batch_size=batch_size,
+            convolutions=convolutions)
 
     # Where the backend cannot promise that image i is the same in any batch, the batch size is part of
     # the run: fixed once (the automatic choice can depend on free GPU memory), recorded in run.json, and
     # taken from there on --resume and by the other torchrun ranks when --batch-size is not given.
-    invariant = bool(getattr(runner, "batch_invariant", False))
     # Rank 0 alone checks (or creates) the run directory, then tells the others; they only verify that
     # the run.json it wrote matches their settings. (Checking concurrently was a race: a rank that looked
     # after rank 0 had written run.json saw "already holds a run".)
-    error, batch, record = None, args.batch_size, None
+    # The cpu backend measures its convolution library when the runner is built: the run records it, a resumed
+    # run and the other ranks take rank 0's record (runs written before the field keep null).
+    error, batch, record, convs = None, args.batch_size, None, getattr(runner, "convolutions", None)
     if rank == 0:
         try:
             existing = shards.load_spec(out) if args.resume and out.is_dir() else None
+            if convs is not None:
+                # a new run: the runner's own choice (an earlier --resume in this process may have changed it);
+                # a cpu run written before the field existed ran the direct kernels (this CPU has them: the
+                # runner has a fused U-Net)
+                convs = runner.default_convolutions if existing is None else existing.convolutions
+                runner.use_convolutions(convs or "direct")
+            invariant = bool(getattr(runner, "batch_invariant", False))
             if not invariant:
                 if batch is None:
                     batch = (existing.batch_size if existing else None) or engine.auto_batch_size(
@@ -118,23 +127,25 @@ def run(args) -> int:
                 # a run.json written before the batch size was recorded (null) is resumed as it was written
                 legacy = existing is not None and existing.batch_size is None and args.batch_size is None
                 record = None if legacy else batch
-            shards.prepare_run(out, make_spec(record), resume=args.resume, rank=0)
+            shards.prepare_run(out, make_spec(record, convs), resume=args.resume, rank=0)
         except (shards.RunError, OSError) as exc:
             error = str(exc) if isinstance(exc, shards.RunError) else _os_error(exc)
     if world > 1:
-        status = [error, batch, record]
+        status = [error, batch, record, convs]
         dist.broadcast_object_list(status, src=0)
-        error, record = status[0], status[2]
+        error, record, convs = status[0], status[2], status[3]
+        if rank != 0 and convs is not None and getattr(runner, "convolutions", None) not in (None, convs):
+            runner.use_convolutions(convs)  # every rank computes as rank 0 does
         if args.batch_size is None:
             batch = status[1]
         if error is None and rank != 0:
             try:
-                shards.prepare_run(out, make_spec(record), resume=True, rank=rank)
+                shards.prepare_run(out, make_spec(record, convs), resume=True, rank=rank)
             except shards.RunError as exc:
                 error = f"rank {rank}: {exc}"
     if error is not None:
         raise UserError(error)
-    spec = make_spec(record)
+    spec = make_spec(record, convs)
     todo = shards.pending_images(out, spec, rank, world)
     bar = tqdm(total=todo, unit="img", desc=f"sample r{rank}" if world > 1 else "sample",
                disable=args.quiet, dynamic_ncols=True)

@@ -1,0 +1,126 @@
+"""The cpu backend's choice of convolution library (C++ direct kernels or oneDNN) for the U-Net: the rule, the
+measurement, the environment setting, and ``retina-fast sample`` recording the choice so that a resumed run
+and every torchrun rank compute the same way."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from retina_fast import cli, engine, shards
+from retina_fast.backends import cpu_unet
+from retina_fast.backends.cpu_pack import mkldnn_usable
+from retina_fast.models.config import UNetConfig
+from retina_fast.models.unet import UNet2D
+
+from _small_model import save_small_checkpoint
+
+needs_fused = pytest.mark.skipif(not mkldnn_usable(), reason="torch without oneDNN")
+
+
+def test_pick_library_takes_onednn_only_when_clearly_faster():
+    assert cpu_unet.pick_library(1.0, 0.5) == "onednn"
+    assert cpu_unet.pick_library(1.0, 0.9) == "direct"  # within the margin: the batch-invariant kernels
+    assert cpu_unet.pick_library(1.0, 1.0 / cpu_unet.ONEDNN_MARGIN) == "direct"
+    assert cpu_unet.pick_library(None, 3.0) == "onednn" and cpu_unet.pick_library(3.0, None) == "direct"
+    with pytest.raises(ValueError, match="neither"):
+        cpu_unet.pick_library(None, None)
+
+
+def _net():
+    torch.manual_seed(0)
+    return UNet2D(UNetConfig(in_channels=4, base_channels=16, channel_mults=(1, 2), attn_heads=2, attn_head_dim=8,
+                             groups=4, num_res_blocks=1)).eval()
+
+
+@needs_fused
+@pytest.mark.parametrize("timings, want", [((1.0, 0.5), "onednn"), ((1.0, 0.95), "direct")])
+def test_auto_follows_the_measurement(monkeypatch, timings, want):
+    fused = cpu_unet.FusedCPUUNet(_net(), torch.float32)
+    seen = []
+    monkeypatch.setattr(fused, "_measure", lambda shape, rounds: seen.append(shape) or timings)
+    monkeypatch.delenv(cpu_unet.LIBRARY_ENV, raising=False)
+    if not fused.batch_invariant:
+        pytest.skip("no direct kernel on this CPU: nothing to choose")
+    assert fused.choose_library((8, 8)) == want == fused.library and seen == [(8, 8)]
+    assert fused.batch_invariant == (want == "direct")
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([1, 900])
+    with torch.no_grad():
+        assert torch.linalg.norm(fused(x, t) - fused.unet(x, t)) <= 2e-6 * torch.linalg.norm(fused.unet(x, t))
+
+
+@needs_fused
+def test_auto_measures_both_libraries_for_real():
+    fused = cpu_unet.FusedCPUUNet(_net(), torch.float32)
+    if not fused.batch_invariant:
+        pytest.skip("no direct kernel on this CPU: nothing to choose")
+    got = fused.choose_library((8, 8), setting="auto", rounds=1)
+    secs = fused.timings["seconds_at_batch"]
+    assert set(secs) == {"direct", "onednn"} and all(s > 0 for s in secs.values())
+    assert got == cpu_unet.pick_library(secs["direct"], secs["onednn"])
+
+
+@needs_fused
+def test_environment_pins_the_library_and_a_bad_value_is_named(monkeypatch):
+    fused = cpu_unet.FusedCPUUNet(_net(), torch.float32)
+    monkeypatch.setattr(fused, "_measure", lambda *a: pytest.fail("a pinned library is not measured"))
+    monkeypatch.setenv(cpu_unet.LIBRARY_ENV, "onednn")
+    assert fused.choose_library((8, 8)) == "onednn" and not fused.batch_invariant
+    monkeypatch.setenv(cpu_unet.LIBRARY_ENV, " Direct ")
+    assert fused.choose_library((8, 8)) == "direct"
+    monkeypatch.setenv(cpu_unet.LIBRARY_ENV, "mkl")
+    with pytest.raises(ValueError, match="RETINA_FAST_CPU_CONVS='mkl'"):
+        fused.choose_library((8, 8))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_small_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+def _sample(model_dir, out, *extra):
+    return cli.main(["sample", "--n", "4", "--steps", "3", "--seed", "5", "--model", str(model_dir), "--out",
+                     str(out), "--shard-size", "2", "--backend", "cpu", "--dtype", "bf16", "--quiet", *extra])
+
+
+@needs_fused
+def test_sample_records_the_library_and_a_resumed_run_keeps_it(model_dir, tmp_path, monkeypatch):
+    from retina_fast.ops.conv import direct_conv_usable
+
+    if not direct_conv_usable(torch.bfloat16):
+        pytest.skip("no direct bf16 kernel on this CPU: nothing to choose")
+    monkeypatch.setenv(cpu_unet.LIBRARY_ENV, "onednn")
+    full = tmp_path / "full"
+    assert _sample(model_dir, full) == 0
+    assert json.loads((full / "run.json").read_text())["convolutions"] == "onednn"
+    want = np.concatenate([shards.read_shard(p) for _, p in shards.iter_manifest(full)])
+    # the same run, interrupted after its first shard and resumed where the measurement would now pick direct
+    part = tmp_path / "part"
+    assert _sample(model_dir, part) == 0
+    (part / "manifest.json").unlink()
+    (part / "shard-00001.done.json").unlink()
+    (part / "shard-00001.npy").unlink()
+    monkeypatch.setenv(cpu_unet.LIBRARY_ENV, "direct")
+    assert _sample(model_dir, part, "--resume") == 0
+    assert json.loads((part / "run.json").read_text())["convolutions"] == "onednn"
+    got = np.concatenate([shards.read_shard(p) for _, p in shards.iter_manifest(part)])
+    np.testing.assert_array_equal(got, want)
+    # and the direct kernels do give other bf16 images: the record is what made them equal (a fresh pipeline:
+    # the cached one's runner measured -- here: read the setting -- when it was built)
+    monkeypatch.setattr(engine, "_PIPELINES", {})
+    other = tmp_path / "direct"
+    assert _sample(model_dir, other) == 0
+    assert json.loads((other / "run.json").read_text())["convolutions"] == "direct"
+    assert not np.array_equal(np.concatenate([shards.read_shard(p) for _, p in shards.iter_manifest(other)]), want)
+
+
+def test_run_file_refuses_an_unknown_library(tmp_path):
+    spec = {"model": "m", "model_sha256": "0" * 64, "seed": 0, "n": 1, "steps": 1, "sampler": "ddim", "eta": 0.0,
+            "backend": "cpu", "dtype": "bfloat16", "shard_size": 1, "format": "npy", "wavelengths": [500.0],
+            "batch_size": None, "convolutions": "mkl"}
+    with pytest.raises(shards.BadRunFile, match="convolutions"):
+        shards.spec_from_dict(spec, tmp_path / "run.json")
+    spec["convolutions"] = "onednn"
+    assert shards.spec_from_dict(spec, tmp_path / "run.json").convolutions == "onednn"
