@@ -144,16 +144,21 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def parse_spec(spec: str) -> tuple[str, torch.dtype | None]:
-    """``NAME[:DTYPE]`` -> (name, dtype or None); ``plain-bf16`` is ``plain:bf16``."""
+    """``NAME[:DTYPE]`` -> (name, dtype or None); ``plain-bf16`` is ``plain:bf16``; ``cpu@direct`` /
+    ``cpu@onednn``: the cpu backend with its U-Net's convolution library pinned (else measured)."""
     if spec == "plain-bf16":
         return "plain", torch.bfloat16
     name, _, dt = spec.partition(":")
     if dt and dt not in _DTYPES:
         raise ValueError(f"contender {spec!r}: unknown dtype {dt!r}; use one of {', '.join(_DTYPES)}")
+    base, at, library = name.partition("@")
+    if at and (base != "cpu" or library not in ("direct", "onednn")):
+        raise ValueError(f"contender {spec!r}: only the cpu backend takes a convolution library (cpu@direct, "
+                         f"cpu@onednn)")
     if name != "plain" and name != "compile":
         from retina_fast import backends
 
-        backends.get(name)  # unknown names raise with the list of known ones
+        backends.get(base)  # unknown names raise with the list of known ones
     return name, _DTYPES[dt] if dt else None
 
 
@@ -231,8 +236,18 @@ def make_contender(pipe, spec: str, device=None, *, default_dtype: torch.dtype |
         return Contender(spec, "compile", dtype, dev, derived, "torch", runner, note=f"{label} ({part})",
                          extra={"compile_backend": compile_backend, "compile_mode": compile_mode,
                                 "compile_decoder": compile_decoder})
-    runner = pipe.runner(name, device, dtype)
-    return Contender(spec, "backend", runner.dtype, runner.device, pipe, name, runner,
+    base, _, library = name.partition("@")
+    runner = pipe.runner(base, device, dtype)
+    if library:  # its own runner, in a pipeline of its own (the shared one keeps its measured choice)
+        from retina_fast.engine import Pipeline
+
+        pinned = Pipeline(pipe.loaded, pipe.source)
+        runner = pinned._runners[(base, str(runner.device), runner.dtype)] = type(runner)(
+            pipe.loaded, runner.device, runner.dtype)
+        runner.backend = base
+        runner.use_convolutions(library)
+        pipe = pinned
+    return Contender(spec, "backend", runner.dtype, runner.device, pipe, base, runner,
                      note=getattr(runner, "unet_path", ""))
 
 

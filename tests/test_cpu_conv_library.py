@@ -124,3 +124,25 @@ def test_run_file_refuses_an_unknown_library(tmp_path):
         shards.spec_from_dict(spec, tmp_path / "run.json")
     spec["convolutions"] = "onednn"
     assert shards.spec_from_dict(spec, tmp_path / "run.json").convolutions == "onednn"
+
+
+def test_bench_contenders_pin_the_library_in_their_own_runner(model_dir):
+    from retina_fast import bench
+
+    assert bench.parse_spec("cpu@onednn:bf16") == ("cpu@onednn", torch.bfloat16)
+    for bad in ("torch@direct", "cpu@mkl", "cpu@"):
+        with pytest.raises(ValueError, match="only the cpu backend takes a convolution library"):
+            bench.parse_spec(bad)
+    if not mkldnn_usable():
+        pytest.skip("torch without oneDNN")
+    pipe = engine.load(str(model_dir))
+    shared = pipe.runner("cpu", "cpu", torch.float32)
+    before = shared.convolutions
+    rows = {lib: bench.make_contender(pipe, f"cpu@{lib}") for lib in ("direct", "onednn")}
+    assert shared.convolutions == before  # the pipeline's own runner keeps its measured choice
+    for lib, c in rows.items():
+        assert c.runner is not shared and c.runner.convolutions == lib and c.backend == "cpu"
+        assert ("oneDNN" in c.note) == (lib == "onednn" or not c.runner.fast_unet.batch_invariant)
+    a = rows["direct"].sample(2, 3, seed=1)[0]
+    b = rows["onednn"].sample(2, 3, seed=1)[0]
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-4)  # fp32: the same images to rounding

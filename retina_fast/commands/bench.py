@@ -23,7 +23,8 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=50, help="sampling steps (step: used for s/image)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpmpp_2m"], help="sampling method")
     p.add_argument("--backends", default="cpu",
-                   help="comma-separated contenders NAME[:DTYPE]: a backend (cpu, cpu:bf16, onnxruntime, cuda), "
+                   help="comma-separated contenders NAME[:DTYPE]: a backend (cpu, cpu:bf16, onnxruntime, cuda; "
+                        "cpu@direct / cpu@onednn pin the cpu backend's convolution library), "
                         "plain:DTYPE (eager PyTorch at DTYPE; plain-bf16), compile[:DTYPE] (torch.compile)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="precision of backends named without one")
