@@ -38,3 +38,16 @@ def test_bench_before_after_refuses_unknown_workloads(tmp_path):
     out = _run([str(ROOT / "benchmarks" / "bench_before_after.py"), "--before", ".", "--after", ".",
                 "--workloads", "train"], tmp_path)
     assert out.returncode == 2 and "unknown workload" in out.stderr
+
+
+def test_ldm_expert_handoff_of_a_model_to_itself_changes_nothing(tmp_path):
+    """Handing over to the same model at one of its own DDIM timesteps is plain DDIM: every row equal."""
+    ck = save_small_checkpoint(tmp_path / "ck")
+    script = str(ROOT / "scripts" / "ldm_expert_handoff.py")
+    out = _run([script, str(ck), str(ck), "--n", "2", "--out", str(tmp_path / "h")], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "h" / "rows.json").read_text())
+    assert [r["row"] for r in rows][::len(rows) - 1] == ["first only", "second only"] and len(rows) == 7
+    assert len({r["median"] for r in rows}) == 1 and len(list((tmp_path / "h").glob("*.png"))) == 7
+    bad = _run([script, str(ck), str(ck), "--n", "0"], tmp_path)
+    assert bad.returncode == 2 and "--n" in bad.stderr
