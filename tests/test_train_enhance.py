@@ -194,3 +194,20 @@ def test_identity_pairs_and_real_augment_options(tmp_path, rsp_run):
     for flag, bad in (("--identity-fraction", "1.5"), ("--real-augment", "-0.1"), ("--real-pairs", "-1")):
         with pytest.raises(ValueError, match=flag):
             T.run(_args("magenet", "--out", str(tmp_path / "bad"), "--steps", "1", flag, bad))
+
+
+def test_gate_bias_sets_the_output_gates_initial_opening(tmp_path):
+    net, cfg = T.build_model({**T.DEFAULTS, "kind": "magenet", "preset": "tiny", "output_gate": True,
+                              "gate_bias": -4.0})
+    assert cfg.output_gate and torch.all(net.gate.bias == -4.0) and torch.all(net.gate.weight == 0)
+    half, _ = T.build_model({**T.DEFAULTS, "kind": "magenet", "preset": "tiny", "output_gate": True})
+    assert torch.all(half.gate.bias == 0)
+    with pytest.raises(ValueError, match="needs --output-gate"):
+        T.build_model({**T.DEFAULTS, "kind": "magenet", "preset": "tiny", "gate_bias": -4.0})
+    with pytest.raises(ValueError, match="finite"):
+        T.build_model({**T.DEFAULTS, "kind": "magenet", "preset": "tiny", "output_gate": True,
+                       "gate_bias": float("nan")})
+    out = tmp_path / "g"
+    assert T.run(_args("magenet", "--out", str(out), "--steps", "1", "--output-gate", "--gate-bias", "-4")) == 0
+    doc, _ = load_checkpoint(out / "final")
+    assert doc["provenance"]["options"]["gate_bias"] == -4.0

@@ -63,7 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "eyes": 48, "per_eye": 4, "real_images": 48, "colour_jitter": 0.25, "no_identity_init": False,
     "lr": 1e-3, "lr_min": 1e-5, "seed": 0, "no_rsp": False, "identity_fraction": 0.0,
     "real_augment": 0.0, "real_pairs": 0, "real_pairs_batch_size": 2,
-    "stage1_only": False, "output_gate": False, "rsp_init": None, "ema": 0.999, "consistency_weight": 1.0, "warmup": 0.3,
+    "stage1_only": False, "output_gate": False, "gate_bias": 0.0, "rsp_init": None, "ema": 0.999, "consistency_weight": 1.0, "warmup": 0.3,
     "noise_std": 0.05, "log_every": 10, "ckpt_every": 100, "device": None, "threads": None, "data_cache": None,
 }
 FIELDS = ["loss", "char_s1", "edge_s1", "char_s2", "edge_s2", "seg", "consistency", "con_weight", "ema_alpha",
@@ -112,6 +112,9 @@ def add_arguments(p) -> None:
     p.add_argument("--stage1-only", action="store_true", default=None, help="ablation: Stage-1 U-Net + SAM only")
     p.add_argument("--output-gate", action="store_true", default=None,
                    help="gate the final residual per pixel (x + sigmoid(g) * delta; not in the paper)")
+    p.add_argument("--gate-bias", type=float, metavar="B",
+                   help="initial bias of the output gate: sigmoid(B) of the residual passes at the start (0: half "
+                        "open, -4: nearly closed, so leaving the photograph alone is the default)" + d("gate_bias"))
     p.add_argument("--rsp-init", metavar="DIR", help="pretrained RSP checkpoint (final/ of a `train rsp` run)")
     p.add_argument("--ema", type=float, help="mean-teacher EMA α (tmagenet)" + d("ema"))
     p.add_argument("--consistency-weight", type=float, help="w_max of the consistency loss" + d("consistency_weight"))
@@ -167,7 +170,14 @@ def build_model(opts: dict[str, Any]) -> tuple[torch.nn.Module, MAGENetConfig]:
         if opts["no_rsp"] or opts["stage1_only"]:
             raise ValueError("--no-rsp / --stage1-only are MAGE-Net ablations, not options of `train rsp`")
         return RSPNet(**rsp_config(cfg)), cfg
+    gate_bias = float(opts.get("gate_bias") or 0.0)
+    if gate_bias and not cfg.output_gate:
+        raise ValueError("--gate-bias sets the output gate's initial bias: it needs --output-gate")
+    if not math.isfinite(gate_bias):
+        raise ValueError(f"--gate-bias must be a finite number, got {gate_bias}")
     net = MAGENet(cfg)
+    if cfg.output_gate:
+        torch.nn.init.constant_(net.gate.bias, gate_bias)
     if not opts["no_identity_init"]:
         heads = [net.stage1.sam.conv2] + ([net.tail] if cfg.has_stage2 else [])
         for conv in heads:  # image = conv(features) + input: zero weights make both stages the identity
