@@ -52,25 +52,37 @@ def machine() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+    cpu, features = cpu_info()
+    return {"platform": platform.platform(), "cpu": cpu, "cpu_features": features, "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
             "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda, "gpu": gpu,
             "load_avg_1min": load, "commit": _git("rev-parse", "--short", "HEAD"),
             "commit_full": _git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def hardware_line() -> str:
-    """'<CPU model> (<n> cores), torch <version>, <threads> thread(s)' for reports."""
-    model = platform.processor() or platform.machine()
+_CPU_FEATURES = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what decides which kernels win here
+
+
+def cpu_info() -> tuple[str, list[str]]:
+    """(CPU model name, which of the features that decide our kernel choices it has) from /proc/cpuinfo."""
+    model, flags = None, set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             for line in fh:
-                if line.startswith("model name"):
+                if line.startswith("model name") and model is None:
                     model = line.split(":", 1)[1].strip()
-                    break
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return f"{model} ({os.cpu_count()} cores), torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+    model = model or platform.processor() or platform.machine()
+    return model, [f for f in _CPU_FEATURES if f in flags]
+
+
+def hardware_line() -> str:
+    """'<CPU model> (<n> cores), torch <version>, <threads> thread(s)' for reports."""
+    return f"{cpu_info()[0]} ({os.cpu_count()} cores), torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
 
 
 def render_phantom_folder(work, name: str, n: int, size: int, seed: int):
@@ -237,16 +249,17 @@ def make_contender(pipe, spec: str, device=None, *, default_dtype: torch.dtype |
                          extra={"compile_backend": compile_backend, "compile_mode": compile_mode,
                                 "compile_decoder": compile_decoder})
     base, _, library = name.partition("@")
-    runner = pipe.runner(base, device, dtype)
     if library:  # its own runner, in a pipeline of its own (the shared one keeps its measured choice)
+        from retina_fast.backends.runners import CPURunner, default_dtype
         from retina_fast.engine import Pipeline
 
-        pinned = Pipeline(pipe.loaded, pipe.source)
-        runner = pinned._runners[(base, str(runner.device), runner.dtype)] = type(runner)(
-            pipe.loaded, runner.device, runner.dtype)
-        runner.backend = base
-        runner.use_convolutions(library)
-        pipe = pinned
+        dev = torch.device(device or "cpu")
+        dt = dtype or default_dtype(base, dev)
+        pipe = Pipeline(pipe.loaded, pipe.source)
+        runner = pipe._runners[(base, str(dev), dt)] = CPURunner(pipe.loaded, dev, dt, convolutions=library)
+        runner.backend = base  # pinned: nothing measured, and the shared runner is not built at all
+    else:
+        runner = pipe.runner(base, device, dtype)
     return Contender(spec, "backend", runner.dtype, runner.device, pipe, base, runner,
                      note=getattr(runner, "unet_path", ""))
 

@@ -139,7 +139,7 @@ class CPURunner(Runner):
     nearest_impl = "cpp"
     step_impl = "cpp"
 
-    def __init__(self, loaded, device, dtype) -> None:
+    def __init__(self, loaded, device, dtype, convolutions: str | None = None) -> None:
         super().__init__(loaded, device, dtype)
         reason = None if mkldnn_usable() else "torch was built without oneDNN (mkldnn)"
         if reason is None:
@@ -149,7 +149,8 @@ class CPURunner(Runner):
                 reason = str(exc)
         if reason is None:
             # direct or oneDNN convolutions: measured once for the model's latent size (RETINA_FAST_CPU_CONVS pins it)
-            self.default_convolutions = self.fast_unet.choose_library(tuple(loaded.config.latent_shape[1:]))
+            self.default_convolutions = self.fast_unet.choose_library(tuple(loaded.config.latent_shape[1:]),
+                                                                      setting=convolutions)
         else:  # say so once, run the same module as a frozen graph instead
             warnings.warn(f"the cpu backend runs the U-Net as a frozen TorchScript graph instead of the fused path: "
                           f"{reason}", RuntimeWarning, stacklevel=2)
