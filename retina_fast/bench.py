@@ -163,8 +163,10 @@ def parse_spec(spec: str) -> tuple[str, torch.dtype | None]:
     name, _, dt = spec.partition(":")
     if dt and dt not in _DTYPES:
         raise ValueError(f"contender {spec!r}: unknown dtype {dt!r}; use one of {', '.join(_DTYPES)}")
+    from retina_fast.backends.cpu_pack import CONV_LIBRARIES
+
     base, at, library = name.partition("@")
-    if at and (base != "cpu" or library not in ("direct", "onednn")):
+    if at and (base != "cpu" or library not in CONV_LIBRARIES):
         raise ValueError(f"contender {spec!r}: only the cpu backend takes a convolution library (cpu@direct, "
                          f"cpu@onednn)")
     if name != "plain" and name != "compile":

@@ -45,7 +45,7 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "(default" in text or action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+        if "(default" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
             return action.help
         return f"{text} (default: %(default)s)".lstrip()
 

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from retina_fast import _ext
 from retina_fast.backends.cpu_graph import Program, SplitPrograms, meta_cl, record
+from retina_fast.backends.cpu_pack import CONV_LIBRARIES, mkldnn_usable
 from retina_fast.backends.cpu_table import CPU_OPS, ConvNode, Packing, TimeInput
 from retina_fast.models.unet import UNet2D, pad_to_multiple
 
@@ -99,11 +100,9 @@ class FusedCPUUNet:
         oneDNN only when :data:`ONEDNN_MARGIN` times faster (:func:`pick_library`). ``setting`` (default: the
         ``RETINA_FAST_CPU_CONVS`` environment variable, else ``auto``) = ``direct`` or ``onednn`` skips the
         measurement. Returns the library in use."""
-        from retina_fast.backends.cpu_pack import mkldnn_usable
-
         setting = (setting if setting is not None else os.environ.get(LIBRARY_ENV, "auto")).strip().lower()
-        if setting not in ("auto", "direct", "onednn"):
-            raise ValueError(f"{LIBRARY_ENV}={setting!r}: expected direct, onednn or auto")
+        if setting != "auto" and setting not in CONV_LIBRARIES:
+            raise ValueError(f"{LIBRARY_ENV}={setting!r}: expected {', '.join(CONV_LIBRARIES)} or auto")
         if setting == "auto" and not mkldnn_usable():
             setting = "direct"
         if setting == "auto":
@@ -126,7 +125,8 @@ class FusedCPUUNet:
         for library, batch, scale in (("direct", cores, per_core), ("onednn", MEASURE_BATCH, 1)):
             x = torch.randn((batch, self.config.in_channels, *shape), generator=torch.Generator().manual_seed(0))
             t = torch.full((batch,), 500, dtype=torch.int64)
-            self.use_library(library)
+            if library != self.library:  # choose_library has just set up the direct kernels
+                self.use_library(library)
             self(x, t)  # records, packs and reorders the weights
             best = float("inf")
             for _ in range(rounds):
