@@ -157,7 +157,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def parse_spec(spec: str) -> tuple[str, torch.dtype | None]:
     """``NAME[:DTYPE]`` -> (name, dtype or None); ``plain-bf16`` is ``plain:bf16``; ``cpu@direct`` /
-    ``cpu@onednn``: the cpu backend with its U-Net's convolution library pinned (else measured)."""
+    ``cpu@onednn``: the cpu backend with its convolution library pinned for U-Net and decoder (else measured)."""
     if spec == "plain-bf16":
         return "plain", torch.bfloat16
     name, _, dt = spec.partition(":")
@@ -262,8 +262,10 @@ def make_contender(pipe, spec: str, device=None, *, default_dtype: torch.dtype |
         runner.backend = base  # pinned: nothing measured, and the shared runner is not built at all
     else:
         runner = pipe.runner(base, device, dtype)
-    return Contender(spec, "backend", runner.dtype, runner.device, pipe, base, runner,
-                     note=getattr(runner, "unet_path", ""))
+    note = "; ".join(f"{part}: {getattr(runner, attr)}" for part, attr in (("U-Net", "unet_path"),
+                                                                              ("decoder", "decode_path"))
+                     if getattr(runner, attr, None))
+    return Contender(spec, "backend", runner.dtype, runner.device, pipe, base, runner, note=note)
 
 
 def plain_bf16_pipeline(pipe, device="cpu"):

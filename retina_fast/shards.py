@@ -66,10 +66,11 @@ class RunSpec:
     # Images per sampling batch where the backend cannot promise that image i is the same whatever the
     # batch (Runner.batch_invariant); None where it can, and in runs written before this field existed.
     batch_size: int | None = None
-    # The cpu backend's U-Net convolution library (direct | onednn), measured when its runner is built: kept on
-    # --resume and shared by torchrun ranks so that every image of a run is computed the same way. None for
-    # other backends and in runs written before this field existed.
-    convolutions: str | None = None
+    # The cpu backend's convolution library per part, {"unet": direct | onednn | null, "decoder": ...}, measured
+    # when its runner is built: kept on --resume and shared by torchrun ranks so that every image of a run is
+    # computed the same way. None for other backends and in runs written before this field existed; a plain
+    # string in runs written before the decoder chose too (the U-Net's; their decoder ran direct).
+    convolutions: str | dict | None = None
 
     def shards(self) -> list[tuple[int, int, int]]:
         """(index, first image, count) for every shard of the run."""
@@ -149,7 +150,11 @@ def _spec_problem(key: str, value: Any) -> str | None:
     if key == "batch_size":
         return None if value is None or (_is_int(value) and value >= 1) else "must be null or a positive integer"
     if key == "convolutions":
-        return None if value in (None, "direct", "onednn") else "must be null, \"direct\" or \"onednn\""
+        libraries = (None, "direct", "onednn")
+        ok = value in libraries or (isinstance(value, dict) and set(value) == set(CONVOLUTION_PARTS)
+                                    and all(v in libraries for v in value.values()))
+        return None if ok else ('must be null, "direct", "onednn" or {"unet": .., "decoder": ..} with each of '
+                                'null, "direct", "onednn"')
     if key == "sampler":
         return None if value in SAMPLERS else f"must be one of {', '.join(SAMPLERS)}"
     if key == "format":
@@ -160,6 +165,17 @@ def _spec_problem(key: str, value: Any) -> str | None:
         ok = isinstance(value, list) and value and all(_is_number(w) and w > 0 for w in value)
         return None if ok else "must be a non-empty list of positive numbers (nm)"
     return "unknown key"
+
+
+CONVOLUTION_PARTS = ("unet", "decoder")  # the cpu runner's parts that choose a convolution library each
+
+
+def convolutions_by_part(value: str | dict | None) -> dict[str, str]:
+    """A run's recorded ``convolutions`` as ``{"unet": .., "decoder": ..}``: a run written before the field
+    existed ran the direct kernels, one written before the decoder chose recorded the U-Net's library."""
+    if isinstance(value, dict):
+        return dict(value)
+    return {"unet": value or "direct", "decoder": "direct"}
 
 
 def spec_from_dict(data: Any, path: Path) -> RunSpec:

@@ -4,12 +4,13 @@
 #   bash scripts/train_pareto_grid.sh [RUNS_DIR]          (default runs/pareto)
 #
 # Grid: U-Net base 16, 32 and 48 on top of the shipped VQ-GAN, 2000 steps each (the shipped default model,
-# base 32 with 6000 steps, is a fourth point, b32). Each run is the shipped LDM recipe except the U-Net
+# base 32 with 4500 steps, is a fourth point, b32). Each run is the shipped LDM recipe except the U-Net
 # width and the step count:
 #
 #   retina-fast train ldm --preset tiny --data phantom --vqgan retina_fast/weights/tiny \
 #     --out runs/pareto/ldm-b16 --config-json '{"unet": {"base_channels": 16}}' \
-#     --steps 2000 --batch-size 32 --lr 2e-4 --num-images 1024 --amp bf16
+#     --steps 2000 --batch-size 32 --lr 8e-4 --num-images 1024 --amp bf16 --latent-quantile 0 --latent-asinh 1 \
+#     --latent-clip on
 #
 # --vqgan takes a VQ-GAN run directory or any checkpoint directory holding vqgan.safetensors; the
 # packaged model directory retina_fast/weights/tiny is one, so every grid model shares the VQ-GAN of
@@ -46,7 +47,8 @@ for b in $BASES; do
   echo "train $out $(date -u +%FT%TZ), load: $(cut -d' ' -f1-3 /proc/loadavg), log: $out.log"
   $NICE $PY -m retina_fast.cli train ldm --preset tiny --data phantom --vqgan "$VQGAN" --out "$out" \
     --config-json "{\"unet\": {\"base_channels\": $b}}" \
-    --steps "$STEPS" --batch-size 32 --lr 2e-4 --num-images "$NUM_IMAGES" --amp "$AMP" $resume \
+    --steps "$STEPS" --batch-size 32 --lr 8e-4 --num-images "$NUM_IMAGES" --amp "$AMP" --latent-quantile 0 --latent-asinh 1 \
+    --latent-clip on $resume \
     > "$out.log" 2>&1 || { tail -c 2000 "$out.log"; exit 1; }
   echo "$out $(( $(date +%s) - t0 )) s" | tee -a "$RUNS/walltimes.txt"
 done

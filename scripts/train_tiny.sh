@@ -15,7 +15,8 @@ if [ ! -f "$out/tiny-vqgan/final/config.json" ]; then
 fi
 if [ ! -f "$out/tiny-ldm/final/config.json" ]; then
   retina-fast train ldm --preset tiny --data phantom --vqgan "$out/tiny-vqgan" --out "$out/tiny-ldm" \
-    $(resume "$out/tiny-ldm") --steps 4500 --batch-size 32 --lr 2e-4 --num-images 1024 --amp bf16 --sample-every 500 --latent-quantile 0 --latent-asinh 1 --latent-clip on
+    $(resume "$out/tiny-ldm") --steps 4500 --batch-size 32 --lr 8e-4 --num-images 1024 --amp bf16 --latent-quantile 0 --latent-asinh 1 --latent-clip on \
+    --sample-every 500
 fi
 mkdir -p retina_fast/weights/tiny
 rm -f retina_fast/weights/tiny/*.safetensors retina_fast/weights/tiny/config.json

@@ -1,6 +1,6 @@
-"""The cpu backend's choice of convolution library (C++ direct kernels or oneDNN) for the U-Net: the rule, the
-measurement, the environment setting, and ``retina-fast sample`` recording the choice so that a resumed run
-and every torchrun rank compute the same way."""
+"""The cpu backend's choice of convolution library (C++ direct kernels or oneDNN) for the U-Net and the decoder:
+the rule, the measurement, the environment setting, and ``retina-fast sample`` recording the choice so that a
+resumed run and every torchrun rank compute the same way."""
 from __future__ import annotations
 
 import json
@@ -94,7 +94,8 @@ def test_sample_records_the_library_and_a_resumed_run_keeps_it(model_dir, tmp_pa
     monkeypatch.setenv(cpu_unet.LIBRARY_ENV, "onednn")
     full = tmp_path / "full"
     assert _sample(model_dir, full) == 0
-    assert json.loads((full / "run.json").read_text())["convolutions"] == "onednn"
+    recorded = json.loads((full / "run.json").read_text())["convolutions"]
+    assert recorded["unet"] == "onednn" and recorded["decoder"] in ("onednn", None)
     want = np.concatenate([shards.read_shard(p) for _, p in shards.iter_manifest(full)])
     # the same run, interrupted after its first shard and resumed where the measurement would now pick direct
     part = tmp_path / "part"
@@ -104,7 +105,7 @@ def test_sample_records_the_library_and_a_resumed_run_keeps_it(model_dir, tmp_pa
     (part / "shard-00001.npy").unlink()
     monkeypatch.setenv(cpu_unet.LIBRARY_ENV, "direct")
     assert _sample(model_dir, part, "--resume") == 0
-    assert json.loads((part / "run.json").read_text())["convolutions"] == "onednn"
+    assert json.loads((part / "run.json").read_text())["convolutions"] == recorded
     got = np.concatenate([shards.read_shard(p) for _, p in shards.iter_manifest(part)])
     np.testing.assert_array_equal(got, want)
     # and the direct kernels do give other bf16 images: the record is what made them equal (a fresh pipeline:
@@ -112,7 +113,7 @@ def test_sample_records_the_library_and_a_resumed_run_keeps_it(model_dir, tmp_pa
     monkeypatch.setattr(engine, "_PIPELINES", {})
     other = tmp_path / "direct"
     assert _sample(model_dir, other) == 0
-    assert json.loads((other / "run.json").read_text())["convolutions"] == "direct"
+    assert json.loads((other / "run.json").read_text())["convolutions"]["unet"] == "direct"
     assert not np.array_equal(np.concatenate([shards.read_shard(p) for _, p in shards.iter_manifest(other)]), want)
 
 
@@ -122,8 +123,19 @@ def test_run_file_refuses_an_unknown_library(tmp_path):
             "batch_size": None, "convolutions": "mkl"}
     with pytest.raises(shards.BadRunFile, match="convolutions"):
         shards.spec_from_dict(spec, tmp_path / "run.json")
-    spec["convolutions"] = "onednn"
-    assert shards.spec_from_dict(spec, tmp_path / "run.json").convolutions == "onednn"
+    for bad in ({"unet": "direct"}, {"unet": "direct", "decoder": "mkl"}, ["direct"]):
+        spec["convolutions"] = bad
+        with pytest.raises(shards.BadRunFile, match="convolutions"):
+            shards.spec_from_dict(spec, tmp_path / "run.json")
+    for good in ("onednn", None, {"unet": "onednn", "decoder": None}):
+        spec["convolutions"] = good
+        assert shards.spec_from_dict(spec, tmp_path / "run.json").convolutions == good
+
+
+def test_runs_written_before_the_decoder_chose_resume_with_a_direct_decoder():
+    assert shards.convolutions_by_part(None) == {"unet": "direct", "decoder": "direct"}
+    assert shards.convolutions_by_part("onednn") == {"unet": "onednn", "decoder": "direct"}
+    assert shards.convolutions_by_part({"unet": None, "decoder": "onednn"}) == {"unet": None, "decoder": "onednn"}
 
 
 def test_bench_contenders_pin_the_library_in_their_own_runner(model_dir):
@@ -141,8 +153,82 @@ def test_bench_contenders_pin_the_library_in_their_own_runner(model_dir):
     rows = {lib: bench.make_contender(pipe, f"cpu@{lib}") for lib in ("direct", "onednn")}
     assert shared.convolutions == before  # the pipeline's own runner keeps its measured choice
     for lib, c in rows.items():
-        assert c.runner is not shared and c.runner.convolutions == lib and c.backend == "cpu"
+        assert c.runner is not shared and set(c.runner.convolutions.values()) <= {lib, None} and c.backend == "cpu"
         assert ("oneDNN" in c.note) == (lib == "onednn" or not c.runner.fast_unet.batch_invariant)
     a = rows["direct"].sample(2, 3, seed=1)[0]
     b = rows["onednn"].sample(2, 3, seed=1)[0]
     torch.testing.assert_close(a, b, rtol=0, atol=1e-4)  # fp32: the same images to rounding
+
+
+# --- the decoder's choice ----------------------------------------------------------------------------------
+
+def _fused_decoder_or_skip(model_dir, dtype):
+    from retina_fast.backends.cpu_decoder import FusedCPUDecoder
+
+    if not mkldnn_usable():
+        pytest.skip("torch without oneDNN")
+    loaded = engine.load(str(model_dir)).loaded
+    reason = FusedCPUDecoder.unsupported_reason(loaded.vqgan, dtype)
+    if reason:
+        pytest.skip(f"no fused decoder here: {reason}")
+    return loaded
+
+
+@pytest.mark.parametrize("timings, want", [((1.0, 0.5), "onednn"), ((1.0, 0.95), "direct")])
+def test_decoder_follows_its_own_measurement(model_dir, monkeypatch, timings, want):
+    from retina_fast.backends.runners import CPURunner
+
+    loaded = _fused_decoder_or_skip(model_dir, torch.float32)
+    monkeypatch.delenv(cpu_unet.LIBRARY_ENV, raising=False)
+    monkeypatch.setattr(cpu_unet.FusedCPUUNet, "_measure", lambda self, shape, rounds: (1.0, 0.95))
+    seen = []
+    monkeypatch.setattr(CPURunner, "_measure_decoders", lambda self, shape: seen.append(shape) or timings)
+    runner = CPURunner(loaded, torch.device("cpu"), torch.float32)
+    assert seen == [tuple(loaded.config.latent_shape[1:])]
+    assert runner.convolutions["decoder"] == runner.default_convolutions["decoder"] == want
+    assert runner.convolutions["unet"] in ("direct", "onednn")  # the U-Net decided on its own (direct if it can)
+    assert ("oneDNN" in runner.decode_path) == (want == "onednn")
+    if runner.convolutions["unet"] == "direct":
+        assert runner.batch_invariant == (want == "direct")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_decoders_decode_the_same_cubes(model_dir, dtype):
+    """The two decoders are the same function: fp32 to rounding, bf16 within bf16 storage's error; odd batch
+    (5: the bf16 oneDNN path pads it to 8) and every code index drawn."""
+    from retina_fast.backends.runners import CPURunner
+
+    loaded = _fused_decoder_or_skip(model_dir, dtype)
+    runner = CPURunner(loaded, torch.device("cpu"), dtype, convolutions="direct")
+    h, w = loaded.config.latent_shape[1:]
+    idx = torch.randint(0, loaded.vqgan.codebook.embedding.shape[0], (5, h, w), generator=torch.Generator().manual_seed(3))
+    direct = runner.decode_reflectance(idx)
+    runner.use_convolutions({"unet": None, "decoder": "onednn"})
+    assert runner.convolutions["decoder"] == "onednn" and not runner.batch_invariant
+    onednn = runner.decode_reflectance(idx)
+    with torch.no_grad():
+        ref = _reference_runner(loaded).decode_reflectance(idx)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for got in (direct, onednn):
+        assert got.shape == ref.shape and torch.linalg.norm(got - ref) <= tol * torch.linalg.norm(ref)
+    runner.use_convolutions("direct")
+    assert runner.convolutions["decoder"] == "direct" and torch.equal(runner.decode_reflectance(idx), direct)
+
+
+def _reference_runner(loaded):
+    from retina_fast.backends.runners import Runner
+
+    return Runner(loaded, torch.device("cpu"), torch.float32)
+
+
+def test_decoder_measurement_times_both_for_real(model_dir, monkeypatch):
+    from retina_fast.backends.runners import CPURunner
+
+    loaded = _fused_decoder_or_skip(model_dir, torch.float32)
+    monkeypatch.delenv(cpu_unet.LIBRARY_ENV, raising=False)
+    runner = CPURunner(loaded, torch.device("cpu"), torch.float32)
+    secs = runner.decoder_timings["seconds_at_batch"]
+    assert set(secs) == {"direct", "onednn"} and all(s > 0 for s in secs.values())
+    assert runner.convolutions["decoder"] == cpu_unet.pick_library(secs["direct"], secs["onednn"])
+    with pytest.raises(ValueError, match="convolutions"):
+        runner.use_convolutions({"decoder": "direct"})

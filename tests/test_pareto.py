@@ -90,3 +90,30 @@ def test_diversity_with_reused_real_scores_matches_metric(pareto):
         want = M.ms_ssim_diversity(real, syn, pairs=pairs, seed=seed, n_boot=50)
     for k in ("val_mean", "syn_mean", "abs_delta", "ci_low", "ci_high", "scales"):
         assert got[k] == pytest.approx(want[k], rel=1e-12, abs=1e-15), k
+
+
+def _ldm_flags(script: str) -> dict[str, str]:
+    """The ``train ldm`` options of a training script, minus those a grid point may change (steps, width,
+    output, VQ-GAN, resume, previews)."""
+    text = (_PATH.parent.parent / "scripts" / script).read_text(encoding="utf-8")
+    lines = text[text.index("train ldm"):].splitlines()
+    end = next(i for i, line in enumerate(lines) if not line.rstrip().endswith("\\"))
+    tokens = " ".join(line.rstrip().rstrip("\\") for line in lines[:end + 1]).split()
+    flags, i = {}, 0
+    while i < len(tokens):
+        if tokens[i].startswith("--"):
+            value = tokens[i + 1] if i + 1 < len(tokens) and not tokens[i + 1].startswith("--") else ""
+            flags[tokens[i]] = value
+            i += 2 if value else 1
+        else:
+            i += 1
+    varying = ("--steps", "--out", "--vqgan", "--resume", "--config-json", "--sample-every", "--num-images", "--amp")
+    return {k: v for k, v in flags.items() if k not in varying}
+
+
+def test_pareto_grid_trains_the_shipped_recipe():
+    """The grid's LDMs differ from the shipped default only in width and steps: a recipe change made in
+    scripts/train_tiny.sh must be made in scripts/train_pareto_grid.sh too."""
+    shipped, grid = _ldm_flags("train_tiny.sh"), _ldm_flags("train_pareto_grid.sh")
+    assert "--lr" in shipped and "--latent-asinh" in shipped
+    assert grid == shipped

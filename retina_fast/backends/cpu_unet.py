@@ -41,7 +41,8 @@ from retina_fast.backends.cpu_pack import CONV_LIBRARIES, mkldnn_usable
 from retina_fast.backends.cpu_table import CPU_OPS, ConvNode, Packing, TimeInput
 from retina_fast.models.unet import UNet2D, pad_to_multiple
 
-__all__ = ["FusedCPUUNet", "pick_library", "LIBRARY_ENV", "ONEDNN_MARGIN", "MEASURE_BATCH"]
+__all__ = ["FusedCPUUNet", "pick_library", "library_setting", "best_seconds", "LIBRARY_ENV", "ONEDNN_MARGIN",
+           "MEASURE_BATCH"]
 
 LIBRARY_ENV = "RETINA_FAST_CPU_CONVS"  # direct | onednn | auto (default): pins the choice of choose_library
 # oneDNN is taken only when it is this much faster: the direct kernels are batch invariant (image i the same in
@@ -50,6 +51,27 @@ ONEDNN_MARGIN = 1.25
 # the batch the choice is measured for: the engine's CPU batches are 8-16 images (bf16 through oneDNN is padded
 # to a multiple of 8), and one call at 8 costs a few seconds even for paper-224
 MEASURE_BATCH = 8
+
+
+def library_setting(setting: str | None = None) -> str:
+    """``direct``, ``onednn`` or ``auto`` (measure): ``setting``, else the ``RETINA_FAST_CPU_CONVS``
+    environment variable, else ``auto``; ``auto`` becomes ``direct`` when torch has no oneDNN."""
+    setting = (setting if setting is not None else os.environ.get(LIBRARY_ENV, "auto")).strip().lower()
+    if setting != "auto" and setting not in CONV_LIBRARIES:
+        raise ValueError(f"{LIBRARY_ENV}={setting!r}: expected {', '.join(CONV_LIBRARIES)} or auto")
+    return "direct" if setting == "auto" and not mkldnn_usable() else setting
+
+
+def best_seconds(call, rounds: int) -> float:
+    """Best wall time of ``rounds`` calls of ``call()``, after one warm-up call (which records programs,
+    packs weights or freezes graphs)."""
+    call()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def pick_library(direct_s: float | None, onednn_s: float | None, margin: float = ONEDNN_MARGIN) -> str:
@@ -100,11 +122,7 @@ class FusedCPUUNet:
         oneDNN only when :data:`ONEDNN_MARGIN` times faster (:func:`pick_library`). ``setting`` (default: the
         ``RETINA_FAST_CPU_CONVS`` environment variable, else ``auto``) = ``direct`` or ``onednn`` skips the
         measurement. Returns the library in use."""
-        setting = (setting if setting is not None else os.environ.get(LIBRARY_ENV, "auto")).strip().lower()
-        if setting != "auto" and setting not in CONV_LIBRARIES:
-            raise ValueError(f"{LIBRARY_ENV}={setting!r}: expected {', '.join(CONV_LIBRARIES)} or auto")
-        if setting == "auto" and not mkldnn_usable():
-            setting = "direct"
+        setting = library_setting(setting)
         if setting == "auto":
             if self.library != "direct":
                 self.use_library("direct")
@@ -127,13 +145,7 @@ class FusedCPUUNet:
             t = torch.full((batch,), 500, dtype=torch.int64)
             if library != self.library:  # choose_library has just set up the direct kernels
                 self.use_library(library)
-            self(x, t)  # records, packs and reorders the weights
-            best = float("inf")
-            for _ in range(rounds):
-                t0 = time.perf_counter()
-                self(x, t)
-                best = min(best, time.perf_counter() - t0)
-            seconds[library] = best * scale
+            seconds[library] = best_seconds(lambda: self(x, t), rounds) * scale
         self.timings = {"seconds_at_batch": seconds, "batch": MEASURE_BATCH, "shape": tuple(shape)}
         return seconds["direct"], seconds["onednn"]
 

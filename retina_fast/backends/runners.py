@@ -9,10 +9,10 @@ loop needs, every one with the same meaning as the reference:
 
 ``torch`` is exactly the reference (eager fp32, reference ops). ``cpu`` runs the U-Net as
 :class:`~retina_fast.backends.cpu_unet.FusedCPUUNet` (channels-last, oneDNN convolutions on prepacked weights,
-fused C++ GroupNorm/attention kernels, C++ direct convolutions and a replayed op graph in bf16; fp32 by
-default, bf16 on request), the decoder as a frozen
-channels-last TorchScript graph, with the fused C++ sampler step (noise in the loop) and C++ nearest-code
-lookup. ``cuda`` swaps in the Triton
+fused C++ GroupNorm/attention kernels, C++ direct convolutions or oneDNN's, replayed as op graphs; fp32 by
+default, bf16 on request), the decoder as :class:`~retina_fast.backends.cpu_decoder.FusedCPUDecoder` or a frozen
+channels-last TorchScript graph (whichever measures faster), with the fused C++ sampler step (noise in the loop)
+and C++ nearest-code lookup. ``cuda`` swaps in the Triton
 GroupNorm+SiLU and attention kernels, runs the U-Net in bf16 with fp32 accumulation, and replays the
 denoising step from a CUDA graph per batch shape (no host synchronisation inside the loop).
 """
@@ -24,12 +24,13 @@ import warnings
 import torch
 
 from retina_fast.backends.cpu_decoder import FusedCPUDecoder
-from retina_fast.backends.cpu_pack import mkldnn_usable
-from retina_fast.backends.cpu_unet import FusedCPUUNet
+from retina_fast.backends.cpu_pack import CONV_LIBRARIES, mkldnn_usable
+from retina_fast.backends.cpu_unet import FusedCPUUNet, best_seconds, library_setting, pick_library
 from retina_fast.backends.graphs import CudaGraphs, FrozenGraphs, fast_copy
 from retina_fast.models.vqgan import model_to_reflectance, unscale_latent
 from retina_fast.ops import nearest_code, sampler_step
 from retina_fast.ops.table import UnsupportedOp
+from retina_fast.shards import CONVOLUTION_PARTS
 
 __all__ = ["Runner", "CPURunner", "CUDARunner", "default_dtype", "cuda_table"]
 
@@ -131,10 +132,10 @@ class _DecodeIndices(torch.nn.Module):
 
 class CPURunner(Runner):
     """U-Net: :class:`~retina_fast.backends.cpu_unet.FusedCPUUNet` in ``dtype`` (fused C++ norm/attention
-    kernels; oneDNN convolutions in fp32, C++ direct convolutions and a replayed op graph in bf16 on
-    AVX512-BF16 CPUs); decoder, in chunks of ``DECODE_CHUNK`` images: in bf16 on AVX512-BF16 CPUs
-    :class:`~retina_fast.backends.cpu_decoder.FusedCPUDecoder` (the same C++ ops, replayed), otherwise a
-    frozen channels-last TorchScript graph in ``dtype``."""
+    kernels; C++ direct or oneDNN convolutions, replayed op graphs); decoder, in chunks of ``DECODE_CHUNK``
+    images: :class:`~retina_fast.backends.cpu_decoder.FusedCPUDecoder` (the same C++ ops, direct convolutions)
+    or a frozen channels-last TorchScript graph in ``dtype`` (oneDNN). Each part's library is measured when the
+    runner is built (``convolutions``: a library for both, or None for ``RETINA_FAST_CPU_CONVS`` / auto)."""
 
     nearest_impl = "cpp"
     step_impl = "cpp"
@@ -147,10 +148,12 @@ class CPURunner(Runner):
                 self.fast_unet = FusedCPUUNet(loaded.unet, dtype)
             except UnsupportedOp as exc:  # a layer the cpu op table does not have
                 reason = str(exc)
+        setting = library_setting(convolutions)
+        shape = tuple(loaded.config.latent_shape[1:])
+        unet_library = None
         if reason is None:
             # direct or oneDNN convolutions: measured once for the model's latent size (RETINA_FAST_CPU_CONVS pins it)
-            self.default_convolutions = self.fast_unet.choose_library(tuple(loaded.config.latent_shape[1:]),
-                                                                      setting=convolutions)
+            unet_library = self.fast_unet.choose_library(shape, setting=setting)
         else:  # say so once, run the same module as a frozen graph instead
             warnings.warn(f"the cpu backend runs the U-Net as a frozen TorchScript graph instead of the fused path: "
                           f"{reason}", RuntimeWarning, stacklevel=2)
@@ -158,13 +161,22 @@ class CPURunner(Runner):
             self.fast_unet = lambda x, t: frozen(
                 x.to(dtype).contiguous(memory_format=torch.channels_last), t).float().contiguous()
             self.unet_path = f"frozen TorchScript graph ({reason})"
-        reason = FusedCPUDecoder.unsupported_reason(loaded.vqgan, dtype)
-        if reason is None:
-            self.fast_decode = FusedCPUDecoder(loaded.vqgan, dtype)  # per-image C++ kernels: batch invariant
-            self.decode_path = f"C++ ops + direct {_dtype_name(dtype)} convolutions, replayed op graph"
-        else:  # oneDNN kernels: batches padded in bf16 (see BF16_BATCH_MULTIPLE)
-            self.fast_decode = FrozenGraphs(_DecodeIndices(fast_copy(loaded.vqgan, dtype, channels_last=True)))
-            self.decode_path = f"frozen TorchScript graph ({reason})"
+        # The decoder: the fused C++ decoder (direct convolutions, per-image kernels: batch invariant) or the
+        # frozen TorchScript graph (oneDNN, batches padded in bf16: see BF16_BATCH_MULTIPLE), whichever is
+        # faster here by the U-Net's rule (pick_library, measured at one DECODE_CHUNK): on a CPU with AMX tiles
+        # oneDNN's bf16 decoder is the faster one (README, "Speed" has the figures).
+        self._frozen_decode = None
+        self._decoder_reason = FusedCPUDecoder.unsupported_reason(loaded.vqgan, dtype)
+        self._fused_decode = FusedCPUDecoder(loaded.vqgan, dtype) if self._decoder_reason is None else None
+        self.decoder_timings: dict = {}  # what _measure_decoders measured
+        decoder_library = None
+        if self._fused_decode is None:
+            self._use_decoder("onednn")
+        else:
+            decoder_library = setting if setting != "auto" else pick_library(*self._measure_decoders(shape))
+            self._use_decoder(decoder_library)
+        # what this runner measured (or was pinned to) per part; None: that part has no choice here
+        self.default_convolutions = {"unet": unet_library, "decoder": decoder_library}
         # Every op a per-image C++ kernel (the direct convolutions need AVX-512, in bf16 AVX512-BF16): image i
         # cannot depend on the batch. oneDNN's convolutions are chosen per problem size and round some images
         # differently at some batch sizes (fp32: ~1e-6, enough to flip a codebook choice); bf16 batches through
@@ -173,22 +185,62 @@ class CPURunner(Runner):
         self._describe()
 
     @property
-    def convolutions(self) -> str | None:
-        """The U-Net's convolution library (``direct`` or ``onednn``; None on the frozen-graph fallback)."""
-        return getattr(self.fast_unet, "library", None)
+    def convolutions(self) -> dict[str, str | None] | None:
+        """The convolution library (``direct`` or ``onednn``) of each part, ``{"unet": .., "decoder": ..}``;
+        a part with no choice here is None (the U-Net's frozen-graph fallback; a decoder the fused C++ path
+        cannot run); None when neither part has a choice."""
+        unet = getattr(self.fast_unet, "library", None)
+        decoder = None if self._fused_decode is None else \
+            ("direct" if self.fast_decode is self._fused_decode else "onednn")
+        return None if unet is None and decoder is None else {"unet": unet, "decoder": decoder}
 
-    def use_convolutions(self, library: str) -> None:
-        """Run the U-Net's convolutions with ``library`` (a resumed run keeps the one its run.json records;
-        ``default_convolutions`` is the runner's own choice)."""
+    def use_convolutions(self, setting: str | dict) -> None:
+        """Run the convolutions with ``setting``: one library for every part, or ``{"unet": .., "decoder":
+        ..}`` (a resumed run keeps what its run.json records; ``default_convolutions`` is the runner's own
+        choice). A part with no choice here, or given None, is left as it is."""
         if self.convolutions is None:
-            raise ValueError("this cpu runner has no fused U-Net to choose convolutions for")
-        if library == self.convolutions:
-            return
-        self.fast_unet.choose_library(tuple(self.loaded.config.latent_shape[1:]), setting=library)
+            raise ValueError("this cpu runner has no fused U-Net or decoder to choose convolutions for")
+        wanted = setting if isinstance(setting, dict) else dict.fromkeys(CONVOLUTION_PARTS, setting)
+        if set(wanted) != set(CONVOLUTION_PARTS) or any(v not in (None, *CONV_LIBRARIES) for v in wanted.values()):
+            raise ValueError(f"convolutions: expected one of {CONV_LIBRARIES} or a dict with keys "
+                             f"{CONVOLUTION_PARTS}, got {setting!r}")
+        current = self.convolutions
+        if wanted["unet"] and current["unet"] not in (None, wanted["unet"]):
+            self.fast_unet.choose_library(tuple(self.loaded.config.latent_shape[1:]), setting=wanted["unet"])
+        if wanted["decoder"] and current["decoder"] not in (None, wanted["decoder"]):
+            self._use_decoder(wanted["decoder"])
         self._describe()
 
+    def _use_decoder(self, library: str) -> None:
+        if library == "direct":
+            self.fast_decode = self._fused_decode  # per-image C++ kernels: batch invariant
+            self.decode_path = f"C++ ops + direct {_dtype_name(self.dtype)} convolutions, replayed op graph"
+            return
+        if self._frozen_decode is None:
+            self._frozen_decode = FrozenGraphs(_DecodeIndices(fast_copy(self.loaded.vqgan, self.dtype,
+                                                                        channels_last=True)))
+        self.fast_decode = self._frozen_decode
+        self.decode_path = "frozen TorchScript graph" + (f" ({self._decoder_reason})" if self._decoder_reason
+                                                          else ", oneDNN convolutions")
+
+    def _measure_decoders(self, shape: tuple[int, int], rounds: int = 2) -> tuple[float, float | None]:
+        """Seconds to decode one chunk of ``DECODE_CHUNK`` images of latent ``shape``: the fused decoder timed
+        at one image per core, times the images each core then runs (its time is per image); the frozen
+        oneDNN graph at the chunk itself (None where torch has no oneDNN)."""
+        cores = self._fused_decode.cores
+        gen = torch.Generator().manual_seed(0)
+        k = self.loaded.vqgan.codebook.embedding.shape[0]
+        idx = torch.randint(0, k, (self.DECODE_CHUNK, *shape), generator=gen)
+        seconds = {"direct": best_seconds(lambda: self._fused_decode(idx[:cores]), rounds)
+                   * -(-self.DECODE_CHUNK // cores), "onednn": None}
+        if mkldnn_usable():
+            self._use_decoder("onednn")
+            seconds["onednn"] = best_seconds(lambda: self.decode_indices(idx), rounds)
+        self.decoder_timings = {"seconds_at_batch": seconds, "batch": self.DECODE_CHUNK, "shape": tuple(shape)}
+        return seconds["direct"], seconds["onednn"]
+
     def _describe(self) -> None:
-        if self.convolutions is not None:
+        if getattr(self.fast_unet, "library", None) is not None:
             convs = "direct" if self.fast_unet.batch_invariant else "oneDNN"
             self.unet_path = f"fused C++ ops + {convs} convolutions ({_dtype_name(self.dtype)})"
         self.batch_invariant = bool(getattr(self.fast_unet, "batch_invariant", False)) and \

@@ -118,7 +118,7 @@ def run(args) -> int:
                 # a cpu run written before the field existed ran the direct kernels (this CPU has them: the
                 # runner has a fused U-Net)
                 convs = runner.default_convolutions if existing is None else existing.convolutions
-                runner.use_convolutions(convs or "direct")
+                runner.use_convolutions(shards.convolutions_by_part(convs))
             invariant = bool(getattr(runner, "batch_invariant", False))
             if not invariant:
                 if batch is None:
@@ -134,8 +134,8 @@ def run(args) -> int:
         status = [error, batch, record, convs]
         dist.broadcast_object_list(status, src=0)
         error, record, convs = status[0], status[2], status[3]
-        if rank != 0 and convs is not None and getattr(runner, "convolutions", None) not in (None, convs):
-            runner.use_convolutions(convs)  # every rank computes as rank 0 does
+        if rank != 0 and convs is not None and getattr(runner, "convolutions", None) is not None:
+            runner.use_convolutions(shards.convolutions_by_part(convs))  # every rank computes as rank 0 does
         if args.batch_size is None:
             batch = status[1]
         if error is None and rank != 0:
