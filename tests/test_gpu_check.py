@@ -26,6 +26,7 @@ def test_dry_run_exercises_every_phase_and_passes(tmp_path):
     proc, res = _dry_run(tmp_path)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert res["dry_run"] is True and res["ok"] is True and "DRY RUN" in res["dry_run_note"]
+    assert res["restarted_after_build"] is True  # a fresh interpreter after pip install -e (see gpu_check.py)
     env = res["environment"]
     assert env["torch"] and env["triton"] and env["date"] and env["commit"]
     phases = {p["name"]: p for p in res["phases"]}

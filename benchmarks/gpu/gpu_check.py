@@ -6,7 +6,8 @@
 
 Phases, in order of importance (that is the order they run in):
 
-    build             pip install -e . with the CUDA part for sm_90; then what _C was built with
+    build             pip install -e . with the CUDA part for sm_90; then what _C was built with; the rest
+                      runs in a fresh interpreter (exec), the only kind that sees an editable install
     tests             pytest -m gpu tests; the Triton kernel test files, now on the GPU
     sample-paper-224  random weights (556 M-parameter U-Net, 110.8 GFLOP per call), n = 64, DDIM-50
     enhance           MAGE-Net (packaged magenet-tiny) on a real fundus photograph at 512² and 1024²
@@ -185,6 +186,19 @@ def _statuses_ok(result: dict) -> bool:
     return True
 
 
+def restart_after_build(result: dict, budget: Budget, argv: list[str]) -> None:
+    """Run the rest in a fresh interpreter (same PID, so run.sh's ``timeout`` still governs it). The process
+    that ran ``pip install -e .`` cannot import what it installed: an editable install is a path hook that
+    site-packages' .pth files register at interpreter start (seen on an H200: ``No module named
+    'retina_fast'`` right after a build that succeeded). The dry run takes the same path."""
+    fd, path = tempfile.mkstemp(prefix="retina-fast-gpu-check-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"start": budget.start, "phases": result["phases"]}, f, default=str)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, str(Path(__file__).resolve()), *argv, "--after-build", path])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dry-run", action="store_true", help="CPU, toy sizes, stand-ins (CI)")
@@ -194,6 +208,8 @@ def main(argv=None) -> int:
     p.add_argument("--commit", default=None, help="git commit to record where the tree has no .git")
     p.add_argument("--skip", default="", help="comma-separated phases to leave out (recorded as skipped)")
     p.add_argument("--estimate", action="store_true", help="print each phase's estimated seconds and exit")
+    p.add_argument("--after-build", type=Path, default=None, help=argparse.SUPPRESS)  # set by the re-exec below
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
     plan = DRY if a.dry_run else REAL
     if a.budget_s is not None:
@@ -208,6 +224,10 @@ def main(argv=None) -> int:
         # 1.3 s on 2 under load).
         os.environ["OMP_NUM_THREADS"] = "1"
     budget = Budget(plan.budget_s)
+    after_build = json.loads(a.after_build.read_text()) if a.after_build is not None else None
+    if after_build is not None:
+        a.after_build.unlink(missing_ok=True)
+        budget.start = after_build["start"]  # time.monotonic is one clock for every process of the machine
 
     def on_term(signum, frame):
         raise Terminated(f"signal {signum}")
@@ -246,7 +266,10 @@ def main(argv=None) -> int:
 
     status = 0
     try:
-        run_phase("build", 1.0 if plan.dry_run else 60.0, lambda: phase_build(plan, budget))
+        if after_build is None:
+            run_phase("build", 1.0 if plan.dry_run else 60.0, lambda: phase_build(plan, budget))
+            restart_after_build(result, budget, argv)
+        result["phases"], result["restarted_after_build"] = after_build["phases"], True
         import torch  # after the build: retina_fast (and its _C) is imported only once it exists
 
         from retina_fast import engine
