@@ -308,12 +308,15 @@ def _add_noise(sig, rgb_lin, p: dict, tab: dict, ws: dict, seq: np.random.SeedSe
 
 
 def render(
-    seed: int, size: int = 224, *, wavelengths: Sequence[float] | None = None, noise: bool = True
+    seed: int, size: int = 224, *, wavelengths: Sequence[float] | None = None, noise: bool = True,
+    vessels: bool = True,
 ) -> Phantom:
     """Render eye number ``seed`` at ``size`` x ``size`` pixels.
 
     ``wavelengths`` (nm, 450-920) default to ``retina_fast.DEFAULT_WAVELENGTHS``; ``noise=False``
-    gives the noise-free camera signal (same eye, same illumination). Deterministic: only
+    gives the noise-free camera signal (same eye, same illumination); ``vessels=False`` the same eye
+    without the retinal vessels' absorption (their masks are still returned), for diagnostics that ask
+    what the vessels alone contribute. Deterministic: only
     ``numpy.random.Generator(PCG64)`` streams spawned from ``seed`` are used, never global state.
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -366,7 +369,8 @@ def render(
     sig *= (R_RPE * outside * cam).reshape(1, hw)
     deep *= ((0.18 * outside + w_onh * (0.20 * (1.0 - cup) + 0.30 * cup)) * cam).reshape(1, hw)
     sig += deep
-    _vessel_transmission(sig, tab, p, path_a, path_v)
+    if vessels:
+        _vessel_transmission(sig, tab, p, path_a, path_v)
     a_s = (_nerve_fibre_sheen(xx, yy, rf2, p) * (1.0 + 0.1 * smooth_noise(rng_tex, size, 10)) * cam)
     a_s = a_s.reshape(hw)
     for b, r_s in enumerate(tab["r_s"].astype(np.float32)):              # no (bands, HW) temporary

@@ -120,6 +120,16 @@ def test_noise_free_option_and_camera_noise():
     assert (sd_disc > sd_bg).mean() >= 0.9
 
 
+def test_vessel_free_option_changes_only_the_vessels():
+    full, bare = phantom.render(6, 128, noise=False), phantom.render(6, 128, noise=False, vessels=False)
+    assert all(torch.equal(full.masks[k], bare.masks[k]) for k in full.masks)  # same eye, same masks
+    vessel = full.masks["artery"] | full.masks["vein"]
+    diff = (bare.cube - full.cube)[5]  # 555 nm: vessels absorb, so the vessel-free eye is brighter there
+    assert float(diff[vessel].mean()) > 0.005 and float(diff[vessel].min()) >= 0.0
+    far = ~torch.nn.functional.max_pool2d(vessel[None, None].float(), 9, 1, 4)[0, 0].bool()
+    assert torch.equal(bare.cube[:, far & full.masks["fov"]], full.cube[:, far & full.masks["fov"]])
+
+
 @pytest.mark.parametrize("size", [64, 97, 224])
 def test_sizes_same_eye(size):
     ph = phantom.render(21, size)

@@ -23,7 +23,10 @@ def test_ldm_vessel_profile_runs_on_a_checkpoint(tmp_path):
     out = _run([str(ROOT / "scripts" / "ldm_vessel_profile.py"), str(ck), "--eyes", "2", "--samples", "2",
                 "--json", str(tmp_path / "p.json")], tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    (rows,) = json.loads((tmp_path / "p.json").read_text()).values()
+    (res,) = json.loads((tmp_path / "p.json").read_text()).values()
+    rows, share = res["rows"], res["latent_vessels"]
+    assert 0 < share["variance_share"] < 1 and share["delta_rms_at_vessels"] > 0 and share["high_pass_vessels"] > 0
+    assert 0 < share["latent_px_touching_vessels"] <= 1 and "vessels in the latents" in out.stdout
     names = [r["row"] for r in rows]
     assert names[:2] == ["phantom", "autoencoder"] and names[-1] == "samples" and len(names) == 12
     starts = [r for r in rows if r["row"].startswith("t=")]

@@ -122,6 +122,19 @@ def test_ldm_resume_is_exact_and_final_loads(ldm_run, vq_run, tmp_path):
     assert header.startswith("step,epoch,loss")
 
 
+def test_ldm_on_a_packaged_model_keeps_the_vqgan_chain(ldm_run, tmp_path):
+    """--vqgan naming a sampling checkpoint (an LDM final/, as when the shipped U-Net is retrained on the
+    shipped VQ-GAN): the provenance names that LDM run and keeps its record of the VQ-GAN's own training."""
+    run = tmp_path / "ldm2"
+    assert main([*_ldm_args(ldm_run / "final"), "--out", str(run), "--steps", "1", "--sample-every", "0"]) == 0
+    doc = json.loads((ldm_run / "final" / "config.json").read_text())
+    first = doc["provenance"]
+    rec = json.loads((run / "final" / "config.json").read_text())["provenance"]["vqgan"]
+    assert rec["path"] == str(ldm_run / "final") and rec["sha256"] == doc["weights"]["vqgan"]["sha256"]
+    assert rec["taken_from_ldm"] == {"steps": first["steps"], "command": first["command"]}
+    assert rec["vqgan"] == first["vqgan"] and "retina-fast train vqgan" in rec["vqgan"]["command"]
+
+
 def test_cli_errors(vq_run, tmp_path, capsys):
     assert main([*VQ, "--out", str(vq_run), "--steps", "4"]) == 2          # would clobber a run
     assert "--resume" in capsys.readouterr().err

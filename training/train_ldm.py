@@ -117,6 +117,17 @@ def load_vqgan(path: str | Path) -> tuple[VQGAN, dict]:
     return vq.eval().requires_grad_(False), {**doc, "path": str(path)}
 
 
+def vqgan_record(vq_doc: dict, sha256: str) -> dict:
+    """Where the VQ-GAN came from, for the LDM's provenance. ``--vqgan`` may name a sampling checkpoint (an
+    LDM's ``final/`` or a packaged model): then its own provenance is the LDM run's, and the VQ-GAN's record
+    is the one that LDM stored, kept whole so the chain back to the VQ-GAN's training run is not lost."""
+    prov = vq_doc.get("provenance", {})
+    if vq_doc.get("kind") == "ldm":
+        return {"path": vq_doc["path"], "sha256": sha256, "taken_from_ldm": {"steps": prov.get("steps"),
+                "command": prov.get("command")}, "vqgan": prov.get("vqgan")}
+    return {"path": vq_doc["path"], "sha256": sha256, "steps": prov.get("steps"), "command": prov.get("command")}
+
+
 def run(args) -> int:
     """Entry point of the command (args from ``add_arguments``); also callable in a spawned DDP worker."""
     run_dir = Path(args.out)
@@ -286,10 +297,9 @@ def _train(opts: dict, info: DistInfo, run_dir: Path, ck: Path | None) -> int:
     bar.close()
     logger.close()
     if info.is_main:
-        vq_prov = vq_doc.get("provenance", {})
         cmd = command_line("ldm", opts, ["out", *DEFAULTS])
-        prov = provenance(opts, total, data_desc, cmd, trainer="ldm", vqgan={"path": vq_doc["path"], "sha256":
-                          opts["vqgan_sha256"], "steps": vq_prov.get("steps"), "command": vq_prov.get("command")})
+        prov = provenance(opts, total, data_desc, cmd, trainer="ldm",
+                          vqgan=vqgan_record(vq_doc, opts["vqgan_sha256"]))
         config = {**model_config(cfg, (lo, hi)), "kind": "ldm", "latent_clip": opts["latent_clip"] == "on",
                   "latent_asinh": opts["latent_asinh"] or None}
         save_checkpoint(run_dir / "final", {"vqgan": vq, "unet": ema.module}, config, prov)
