@@ -122,6 +122,23 @@ def test_ldm_resume_is_exact_and_final_loads(ldm_run, vq_run, tmp_path):
     assert header.startswith("step,epoch,loss")
 
 
+def test_ldm_trains_on_a_folder_of_cubes(vq_run, tmp_path):
+    """--data DIR (the user's own cubes): nothing is rendered, so the run directory has no cache folder yet
+    when the latents are cached (this failed after encoding, at the first save)."""
+    import numpy as np
+
+    data = tmp_path / "cubes"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        np.save(data / f"eye_{i}.npy", rng.uniform(0.01, 0.6, (16, 32, 32)).astype(np.float32))
+    run = tmp_path / "ldm"
+    assert main([*_ldm_args(vq_run), "--data", str(data), "--out", str(run), "--steps", "2"]) == 0
+    assert (run / "final" / "config.json").is_file() and list((run / "cache").glob("latents_raw_*"))
+    prov = json.loads((run / "final" / "config.json").read_text())["provenance"]
+    assert str(data) in prov["data"] and "8 cubes" in prov["data"]
+
+
 def test_ldm_on_a_packaged_model_keeps_the_vqgan_chain(ldm_run, tmp_path):
     """--vqgan naming a sampling checkpoint (an LDM final/, as when the shipped U-Net is retrained on the
     shipped VQ-GAN): the provenance names that LDM run and keeps its record of the VQ-GAN's own training."""

@@ -206,6 +206,7 @@ def _latents(opts: dict, vq: VQGAN, vq_doc: dict, info: DistInfo, run_dir: Path
     cache = run_dir / "cache" / f"latents_raw_{sha[:16]}_n{len(data)}.safetensors"
     if info.is_main and not cache.is_file():
         lat = encode_latents(vq, data, info.device)
+        cache.parent.mkdir(parents=True, exist_ok=True)  # --data DIR: nothing was rendered (and cached) before
         tmp = cache.with_suffix(".tmp")
         save_file({"latents": lat}, str(tmp), metadata={"vqgan_sha256": sha, "data": data.description})
         tmp.replace(cache)
