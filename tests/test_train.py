@@ -276,6 +276,26 @@ def test_ldm_logsnr_shift_auto(vq_run, tmp_path, capsys):
     assert bad.value.code == 2 and "--logsnr-shift" in capsys.readouterr().err
 
 
+def test_ldm_loss_l2(vq_run, tmp_path, capsys):
+    """--loss l2: the same first step (same init, latents, t and eps) logs the mean squared error where l1
+    logs the mean absolute error, so by Jensen l2 >= l1^2 and the two differ; the choice is in the reproducing
+    command and a resume cannot change it."""
+    import csv
+
+    losses = {}
+    for kind in ("l1", "l2"):
+        run = tmp_path / kind
+        assert main([*_ldm_args(vq_run), "--out", str(run), "--steps", "2", "--loss", kind]) == 0
+        with open(run / "log.csv") as f:
+            losses[kind] = float(next(csv.DictReader(f))["loss"])
+        doc = json.loads((run / "final" / "config.json").read_text())
+        assert f"--loss {kind}" in doc["provenance"]["command"]
+    assert losses["l2"] >= losses["l1"] ** 2 and abs(losses["l2"] - losses["l1"]) > 1e-3, losses
+    assert main([*_ldm_args(vq_run), "--out", str(tmp_path / "l2"), "--steps", "3", "--resume",
+                 "--loss", "l1"]) == 2
+    assert "--loss" in capsys.readouterr().err
+
+
 def test_ldm_latent_asinh_range_and_config(vq_run, tmp_path, capsys):
     """--latent-asinh C: the range is the companded quantiles (asinh is monotone, so asinh(q(z) / C)), the
     scaled training latents are scale_latent(z, lo, hi, C), and config.json carries latent_asinh."""
