@@ -296,6 +296,35 @@ def test_ldm_loss_l2(vq_run, tmp_path, capsys):
     assert "--loss" in capsys.readouterr().err
 
 
+def test_ldm_loss_l2_balanced_resumes_exactly_and_scales_by_bin(vq_run, tmp_path):
+    """--loss l2-balanced: each bin's running mean square is in the train state (a 2 + 2 step resume equals 4
+    straight steps, weights and scales), the visited bins hold positive values and the others stay at 1, and the
+    objective divides each sample's mean square by its bin's RMS (checked against a direct computation)."""
+    from retina_fast.training.train_ldm import BinnedErrorScale
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = [*_ldm_args(vq_run), "--loss", "l2-balanced"]
+    assert main([*args, "--out", str(straight), "--steps", "4"]) == 0
+    assert main([*args, "--out", str(resumed), "--steps", "2"]) == 0
+    assert main([*_ldm_args(vq_run), "--out", str(resumed), "--steps", "4", "--resume"]) == 0
+    for name in ("unet", "loss_scale"):
+        _assert_same(_state(straight, 4, name), _state(resumed, 4, name))
+    ms, seen = _state(straight, 4, "loss_scale")["mean_square"], _state(straight, 4, "loss_scale")["seen"]
+    assert int(seen.sum()) == 16 and bool((ms[seen > 0] > 0).all()) and bool((ms[seen == 0] == 1).all())
+
+    scale = BinnedErrorScale(1000, bins=4, decay=0.5)
+    err = torch.randn(3, 2, 4, 4)
+    t = torch.tensor([0, 999, 10])  # bins 0, 3, 0
+    got = scale.loss(err, t)
+    per = err.square().flatten(1).mean(1)
+    first = per[[0, 2]].mean()
+    assert torch.allclose(scale.mean_square[[0, 3]], torch.stack([first, per[1]]).double())
+    want = torch.stack([per[0] / first.sqrt(), per[1] / per[1].sqrt(), per[2] / first.sqrt()]).mean()
+    assert torch.allclose(got, want)
+    scale.loss(err[:1], t[:1])  # a second visit of bin 0 mixes by the decay
+    assert torch.allclose(scale.mean_square[0], (0.5 * first + 0.5 * per[0]).double())
+
+
 def test_ldm_latent_asinh_range_and_config(vq_run, tmp_path, capsys):
     """--latent-asinh C: the range is the companded quantiles (asinh is monotone, so asinh(q(z) / C)), the
     scaled training latents are scale_latent(z, lo, hi, C), and config.json carries latent_asinh."""

@@ -71,6 +71,51 @@ DEFAULTS: dict[str, Any] = {
     "latent_asinh": 0.0, "logsnr_shift": 0.0, "loss": "l1",
 }
 FIELDS = ["epoch", "loss", "grad_norm", "lr", "s_per_step"]
+LOSSES = ("l1", "l2", "l2-balanced")
+
+
+class BinnedErrorScale(nn.Module):
+    """Running RMS of the eps error per timestep bin, for ``--loss l2-balanced``.
+
+    Under L1 every entry's gradient has magnitude 1 whatever its noise level; under L2 it is proportional to the
+    error, which is largest at low noise (where eps is hardest to predict), so L2 moves training weight towards
+    low noise levels -- and measured here, away from the global layout (more failed draws). Dividing each
+    sample's squared error by its bin's running RMS error (an exponential moving average of the mean squared
+    error, no gradient) gives every entry a gradient of magnitude ~1 again, as under L1, while the weight is a
+    function of t alone, so the minimiser at each t stays the posterior mean E[eps | z_t]. (Karras et al. 2024,
+    "Analyzing and improving the training dynamics of diffusion models", arXiv:2312.02696, balance the noise
+    levels' losses with a learnt per-level scale; this is the fixed-rule counterpart, scaled to L1's gradient.)
+    Buffers are part of the train state, so a resumed run continues with the same scales."""
+
+    def __init__(self, timesteps: int, bins: int = 20, decay: float = 0.99) -> None:
+        super().__init__()
+        self.timesteps, self.decay = timesteps, decay
+        self.register_buffer("mean_square", torch.ones(bins, dtype=torch.float64))
+        self.register_buffer("seen", torch.zeros(bins, dtype=torch.float64))
+
+    def bins(self, t: torch.Tensor) -> torch.Tensor:
+        return (t.long() * self.mean_square.numel()) // self.timesteps
+
+    def loss(self, err: torch.Tensor, t: torch.Tensor, world: int = 1) -> torch.Tensor:
+        """Mean over the batch of mean(err^2) / RMS_bin(t); updates the bins from the global batch first."""
+        per = err.square().flatten(1).mean(1)  # (B,) mean squared error per sample
+        b = self.bins(t)
+        with torch.no_grad():
+            n = self.seen.new_zeros(self.seen.shape).index_add_(0, b.cpu(), torch.ones_like(per, device="cpu",
+                                                                                        dtype=torch.float64))
+            tot = self.seen.new_zeros(self.seen.shape).index_add_(0, b.cpu(), per.detach().cpu().double())
+            if world > 1:
+                both = torch.stack([n, tot]).to(err.device)
+                torch.distributed.all_reduce(both)
+                n, tot = both.cpu()
+            hit = n > 0
+            batch_ms = tot[hit] / n[hit]
+            first = self.seen[hit] == 0
+            self.mean_square[hit] = torch.where(first, batch_ms,
+                                                self.decay * self.mean_square[hit] + (1 - self.decay) * batch_ms)
+            self.seen += n
+        scale = self.mean_square.sqrt().to(per.device, per.dtype)[b]
+        return (per / scale).mean()
 
 
 def add_arguments(p) -> None:
@@ -93,11 +138,13 @@ def add_arguments(p) -> None:
                    help="shift the cosine schedule's log signal-to-noise ratio by D nats (config.json "
                         "logsnr_shift); 'auto': D = -log(variance of the scaled training latents), the SNRs of "
                         "unit-variance data (default 0)")
-    p.add_argument("--loss", choices=("l1", "l2"),
+    p.add_argument("--loss", choices=LOSSES,
                    help="loss on the predicted noise: l1 = mean |pred - eps| (the source implementation's choice), "
                         "l2 = mean (pred - eps)^2 (Ho et al. 2020's simple loss, whose minimiser is the posterior "
                         "mean E[eps | z_t] that DDIM and the probability-flow ODE assume; l1's is the per-entry "
-                        "posterior median) (default l1)")
+                        "posterior median), l2-balanced = l2 with each timestep bin's squared error divided by "
+                        "that bin's running RMS error (l1's balance between noise levels, l2's minimiser) "
+                        "(default l1)")
 
 
 def _shift_arg(text: str) -> float | str:
@@ -257,10 +304,15 @@ def _train(opts: dict, info: DistInfo, run_dir: Path, ck: Path | None) -> int:
     seed_everything(opts["seed"])
     unet = UNet2D(cfg.unet).to(dev)
     ema = EMA(unet, opts["ema_decay"], opts["ema_start"])
+    state = {"unet": unet, "ema": ema.module}
+    balance = None
+    if opts["loss"] == "l2-balanced":
+        balance = BinnedErrorScale(schedule.num_timesteps)
+        state["loss_scale"] = balance
     opt = torch.optim.Adam(unet.parameters(), lr=opts["lr"])
     start = 0
     if ck is not None:
-        start = load_train_state(ck, {"unet": unet, "ema": ema.module}, {"unet": opt})["step"]
+        start = load_train_state(ck, state, {"unet": opt})["step"]
     model = nn.parallel.DistributedDataParallel(unet) if info.world > 1 else unet
     plan = BatchPlan(len(latents), opts["batch_size"], opts["seed"], info.rank, info.world)
     per = opts["batch_size"] // info.world
@@ -282,9 +334,14 @@ def _train(opts: dict, info: DistInfo, run_dir: Path, ck: Path | None) -> int:
         with amp:
             pred = model(zt, t)
         err = pred.float() - eps
-        loss = err.abs().mean() if opts["loss"] == "l1" else err.square().mean()
+        if opts["loss"] == "l2-balanced":
+            objective = balance.loss(err, t, info.world)
+            loss = err.detach().square().mean()  # logged: the plain mean squared error
+        else:
+            loss = err.abs().mean() if opts["loss"] == "l1" else err.square().mean()
+            objective = loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(unet.parameters(), opts["grad_clip"] or float("inf"))
         opt.step()
         ema.update(unet, step)
@@ -307,7 +364,7 @@ def _train(opts: dict, info: DistInfo, run_dir: Path, ck: Path | None) -> int:
             _preview(ldm, run_dir / "samples" / f"step_{done:08d}.png", opts["sample_steps"])
         if done % opts["ckpt_every"] == 0 or done == total:
             if info.is_main:
-                save_train_state(run_dir, done, {"unet": unet, "ema": ema.module}, {"unet": opt}, opts)
+                save_train_state(run_dir, done, state, {"unet": opt}, opts)
             info.barrier()
     bar.close()
     logger.close()
