@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,7 +63,7 @@ def test_train_tiny_ldm_gpu_script_on_cpu_with_a_relative_run(tmp_path):
     final/ lands under the caller's directory, loads, and records the shipped recipe's options."""
     from retina_fast.modelzoo import load_ldm
 
-    env = {**__import__("os").environ, "PYTHON": sys.executable, "STEPS": "2", "BATCH": "4", "EYES": "8",
+    env = {**os.environ, "PYTHON": sys.executable, "STEPS": "2", "BATCH": "4", "EYES": "8",
            "WORKERS": "0", "CKPT": "1"}
     out = subprocess.run(["bash", str(ROOT / "scripts" / "train_tiny_ldm_gpu.sh"), "rel/run", "600", "cpu"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)

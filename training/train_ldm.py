@@ -101,9 +101,9 @@ class BinnedErrorScale(nn.Module):
         per = err.square().flatten(1).mean(1)  # (B,) mean squared error per sample
         b = self.bins(t)
         with torch.no_grad():
-            n = self.seen.new_zeros(self.seen.shape).index_add_(0, b.cpu(), torch.ones_like(per, device="cpu",
-                                                                                        dtype=torch.float64))
-            tot = self.seen.new_zeros(self.seen.shape).index_add_(0, b.cpu(), per.detach().cpu().double())
+            bins = self.seen.numel()
+            n = torch.bincount(b.cpu(), minlength=bins).double()
+            tot = torch.bincount(b.cpu(), weights=per.detach().cpu().double(), minlength=bins)
             if world > 1:
                 both = torch.stack([n, tot]).to(err.device)
                 torch.distributed.all_reduce(both)
