@@ -39,8 +39,11 @@ def test_batch_size_and_prefix_invariance(ldm):
     pairs = reference_sample(5, steps=4, seed=1, model=ldm, batch_size=2)
     assert lat.shape == (5, 4, 4, 4)
     # Batched convolutions may reassociate sums: latents agree to float32 rounding, cubes exactly
-    # unless a latent sits on a nearest-code boundary (not the case here).
-    torch.testing.assert_close(lat1, lat, atol=1e-5, rtol=0)
+    # unless a latent sits on a nearest-code boundary (not the case here). The untrained network's x0 at the
+    # first timestep (989, 1 / sqrt(alpha_bar) = 64) is unclamped in places, so its round-off grows up to 64x
+    # there: bounded in relative L2 (measured 3.4e-6) and, looser, per element (3.9e-5).
+    assert ((lat1 - lat).norm() / lat.norm()).item() <= 1e-5
+    torch.testing.assert_close(lat1, lat, atol=1e-4, rtol=0)
     torch.testing.assert_close(ones, full, atol=1e-5, rtol=0)
     torch.testing.assert_close(pairs, full, atol=1e-5, rtol=0)
     torch.testing.assert_close(reference_sample(2, steps=4, seed=1, model=ldm), full[:2], atol=1e-5, rtol=0)
@@ -80,25 +83,14 @@ def test_shipped_default_model():
     assert torch.equal(a, reference_sample(4, steps=50, seed=0))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "onnxruntime"])
-def test_engine_is_a_drop_in_replacement_on_the_shipped_model(backend):
-    """Same seed -> same images as reference_sample, relative L2 <= 1e-4 at fp32 (DESIGN: drop-in)."""
-    import retina_fast
-    from retina_fast import backends
-
-    reasons = backends.get(backend).not_supported_reasons("cpu", torch.float32)
-    if reasons:
-        pytest.skip("; ".join(reasons))
-    ref, ref_lat = reference_sample(3, steps=20, seed=11, return_latents=True)
-    got, lat = retina_fast.sample(3, 20, seed=11, backend=backend, dtype=torch.float32, return_latents=True)
-    assert ((lat - ref_lat).norm() / ref_lat.norm()).item() <= 1e-4
-    # The cubes agree to 1e-4 where both pick the same code. A latent within round-off of a codebook Voronoi
-    # boundary may pick the neighbour (README, Sampling): allowed only for near-ties, and rarely.
-    ldm = load_ldm()
-    vq, (lo, hi) = ldm.vqgan, ldm.latent_range
+def assert_same_images(ldm, ref_lat, ref, lat, got, rel_l2: float) -> None:
+    """Latents within ``rel_l2`` (relative L2); cubes equal where both pick the same code. A latent within
+    round-off of a codebook Voronoi boundary may pick the neighbour (README, Sampling): allowed only for
+    near-ties, and rarely."""
     from retina_fast.models.vqgan import unscale_latent
 
-    a = ldm.latent_asinh
+    assert ((lat - ref_lat).norm() / ref_lat.norm()).item() <= rel_l2
+    vq, (lo, hi), a = ldm.vqgan, ldm.latent_range, ldm.latent_asinh
     z_ref, z = unscale_latent(ref_lat, lo, hi, a), unscale_latent(lat, lo, hi, a)
     idx_ref, d_ref = vq.codebook_nearest(z_ref)
     idx, _ = vq.codebook_nearest(z)
@@ -111,6 +103,41 @@ def test_engine_is_a_drop_in_replacement_on_the_shipped_model(backend):
         assert torch.allclose(d_other, d_ref[flips], rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(got, decode_latents(ldm, lat), rtol=0, atol=1e-4)
     if not flips.any():
-        assert ((got - ref).norm() / ref.norm()).item() <= 1e-4
-    torch.testing.assert_close(retina_fast.sample(1, 20, seed=11, backend=backend, dtype=torch.float32,
-                                                  first_index=2), got[2:], rtol=0, atol=1e-5)
+        assert ((got - ref).norm() / ref.norm()).item() <= rel_l2
+
+
+@pytest.mark.parametrize("backend", ["cpu", "onnxruntime"])
+def test_engine_is_a_drop_in_replacement_on_the_shipped_model(backend):
+    """Same seed -> same images as reference_sample, relative L2 <= 1e-4 at fp32 (DESIGN: drop-in)."""
+    import retina_fast
+    from retina_fast import backends
+
+    reasons = backends.get(backend).not_supported_reasons("cpu", torch.float32)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    ldm = load_ldm()
+    ref, ref_lat = reference_sample(3, steps=20, seed=11, return_latents=True)
+    got, lat = retina_fast.sample(3, 20, seed=11, backend=backend, dtype=torch.float32, return_latents=True)
+    assert_same_images(ldm, ref_lat, ref, lat, got, 1e-4)
+    # Image 2 alone (first_index) is image 2 of the run: batch composition changes only round-off.
+    one, one_lat = retina_fast.sample(1, 20, seed=11, backend=backend, dtype=torch.float32, first_index=2,
+                                      return_latents=True)
+    torch.testing.assert_close(one_lat, lat[2:], rtol=0, atol=1e-5)
+    assert_same_images(ldm, lat[2:], got[2:], one_lat, one, 1e-5)
+
+
+def test_reference_is_well_conditioned_on_the_shipped_model():
+    """The fp32 reference is within 1e-5 (relative L2) of the same run in float64: round-off does not grow
+    along DDIM-20 (the ``trimmed`` spacing skips t = 999, where 1 / sqrt(alpha_bar) = 64 166 multiplied the
+    network's round-off; measured there: 5e-5 .. 1.1e-4, now 1.8e-6 .. 3.3e-6)."""
+    import copy
+
+    from retina_fast import samplers
+
+    ldm = load_ldm()
+    _, lat32 = reference_sample(2, steps=20, seed=0, return_latents=True)
+    unet64 = copy.deepcopy(ldm.unet).double()
+    x = samplers.initial_latents(0, range(2), ldm.config.latent_shape).double()
+    with torch.no_grad():
+        lat64 = samplers.sample(unet64, x, samplers.plan("ddim", ldm.schedule, 20), clip_x0=ldm.clip_x0)
+    assert ((lat32.double() - lat64).norm() / lat64.norm()).item() <= 1e-5

@@ -58,6 +58,13 @@ def test_timestep_spacing():
         timesteps_for(0, 1000)
     with pytest.raises(ValueError):
         timesteps_for(1001, 1000)
+    tr = timesteps_for(20, 1000, "trimmed")     # the DDIM default: the last 1 % of timesteps skipped
+    assert tr[0] == 989 and tr[-1] == 0 and tr[1] == 937 and tr == sorted(tr, reverse=True)
+    assert timesteps_for(1, 1000, "trimmed") == [989]
+    for steps in (2, 50, 989, 990, 991, 1000):    # distinct at every count; all T steps visit every timestep
+        tr = timesteps_for(steps, 1000, "trimmed")
+        assert len(set(tr)) == steps and tr[-1] == 0 and tr[0] == max(989, steps - 1)
+    assert [c.t for c in samplers.plan("ddim", SCHED, 20)] == timesteps_for(20, 1000, "trimmed")
     ls = timesteps_for(15, 1000, "logsnr", SCHED)
     assert ls[0] == 989 and ls[-1] == 0 and ls == sorted(ls, reverse=True)
     with pytest.raises(ValueError, match="needs the schedule"):
