@@ -119,11 +119,15 @@ def test_engine_is_a_drop_in_replacement_on_the_shipped_model(backend):
     ref, ref_lat = reference_sample(3, steps=20, seed=11, return_latents=True)
     got, lat = retina_fast.sample(3, 20, seed=11, backend=backend, dtype=torch.float32, return_latents=True)
     assert_same_images(ldm, ref_lat, ref, lat, got, 1e-4)
-    # Image 2 alone (first_index) is image 2 of the run: batch composition changes only round-off.
-    one, one_lat = retina_fast.sample(1, 20, seed=11, backend=backend, dtype=torch.float32, first_index=2,
-                                      return_latents=True)
-    torch.testing.assert_close(one_lat, lat[2:], rtol=0, atol=1e-5)
-    assert_same_images(ldm, lat[2:], got[2:], one_lat, one, 1e-5)
+    # Image 2 alone (first_index) is a drop-in for the reference's image 2 as well; a batch-invariant runner
+    # (README, Sampling) gives it bit for bit, another may round it differently in a batch of 1 (onnxruntime,
+    # seed 11: 1.3e-5 relative L2 from image 2 of the batch of 3, as far as from the reference).
+    pipe = retina_fast.load("default")
+    one, one_lat = pipe.sample(1, 20, seed=11, backend=backend, dtype=torch.float32, first_index=2,
+                               return_latents=True)
+    assert_same_images(ldm, ref_lat[2:], ref[2:], one_lat, one, 1e-4)
+    if pipe.runner(backend, dtype=torch.float32).batch_invariant:
+        assert torch.equal(one_lat, lat[2:]) and torch.equal(one, got[2:])
 
 
 def test_reference_is_well_conditioned_on_the_shipped_model():

@@ -74,3 +74,16 @@ def test_train_tiny_ldm_gpu_script_on_cpu_with_a_relative_run(tmp_path):
     assert doc["provenance"]["steps"] == 2 and "--lr 0.0008" in doc["provenance"]["command"]
     assert "--latent-asinh 1.0" in doc["provenance"]["command"] and "--num-images 8" in doc["provenance"]["command"]
     assert load_ldm(final).latent_asinh == 1.0
+
+
+def test_tree_lengths_pairs_models_over_the_same_draws(tmp_path):
+    ck = save_small_checkpoint(tmp_path / "ck")
+    out = _run([str(ROOT / "scripts" / "tree_lengths.py"), f"a={ck}", f"b={ck}", "--n", "3", "--steps", "2",
+                "--phantom", "2", "--json", str(tmp_path / "t.json")], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert set(rows) == {"phantom", "a", "b"} and rows["phantom"]["n"] == 2  # 32-px eyes: no tree at that size
+    assert len(rows["a"]["lengths"]) == 3 and rows["a"]["lengths"] == rows["b"]["lengths"]  # same model, same draws
+    assert rows["b"]["paired"] == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0} and "paired" not in rows["a"]
+    bad = _run([str(ROOT / "scripts" / "tree_lengths.py"), "nomodel"], tmp_path)
+    assert bad.returncode == 2 and "NAME=MODEL" in bad.stderr
