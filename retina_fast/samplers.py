@@ -37,7 +37,7 @@ __all__ = ["StepCoef", "plan", "step_coefficients", "generic_step", "sample", "i
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[int], torch.Tensor]
 SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
-DEFAULT_SPACING = {"ddim": "trimmed", "ddpm": "linspace", "dpmpp_2m": "logsnr"}
+DEFAULT_SPACING = {"ddim": "trimmed", "ddpm": "trimmed", "dpmpp_2m": "logsnr"}
 
 
 def plan(sampler: str, schedule: Schedule, steps: int, eta: float = 0.0) -> list["StepCoef"]:
