@@ -79,10 +79,14 @@ class Pipeline:
     def sample(self, n: int, steps: int = 50, *, seed: int = 0, sampler: str = "ddim", backend: str = "auto",
                device=None, dtype: torch.dtype | None = None, batch_size: int | None = None,
                return_latents: bool = False, eta: float = 0.0, first_index: int = 0,
-               progress: Callable[[int], None] | None = None):
-        """n images (n, bands, H, W) float32 reflectance in [0, 1] (and latents (n, C, h, w) if asked)."""
+               progress: Callable[[int], None] | None = None, spacing: str | None = None):
+        """n images (n, bands, H, W) float32 reflectance in [0, 1] (and latents (n, C, h, w) if asked).
+
+        ``spacing``: the timestep spacing (``retina_fast.schedules.SPACINGS``); None = the sampler's default
+        (``retina_fast.samplers.DEFAULT_SPACING``). ``"linspace"`` gives DDIM / DDPM images of versions
+        before 2026-12-04, which started at t = T - 1."""
         _check_sample_args(n, steps, seed, eta, batch_size, first_index)
-        coefs = samplers.plan(sampler, self.loaded.schedule, steps, eta=eta)
+        coefs = samplers.plan(sampler, self.loaded.schedule, steps, eta=eta, spacing=spacing)
         runner = self.runner(backend, device, dtype)
         batch = batch_size or auto_batch_size(runner, n)
         cubes, latents = [], []

@@ -31,7 +31,7 @@ import torch
 
 from retina_fast.schedules import Schedule
 
-__all__ = ["StepCoef", "plan", "step_coefficients", "generic_step", "sample", "initial_latents", "step_noise_fn",
+__all__ = ["StepCoef", "plan", "resolve_spacing", "DEFAULT_SPACING", "step_coefficients", "generic_step", "sample", "initial_latents", "step_noise_fn",
            "SAMPLERS"]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -40,14 +40,31 @@ SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
 DEFAULT_SPACING = {"ddim": "trimmed", "ddpm": "trimmed", "dpmpp_2m": "logsnr"}
 
 
-def plan(sampler: str, schedule: Schedule, steps: int, eta: float = 0.0) -> list["StepCoef"]:
-    """Timesteps (the sampler's default spacing) and per-step coefficients for a ``steps``-step run."""
+def plan(sampler: str, schedule: Schedule, steps: int, eta: float = 0.0, spacing: str | None = None
+         ) -> list["StepCoef"]:
+    """Timesteps and per-step coefficients for a ``steps``-step run; ``spacing`` None = the sampler's
+    default (``DEFAULT_SPACING``), else one of ``retina_fast.schedules.SPACINGS``."""
     from retina_fast.schedules import timesteps_for
 
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
-    ts = timesteps_for(steps, schedule.num_timesteps, DEFAULT_SPACING[sampler], schedule)
+    ts = timesteps_for(steps, schedule.num_timesteps, resolve_spacing(sampler, spacing), schedule)
     return step_coefficients(sampler, schedule, ts, eta=eta)
+
+
+def resolve_spacing(sampler: str, spacing: str | None) -> str:
+    """``spacing``, checked, or the sampler's default when None. DDIM and DDPM used ``linspace`` (from
+    t = T - 1) before 2026-12-04; ``spacing="linspace"`` draws the images of those versions again."""
+    from retina_fast.schedules import SPACINGS
+
+    if spacing is None:
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
+        return DEFAULT_SPACING[sampler]
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; choose from {', '.join(SPACINGS)} (or None: the sampler's "
+                         "default)")
+    return spacing
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Layout of a run directory::
 
     run.json                 the run's identity (model, config sha256, seed, n, steps, sampler, eta,
-                             backend, dtype, shard size, format, wavelengths, batch size where the
+                             spacing, backend, dtype, shard size, format, wavelengths, batch size where the
                              backend's images depend on it): resume refuses a mismatch
     shard-00000.npy|tif|h5   images [0, S) as (count, bands, H, W) float32 reflectance
     shard-00000.done.json    written after the shard (atomically): first, count, file, sha256
@@ -71,6 +71,10 @@ class RunSpec:
     # computed the same way. None for other backends and in runs written before this field existed; a plain
     # string in runs written before the decoder chose too (the U-Net's; their decoder ran direct).
     convolutions: str | dict | None = None
+    # The timestep spacing (retina_fast.schedules.SPACINGS). None in runs written before this field existed:
+    # those cannot say whether they ran DDIM / DDPM from t = T - 1 ("linspace", before 2026-12-04) or from
+    # t = 989 ("trimmed"), so `retina-fast sample --resume` asks for --spacing and records it.
+    spacing: str | None = None
 
     def shards(self) -> list[tuple[int, int, int]]:
         """(index, first image, count) for every shard of the run."""
@@ -138,6 +142,7 @@ def _is_number(v: Any) -> bool:
 def _spec_problem(key: str, value: Any) -> str | None:
     """Why ``value`` is not a valid ``key`` of run.json (None when it is)."""
     from retina_fast.samplers import SAMPLERS
+    from retina_fast.schedules import SPACINGS
 
     if key in ("model", "backend", "dtype"):
         return None if isinstance(value, str) and value else "must be a non-empty string"
@@ -157,6 +162,8 @@ def _spec_problem(key: str, value: Any) -> str | None:
                                 'null, "direct", "onednn"')
     if key == "sampler":
         return None if value in SAMPLERS else f"must be one of {', '.join(SAMPLERS)}"
+    if key == "spacing":
+        return None if value is None or value in SPACINGS else f"must be null or one of {', '.join(SPACINGS)}"
     if key == "format":
         return None if value in FORMATS else f"must be one of {', '.join(FORMATS)}"
     if key == "eta":
@@ -183,7 +190,7 @@ def spec_from_dict(data: Any, path: Path) -> RunSpec:
     if not isinstance(data, dict):
         raise BadRunFile(f"{path}: expected a JSON object, got {type(data).__name__}")
     fields = [f.name for f in dataclasses.fields(RunSpec)]
-    optional = {"batch_size", "convolutions"}  # absent in runs written before they existed
+    optional = {"batch_size", "convolutions", "spacing"}  # absent in runs written before they existed
     unknown = sorted(set(data) - set(fields))
     missing = [k for k in fields if k not in data and k not in optional]
     if unknown or missing:

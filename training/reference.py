@@ -66,14 +66,14 @@ _RUNNERS: dict[int, Runner] = {}
 @torch.no_grad()
 def sample_loaded(ldm: LoadedLDM, n: int, steps: int = 50, *, seed: int = 0, sampler: str = "ddim",
                   eta: float = 0.0, batch_size: int | None = None, return_latents: bool = False,
-                  progress=None):
+                  progress=None, spacing: str | None = None):
     """``reference_sample`` for an already loaded model (its modules stay on their device).
 
     ``progress``: optional callable(images_done) called after each batch."""
     _check_args(n, steps, sampler, eta, batch_size, seed, ldm.schedule.num_timesteps)
     device = ldm.device
     shape = ldm.config.latent_shape
-    coefs = samplers.plan(sampler, ldm.schedule, steps, float(eta))
+    coefs = samplers.plan(sampler, ldm.schedule, steps, float(eta), spacing=spacing)
     bs = n if batch_size is None else batch_size
     cubes, lats = [], []
     for i0 in range(0, n, bs):
@@ -92,11 +92,12 @@ def sample_loaded(ldm: LoadedLDM, n: int, steps: int = 50, *, seed: int = 0, sam
 
 def reference_sample(n: int, steps: int = 50, *, seed: int = 0, sampler: str = "ddim",
                      model: str | os.PathLike | LoadedLDM = "default", device: str | torch.device | None = None,
-                     return_latents: bool = False, eta: float = 0.0, batch_size: int | None = None):
+                     return_latents: bool = False, eta: float = 0.0, batch_size: int | None = None,
+                     spacing: str | None = None):
     """Sample ``n`` hyperspectral cubes with the reference (fp32 eager PyTorch) pipeline.
 
     Args:
-        n: number of images; image i is a pure function of (model, seed, i, sampler, steps, eta).
+        n: number of images; image i is a pure function of (model, seed, i, sampler, steps, eta, spacing).
         steps: sampler steps (1 .. T), timesteps spaced as ``retina_fast.samplers.plan`` documents.
         seed: 64-bit seed of the Philox noise (``retina_fast.noise``).
         sampler: ``ddim``, ``ddpm`` or ``dpmpp_2m``; ``eta`` > 0 makes DDIM stochastic.
@@ -105,10 +106,12 @@ def reference_sample(n: int, steps: int = 50, *, seed: int = 0, sampler: str = "
         batch_size: images per U-Net batch; None runs all ``n`` in one batch. Never changes the result
             beyond floating-point reassociation inside batched kernels.
         return_latents: also return x_0 (n, C, h, w), the scaled latents before unscaling.
+        spacing: timestep spacing (``retina_fast.schedules.SPACINGS``); None = the sampler's default.
     Returns:
         float32 (n, bands, H, W) reflectance in [0, 1]; with ``return_latents`` a tuple (cubes, latents).
     """
     _check_args(n, steps, sampler, eta, batch_size, seed)
+    samplers.resolve_spacing(sampler, spacing)  # a bad spacing fails before the model is loaded
     if isinstance(model, LoadedLDM):
         ldm = model
         if device is not None and torch.device(device) != ldm.device:
@@ -116,4 +119,4 @@ def reference_sample(n: int, steps: int = 50, *, seed: int = 0, sampler: str = "
     else:
         ldm = load_ldm(model, device="cpu" if device is None else device)
     return sample_loaded(ldm, n, steps, seed=seed, sampler=sampler, eta=eta, batch_size=batch_size,
-                         return_latents=return_latents)
+                         return_latents=return_latents, spacing=spacing)

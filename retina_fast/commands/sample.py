@@ -17,6 +17,10 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpmpp_2m"], help="sampling method")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--spacing", default=None, choices=["linspace", "trimmed", "logsnr"],
+                   help="timestep spacing (default: the sampler's own: trimmed for ddim / ddpm, logsnr for "
+                        "dpmpp_2m; linspace gives the DDIM / DDPM images of versions before 2026-12-04); recorded "
+                        "in run.json and kept on --resume")
     p.add_argument("--model", default="default", help="packaged model name or checkpoint directory")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--format", default="npy", choices=["npy", "tiff", "h5"], help="shard file format")
@@ -87,7 +91,8 @@ def run(args) -> int:
         raise UserError(str(exc)) from None
     dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
     try:
-        samplers.plan(args.sampler, pipe.loaded.schedule, args.steps, eta=args.eta)  # e.g. --steps above T
+        spacing = samplers.resolve_spacing(args.sampler, args.spacing)
+        samplers.plan(args.sampler, pipe.loaded.schedule, args.steps, eta=args.eta, spacing=spacing)  # e.g. --steps above T
         runner = pipe.runner(args.backend, device, dtype)
     except (backends.BackendUnavailable, ValueError) as exc:
         raise UserError(str(exc)) from None
@@ -96,7 +101,7 @@ def run(args) -> int:
     def make_spec(batch_size, convolutions):
         return shards.RunSpec(
             model=str(model_dir), model_sha256=_config_sha(model_dir), seed=args.seed, n=args.n, steps=args.steps,
-            sampler=args.sampler, eta=args.eta, backend=runner.backend,
+            sampler=args.sampler, eta=args.eta, spacing=spacing, backend=runner.backend,
             dtype=str(runner.dtype).replace("torch.", ""), shard_size=args.shard_size, format=args.format,
             wavelengths=tuple(float(w) for w in pipe.wavelengths), batch_size=batch_size,
             convolutions=convolutions)
@@ -113,6 +118,8 @@ def run(args) -> int:
     if rank == 0:
         try:
             existing = shards.load_spec(out) if args.resume and out.is_dir() else None
+            if existing is not None and existing.spacing is None:
+                existing = _record_legacy_spacing(out, existing, args.spacing)
             if convs is not None:
                 # a new run: the runner's own choice (an earlier --resume in this process may have changed it);
                 # a cpu run written before the field existed ran the direct kernels (this CPU has them: the
@@ -151,7 +158,7 @@ def run(args) -> int:
                disable=args.quiet, dynamic_ncols=True)
 
     def produce(first: int, count: int):
-        return pipe.sample(count, args.steps, seed=args.seed, sampler=args.sampler, eta=args.eta,
+        return pipe.sample(count, args.steps, seed=args.seed, sampler=args.sampler, eta=args.eta, spacing=spacing,
                            backend=args.backend, device=device, dtype=dtype, batch_size=batch,
                            first_index=first, progress=bar.update).numpy()
 
@@ -173,6 +180,24 @@ def run(args) -> int:
     if world > 1:
         dist.destroy_process_group()
     return 0
+
+
+def _record_legacy_spacing(out: Path, existing, given: str | None):
+    """A run.json written before the spacing was recorded: its images used DDIM / DDPM from t = T - 1
+    ("linspace") if written before 2026-12-04, from t = 989 ("trimmed") after, and nothing in the directory
+    says which, so the user must; the answer is written into run.json (the --resume check then holds)."""
+    import dataclasses
+
+    from retina_fast.files import atomic_write
+    from retina_fast.shards import RunError, spec_json
+
+    if given is None:
+        raise RunError(f"{out / 'run.json'} was written before retina-fast recorded the timestep spacing; resume "
+                       f"with --spacing linspace if the run was started before 2026-12-04 (DDIM / DDPM from "
+                       f"t = T - 1), --spacing trimmed if after (for dpmpp_2m: --spacing logsnr)")
+    existing = dataclasses.replace(existing, spacing=given)
+    atomic_write(out / "run.json", spec_json(existing))
+    return existing
 
 
 def _os_error(exc: OSError) -> str:
