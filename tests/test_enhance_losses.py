@@ -101,3 +101,32 @@ def test_magenet_total_loss_by_hand():
     s1_only = MAGENetOutput(stage1=target + 1.0, stage2=None, rsp=None)
     assert float(magenet_loss(s1_only, target, mask)[0]) == pytest.approx(stage1, rel=1e-5)
     assert float(rsp_loss(rsp, mask)) == pytest.approx(5 * math.log(2), rel=1e-6)
+
+
+def test_log_image_weighting_counts_each_row_by_its_ratio():
+    """image_weighting="log": each stage's image term is mean_i LOG_SCALE * log(c_i + 0.05 e_i); a row's gradient
+    is LOG_SCALE / (its error) times its gradient under "mean", so a row 20x closer to its target pulls 20x harder
+    per unit of its own loss; "mean" is the plain batch mean; an unknown weighting is refused."""
+    from retina_fast.training.enhance_losses import LOG_SCALE
+
+    torch.manual_seed(0)
+    target = torch.rand(2, 3, 16, 16)
+    delta = torch.randn(2, 3, 16, 16) * torch.tensor([0.2, 0.01]).view(2, 1, 1, 1)  # a dark row, a near-clean row
+    stage2 = (target + delta).requires_grad_(True)
+    out = MAGENetOutput(stage1=stage2, stage2=None, rsp=None)
+    mean_total, _ = magenet_loss(out, target, image_weighting="mean")
+    rows = charbonnier(stage2, target, per_row=True) + EDGE_WEIGHT * edge_loss(stage2, target, per_row=True)
+    whole = charbonnier(stage2, target) + EDGE_WEIGHT * edge_loss(stage2, target)
+    assert float(mean_total.detach()) == pytest.approx(float(rows.detach().mean()), rel=1e-6)
+    assert float(mean_total.detach()) == pytest.approx(float(whole.detach()), rel=1e-6)
+    log_total, parts = magenet_loss(out, target, image_weighting="log")
+    assert float(log_total.detach()) == pytest.approx(float(LOG_SCALE * rows.detach().log().mean()), rel=1e-6)
+    assert float(parts["char_s1"]) == pytest.approx(float(charbonnier(stage2, target).detach()), rel=1e-6)
+    g_mean, = torch.autograd.grad(mean_total, stage2)
+    g_log, = torch.autograd.grad(log_total, stage2)
+    ratio = [float(g_log[i].norm() / g_mean[i].norm()) for i in range(2)]
+    for i in range(2):
+        assert ratio[i] == pytest.approx(LOG_SCALE / float(rows[i].detach()), rel=1e-4)
+    assert ratio[1] / ratio[0] > 10  # the near-clean row now weighs more than the dark one
+    with pytest.raises(ValueError, match="image_weighting"):
+        magenet_loss(out, target, image_weighting="psnr")

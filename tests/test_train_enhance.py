@@ -191,6 +191,11 @@ def test_identity_pairs_and_real_augment_options(tmp_path, rsp_run):
     assert all(float(r["real_pairs"]) > 0 for r in rows)  # the real pairs' image loss is logged every step
     doc, _ = load_checkpoint(out / "final")
     assert "labelled real pairs: 2 variants of the real left half" in doc["provenance"]["data"]
+    out = tmp_path / "w"
+    assert T.run(_args("magenet", "--out", str(out), "--steps", "1", "--image-weighting", "log")) == 0
+    doc, _ = load_checkpoint(out / "final")
+    assert doc["provenance"]["options"]["image_weighting"] == "log"
+    assert "image losses weighted per row: log" in doc["provenance"]["data"]
     for flag, bad in (("--identity-fraction", "1.5"), ("--real-augment", "-0.1"), ("--real-pairs", "-1")):
         with pytest.raises(ValueError, match=flag):
             T.run(_args("magenet", "--out", str(tmp_path / "bad"), "--steps", "1", flag, bad))

@@ -12,6 +12,12 @@
   with cross-entropy).
 - MAGE-Net total: Σ_stages [Charbonnier + 0.05·edge] + λ·Σ_scales seg, λ = 0.5, over the 4 side outputs.
   RSP pretraining (AG-Net): seg over the 4 sides plus their mean.
+- ``image_weighting="log"`` (not in the paper): each stage's image term becomes the batch mean of
+  LOG_SCALE·log(c_i + 0.05·e_i) over the rows i, with c_i, e_i that row's Charbonnier and edge loss. Its
+  gradient is LOG_SCALE/(c_i + 0.05·e_i) times the row's own, so an error on a nearly clean photograph
+  counts by its ratio to that row's error, as PSNR counts it, instead of in absolute L1, where a dark
+  photograph's large error outweighs it ~100:1. LOG_SCALE = 0.01 makes a row at error 0.01 weigh as
+  in the mean form.
 Images (N, 3, H, W), masks (N, 1, H, W) or (N, H, W) in {0, 1}.
 """
 from __future__ import annotations
@@ -21,20 +27,23 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["EPS", "EDGE_WEIGHT", "SEG_LAMBDA", "GAUSS_1D", "charbonnier", "gauss_kernel", "conv_gauss",
+__all__ = ["EPS", "EDGE_WEIGHT", "LOG_SCALE", "IMAGE_WEIGHTINGS", "SEG_LAMBDA", "GAUSS_1D", "charbonnier", "gauss_kernel", "conv_gauss",
            "laplacian_residual", "edge_loss", "dice_loss", "segmentation_loss", "magenet_loss", "rsp_loss"]
 
 EPS = 1e-3
 EDGE_WEIGHT = 0.05
+LOG_SCALE = 0.01
+IMAGE_WEIGHTINGS = ("mean", "log")
 SEG_LAMBDA = 0.5
 GAUSS_1D = (0.05, 0.25, 0.4, 0.25, 0.05)
 SEG_KINDS = ("bce", "dice", "bce+dice")
 
 
-def charbonnier(x: torch.Tensor, y: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """mean √((x − y)² + ε²) over all elements; scalar."""
+def charbonnier(x: torch.Tensor, y: torch.Tensor, eps: float = EPS, *, per_row: bool = False) -> torch.Tensor:
+    """mean √((x − y)² + ε²) over all elements (scalar), or over each row's elements ((N,) with ``per_row``)."""
     d = x - y
-    return torch.sqrt(d * d + eps * eps).mean()
+    c = torch.sqrt(d * d + eps * eps)
+    return c.flatten(1).mean(1) if per_row else c.mean()
 
 
 def gauss_kernel(channels: int, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -57,13 +66,15 @@ def laplacian_residual(x: torch.Tensor) -> torch.Tensor:
     return x - conv_gauss(up)
 
 
-def edge_loss(x: torch.Tensor, y: torch.Tensor, eps: float = EPS, levels: int = 1) -> torch.Tensor:
-    """Charbonnier between Laplacian residuals, summed over ``levels`` pyramid levels (1 = MPRNet)."""
-    total = x.new_zeros(())
+def edge_loss(x: torch.Tensor, y: torch.Tensor, eps: float = EPS, levels: int = 1, *,
+              per_row: bool = False) -> torch.Tensor:
+    """Charbonnier between Laplacian residuals, summed over ``levels`` pyramid levels (1 = MPRNet);
+    scalar, or (N,) with ``per_row``."""
+    total = x.new_zeros((x.shape[0],) if per_row else ())
     for level in range(levels):
         if level:
             x, y = conv_gauss(x)[..., ::2, ::2], conv_gauss(y)[..., ::2, ::2]
-        total = total + charbonnier(laplacian_residual(x), laplacian_residual(y), eps)
+        total = total + charbonnier(laplacian_residual(x), laplacian_residual(y), eps, per_row=per_row)
     return total
 
 
@@ -97,19 +108,25 @@ def segmentation_loss(logits: torch.Tensor | Sequence[torch.Tensor], mask: torch
 
 
 def magenet_loss(out, target: torch.Tensor, mask: torch.Tensor | None = None, *, lam: float = SEG_LAMBDA,
-                 edge_weight: float = EDGE_WEIGHT, eps: float = EPS, seg_kind: str = "bce"):
+                 edge_weight: float = EDGE_WEIGHT, eps: float = EPS, seg_kind: str = "bce",
+                 image_weighting: str = "mean"):
     """Supervised MAGE-Net loss for a ``MAGENetOutput`` ``out`` against the clean ``target``.
 
     total = Σ_stages [charbonnier + edge_weight·edge] + lam·Σ_4 scales seg (seg only when the model
-    has RSP and ``mask`` is given). Returns (total, parts) with parts a dict of detached scalar tensors (no host sync):
-    ``char_s1``, ``edge_s1`` (and ``_s2``), ``seg``.
+    has RSP and ``mask`` is given); with ``image_weighting="log"`` each stage's image term is
+    mean_i LOG_SCALE·log(c_i + edge_weight·e_i) over the rows (module docstring). Returns (total, parts)
+    with parts a dict of detached scalar tensors (no host sync): ``char_s1``, ``edge_s1`` (and ``_s2``,
+    batch means in either weighting), ``seg``.
     """
+    if image_weighting not in IMAGE_WEIGHTINGS:
+        raise ValueError(f"image_weighting must be one of {IMAGE_WEIGHTINGS}, got {image_weighting!r}")
     parts: dict[str, torch.Tensor] = {}
     total = target.new_zeros(())
     for i, img in enumerate(out.stages, start=1):
-        c, e = charbonnier(img, target, eps), edge_loss(img, target, eps)
-        total = total + c + edge_weight * e
-        parts[f"char_s{i}"], parts[f"edge_s{i}"] = c.detach(), e.detach()
+        c, e = charbonnier(img, target, eps, per_row=True), edge_loss(img, target, eps, per_row=True)
+        row = c + edge_weight * e
+        total = total + (LOG_SCALE * torch.log(row).mean() if image_weighting == "log" else row.mean())
+        parts[f"char_s{i}"], parts[f"edge_s{i}"] = c.mean().detach(), e.mean().detach()
     if out.rsp is not None and mask is not None:
         seg = segmentation_loss(out.rsp.sides, mask, seg_kind)
         total = total + lam * seg

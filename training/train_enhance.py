@@ -48,7 +48,7 @@ from retina_fast.checkpoint import load_checkpoint, load_state_into, save_checkp
 from retina_fast.models.magenet import MAGENET_PRESETS, MAGENet, MAGENetConfig
 from retina_fast.models.rsp import RSPNet
 from retina_fast.training import enhance_data
-from retina_fast.training.enhance_losses import magenet_loss, rsp_loss
+from retina_fast.training.enhance_losses import IMAGE_WEIGHTINGS, magenet_loss, rsp_loss
 from retina_fast.training.mean_teacher import MeanTeacher
 from retina_fast.training.trainer import (MetricLogger, checkpoint_to_resume, load_train_state, provenance,
                                           save_train_state, step_generator)
@@ -62,7 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "preset": "tiny", "steps": 600, "batch_size": 4, "unlabelled_batch_size": 2, "crop": 128, "size": 256,
     "eyes": 48, "per_eye": 4, "real_images": 48, "colour_jitter": 0.25, "no_identity_init": False,
     "lr": 1e-3, "lr_min": 1e-5, "seed": 0, "no_rsp": False, "identity_fraction": 0.0,
-    "real_augment": 0.0, "real_pairs": 0, "real_pairs_batch_size": 2,
+    "real_augment": 0.0, "real_pairs": 0, "real_pairs_batch_size": 2, "image_weighting": "mean",
     "stage1_only": False, "output_gate": False, "gate_bias": 0.0, "rsp_init": None, "ema": 0.999, "consistency_weight": 1.0, "warmup": 0.3,
     "noise_std": 0.05, "log_every": 10, "ckpt_every": 100, "device": None, "threads": None, "data_cache": None,
 }
@@ -105,6 +105,10 @@ def add_arguments(p) -> None:
     p.add_argument("--real-pairs-batch-size", type=int,
                    help="real pairs per step, beside the synthetic batch (image losses only: no vessel labels)"
                         + d("real_pairs_batch_size"))
+    p.add_argument("--image-weighting", choices=IMAGE_WEIGHTINGS,
+                   help="how the rows of a batch weigh in the image losses: 'mean' (the paper: mean L1-type error) "
+                        "or 'log' (mean of 0.01*log of each row's error, so a small error on a good photograph "
+                        "counts by its ratio, as PSNR does)" + d("image_weighting"))
     p.add_argument("--lr", type=float, help="initial Adam learning rate (cosine decay)" + d("lr"))
     p.add_argument("--lr-min", type=float, help="final learning rate" + d("lr_min"))
     p.add_argument("--seed", type=int, help="seed of initialisation and every per-step choice" + d("seed"))
@@ -143,6 +147,8 @@ def run(args) -> int:
     for key in ("identity_fraction", "real_augment", "real_pairs"):
         if saved is not None and key not in saved:
             opts[key] = 0  # a run started before the option
+    if saved is not None and "image_weighting" not in saved:
+        opts["image_weighting"] = "mean"
     if not 0.0 <= opts["identity_fraction"] <= 1.0:
         raise ValueError(f"--identity-fraction must be in [0, 1], got {opts['identity_fraction']}")
     if not isinstance(opts["real_pairs"], int) or opts["real_pairs"] < 0:
@@ -225,6 +231,8 @@ def _load_data(opts: dict[str, Any], progress: bool):
             f"{opts['colour_jitter']})) per pair")
     if opts["identity_fraction"]:
         desc += f"; identity pairs (input = clean target) with probability {opts['identity_fraction']}"
+    if opts["image_weighting"] != "mean":
+        desc += f"; image losses weighted per row: {opts['image_weighting']}"
     if real is not None:
         desc += (f"; unlabelled real: left half (columns 0-704) of skimage.data.retina(), "
                  f"{opts['real_images']} random degradations")
@@ -254,7 +262,7 @@ def _step(model, mt, opts, syn, real, step: int, device) -> tuple[torch.Tensor, 
     if opts["identity_fraction"] > 0:
         ident = (torch.rand(opts["batch_size"], generator=g) < opts["identity_fraction"]).to(device)
         b["x"] = torch.where(ident[:, None, None, None], b["y"], b["x"])
-    loss, parts = magenet_loss(model(b["x"]), b["y"], b["vessels"])
+    loss, parts = magenet_loss(model(b["x"]), b["y"], b["vessels"], image_weighting=opts["image_weighting"])
     if mt is not None:
         ridx = torch.randint(len(real), (opts["unlabelled_batch_size"],), generator=g)
         rb = enhance_data.random_crops(real.get(ridx), opts["crop"], g)
@@ -270,7 +278,7 @@ def _step(model, mt, opts, syn, real, step: int, device) -> tuple[torch.Tensor, 
         if opts["identity_fraction"] > 0:
             ident = (torch.rand(k, generator=g) < opts["identity_fraction"]).to(device)
             px = torch.where(ident[:, None, None, None], py, px)
-        real_loss, _ = magenet_loss(model(px), py, None)
+        real_loss, _ = magenet_loss(model(px), py, None, image_weighting=opts["image_weighting"])
         loss = loss + real_loss
         parts.update(real_pairs=real_loss.detach(), total=loss.detach())
     return loss, parts
