@@ -325,6 +325,48 @@ def test_ldm_loss_l2_balanced_resumes_exactly_and_scales_by_bin(vq_run, tmp_path
     assert torch.allclose(scale.mean_square[0], (0.5 * first + 0.5 * per[0]).double())
 
 
+def test_ldm_vessel_weight_masks_weights_and_refusals(vq_run, tmp_path, capsys):
+    """--vessel-weight W: the vessel fractions are the renders' artery | vein average-pooled to the latent grid,
+    the weights are 1 + (W - 1) * fraction scaled to mean 1 per sample, W = 1 leaves the objective as it was, the
+    choice is in the reproducing command, and bad values or non-phantom data are refused with the reason."""
+    import torch.nn.functional as F
+
+    from retina_fast import phantom
+    from retina_fast.models.config import VQGANConfig
+    from retina_fast.training.train_ldm import _entry_weights, latent_vessel_fraction
+
+    class Main:
+        is_main = True
+
+        def barrier(self):
+            pass
+
+    cfg = VQGANConfig(image_size=32, f=4, base_channels=8, latent_channels=4, codebook_size=8)
+    frac = latent_vessel_fraction(3, cfg, Main(), tmp_path / "m")
+    assert frac.shape == (3, 1, 8, 8) and frac.dtype == torch.float32
+    m = phantom.render(2, 32).masks
+    want = F.avg_pool2d((m["artery"] | m["vein"]).float()[None, None], 4)[0]
+    assert torch.equal(frac[2], want) and 0 < float(frac.mean()) < 1
+    assert torch.equal(latent_vessel_fraction(3, cfg, Main(), tmp_path / "m"), frac)  # from the cache
+    w = _entry_weights(frac, 5.0)
+    assert torch.allclose(w.mean(dim=(1, 2, 3)), torch.ones(3))
+    raw = 1 + 4 * frac  # proportional to the unnormalised weights in every sample
+    assert torch.allclose(w / raw, (w / raw).flatten(1)[:, :1, None, None].expand_as(w))
+    assert torch.equal(_entry_weights(frac, 1.0), torch.ones(3, 1, 8, 8))
+
+    run = tmp_path / "vw"
+    assert main([*_ldm_args(vq_run), "--out", str(run), "--steps", "2", "--loss", "l2-balanced",
+                 "--vessel-weight", "4"]) == 0
+    doc = json.loads((run / "final" / "config.json").read_text())
+    assert "--vessel-weight 4" in doc["provenance"]["command"] and "1 + 3 x (vessel" in doc["provenance"]["data"]
+    for bad, needle in ((["--vessel-weight", "0.5"], "--vessel-weight must be"),
+                        (["--vessel-weight", "nan"], "--vessel-weight must be"),
+                        (["--vessel-weight", "2", "--data", str(tmp_path)], "needs --data phantom")):
+        capsys.readouterr()
+        assert main([*_ldm_args(vq_run), "--out", str(tmp_path / "bad"), "--steps", "1", *bad]) == 2
+        assert needle in capsys.readouterr().err
+
+
 def test_ldm_latent_asinh_range_and_config(vq_run, tmp_path, capsys):
     """--latent-asinh C: the range is the companded quantiles (asinh is monotone, so asinh(q(z) / C)), the
     scaled training latents are scale_latent(z, lo, hi, C), and config.json carries latent_asinh."""
