@@ -11,6 +11,14 @@ function as the whole image: the channel attention pools over the whole input an
 uses GroupNorm, both image-global, so the default processes the whole image whenever it fits.
 Field of view: the output is clamped to [0, 1] and multiplied by the FOV mask estimated on the input
 (``fov_mask``), so the black surround stays black.
+Residual threshold (not in the paper): a checkpoint's config.json may set ``residual_threshold`` τ; the
+network's change to each pixel and channel, r = out − in, is then soft-thresholded, in + sign(r)·max(|r| − τ, 0)
+(``shrink_residual``; r after the clamp): changes smaller than τ are not made, larger ones are made τ smaller.
+Measured on the shipped weights (docs/enhance_eval/no_harm_study.md), the network's small changes are mostly its
+own error (a smooth ~0.005 RMS shading change on a clean photograph) and its useful ones are large (lifting
+a dark photograph by 0.1-0.3), so this leaves good photographs alone at a small cost on bad ones. τ is chosen
+on a validation split (``retina_fast.training.enhance_kinds --choose-threshold``); ``residual_threshold=`` on
+a call overrides it (0 = the network's output as it is).
 
 Backends (``retina_fast.backends``; resolved once per enhancer, device and dtype):
 - ``torch``: the reference: eager fp32 ``MAGENet.restore``.
@@ -48,7 +56,8 @@ from retina_fast.backends.graphs import CudaGraphs, FrozenGraphs, fast_copy
 from retina_fast.models.rsp import RSPOutput, pad_to_multiple
 from retina_fast.ops.table import OpTable
 
-__all__ = ["enhance", "load_enhancer", "resolve_enhancer", "Enhancer", "DEFAULT_ENHANCER",
+__all__ = ["enhance", "load_enhancer", "unload_enhancer", "resolve_enhancer", "Enhancer", "shrink_residual", "check_residual_threshold",
+           "DEFAULT_ENHANCER",
            "MAX_WHOLE_PIXELS", "TILE_OVERLAP", "MIN_SIDE"]
 
 DEFAULT_ENHANCER = "magenet-tiny"
@@ -67,11 +76,29 @@ def resolve_enhancer(model: str | os.PathLike = "default") -> Path:
     return resolve_model(model, kind="magenet")
 
 
+def check_residual_threshold(value, what: str = "residual_threshold") -> float:
+    """``value`` as a float in [0, 1); ValueError naming ``what`` otherwise."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= float(value) < 1.0
+    if not ok:  # NaN fails the comparison too
+        raise ValueError(f"{what} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def shrink_residual(x: torch.Tensor, y: torch.Tensor, threshold: float) -> torch.Tensor:
+    """x + sign(y − x)·max(|y − x| − threshold, 0): the change y − x soft-thresholded per element."""
+    if threshold == 0:
+        return y
+    r = y - x
+    return x + torch.sign(r) * (r.abs() - threshold).clamp_min(0)
+
+
 class Enhancer:
-    """A loaded MAGE-Net (fp32, eval, on the CPU) plus its backend runners."""
+    """A loaded MAGE-Net (fp32, eval, on the CPU) plus its backend runners; ``residual_threshold`` from its
+    config.json (0 when absent)."""
 
     def __init__(self, model: MAGENet, meta: dict[str, Any], path: Path | None = None) -> None:
         self.model, self.meta, self.path = model.eval().requires_grad_(False), meta, path
+        self.residual_threshold = float(meta.get("residual_threshold", 0.0))
         self._runners: dict[tuple, Callable] = {}
 
     @property
@@ -121,6 +148,11 @@ def load_enhancer(model: str | os.PathLike = "default") -> Enhancer:
         if "architecture" not in doc:
             raise CheckpointError(f"{cfg_file}: no 'architecture' entry")
         check_fields(MAGENetConfig, doc["architecture"], f"{cfg_file}: architecture")
+        if "residual_threshold" in doc:
+            try:
+                check_residual_threshold(doc["residual_threshold"])
+            except ValueError as exc:
+                raise CheckpointError(f"{cfg_file}: {exc}") from None
         try:
             config = MAGENetConfig.from_dict(doc["architecture"])
         except (TypeError, ValueError) as exc:
@@ -131,6 +163,12 @@ def load_enhancer(model: str | os.PathLike = "default") -> Enhancer:
         load_state_into(net, states["model"], str(path / doc["weights"]["model"]["file"]))
         _ENHANCERS[key] = Enhancer(net, doc, path)
     return _ENHANCERS[key]
+
+
+def unload_enhancer(model: str | os.PathLike = "default") -> None:
+    """Forget the loaded enhancer of ``model`` (and its runners), so the next use reads its files again (after
+    its config.json was changed, e.g. by ``enhance_kinds --choose-threshold --write``)."""
+    _ENHANCERS.pop(str(resolve_enhancer(model).resolve()), None)
 
 
 # ----------------------------------------------------------------------------- runners
@@ -346,7 +384,7 @@ def _auto_batch(device: torch.device, pixels: int) -> int:
 
 def enhance(images, *, model="default", backend: str = "auto", device=None, dtype: torch.dtype | None = None,
             tile: int | None = None, batch_size: int | None = None,
-            progress: Callable[[int], None] | None = None):
+            progress: Callable[[int], None] | None = None, residual_threshold: float | None = None):
     """Enhance colour fundus image(s) with MAGE-Net; returns the same type and shape (see module doc).
 
     model: "default" (packaged ``magenet-tiny``), a packaged name or a checkpoint / run directory.
@@ -354,6 +392,7 @@ def enhance(images, *, model="default", backend: str = "auto", device=None, dtyp
     tile: None = whole image up to MAX_WHOLE_PIXELS, else DEFAULT_TILE tiles; 0 = never tile; an int
     ≥ 64 = tiles of that side. batch_size: images per forward pass (default from the image size).
     progress: called with the number of images finished after each batch.
+    residual_threshold: None = the checkpoint's (module doc); a number in [0, 1) overrides it, 0 = off.
     """
     for name, value in (("tile", tile), ("batch_size", batch_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
@@ -362,18 +401,23 @@ def enhance(images, *, model="default", backend: str = "auto", device=None, dtyp
         raise ValueError(f"tile must be 0 (off), None (auto) or >= 64, got {tile}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (None means automatic), got {batch_size}")
+    if residual_threshold is not None:
+        check_residual_threshold(residual_threshold)
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError("no images given")
         return [enhance(im, model=model, backend=backend, device=device, dtype=dtype, tile=tile,
-                        batch_size=batch_size, progress=progress) for im in images]
+                        batch_size=batch_size, progress=progress, residual_threshold=residual_threshold)
+                for im in images]
     x, back = _as_batch(images)
     n, _, h, w = x.shape
     if n == 0 or min(h, w) < MIN_SIDE:
         raise ValueError(f"image: need at least one image of at least {MIN_SIDE}×{MIN_SIDE} px, got {tuple(x.shape)}")
     if device is None and x.device.type == "cuda":
         device = x.device
-    run = load_enhancer(model).runner(backend, device, dtype)
+    enhancer = load_enhancer(model)
+    run = enhancer.runner(backend, device, dtype)
+    threshold = enhancer.residual_threshold if residual_threshold is None else float(residual_threshold)
     fov = fov_mask(x.cpu()).float()[:, None]
     use_tiles = tile if tile is not None else (0 if h * w <= MAX_WHOLE_PIXELS else DEFAULT_TILE)
     bs = batch_size or _auto_batch(run.device, min(h * w, use_tiles ** 2) if use_tiles else h * w)
@@ -385,7 +429,8 @@ def enhance(images, *, model="default", backend: str = "auto", device=None, dtyp
         else:
             pad, size = pad_to_multiple(chunk, 8)
             y = run(pad)[..., :size[0], :size[1]].cpu()
-        outs.append(y.clamp(0, 1) * fov[i:i + bs])
+        y = shrink_residual(chunk.float(), y.float().clamp(0, 1), threshold)  # between input and output: in [0, 1]
+        outs.append(y * fov[i:i + bs])
         if progress is not None:
             progress(chunk.shape[0])
     return back(torch.cat(outs))

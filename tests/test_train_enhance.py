@@ -155,6 +155,13 @@ def test_eval_report_and_ship(tmp_path, rsp_run):
     val = {k: v["score"] for k, v in res["validation"].items() if k in ("MAGE-Net", "T-MAGE-Net")}
     best = max(val, key=lambda k: (val[k][0], round(val[k][1], 2), k == "T-MAGE-Net"))
     assert doc["provenance"]["selection"].startswith(best + ":")  # chosen on validation, not on the test half
+    # its residual threshold chosen on the threshold's validation split and recorded (None: none of the grid held)
+    sel = doc["provenance"].get("residual_threshold_selection")
+    if "residual_threshold" in doc:
+        assert sel["grid"][0]["threshold"] == 0.0 and doc["residual_threshold"] in [r["threshold"] for r in sel["grid"]]
+        assert "seeds [10, 11, 12, 13, 14, 15, 16, 17]" in sel["validation"]
+    else:
+        assert sel is None
 
 
 def test_identity_pairs_and_real_augment_options(tmp_path, rsp_run):

@@ -125,12 +125,73 @@ def kinds_figure(tables: dict[str, dict[str, Any]], path, seed_index: int = 0, s
     Image.fromarray(np.round(img * 255).astype(np.uint8)).save(path)
 
 
+VAL_SEEDS = tuple(range(10, 18))  # validation degradations; the tables' test seeds are 0-3
+THRESHOLD_GRID = tuple(round(0.01 * i, 2) for i in range(11))  # 0, 0.01, ..., 0.10
+MAX_VAL_LOSS_DB = 0.1
+
+
+def choose_residual_threshold(model, *, size: int = 512, seeds: Sequence[int] = VAL_SEEDS,
+                              grid: Sequence[float] = THRESHOLD_GRID, max_loss_db: float = MAX_VAL_LOSS_DB,
+                              backend: str = "auto") -> tuple[float | None, list[dict[str, Any]]]:
+    """The smallest ``residual_threshold`` of ``grid`` at which no validation image -- the left half (never the
+    held-out right half) of every combination and seed in ``seeds`` -- loses more than ``max_loss_db`` against
+    its input; None if none does. Returns (threshold, one row per grid value: worst per-image left-half gain,
+    mean illumination gain (left), mean gain over the combinations (left))."""
+    from retina_fast.enhance import enhance, shrink_residual
+    from retina_fast.fov import fov_mask
+
+    inputs = kind_inputs(size, seeds)
+    names, x, _ = inputs
+    raw = torch.cat([enhance(x[i:i + 4], model=model, backend=backend, residual_threshold=0.0)
+                     for i in range(0, len(x), 4)])  # once; each threshold is applied to the same outputs
+    fov = fov_mask(x).float()[:, None]
+    rows, chosen = [], None
+    for tau in grid:
+        out = shrink_residual(x, raw, tau) * fov  # what enhance(..., residual_threshold=tau) returns
+        batches = iter(out.split(4))
+        t = kind_table(lambda _x: next(batches), inputs=inputs)["rows"]
+        degraded = {k: v for k, v in t.items() if k != "none"}
+        row = {"threshold": tau, "worst_image_gain_left": min(v["worst_gain_left"] for v in degraded.values()),
+               "mean_illumination_gain_left": sum(v["gain_left"] for k, v in degraded.items() if _has_illumination(k))
+               / sum(_has_illumination(k) for k in degraded),
+               "mean_gain_left": sum(v["gain_left"] for v in degraded.values()) / len(degraded)}
+        rows.append(row)
+        if chosen is None and row["worst_image_gain_left"] >= -max_loss_db:
+            chosen = tau
+    return chosen, rows
+
+
+def write_residual_threshold(model_dir, threshold: float, rows: list[dict[str, Any]], seeds: Sequence[int],
+                             max_loss_db: float, backend: str = "torch") -> None:
+    """Record the chosen threshold (and how it was chosen) in ``model_dir/config.json``."""
+    import json
+    from pathlib import Path
+
+    from retina_fast.enhance import unload_enhancer
+    from retina_fast.files import atomic_write
+
+    path = Path(model_dir) / "config.json"
+    doc = json.loads(path.read_text())
+    doc["residual_threshold"] = threshold
+    doc.setdefault("provenance", {})["residual_threshold_selection"] = {
+        "rule": f"smallest threshold at which no validation image loses more than {max_loss_db} dB (left half)",
+        "validation": f"skimage.data.retina() at 512 px, left half, the seven degradation combinations, seeds "
+                      f"{list(seeds)}", "grid": rows,
+        "backend": backend,
+        "command": f"python -m retina_fast.training.enhance_kinds --model {model_dir} --backend {backend} "
+                   f"--choose-threshold --write"}
+    atomic_write(path, json.dumps(doc, indent=2, allow_nan=False))
+    unload_enhancer(str(model_dir))  # a loaded copy in this process would keep the old value
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m retina_fast.training.enhance_kinds --model DIR [--size 512] [--seeds 0 1 2 3]``: print the table."""
     import argparse
     import json
 
-    from retina_fast.enhance import enhance
+    import sys
+
+    from retina_fast.enhance import enhance, resolve_enhancer
 
     p = argparse.ArgumentParser(prog="python -m retina_fast.training.enhance_kinds", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", nargs="+", default=["default"], help="MAGE-Net checkpoint directories or names")
@@ -139,7 +200,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="auto", help="enhance backend (default auto)")
     p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     p.add_argument("--figure", metavar="PNG", help="also write inputs and outputs of the first seed, one row per kind")
+    p.add_argument("--choose-threshold", action="store_true",
+                   help=f"choose the residual threshold on the validation split (left half, seeds {VAL_SEEDS[0]}-"
+                        f"{VAL_SEEDS[-1]}): the smallest of 0, 0.01, ..., 0.1 at which no image loses more than "
+                        f"{MAX_VAL_LOSS_DB} dB; prints the grid")
+    p.add_argument("--write", action="store_true", help="with --choose-threshold: record it in the model's config.json")
     args = p.parse_args(argv)
+    if args.write and not args.choose_threshold:
+        p.error("--write goes with --choose-threshold")
+    if args.choose_threshold:
+        for m in args.model:
+            tau, rows = choose_residual_threshold(m, size=args.size, backend=args.backend)
+            for r in rows:
+                print(m, json.dumps(r), flush=True)
+            print(f"{m}: residual_threshold {tau}" + ("" if tau is not None else " (none of the grid keeps every "
+                                                                               "validation image)"))
+            if args.write:
+                if tau is None:
+                    print(f"{m}: nothing written", file=sys.stderr)
+                    return 2
+                write_residual_threshold(resolve_enhancer(m), tau, rows, VAL_SEEDS, MAX_VAL_LOSS_DB, args.backend)
+        return 0
     inputs = kind_inputs(args.size, args.seeds)
     tables = {}
     for m in args.model:

@@ -23,13 +23,15 @@ left half only (the real training domain; T-MAGE-Net saw degraded versions of it
 Writes OUT/ablation.md, OUT/ablation.json, OUT/examples.png and OUT/kinds.png; with ``--ship-to DIR``
 also copies the MAGE-Net / T-MAGE-Net run that is best on the validation split (T-MAGE-Net on a tie) to
 DIR as a clean checkpoint (``model.safetensors`` + config.json with provenance) with its ``log.csv`` and
-a TRAINING.md.
+a TRAINING.md, and records its residual threshold there
+(``retina_fast.training.enhance_kinds.choose_residual_threshold``).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -366,7 +368,17 @@ def main(argv: list[str] | None = None) -> int:
                       test_seeds=args.test_seeds, val_seeds=args.val_seeds)
     write_report(result, Path(args.out))
     if args.ship_to:
-        ship(result, runs, Path(args.ship_to))
+        target = Path(args.ship_to)
+        ship(result, runs, target)
+        # its residual threshold, on the threshold's own validation split (retina_fast.enhance module doc)
+        tau, rows = enhance_kinds.choose_residual_threshold(str(target), size=args.kind_size, backend=args.backend)
+        if tau is None:
+            print(f"{target}: no residual threshold of the grid keeps every validation image; none recorded",
+                  file=sys.stderr)
+        else:
+            enhance_kinds.write_residual_threshold(target, tau, rows, enhance_kinds.VAL_SEEDS,
+                                                   enhance_kinds.MAX_VAL_LOSS_DB, args.backend)
+            print(f"{target}: residual_threshold {tau}")
     return 0
 
 

@@ -25,6 +25,9 @@ def add_parser(sub) -> None:
                    help="same-size images per forward pass (default: from the image size)")
     p.add_argument("--tile", type=int, default=None, metavar="PX",
                    help="tile side for large images (default: whole image up to ~4 MP; 0 = never tile)")
+    p.add_argument("--residual-threshold", type=float, default=None, metavar="T",
+                   help="soft threshold on the network's change to each pixel, in [0, 1) (default: the model's "
+                        "own, chosen on a validation split; 0 = the network's output as it is)")
     p.add_argument("-q", "--quiet", "--no-progress", dest="quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -120,6 +123,8 @@ def run(args) -> int:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.tile is not None and args.tile != 0 and args.tile < 64:
         raise UserError(f"--tile must be 0 or >= 64, got {args.tile}")
+    if args.residual_threshold is not None and not 0.0 <= args.residual_threshold < 1.0:  # NaN fails too
+        raise UserError(f"--residual-threshold must be in [0, 1), got {args.residual_threshold}")
     paths = input_files(args.inputs)
     for p in paths:  # fail before any work
         if p.suffix.lower() not in EXTENSIONS:
@@ -140,7 +145,8 @@ def run(args) -> int:
             stack = np.stack([img for _, img in items])
             try:
                 out = enhance(stack, model=args.model, backend=args.backend, device=args.device,
-                              tile=args.tile, batch_size=args.batch_size)
+                              tile=args.tile, batch_size=args.batch_size,
+                              residual_threshold=args.residual_threshold)
             except (ValueError, TypeError, BackendUnavailable) as exc:
                 raise UserError(f"{items[0][0]}: {exc}") from None
             for (path, _), res in zip(items, out):
