@@ -56,8 +56,8 @@ from retina_fast.backends.graphs import CudaGraphs, FrozenGraphs, fast_copy
 from retina_fast.models.rsp import RSPOutput, pad_to_multiple
 from retina_fast.ops.table import OpTable
 
-__all__ = ["enhance", "load_enhancer", "unload_enhancer", "resolve_enhancer", "Enhancer", "shrink_residual", "check_residual_threshold",
-           "DEFAULT_ENHANCER",
+__all__ = ["enhance", "load_enhancer", "unload_enhancer", "resolve_enhancer", "Enhancer", "shrink_residual",
+           "check_residual_threshold", "DEFAULT_ENHANCER",
            "MAX_WHOLE_PIXELS", "TILE_OVERLAP", "MIN_SIDE"]
 
 DEFAULT_ENHANCER = "magenet-tiny"

@@ -148,7 +148,7 @@ def choose_residual_threshold(model, *, size: int = 512, seeds: Sequence[int] = 
     rows, chosen = [], None
     for tau in grid:
         out = shrink_residual(x, raw, tau) * fov  # what enhance(..., residual_threshold=tau) returns
-        batches = iter(out.split(4))
+        batches = iter(out.split(4))  # kind_table asks for its rows in order, 4 at a time
         t = kind_table(lambda _x: next(batches), inputs=inputs)["rows"]
         degraded = {k: v for k, v in t.items() if k != "none"}
         row = {"threshold": tau, "worst_image_gain_left": min(v["worst_gain_left"] for v in degraded.values()),
@@ -162,7 +162,7 @@ def choose_residual_threshold(model, *, size: int = 512, seeds: Sequence[int] = 
 
 
 def write_residual_threshold(model_dir, threshold: float, rows: list[dict[str, Any]], seeds: Sequence[int],
-                             max_loss_db: float, backend: str = "torch") -> None:
+                             max_loss_db: float, backend: str = "torch", size: int = 512) -> None:
     """Record the chosen threshold (and how it was chosen) in ``model_dir/config.json``."""
     import json
     from pathlib import Path
@@ -175,11 +175,11 @@ def write_residual_threshold(model_dir, threshold: float, rows: list[dict[str, A
     doc["residual_threshold"] = threshold
     doc.setdefault("provenance", {})["residual_threshold_selection"] = {
         "rule": f"smallest threshold at which no validation image loses more than {max_loss_db} dB (left half)",
-        "validation": f"skimage.data.retina() at 512 px, left half, the seven degradation combinations, seeds "
+        "validation": f"skimage.data.retina() at {size} px, left half, the seven degradation combinations, seeds "
                       f"{list(seeds)}", "grid": rows,
         "backend": backend,
         "command": f"python -m retina_fast.training.enhance_kinds --model {model_dir} --backend {backend} "
-                   f"--choose-threshold --write"}
+                   f"--size {size} --choose-threshold --write"}
     atomic_write(path, json.dumps(doc, indent=2, allow_nan=False))
     unload_enhancer(str(model_dir))  # a loaded copy in this process would keep the old value
 
@@ -188,7 +188,6 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m retina_fast.training.enhance_kinds --model DIR [--size 512] [--seeds 0 1 2 3]``: print the table."""
     import argparse
     import json
-
     import sys
 
     from retina_fast.enhance import enhance, resolve_enhancer
@@ -219,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                 if tau is None:
                     print(f"{m}: nothing written", file=sys.stderr)
                     return 2
-                write_residual_threshold(resolve_enhancer(m), tau, rows, VAL_SEEDS, MAX_VAL_LOSS_DB, args.backend)
+                write_residual_threshold(resolve_enhancer(m), tau, rows, VAL_SEEDS, MAX_VAL_LOSS_DB, args.backend,
+                                         args.size)
         return 0
     inputs = kind_inputs(args.size, args.seeds)
     tables = {}

@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         else:
             enhance_kinds.write_residual_threshold(target, tau, rows, enhance_kinds.VAL_SEEDS,
-                                                   enhance_kinds.MAX_VAL_LOSS_DB, args.backend)
+                                                   enhance_kinds.MAX_VAL_LOSS_DB, args.backend, args.kind_size)
             print(f"{target}: residual_threshold {tau}")
     return 0
 
