@@ -31,8 +31,8 @@ import torch
 
 from retina_fast.schedules import Schedule
 
-__all__ = ["StepCoef", "plan", "resolve_spacing", "DEFAULT_SPACING", "step_coefficients", "generic_step", "sample", "initial_latents", "step_noise_fn",
-           "SAMPLERS"]
+__all__ = ["StepCoef", "plan", "resolve_spacing", "DEFAULT_SPACING", "step_coefficients", "generic_step", "sample",
+           "initial_latents", "step_noise_fn", "SAMPLERS"]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[int], torch.Tensor]

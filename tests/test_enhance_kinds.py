@@ -46,6 +46,10 @@ def test_gains_against_a_direct_computation(inputs):
     ill = [darker["rows"][k]["gain_right"] for k in ("001", "011", "101", "111")]
     assert sm["mean_illumination_gain_right"] == pytest.approx(sum(ill) / 4)
     assert "| darker | illumination | " in enhance_kinds.format_kind_table({"darker": darker})
+    given = enhance_kinds.kind_table(None, inputs=inputs, outputs=x * 0.9)  # precomputed outputs: same table
+    assert given["rows"] == darker["rows"]
+    with pytest.raises(ValueError, match="inputs' shape"):
+        enhance_kinds.kind_table(None, inputs=inputs, outputs=x[:2])
 
 
 def test_augment_real_is_seeded_keeps_the_surround_black_and_varies():

@@ -223,3 +223,42 @@ def test_gate_bias_sets_the_output_gates_initial_opening(tmp_path):
     assert T.run(_args("magenet", "--out", str(out), "--steps", "1", "--output-gate", "--gate-bias", "-4")) == 0
     doc, _ = load_checkpoint(out / "final")
     assert doc["provenance"]["options"]["gate_bias"] == -4.0
+
+
+def test_structure_term_trains_the_enhancer_through_a_frozen_segmenter(tmp_path, rsp_run):
+    """--structure-weight adds W x BCE of the frozen --structure-rsp segmenter on the enhanced synthetic rows:
+    the term is the segmenter's rsp_loss on the final image, it is logged, the segmenter stays frozen, its
+    weights' hash is recorded, and bad combinations are named."""
+    from retina_fast.training.enhance_losses import rsp_loss
+
+    seg = T.structure_net({"structure_weight": 1.0, "structure_rsp": str(rsp_run / "final")}, torch.device("cpu"))
+    assert not seg.training and not any(p.requires_grad for p in seg.parameters())
+    x = torch.rand(2, 3, 24, 24, requires_grad=True)
+    vessels = (torch.rand(2, 1, 24, 24) > 0.8).float()
+    st = T.structure_loss(seg, x, vessels)
+    assert torch.allclose(st, rsp_loss(seg(x), vessels))
+    st.backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # the gradient reaches the image
+
+    out = tmp_path / "s"
+    assert T.run(_args("magenet", "--out", str(out), "--steps", "2", "--structure-weight", "0.5",
+                       "--structure-rsp", str(rsp_run / "final"))) == 0
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert all(float(r["structure"]) > 0 for r in rows)
+    assert float(rows[0]["loss"]) > float(rows[0]["char_s2"])
+    doc, _ = load_checkpoint(out / "final")
+    sha = load_checkpoint(rsp_run / "final", [])[0]["weights"]["model"]["sha256"]
+    assert doc["provenance"]["structure_rsp"]["sha256"] == sha
+    assert "vessel-preservation term 0.5" in doc["provenance"]["data"]
+    plain = tmp_path / "p"  # without the term: nothing logged under "structure"
+    T.run(_args("magenet", "--out", str(plain), "--steps", "1"))
+    assert list(csv.DictReader(open(plain / "log.csv")))[0]["structure"] == ""
+    for flags, msg in ((["--structure-weight", "1"], "needs --structure-rsp"),
+                       (["--structure-rsp", str(rsp_run / "final")], "without --structure-weight"),
+                       (["--structure-weight", "nan", "--structure-rsp", str(rsp_run / "final")], "finite"),
+                       (["--structure-weight", "1", "--structure-rsp", str(_magenet_ckpt(tmp_path))], "not an RSP")):
+        with pytest.raises(ValueError, match=msg):
+            T.run(_args("magenet", "--out", str(tmp_path / "bad"), "--steps", "1", *flags))
+    with pytest.raises(ValueError, match="not of `train rsp`"):
+        T.run(_args("rsp", "--out", str(tmp_path / "bad2"), "--steps", "1", "--structure-weight", "1",
+                    "--structure-rsp", str(rsp_run / "final")))

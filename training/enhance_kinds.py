@@ -50,13 +50,19 @@ def _half_psnr(x: torch.Tensor, clean: torch.Tensor, split: int) -> tuple[torch.
     return psnr(x[..., :split], c[..., :split]).double(), psnr(x[..., split:], c[..., split:]).double()
 
 
-def kind_table(enhance_fn: Callable[[torch.Tensor], torch.Tensor], size: int = 512,
-               seeds: Sequence[int] = (0, 1, 2, 3), inputs=None) -> dict[str, Any]:
+def kind_table(enhance_fn: Callable[[torch.Tensor], torch.Tensor] | None, size: int = 512,
+               seeds: Sequence[int] = (0, 1, 2, 3), inputs=None, outputs: torch.Tensor | None = None) -> dict[str, Any]:
     """Per combination (and 'none'): mean over seeds of input / output PSNR and gain, left and right half.
-    ``enhance_fn`` maps (N, 3, H, W) in [0, 1] to the enhanced images; ``inputs`` = kind_inputs(...) to reuse."""
+    ``enhance_fn`` maps (N, 3, H, W) in [0, 1] to the enhanced images; ``inputs`` = kind_inputs(...) to reuse;
+    ``outputs`` = the enhanced images of those inputs, already computed (then ``enhance_fn`` is not called)."""
     names, x, clean = inputs if inputs is not None else kind_inputs(size, seeds)
     split = round(x.shape[-1] * SPLIT_COLUMN / _FULL)
-    y = torch.cat([enhance_fn(x[i:i + 4]) for i in range(0, len(x), 4)])
+    if outputs is not None:
+        if outputs.shape != x.shape:
+            raise ValueError(f"outputs must have the inputs' shape {tuple(x.shape)}, got {tuple(outputs.shape)}")
+        y = outputs
+    else:
+        y = torch.cat([enhance_fn(x[i:i + 4]) for i in range(0, len(x), 4)])
     in_l, in_r = _half_psnr(x, clean, split)
     out_l, out_r = _half_psnr(y, clean, split)
     rows: dict[str, dict[str, Any]] = {}
@@ -148,8 +154,7 @@ def choose_residual_threshold(model, *, size: int = 512, seeds: Sequence[int] = 
     rows, chosen = [], None
     for tau in grid:
         out = shrink_residual(x, raw, tau) * fov  # what enhance(..., residual_threshold=tau) returns
-        batches = iter(out.split(4))  # kind_table asks for its rows in order, 4 at a time
-        t = kind_table(lambda _x: next(batches), inputs=inputs)["rows"]
+        t = kind_table(None, inputs=inputs, outputs=out)["rows"]
         degraded = {k: v for k, v in t.items() if k != "none"}
         row = {"threshold": tau, "worst_image_gain_left": min(v["worst_gain_left"] for v in degraded.values()),
                "mean_illumination_gain_left": sum(v["gain_left"] for k, v in degraded.items() if _has_illumination(k))

@@ -63,11 +63,12 @@ DEFAULTS: dict[str, Any] = {
     "eyes": 48, "per_eye": 4, "real_images": 48, "colour_jitter": 0.25, "no_identity_init": False,
     "lr": 1e-3, "lr_min": 1e-5, "seed": 0, "no_rsp": False, "identity_fraction": 0.0,
     "real_augment": 0.0, "real_pairs": 0, "real_pairs_batch_size": 2, "image_weighting": "mean",
-    "stage1_only": False, "output_gate": False, "gate_bias": 0.0, "rsp_init": None, "ema": 0.999, "consistency_weight": 1.0, "warmup": 0.3,
+    "stage1_only": False, "output_gate": False, "gate_bias": 0.0, "rsp_init": None, "structure_weight": 0.0,
+    "structure_rsp": None, "ema": 0.999, "consistency_weight": 1.0, "warmup": 0.3,
     "noise_std": 0.05, "log_every": 10, "ckpt_every": 100, "device": None, "threads": None, "data_cache": None,
 }
-FIELDS = ["loss", "char_s1", "edge_s1", "char_s2", "edge_s2", "seg", "consistency", "con_weight", "ema_alpha",
-          "real_pairs", "lr", "s_per_step"]
+FIELDS = ["loss", "char_s1", "edge_s1", "char_s2", "edge_s2", "seg", "structure", "consistency", "con_weight",
+          "ema_alpha", "real_pairs", "lr", "s_per_step"]
 _STREAM = 0xE7A
 _MUTABLE = ("threads", "data_cache")  # besides trainer_setup.MUTABLE (steps, log/ckpt intervals, device, out)
 
@@ -120,6 +121,13 @@ def add_arguments(p) -> None:
                    help="initial bias of the output gate: sigmoid(B) of the residual passes at the start (0: half "
                         "open, -4: nearly closed, so leaving the photograph alone is the default)" + d("gate_bias"))
     p.add_argument("--rsp-init", metavar="DIR", help="pretrained RSP checkpoint (final/ of a `train rsp` run)")
+    p.add_argument("--structure-weight", type=float, metavar="W",
+                   help="weight of a vessel-preservation term: a frozen, separately trained segmenter "
+                        "(--structure-rsp) segments the enhanced synthetic rows, BCE against their vessel masks "
+                        "(not in the paper); 0 = off" + d("structure_weight"))
+    p.add_argument("--structure-rsp", metavar="DIR",
+                   help="the frozen segmenter of --structure-weight (final/ of a `train rsp` run; use another "
+                        "seed than the evaluation's segmenter)")
     p.add_argument("--ema", type=float, help="mean-teacher EMA α (tmagenet)" + d("ema"))
     p.add_argument("--consistency-weight", type=float, help="w_max of the consistency loss" + d("consistency_weight"))
     p.add_argument("--warmup", type=float, help="Gaussian warm-up length as a fraction of --steps" + d("warmup"))
@@ -149,6 +157,9 @@ def run(args) -> int:
             opts[key] = 0  # a run started before the option
     if saved is not None and "image_weighting" not in saved:
         opts["image_weighting"] = "mean"
+    if saved is not None and "structure_weight" not in saved:
+        opts["structure_weight"], opts["structure_rsp"] = 0.0, None
+    check_structure_options(kind, opts)
     if not 0.0 <= opts["identity_fraction"] <= 1.0:
         raise ValueError(f"--identity-fraction must be in [0, 1], got {opts['identity_fraction']}")
     if not isinstance(opts["real_pairs"], int) or opts["real_pairs"] < 0:
@@ -161,6 +172,41 @@ def run(args) -> int:
         raise ValueError(f"--resume: {run_dir} is a {saved.get('kind')!r} run, not {kind!r}")
     train(opts, run_dir, ck, progress=not getattr(args, "no_progress", False))
     return 0
+
+
+def check_structure_options(kind: str, opts: dict[str, Any]) -> None:
+    """--structure-weight / --structure-rsp: a finite weight >= 0, a segmenter exactly when it is > 0."""
+    w = opts.get("structure_weight") or 0.0
+    if not (math.isfinite(w) and w >= 0):
+        raise ValueError(f"--structure-weight must be a finite number >= 0, got {w}")
+    if w and kind == "rsp":
+        raise ValueError("--structure-weight is an option of magenet / tmagenet, not of `train rsp`")
+    if w and not opts.get("structure_rsp"):
+        raise ValueError("--structure-weight needs --structure-rsp DIR (a `train rsp` run's final/)")
+    if opts.get("structure_rsp") and not w:
+        raise ValueError("--structure-rsp given without --structure-weight > 0")
+
+
+def structure_net(opts: dict[str, Any], device) -> RSPNet | None:
+    """The frozen segmenter of the vessel-preservation term, or None when the term is off."""
+    if not opts.get("structure_weight"):
+        return None
+    doc = load_checkpoint(opts["structure_rsp"], [])[0]
+    if doc.get("kind") != "rsp":
+        raise ValueError(f"--structure-rsp {opts['structure_rsp']}: a {doc.get('kind')!r} checkpoint, not an RSP one "
+                         "(`retina-fast train rsp`)")
+    net = RSPNet(**doc["architecture"])
+    load_rsp(opts["structure_rsp"], net)
+    net.eval().requires_grad_(False)
+    return net.to(device)
+
+
+def structure_loss(seg_net: RSPNet, image: torch.Tensor, vessels: torch.Tensor) -> torch.Tensor:
+    """BCE (``rsp_loss``: 4 sides and their mean) of the frozen ``seg_net`` on an enhanced image against the
+    vessel masks: gradients reach the enhancer only. Vessels the output loses, and vessel-like texture it
+    paints (the lifted dark areas of illumination-degraded inputs), both cost; the image losses alone are
+    nearly blind to either, since vessels are a small part of a photograph's error."""
+    return rsp_loss(seg_net(image), vessels)
 
 
 def rsp_config(cfg: MAGENetConfig) -> dict[str, Any]:
@@ -233,6 +279,9 @@ def _load_data(opts: dict[str, Any], progress: bool):
         desc += f"; identity pairs (input = clean target) with probability {opts['identity_fraction']}"
     if opts["image_weighting"] != "mean":
         desc += f"; image losses weighted per row: {opts['image_weighting']}"
+    if opts.get("structure_weight"):
+        desc += (f"; vessel-preservation term {opts['structure_weight']} x BCE of a frozen segmenter "
+                 f"({opts['structure_rsp']}) on the enhanced synthetic rows")
     if real is not None:
         desc += (f"; unlabelled real: left half (columns 0-704) of skimage.data.retina(), "
                  f"{opts['real_images']} random degradations")
@@ -248,9 +297,10 @@ def _load_data(opts: dict[str, Any], progress: bool):
     return syn, (real, pairs), desc
 
 
-def _step(model, mt, opts, syn, real, step: int, device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _step(model, mt, opts, syn, real, step: int, device,
+          seg_net: RSPNet | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of one step; all randomness from the (seed, step) generator. ``real`` = (unlabelled pool or None,
-    labelled real pairs or None)."""
+    labelled real pairs or None); ``seg_net`` the frozen segmenter of --structure-weight."""
     real, pairs = real if isinstance(real, tuple) else (real, None)
     g = step_generator(opts["seed"], step, _STREAM)
     idx = torch.randint(len(syn), (opts["batch_size"],), generator=g)
@@ -262,7 +312,12 @@ def _step(model, mt, opts, syn, real, step: int, device) -> tuple[torch.Tensor, 
     if opts["identity_fraction"] > 0:
         ident = (torch.rand(opts["batch_size"], generator=g) < opts["identity_fraction"]).to(device)
         b["x"] = torch.where(ident[:, None, None, None], b["y"], b["x"])
-    loss, parts = magenet_loss(model(b["x"]), b["y"], b["vessels"], image_weighting=opts["image_weighting"])
+    out = model(b["x"])
+    loss, parts = magenet_loss(out, b["y"], b["vessels"], image_weighting=opts["image_weighting"])
+    if seg_net is not None:
+        st = structure_loss(seg_net, out.final, b["vessels"])
+        loss = loss + opts["structure_weight"] * st
+        parts.update(structure=st.detach(), total=loss.detach())
     if mt is not None:
         ridx = torch.randint(len(real), (opts["unlabelled_batch_size"],), generator=g)
         rb = enhance_data.random_crops(real.get(ridx), opts["crop"], g)
@@ -305,6 +360,7 @@ def train(opts: dict[str, Any], run_dir: Path, ck: Path | None = None, *, progre
             raise ValueError("--rsp-init given but the model has no RSP module (--no-rsp / --stage1-only)")
         rsp_doc = load_rsp(opts["rsp_init"], model.rsp)
     model.to(device)
+    seg_net = structure_net(opts, device)
     opt = torch.optim.Adam(model.parameters(), lr=opts["lr"], betas=(0.9, 0.999))
     mt = None
     if opts["kind"] == "tmagenet":
@@ -328,7 +384,7 @@ def train(opts: dict[str, Any], run_dir: Path, ck: Path | None = None, *, progre
         for group in opt.param_groups:
             group["lr"] = _lr(opts, step)
         model.train()
-        loss, parts = _step(model, mt, opts, syn, real, step, device)
+        loss, parts = _step(model, mt, opts, syn, real, step, device, seg_net)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -373,6 +429,9 @@ def _save_final(run_dir, opts, model, mt, cfg, data_desc, times, rsp_doc, device
     if rsp_doc is not None:
         extra["rsp_init"] = {"path": str(opts["rsp_init"]),
                              "sha256": rsp_doc["weights"]["model"]["sha256"]}
+    if opts.get("structure_weight"):
+        seg_doc = load_checkpoint(opts["structure_rsp"], [])[0]
+        extra["structure_rsp"] = {"path": str(opts["structure_rsp"]), "sha256": seg_doc["weights"]["model"]["sha256"]}
     prov = provenance(opts, opts["steps"], data_desc, command_of(sys.argv), **extra)
     if opts["kind"] == "rsp":
         config = {"kind": "rsp", "architecture": rsp_config(cfg), "preset": opts["preset"],
