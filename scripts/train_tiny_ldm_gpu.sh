@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Train the diffusion stage of the shipped `tiny` longer, on a GPU, time-boxed and resumable:
 #
-#   bash scripts/train_tiny_ldm_gpu.sh RUN SECONDS [DEVICE]      # DEVICE: cuda (default) or cpu (a smoke test)
+#   bash scripts/train_tiny_ldm_gpu.sh RUN SECONDS [DEVICE [OPTION ...]]  # DEVICE: cuda (default) or cpu (a smoke test)
+#
+# OPTIONs after DEVICE go to `retina-fast train ldm` after the recipe's own, so they override it (one factor at a
+# time on top of the recipe, e.g. `... RUN 600 cuda --vessel-weight 10`); a resumed run must be given the same.
 #
 # The recipe is scripts/train_tiny.sh's LDM stage on the shipped VQ-GAN (retina_fast/weights/tiny, unchanged),
 # with what a GPU makes cheap: batch 256 instead of 32 (a tiny U-Net step is launch-bound on a GPU, so 8x
@@ -16,12 +19,13 @@ set -euo pipefail
 run=$(realpath -m "${1:?usage: train_tiny_ldm_gpu.sh RUN SECONDS [DEVICE]}")  # before the cd below
 secs=${2:?usage: train_tiny_ldm_gpu.sh RUN SECONDS [DEVICE]}
 device=${3:-cuda}
+extra=("${@:4}")
 py=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
 common=(--preset tiny --data phantom --vqgan retina_fast/weights/tiny --out "$run" --steps "${STEPS:-100000}"
         --batch-size "${BATCH:-256}" --lr 8e-4 --num-images "${EYES:-4096}" --num-workers "${WORKERS:-8}" --amp bf16
         --latent-quantile 0 --latent-asinh 1 --latent-clip on --sample-every 0 --ckpt-every "${CKPT:-250}"
-        --log-every 50 --device "$device")
+        --log-every 50 --device "$device" "${extra[@]}")
 resume=()
 [ -f "$run/checkpoints/latest" ] && resume=(--resume)
 # SIGTERM at the deadline: checkpoints are written atomically, so the newest complete one survives

@@ -60,18 +60,20 @@ def test_ldm_expert_handoff_of_a_model_to_itself_changes_nothing(tmp_path):
 def test_train_tiny_ldm_gpu_script_on_cpu_with_a_relative_run(tmp_path):
     """scripts/train_tiny_ldm_gpu.sh as a user runs it from another directory with a relative RUN (it changes to
     the repository root, so RUN must be resolved first), shrunk by its environment knobs to a CPU smoke run:
-    final/ lands under the caller's directory, loads, and records the shipped recipe's options."""
+    final/ lands under the caller's directory, loads, and records the shipped recipe's options, with the options
+    given after DEVICE on top (an override here: --lr)."""
     from retina_fast.modelzoo import load_ldm
 
     env = {**os.environ, "PYTHON": sys.executable, "STEPS": "2", "BATCH": "4", "EYES": "8",
            "WORKERS": "0", "CKPT": "1"}
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "train_tiny_ldm_gpu.sh"), "rel/run", "600", "cpu"],
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "train_tiny_ldm_gpu.sh"), "rel/run", "600", "cpu",
+                          "--lr", "3e-4"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     final = tmp_path / "rel" / "run" / "final"
     assert "at step 2" in out.stdout and not (ROOT / "rel").exists()
     doc = json.loads((final / "config.json").read_text())
-    assert doc["provenance"]["steps"] == 2 and "--lr 0.0008" in doc["provenance"]["command"]
+    assert doc["provenance"]["steps"] == 2 and "--lr 0.0003" in doc["provenance"]["command"]
     assert "--latent-asinh 1.0" in doc["provenance"]["command"] and "--num-images 8" in doc["provenance"]["command"]
     assert load_ldm(final).latent_asinh == 1.0
 
