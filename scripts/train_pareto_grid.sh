@@ -10,7 +10,7 @@
 #   retina-fast train ldm --preset tiny --data phantom --vqgan retina_fast/weights/tiny \
 #     --out runs/pareto/ldm-b16 --config-json '{"unet": {"base_channels": 16}}' \
 #     --steps 2000 --batch-size 32 --lr 8e-4 --num-images 1024 --amp bf16 --latent-quantile 0 --latent-asinh 1 \
-#     --latent-clip on
+#     --latent-clip on --loss l2-balanced --vessel-weight 5
 #
 # --vqgan takes a VQ-GAN run directory or any checkpoint directory holding vqgan.safetensors; the
 # packaged model directory retina_fast/weights/tiny is one, so every grid model shares the VQ-GAN of
@@ -48,7 +48,7 @@ for b in $BASES; do
   $NICE $PY -m retina_fast.cli train ldm --preset tiny --data phantom --vqgan "$VQGAN" --out "$out" \
     --config-json "{\"unet\": {\"base_channels\": $b}}" \
     --steps "$STEPS" --batch-size 32 --lr 8e-4 --num-images "$NUM_IMAGES" --amp "$AMP" --latent-quantile 0 --latent-asinh 1 \
-    --latent-clip on $resume \
+    --latent-clip on --loss l2-balanced --vessel-weight 5 $resume \
     > "$out.log" 2>&1 || { tail -c 2000 "$out.log"; exit 1; }
   echo "$out $(( $(date +%s) - t0 )) s" | tee -a "$RUNS/walltimes.txt"
 done

@@ -24,7 +24,8 @@ py=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
 common=(--preset tiny --data phantom --vqgan retina_fast/weights/tiny --out "$run" --steps "${STEPS:-100000}"
         --batch-size "${BATCH:-256}" --lr 8e-4 --num-images "${EYES:-4096}" --num-workers "${WORKERS:-8}" --amp bf16
-        --latent-quantile 0 --latent-asinh 1 --latent-clip on --sample-every 0 --ckpt-every "${CKPT:-250}"
+        --latent-quantile 0 --latent-asinh 1 --latent-clip on --loss l2-balanced --vessel-weight 5
+        --sample-every 0 --ckpt-every "${CKPT:-250}"
         --log-every 50 --device "$device" "${extra[@]}")
 resume=()
 [ -f "$run/checkpoints/latest" ] && resume=(--resume)
