@@ -26,10 +26,13 @@ COMMON="--size 256 --crop 128 --batch-size 4 --eyes 48 --per-eye 4 --threads 1 -
 STEPS_RSP=${STEPS_RSP:-500}
 STEPS=${STEPS:-600}
 STEPS_LONG=${STEPS_LONG:-2000}
-# Recipe options under study for never harming mild inputs (docs/enhance_eval/no_harm_study.md); off by
-# default, so that this script reproduces the shipped weights: IDENTITY_FRACTION=0.25 (identity pairs),
-# REAL_PAIRS=48 (labelled real pairs), REAL_AUGMENT=0.2 (T-MAGE-Net's widened unlabelled real domain).
+# Recipe options of docs/enhance_eval/no_harm_study.md, off by default (the ladder of docs/enhance_eval/ablation.md):
+# IDENTITY_FRACTION=0.25 (identity pairs), REAL_PAIRS=48 (labelled real pairs), REAL_AUGMENT=0.2 (T-MAGE-Net's
+# widened unlabelled real domain), STRUCTURE_WEIGHT=0.2 (vessel-preservation term through a second, frozen RSP
+# network trained with seed 1, $RUNS/rsp-s1). The shipped weights' recipe, as a ladder at equal steps:
+#   IDENTITY_FRACTION=0.25 REAL_PAIRS=48 STRUCTURE_WEIGHT=0.2 STEPS=3000 STEPS_LONG=0 scripts/train_enhance_ablation.sh
 IDENT="--identity-fraction ${IDENTITY_FRACTION:-0} --real-pairs ${REAL_PAIRS:-0}"
+STRUCTURE_WEIGHT=${STRUCTURE_WEIGHT:-0}
 AUG="--real-augment ${REAL_AUGMENT:-0}"
 PARALLEL=${PARALLEL:-1}
 mkdir -p "$RUNS"
@@ -50,6 +53,10 @@ train() {  # name kind extra-args...
 }
 
 train rsp         rsp      --steps "$STEPS_RSP" --lr 2e-3
+if [[ "$STRUCTURE_WEIGHT" != 0 ]]; then
+  train rsp-s1    rsp      --steps "$STEPS_RSP" --lr 2e-3 --seed 1
+  IDENT="$IDENT --structure-weight $STRUCTURE_WEIGHT --structure-rsp $RUNS/rsp-s1/final"
+fi
 long_run() {  # MAGE-Net trained longer (not part of the ablation ladder; STEPS_LONG=0 skips it)
   [[ "$STEPS_LONG" -gt 0 ]] && train magenet-long magenet --steps "$STEPS_LONG" --rsp-init "$RUNS/rsp/final" $IDENT
   return 0
