@@ -16,8 +16,8 @@
 # last checkpoint (every 250 steps); run it again with the same RUN to continue. RUN/final/ is a complete
 # model directory: `retina-fast sample --model RUN/final`, or copy it over retina_fast/weights/tiny/.
 set -euo pipefail
-run=$(realpath -m "${1:?usage: train_tiny_ldm_gpu.sh RUN SECONDS [DEVICE]}")  # before the cd below
-secs=${2:?usage: train_tiny_ldm_gpu.sh RUN SECONDS [DEVICE]}
+run=$(realpath -m "${1:?usage: train_tiny_ldm_gpu.sh RUN SECONDS [DEVICE [OPTION ...]]}")  # before the cd below
+secs=${2:?usage: train_tiny_ldm_gpu.sh RUN SECONDS [DEVICE [OPTION ...]]}
 device=${3:-cuda}
 extra=("${@:4}")
 py=${PYTHON:-python3}

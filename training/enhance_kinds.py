@@ -51,7 +51,8 @@ def _half_psnr(x: torch.Tensor, clean: torch.Tensor, split: int) -> tuple[torch.
 
 
 def kind_table(enhance_fn: Callable[[torch.Tensor], torch.Tensor] | None, size: int = 512,
-               seeds: Sequence[int] = (0, 1, 2, 3), inputs=None, outputs: torch.Tensor | None = None) -> dict[str, Any]:
+               seeds: Sequence[int] = (0, 1, 2, 3), inputs=None,
+               outputs: torch.Tensor | None = None) -> dict[str, Any]:
     """Per combination (and 'none'): mean over seeds of input / output PSNR and gain, left and right half.
     ``enhance_fn`` maps (N, 3, H, W) in [0, 1] to the enhanced images; ``inputs`` = kind_inputs(...) to reuse;
     ``outputs`` = the enhanced images of those inputs, already computed (then ``enhance_fn`` is not called)."""

@@ -98,13 +98,9 @@ def vessel_iou(rsp, images: torch.Tensor, vessels: torch.Tensor, fov: torch.Tens
 
 
 def _load_rsp(path: Path):
-    from retina_fast.models.rsp import RSPNet
-    from retina_fast.training.train_enhance import load_rsp
+    from retina_fast.training.train_enhance import frozen_rsp
 
-    doc = load_checkpoint(path, [])[0]
-    net = RSPNet(**doc["architecture"]).eval()
-    load_rsp(path, net)
-    return net
+    return frozen_rsp(path)
 
 
 def portable_command(command: str | None) -> str | None:

@@ -191,14 +191,7 @@ def structure_net(opts: dict[str, Any], device) -> RSPNet | None:
     """The frozen segmenter of the vessel-preservation term, or None when the term is off."""
     if not opts.get("structure_weight"):
         return None
-    doc = load_checkpoint(opts["structure_rsp"], [])[0]
-    if doc.get("kind") != "rsp":
-        raise ValueError(f"--structure-rsp {opts['structure_rsp']}: a {doc.get('kind')!r} checkpoint, not an RSP one "
-                         "(`retina-fast train rsp`)")
-    net = RSPNet(**doc["architecture"])
-    load_rsp(opts["structure_rsp"], net)
-    net.eval().requires_grad_(False)
-    return net.to(device)
+    return frozen_rsp(opts["structure_rsp"]).to(device)
 
 
 def structure_loss(seg_net: RSPNet, image: torch.Tensor, vessels: torch.Tensor) -> torch.Tensor:
@@ -235,6 +228,16 @@ def build_model(opts: dict[str, Any]) -> tuple[torch.nn.Module, MAGENetConfig]:
         for conv in heads:  # image = conv(features) + input: zero weights make both stages the identity
             torch.nn.init.zeros_(conv.weight)
     return net, cfg
+
+
+def frozen_rsp(path: str | os.PathLike) -> RSPNet:
+    """A new RSPNet with the weights of the ``rsp`` checkpoint directory ``path``, in eval mode, no gradients."""
+    doc = load_checkpoint(path, [])[0]
+    if doc.get("kind") != "rsp":
+        raise ValueError(f"{path}: a {doc.get('kind')!r} checkpoint, not an RSP one (`retina-fast train rsp`)")
+    net = RSPNet(**doc["architecture"])
+    load_rsp(path, net)
+    return net.eval().requires_grad_(False)
 
 
 def load_rsp(path: str | os.PathLike, target: RSPNet) -> dict[str, Any]:
