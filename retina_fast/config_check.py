@@ -35,6 +35,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "channel_mults": (1, 64), "channels": (1, 4096), "scale_channels": (0, 4096), "cabs_per_level": (1, 64),
     "cabs_per_fab": (1, 64), "num_fabs": (1, 64), "reduction": (1, 4096), "rsp_base": (1, 4096),
     "rsp_channels": (1, 4096), "gf_radius": (0, 256),
+    "softmax_attn_levels": (0, 64),
 }
 # Float fields that must be strictly positive (their own classes accept anything finite otherwise).
 POSITIVE = {"gn_eps", "cosine_s", "max_beta", "gf_eps", "ema_eps"}

@@ -14,8 +14,9 @@ Per image, with H×W the latent side padded to a multiple of 2**(levels-1) and T
 * linear attention, N tokens, heads×d:   qkv 2·C·3hd·N, context 2·h·N·d², output 2·h·N·d², out 2·hd·C·N
 * softmax attention:                     qkv, out as above, scores 2·h·N²·d, weighted sum 2·h·N²·d
 * U-Net: time MLP, 7×7 input conv, per level ResnetBlocks (3×3 convs, 1×1 skip when C changes, the time
-  projection T -> 2·C_out) and linear attention, 4×4 stride-2 down / transposed up convs, the middle's
-  softmax attention, the final block and the 1×1 output conv (retina_fast.models.unet).
+  projection T -> 2·C_out) and linear attention (softmax at the levels in ``softmax_attn_levels``), 4×4
+  stride-2 down / transposed up convs, the middle's softmax attention, the final block and the 1×1 output
+  conv (retina_fast.models.unet).
 * decode (``VQGAN.decode_indices``): 1×1 post-quant conv, per stage the x2 upsampling (nearest + 3×3
   conv at the doubled size, or a 4×4 stride-2 transposed conv of the input padded by 1) and the
   ResBlocks' 3×3 convs, then the 3×3 output conv (retina_fast.models.vqgan).
@@ -50,6 +51,11 @@ def _resnet_block(c_in: int, c_out: int, time_dim: int, h: int, w: int) -> int:
     return 2 * time_dim * 2 * c_out + conv(c_in, c_out, 3, h, w) + conv(c_out, c_out, 3, h, w) + skip
 
 
+def _level_attention(cfg: UNetConfig, lvl: int, c: int, n: int) -> int:
+    fn = _softmax_attention if lvl in cfg.softmax_attn_levels else _linear_attention
+    return fn(c, cfg.attn_heads, cfg.attn_head_dim, n)
+
+
 def unet_flops(cfg: UNetConfig, h: int, w: int) -> int:
     """FLOPs of one ``UNet2D`` call on one (C, h, w) latent (see the module docstring)."""
     m = cfg.multiple
@@ -62,7 +68,7 @@ def unet_flops(cfg: UNetConfig, h: int, w: int) -> int:
         c_in, c_out = dims[lvl], dims[lvl + 1]
         for i in range(n_res):
             total += _resnet_block(c_in if i == 0 else c_out, c_out, t_dim, h, w)
-        total += _linear_attention(c_out, heads, d, h * w)
+        total += _level_attention(cfg, lvl, c_out, h * w)
         if lvl != cfg.levels - 1:
             h, w = h // 2, w // 2
             total += conv(c_out, c_out, 4, h, w)
@@ -72,7 +78,7 @@ def unet_flops(cfg: UNetConfig, h: int, w: int) -> int:
         c_in, c_out = dims[lvl], dims[lvl + 1]
         for i in range(n_res):
             total += _resnet_block(2 * c_out if i == 0 else c_in, c_in, t_dim, h, w)
-        total += _linear_attention(c_in, heads, d, h * w)
+        total += _level_attention(cfg, lvl, c_in, h * w)
         if lvl != 0:
             total += conv(c_in, c_in, 4, h, w)
             h, w = 2 * h, 2 * w

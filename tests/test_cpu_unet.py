@@ -111,6 +111,8 @@ UNETS = {
                 init_kernel=3),
     "two-level-64": dict(in_channels=4, base_channels=16, channel_mults=(1, 4), attn_heads=2, attn_head_dim=64,
                          groups=8, num_res_blocks=1),
+    "softmax-levels": dict(in_channels=3, base_channels=12, channel_mults=(1, 2, 2), attn_heads=3, attn_head_dim=8,
+                           groups=4, init_kernel=3, softmax_attn_levels=(0, 1)),
 }
 
 

@@ -161,3 +161,25 @@ def test_shifted_schedule_follows_the_reference(backend, tmp_path):
     assert again.loaded.config.logsnr_shift == 2.5
     torch.testing.assert_close(again.sample(3, 6, seed=3, backend=backend, dtype=torch.float32), cube,
                                rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_ext),
+                                     pytest.param("onnxruntime", marks=[needs_ext, needs_ort])])
+def test_softmax_attention_levels_follow_the_reference(backend, tmp_path):
+    """config ``unet.softmax_attn_levels`` (softmax instead of linear attention at a level): every backend
+    samples as the reference does and the value survives save_pretrained / from_pretrained. The two kinds have
+    the same weights, so the same weights read as linear attention must give other images (a backend that
+    ignored the field would fail)."""
+    from retina_fast.training.reference import sample_loaded
+
+    pipe = Pipeline(small_loaded(8, unet={"softmax_attn_levels": (0,)}), "softmax-finest")
+    ref_cube, ref_lat = sample_loaded(pipe.loaded, 3, 6, seed=4, return_latents=True)
+    cube, lat = pipe.sample(3, 6, seed=4, backend=backend, dtype=torch.float32, return_latents=True)
+    assert relerr(lat, ref_lat) <= 1e-4 and relerr(cube, ref_cube) <= 1e-4
+    plain = Pipeline(small_loaded(8), "linear-everywhere")
+    assert relerr(plain.sample(3, 6, seed=4, backend=backend, dtype=torch.float32, return_latents=True)[1],
+                  ref_lat) > 1e-2
+    again = Pipeline.from_pretrained(pipe.save_pretrained(tmp_path / "ck"))
+    assert again.loaded.config.unet.softmax_attn_levels == (0,)
+    torch.testing.assert_close(again.sample(3, 6, seed=4, backend=backend, dtype=torch.float32), cube,
+                               rtol=0, atol=1e-6)

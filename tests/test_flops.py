@@ -26,6 +26,7 @@ def _variants():
         yield get_preset(name)
     cfg = get_preset("tiny")
     yield dataclasses.replace(cfg, vqgan=dataclasses.replace(cfg.vqgan, upsample="transposed", dec_res_blocks=2))
+    yield dataclasses.replace(cfg, name="tiny-softmax", unet=dataclasses.replace(cfg.unet, softmax_attn_levels=(0, 1)))
 
 
 @pytest.mark.parametrize("cfg", list(_variants()), ids=lambda c: f"{c.name}-{c.vqgan.upsample}")

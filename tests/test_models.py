@@ -52,6 +52,20 @@ def test_config_validation():
     with pytest.raises(ValueError, match="wavelengths"):
         VQGANConfig(bands=3)
     assert VQGANConfig(f=16, base_channels=32).stage_channels == (32, 64, 128, 256, 512)
+    for bad in ((3,), (1, 1), (-1,), (True,), [1]):
+        with pytest.raises(ValueError, match="softmax_attn_levels"):
+            UNetConfig(channel_mults=(1, 2, 4), softmax_attn_levels=bad)
+
+
+def test_softmax_attn_levels_pick_the_attention_per_level():
+    from retina_fast.models.attention import Attention, LinearAttention
+
+    un = _small_unet(channel_mults=(1, 2, 2), softmax_attn_levels=(1,))
+    kinds = [type(lv.attn.fn) for lv in un.downs] + [type(lv.attn.fn) for lv in un.ups]
+    assert kinds == [LinearAttention, Attention, LinearAttention, LinearAttention, Attention, LinearAttention]
+    tiny = get_preset("tiny")
+    cfg = dataclasses.replace(tiny, unet=dataclasses.replace(tiny.unet, softmax_attn_levels=(1,)))
+    assert LDMConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).unet.softmax_attn_levels == (1,)
 
 
 def test_presets_and_errors():

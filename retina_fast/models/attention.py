@@ -1,4 +1,5 @@
-"""Attention for the diffusion U-Net: linear attention at every level, softmax attention in the middle.
+"""Attention for the diffusion U-Net: linear attention at every level (softmax at the levels a config names),
+softmax attention in the middle.
 
 Each module projects with 1x1 convolutions around the op ``multihead_attention`` (the reference and the
 kernels are in :mod:`retina_fast.ops.attention`; a backend's op table may run its own). Shapes: x (B, C, H, W),

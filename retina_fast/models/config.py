@@ -174,10 +174,18 @@ class UNetConfig:
     init_kernel: int = 7
     time_mult: int = 4                            # time embedding width = time_mult * base_channels
     pad_mode: str = "reflect"                     # for latent sides not divisible by 2**(levels-1)
+    # levels (0 = finest) whose down and up attention is full softmax attention instead of linear attention
+    # (the middle is always softmax); () = the source's layout
+    softmax_attn_levels: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.channel_mults:
             raise ValueError("UNetConfig.channel_mults needs at least one level")
+        levels = self.softmax_attn_levels
+        if (not isinstance(levels, tuple) or len(set(levels)) != len(levels)
+                or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < self.levels for v in levels)):
+            raise ValueError(f"UNetConfig.softmax_attn_levels {levels!r}: distinct level indices in "
+                             f"0..{self.levels - 1} (0 = finest)")
         for c in self.level_channels:
             if c % self.groups:
                 raise ValueError(f"U-Net channels {c} not divisible by groups={self.groups}")

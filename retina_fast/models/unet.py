@@ -11,11 +11,12 @@ Structure (levels L = len(channel_mults), dims c_l = base * mult_l):
 
     init: conv k x k (k = 7), C_in -> base                              -> r (kept for the last skip)
     down, level l:  num_res_blocks x ResnetBlock(t)  (first: c_{l-1} -> c_l)
-                    PreNormResidual(LinearAttention 8 heads x 32)        -> push skip
+                    PreNormResidual(LinearAttention 8 heads x 32; softmax Attention at the levels in
+                    ``softmax_attn_levels``, default none)               -> push skip
                     Downsample (4x4 stride-2 conv), except at the last level
     mid:   ResnetBlock(t), PreNormResidual(softmax Attention 8 x 32), ResnetBlock(t)
     up, level l (reversed): concat skip -> ResnetBlock(2 c_l -> c_{l-1}), ResnetBlock(t) x (n-1),
-                    PreNormResidual(LinearAttention), Upsample (4x4 stride-2 transposed conv) except
+                    PreNormResidual(the level's attention), Upsample (4x4 stride-2 transposed conv) except
                     at the first level
     out:   concat r -> ResnetBlock(2 base -> base) -> 1x1 conv -> C_in     (epsilon prediction)
 
@@ -123,7 +124,7 @@ class UNet2D(nn.Module):
             last = lvl == cfg.levels - 1
             blocks = [ResnetBlock(c_in if i == 0 else c_out, c_out, time_dim, groups) for i in range(n)]
             down = nn.Identity() if last else Conv2d(c_out, c_out, 4, stride=2, padding=1)
-            self.downs.append(_Level(blocks, PreNormResidual(c_out, LinearAttention(c_out, heads, hd)), down))
+            self.downs.append(_Level(blocks, PreNormResidual(c_out, self._attention(lvl, c_out)), down))
 
         mid = dims[-1]
         self.mid_block1 = ResnetBlock(mid, mid, time_dim, groups)
@@ -136,10 +137,15 @@ class UNet2D(nn.Module):
             first = lvl == 0
             blocks = [ResnetBlock(2 * c_out if i == 0 else c_in, c_in, time_dim, groups) for i in range(n)]
             up = nn.Identity() if first else ConvTranspose2d(c_in, c_in, 4, stride=2, padding=1)
-            self.ups.append(_Level(blocks, PreNormResidual(c_in, LinearAttention(c_in, heads, hd)), up))
+            self.ups.append(_Level(blocks, PreNormResidual(c_in, self._attention(lvl, c_in)), up))
 
         self.final_block = ResnetBlock(2 * base, base, time_dim, groups)
         self.final_conv = Conv2d(base, cfg.in_channels, 1)
+
+    def _attention(self, level: int, dim: int) -> nn.Module:
+        """The attention of a level: linear, or softmax where ``config.softmax_attn_levels`` names the level."""
+        cls = Attention if level in self.config.softmax_attn_levels else LinearAttention
+        return cls(dim, self.config.attn_heads, self.config.attn_head_dim)
 
     def time_embedding(self, t: torch.Tensor, batch: int) -> torch.Tensor:
         """t (B,) or scalar -> (B, time_mult * base)."""
