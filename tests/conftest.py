@@ -30,6 +30,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="; ".join(trt_reasons)))
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A small random-weight LDM checkpoint directory (``_small_model.save_small_checkpoint``), one per module."""
+    from _small_model import save_small_checkpoint
+
+    return save_small_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
 @pytest.fixture
 def device() -> torch.device:
     return torch.device("cuda" if GPU_SKIP_REASON is None else "cpu")

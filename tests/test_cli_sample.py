@@ -12,12 +12,6 @@ import torch
 
 from retina_fast import cli, engine, shards
 
-from _small_model import save_small_checkpoint
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_small_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def _run(model_dir, out, *extra, n=5):

@@ -15,7 +15,6 @@ from retina_fast.backends.cpu_pack import mkldnn_usable
 from retina_fast.models.config import UNetConfig
 from retina_fast.models.unet import UNet2D
 
-from _small_model import save_small_checkpoint
 
 needs_fused = pytest.mark.skipif(not mkldnn_usable(), reason="torch without oneDNN")
 
@@ -73,11 +72,6 @@ def test_environment_pins_the_library_and_a_bad_value_is_named(monkeypatch):
     monkeypatch.setenv(cpu_unet.LIBRARY_ENV, "mkl")
     with pytest.raises(ValueError, match="RETINA_FAST_CPU_CONVS='mkl'"):
         fused.choose_library((8, 8))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_small_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def _sample(model_dir, out, *extra):

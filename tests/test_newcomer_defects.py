@@ -21,14 +21,9 @@ from retina_fast import cli, engine, shards
 from retina_fast.checkpoint import CheckpointError
 
 from _newcomer import assert_user_error, console_script, run, snapshot
-from _small_model import save_small_checkpoint, small_loaded
+from _small_model import small_loaded
 
 RF = console_script()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_small_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def _sample_args(model_dir, out, *extra, n=3):

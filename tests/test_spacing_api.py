@@ -12,12 +12,6 @@ from retina_fast import cli, engine, samplers, shards
 from retina_fast.training.reference import reference_sample
 
 from _newcomer import snapshot
-from _small_model import save_small_checkpoint
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_small_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def _args(model_dir, out, *extra, n=3):
@@ -108,3 +102,18 @@ def test_a_bad_spacing_in_run_json_is_named(tmp_path, model_dir, capsys):
     assert cli.main(_args(model_dir, out, "--resume", n=1)) == 2
     err = capsys.readouterr().err.strip()
     assert "spacing must be null or one of linspace, trimmed, logsnr" in err, err
+
+
+def test_cli_choices_are_the_library_s():
+    """``retina-fast sample``'s --sampler / --spacing lists are literal (the CLI starts without importing torch):
+    they must name exactly what the library accepts."""
+    import argparse
+
+    from retina_fast.schedules import SPACINGS
+
+    top = cli.build_parser()
+    sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction)).choices["sample"]
+    options = {a.dest: a for a in sub._actions}
+    assert tuple(options["sampler"].choices) == samplers.SAMPLERS
+    assert tuple(options["spacing"].choices) == SPACINGS
+    assert set(samplers.DEFAULT_SPACING) == set(samplers.SAMPLERS)

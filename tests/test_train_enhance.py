@@ -7,7 +7,7 @@ import csv
 import pytest
 import torch
 
-from retina_fast.checkpoint import load_checkpoint
+from retina_fast.checkpoint import CheckpointError, load_checkpoint
 from retina_fast.training import train_enhance as T
 
 TINY = ["--size", "48", "--crop", "24", "--eyes", "2", "--per-eye", "1", "--batch-size", "2",
@@ -259,6 +259,10 @@ def test_structure_term_trains_the_enhancer_through_a_frozen_segmenter(tmp_path,
                        (["--structure-weight", "1", "--structure-rsp", str(_magenet_ckpt(tmp_path))], "not an RSP")):
         with pytest.raises(ValueError, match=msg):
             T.run(_args("magenet", "--out", str(tmp_path / "bad"), "--steps", "1", *flags))
+    with pytest.raises(CheckpointError, match="does not exist"):  # a wrong path: refused before the run directory exists
+        T.run(_args("magenet", "--out", str(tmp_path / "bad"), "--steps", "1", "--structure-weight", "1",
+                    "--structure-rsp", str(tmp_path / "missing")))
+    assert not (tmp_path / "bad").exists()
     with pytest.raises(ValueError, match="not of `train rsp`"):
         T.run(_args("rsp", "--out", str(tmp_path / "bad2"), "--steps", "1", "--structure-weight", "1",
                     "--structure-rsp", str(rsp_run / "final")))

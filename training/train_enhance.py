@@ -175,7 +175,9 @@ def run(args) -> int:
 
 
 def check_structure_options(kind: str, opts: dict[str, Any]) -> None:
-    """--structure-weight / --structure-rsp: a finite weight >= 0, a segmenter exactly when it is > 0."""
+    """--structure-weight / --structure-rsp: a finite weight >= 0, a segmenter exactly when it is > 0, and that
+    segmenter an intact RSP checkpoint -- checked before the run directory is made, so a bad path leaves
+    nothing behind."""
     w = opts.get("structure_weight") or 0.0
     if not (math.isfinite(w) and w >= 0):
         raise ValueError(f"--structure-weight must be a finite number >= 0, got {w}")
@@ -185,6 +187,8 @@ def check_structure_options(kind: str, opts: dict[str, Any]) -> None:
         raise ValueError("--structure-weight needs --structure-rsp DIR (a `train rsp` run's final/)")
     if opts.get("structure_rsp") and not w:
         raise ValueError("--structure-rsp given without --structure-weight > 0")
+    if w:
+        rsp_checkpoint(opts["structure_rsp"])
 
 
 def structure_net(opts: dict[str, Any], device) -> RSPNet | None:
@@ -230,12 +234,18 @@ def build_model(opts: dict[str, Any]) -> tuple[torch.nn.Module, MAGENetConfig]:
     return net, cfg
 
 
-def frozen_rsp(path: str | os.PathLike) -> RSPNet:
-    """A new RSPNet with the weights of the ``rsp`` checkpoint directory ``path``, in eval mode, no gradients."""
+def rsp_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """config.json of the ``rsp`` checkpoint directory ``path`` (its weights' sizes and sha256 verified);
+    ``CheckpointError`` for a missing or damaged one, ``ValueError`` for another kind of checkpoint."""
     doc = load_checkpoint(path, [])[0]
     if doc.get("kind") != "rsp":
         raise ValueError(f"{path}: a {doc.get('kind')!r} checkpoint, not an RSP one (`retina-fast train rsp`)")
-    net = RSPNet(**doc["architecture"])
+    return doc
+
+
+def frozen_rsp(path: str | os.PathLike) -> RSPNet:
+    """A new RSPNet with the weights of the ``rsp`` checkpoint directory ``path``, in eval mode, no gradients."""
+    net = RSPNet(**rsp_checkpoint(path)["architecture"])
     load_rsp(path, net)
     return net.eval().requires_grad_(False)
 
@@ -433,7 +443,7 @@ def _save_final(run_dir, opts, model, mt, cfg, data_desc, times, rsp_doc, device
         extra["rsp_init"] = {"path": str(opts["rsp_init"]),
                              "sha256": rsp_doc["weights"]["model"]["sha256"]}
     if opts.get("structure_weight"):
-        seg_doc = load_checkpoint(opts["structure_rsp"], [])[0]
+        seg_doc = rsp_checkpoint(opts["structure_rsp"])
         extra["structure_rsp"] = {"path": str(opts["structure_rsp"]), "sha256": seg_doc["weights"]["model"]["sha256"]}
     prov = provenance(opts, opts["steps"], data_desc, command_of(sys.argv), **extra)
     if opts["kind"] == "rsp":
