@@ -58,7 +58,7 @@ def test_group_norm_silu_large_mean(b, c, h, w, g, mean_over_std, block):
     assert err <= 2 * torch_err + 1e-5, (err, torch_err)
 
 
-@pytest.mark.parametrize("b,h,n,d", [(1, 1, 1, 32), (2, 3, 59, 32), (1, 2, 97, 16), (2, 8, 64, 32)])
+@pytest.mark.parametrize("b,h,n,d", [(1, 1, 1, 32), (2, 3, 59, 32), (1, 2, 97, 16), (2, 8, 64, 32), (1, 4, 256, 32)])
 def test_flash_softmax_attention(b, h, n, d):
     from retina_fast.kernels.attention import softmax_attention
 
