@@ -31,10 +31,13 @@ STEPS_LONG=${STEPS_LONG:-2000}
 # widened unlabelled real domain), STRUCTURE_WEIGHT=0.2 (vessel-preservation term through a second, frozen RSP
 # network trained with seed 1, $RUNS/rsp-s1). The shipped weights' recipe, as a ladder at equal steps:
 #   IDENTITY_FRACTION=0.25 REAL_PAIRS=48 STRUCTURE_WEIGHT=0.2 STEPS=3000 STEPS_LONG=0 scripts/train_enhance_ablation.sh
+# A finished run found in RUNS_DIR is reused (e.g. a link to a run trained earlier with the same options).
+# EVAL=0 trains only and leaves docs/enhance_eval and the shipped weights alone.
 IDENT="--identity-fraction ${IDENTITY_FRACTION:-0} --real-pairs ${REAL_PAIRS:-0}"
 STRUCTURE_WEIGHT=${STRUCTURE_WEIGHT:-0}
 AUG="--real-augment ${REAL_AUGMENT:-0}"
 PARALLEL=${PARALLEL:-1}
+EVAL=${EVAL:-1}  # EVAL=0: train only (the evaluation below writes docs/enhance_eval and the shipped weights)
 mkdir -p "$RUNS"
 WALL="$RUNS/walltimes.txt"
 
@@ -77,6 +80,7 @@ else
                              --real-images 48 --ema 0.99 --warmup 0.3 --consistency-weight 1.0 --noise-std 0.05
 fi
 if [[ -n "$pid" ]]; then wait "$pid"; else long_run; fi
+[[ "$EVAL" == 1 ]] || exit 0
 
 t0=$(date +%s)
 $NICE $PY -m retina_fast.training.eval_enhance --runs "$RUNS" --out docs/enhance_eval \
