@@ -176,7 +176,7 @@ def run(args) -> int:
 
 def check_structure_options(kind: str, opts: dict[str, Any]) -> None:
     """--structure-weight / --structure-rsp: a finite weight >= 0, a segmenter exactly when it is > 0, and that
-    segmenter an intact RSP checkpoint -- checked before the run directory is made, so a bad path leaves
+    segmenter an RSP checkpoint -- checked before the run directory is made, so a bad path leaves
     nothing behind."""
     w = opts.get("structure_weight") or 0.0
     if not (math.isfinite(w) and w >= 0):
@@ -235,9 +235,12 @@ def build_model(opts: dict[str, Any]) -> tuple[torch.nn.Module, MAGENetConfig]:
 
 
 def rsp_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """config.json of the ``rsp`` checkpoint directory ``path`` (its weights' sizes and sha256 verified);
-    ``CheckpointError`` for a missing or damaged one, ``ValueError`` for another kind of checkpoint."""
-    doc = load_checkpoint(path, [])[0]
+    """config.json of the ``rsp`` checkpoint directory ``path`` (the weights are verified when ``load_rsp`` reads
+    them); ``CheckpointError`` for a missing or unreadable one, ``ValueError`` for another kind of checkpoint."""
+    return _require_rsp(path, load_checkpoint(path, [])[0])
+
+
+def _require_rsp(path: str | os.PathLike, doc: dict[str, Any]) -> dict[str, Any]:
     if doc.get("kind") != "rsp":
         raise ValueError(f"{path}: a {doc.get('kind')!r} checkpoint, not an RSP one (`retina-fast train rsp`)")
     return doc
@@ -253,8 +256,7 @@ def frozen_rsp(path: str | os.PathLike) -> RSPNet:
 def load_rsp(path: str | os.PathLike, target: RSPNet) -> dict[str, Any]:
     """Load the weights of an ``rsp`` checkpoint directory into ``target``; returns its config.json."""
     doc, states = load_checkpoint(path, ["model"])
-    if doc.get("kind") != "rsp":
-        raise ValueError(f"{path}: a {doc.get('kind')!r} checkpoint, not an RSP one (`retina-fast train rsp`)")
+    _require_rsp(path, doc)
     load_state_into(target, states["model"], f"{path}/model.safetensors")
     return doc
 
