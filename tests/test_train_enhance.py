@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 
 import pytest
 import torch
@@ -129,7 +130,7 @@ def test_kind_is_required():
 
 def test_eval_report_and_ship(tmp_path, rsp_run):
     """The whole ablation pipeline at toy scale: four variants, evaluation, report, shipped copy."""
-    from retina_fast.training import eval_enhance
+    from retina_fast.training import enhance_kinds, eval_enhance
 
     runs = tmp_path / "runs"
     runs.mkdir()
@@ -137,6 +138,10 @@ def test_eval_report_and_ship(tmp_path, rsp_run):
     for name, kind, flags in (("stage1-only", "magenet", ["--stage1-only"]), ("no-rsp", "magenet", ["--no-rsp"]),
                               ("magenet", "magenet", []), ("tmagenet", "tmagenet", [])):
         T.run(_args(kind, "--out", str(runs / name), "--steps", "1", *flags))
+    # a threshold recorded in a run's config.json must not be what the ladder uses (each rung gets its own)
+    cfg = runs / "magenet" / "final" / "config.json"
+    doc = json.loads(cfg.read_text())
+    cfg.write_text(json.dumps({**doc, "residual_threshold": 0.9}))
     eval_enhance.main(["--runs", str(runs), "--out", str(tmp_path / "doc"), "--n-test", "2", "--size", "48",
                        "--kind-size", "64", "--test-seeds", "0", "--val-seeds", "10", "--ship-to", str(tmp_path / "ship")])
     md = (tmp_path / "doc" / "ablation.md").read_text()
@@ -144,10 +149,30 @@ def test_eval_report_and_ship(tmp_path, rsp_run):
         assert label in md
     assert (tmp_path / "doc" / "examples.png").is_file() and (tmp_path / "doc" / "ablation.json").is_file()
     assert "Per degradation kind" in md and (tmp_path / "doc" / "kinds.png").is_file()
-    import json
-
+    assert "## The ladder, each rung with its own residual threshold" in md and "Order of the paper" in md
     res = json.loads((tmp_path / "doc" / "ablation.json").read_text())
-    assert set(res["kinds"]) == set(res["validation"]) == {"Stage-1 only", "MAGE-Net w/o RSP", "MAGE-Net", "T-MAGE-Net"}
+    rungs = {"Stage-1 only", "MAGE-Net w/o RSP", "MAGE-Net", "T-MAGE-Net"}
+    assert set(res["kinds"]) == set(res["validation"]) == set(res["kinds_raw"]) == set(res["thresholds"]) == rungs
+    for label, th in res["thresholds"].items():  # chosen by the shipped rule, never the recorded 0.9
+        tau, seeds = th["threshold"], (10, 11, 12, 13, 14, 15, 16, 17)
+        assert th["grid"] == enhance_kinds.choose_residual_threshold(
+            str(runs / {v: k for k, v in eval_enhance.VARIANTS.items()}[label] / "final"), size=64, seeds=seeds,
+            backend="torch")[1]
+        assert tau is None or tau in enhance_kinds.THRESHOLD_GRID
+        kept = [r["worst_image_gain_left"] >= -enhance_kinds.MAX_VAL_LOSS_DB for r in th["grid"]]
+        assert tau == (th["grid"][kept.index(True)]["threshold"] if any(kept) else None)
+    from retina_fast.enhance import enhance
+    from retina_fast.metrics import psnr
+    from retina_fast.training import enhance_data
+
+    b = enhance_data.real_test_set(2, 48, cache_dir=runs / "data").get(range(2))
+    y = enhance(b["x"], model=str(runs / "magenet" / "final"), backend="torch",
+                residual_threshold=res["thresholds"]["MAGE-Net"]["threshold"] or 0.0)
+    assert psnr(y, b["y"]).double().tolist() == pytest.approx(res["test_sets"]["real"]["MAGE-Net"]["psnr_per_image"])
+    # the per-kind table of a rung is its raw outputs soft-thresholded by its τ (τ = 0: identical)
+    for label in rungs:
+        if not res["thresholds"][label]["threshold"]:
+            assert res["kinds"][label]["rows"] == res["kinds_raw"][label]["rows"]
     assert len(res["kinds"]["MAGE-Net"]["rows"]) == 8  # the clean photograph + seven combinations
     doc, states = load_checkpoint(tmp_path / "ship")
     assert set(states) == {"model"} and "selection" in doc["provenance"]
@@ -162,6 +187,23 @@ def test_eval_report_and_ship(tmp_path, rsp_run):
         assert "seeds [10, 11, 12, 13, 14, 15, 16, 17]" in sel["validation"]
     else:
         assert sel is None
+
+
+def test_ladder_inversions_name_the_rung_and_the_size():
+    from retina_fast.training import eval_enhance
+
+    def kinds(gain):
+        return {"rows": {"none": {"gain_right": 0.0}, "001": {"gain_right": gain}, "010": {"gain_right": gain}}}
+
+    res = {"test_sets": {"real": {"Stage-1 only": {"psnr": 20.0}, "MAGE-Net w/o RSP": {"psnr": 21.0},
+                                  "MAGE-Net": {"psnr": 20.5}, "T-MAGE-Net": {"psnr": 22.0}}},
+           "kinds": {"Stage-1 only": kinds(1.0), "MAGE-Net w/o RSP": kinds(0.5), "MAGE-Net": kinds(2.0),
+                     "T-MAGE-Net": kinds(3.0)}}
+    assert eval_enhance.ladder_inversions(res) == [
+        "MAGE-Net w/o RSP < Stage-1 only on the mean right-half gain over the combinations by 0.50 dB",
+        "MAGE-Net < MAGE-Net w/o RSP on the real test-set PSNR by 0.50 dB"]
+    del res["kinds"]["MAGE-Net w/o RSP"]  # a missing rung: its neighbours are compared
+    assert eval_enhance.ladder_inversions(res) == []
 
 
 def test_identity_pairs_and_real_augment_options(tmp_path, rsp_run):
