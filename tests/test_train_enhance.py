@@ -212,7 +212,7 @@ def test_identity_pairs_and_real_augment_options(tmp_path, rsp_run):
     g_args = _args("magenet", "--out", str(tmp_path / "x"), "--identity-fraction", "1.0")
     opts = {**T.DEFAULTS, **{k: v for k, v in vars(g_args).items() if v is not None}, "kind": "magenet"}
     syn, real, desc = T._load_data(opts, progress=False)
-    assert "identity pairs" in desc and real == (None, None)
+    assert "identity pairs" in desc and real == (None, None, None)
     seen = {}
 
     class Spy(torch.nn.Module):
@@ -308,3 +308,52 @@ def test_structure_term_trains_the_enhancer_through_a_frozen_segmenter(tmp_path,
     with pytest.raises(ValueError, match="not of `train rsp`"):
         T.run(_args("rsp", "--out", str(tmp_path / "bad2"), "--steps", "1", "--structure-weight", "1",
                     "--structure-rsp", str(rsp_run / "final")))
+
+
+def test_spot_fraction_swaps_inputs_for_their_spot_only_degradation(tmp_path):
+    """--spot-fraction P: with probability P a labelled synthetic row's input is its spot-only degradation
+    (a pool aligned row for row with the synthetic pairs: same targets, inputs only brightened); P = 0 draws
+    nothing, so other runs keep their random stream; bad values and `train rsp` are refused."""
+    from retina_fast.training import enhance_data
+
+    syn = enhance_data.synthetic_pairs(2, 2, 64, colour_jitter=0.25, cache_dir=tmp_path / "c")
+    spots = enhance_data.spot_inputs(2, 2, 64, colour_jitter=0.25, cache_dir=tmp_path / "c")
+    assert torch.equal(spots.targets, syn.targets) and torch.equal(spots.source, syn.source)
+    assert not torch.equal(spots.inputs, syn.inputs)
+    s = spots.get(range(len(spots)))
+    inside = s["fov"].bool().expand_as(s["x"])
+    assert (s["x"] - s["y"])[inside].min() >= -1.5 / 255  # spots only brighten (up to uint8 rounding)
+    assert (s["x"] - s["y"])[inside].max() > 0.05
+
+    opts = {**T.DEFAULTS, **{k: v for k, v in vars(_args("magenet", "--out", "x", "--spot-fraction", "1.0")).items()
+                              if v is not None}, "kind": "magenet"}
+    syn, real, desc = T._load_data(opts, progress=False)
+    assert "spot-only degradation" in desc and real[2] is not None
+    seen = {}
+
+    class Spy(torch.nn.Module):
+        def forward(self, x):
+            seen["x"] = x
+            raise StopIteration
+
+    for fraction, pool in ((1.0, real[2]), (0.0, syn)):
+        with pytest.raises(StopIteration):
+            T._step(Spy(), None, {**opts, "spot_fraction": fraction}, syn, real if fraction else None, 0,
+                    torch.device("cpu"))
+        g = T.step_generator(opts["seed"], 0, T._STREAM)
+        idx = torch.randint(len(syn), (opts["batch_size"],), generator=g)
+        if fraction:
+            torch.rand(opts["batch_size"], generator=g)
+        rows = syn.get(idx)
+        rows["x"] = pool.get(idx)["x"]
+        assert torch.equal(seen["x"], enhance_data.random_crops(rows, opts["crop"], g)["x"])
+    for bad in ("-0.1", "1.5"):
+        with pytest.raises(ValueError, match="--spot-fraction must be in"):
+            T.run(_args("magenet", "--out", str(tmp_path / "bad"), "--spot-fraction", bad))
+    with pytest.raises(ValueError, match="not of `train rsp`"):
+        T.run(_args("rsp", "--out", str(tmp_path / "bad"), "--spot-fraction", "0.5"))
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "run"
+    assert T.run(_args("magenet", "--out", str(out), "--steps", "1", "--spot-fraction", "0.5")) == 0
+    doc, _ = load_checkpoint(out / "final")
+    assert doc["provenance"]["options"]["spot_fraction"] == 0.5 and "spot-only" in doc["provenance"]["data"]

@@ -41,11 +41,12 @@ import torch.nn.functional as F
 
 from retina_fast.training.degrade import degradation_combinations, degrade, fov_mask
 
-__all__ = ["SYN_TRAIN", "SYN_TEST", "REAL_TRAIN", "REAL_TEST", "REAL_PAIRS", "TEST_EYE_OFFSET", "SPLIT_COLUMN",
-           "Pool", "synthetic_pairs", "synthetic_test_set", "real_image", "real_half", "degrade_half",
+__all__ = ["SYN_TRAIN", "SYN_TEST", "SYN_SPOT", "REAL_TRAIN", "REAL_TEST", "REAL_PAIRS", "TEST_EYE_OFFSET", "SPLIT_COLUMN",
+           "Pool", "synthetic_pairs", "spot_inputs", "synthetic_test_set", "real_image", "real_half", "degrade_half",
            "real_unlabelled", "real_pairs", "real_test_set", "random_crops", "augment_real"]
 
 SYN_TRAIN, SYN_TEST, REAL_TRAIN, REAL_TEST, REAL_PAIRS = 0x5E1, 0x5E2, 0x4EA1, 0x4EA2, 0x4EA3  # degrade seed tags
+SYN_SPOT = 0x5E3  # degrade seed tag of the spot-only training inputs (spot_inputs)
 TEST_EYE_OFFSET = 1_000_000
 SPLIT_COLUMN = 705
 _FULL = 1411
@@ -150,7 +151,9 @@ def _colour_gains(tag: int, eye: int, k: int, amplitude: float) -> torch.Tensor:
 
 
 def _phantom_pool(eye_seeds: list[int], per_eye: int, size: int, tag: int, cycle: bool, progress: bool,
-                  colour_jitter: float = 0.0) -> Pool:
+                  colour_jitter: float = 0.0, kinds="random", degrade_tag: int | None = None) -> Pool:
+    """Pairs of phantom eyes: ``per_eye`` degraded inputs per eye (combination i mod 7 with ``cycle``, else
+    ``kinds``), degrade seeds (``degrade_tag`` or ``tag``, eye, k); colour gains always from ``tag``."""
     from retina_fast.phantom import render
 
     combos = degradation_combinations()
@@ -165,8 +168,9 @@ def _phantom_pool(eye_seeds: list[int], per_eye: int, size: int, tag: int, cycle
                 clean.append(_to_u8(target))
                 vessels.append((ph.masks["artery"] | ph.masks["vein"])[None])
                 fovs.append(fov[None])
-            kinds = combos[(e * per_eye + k) % len(combos)] if cycle else "random"
-            inputs.append(_to_u8(degrade(target, seed=(tag, int(eye), k), kinds=kinds, fov_mask=fov)))
+            row_kinds = combos[(e * per_eye + k) % len(combos)] if cycle else kinds
+            seed = (tag if degrade_tag is None else degrade_tag, int(eye), k)
+            inputs.append(_to_u8(degrade(target, seed=seed, kinds=row_kinds, fov_mask=fov)))
             source.append(len(clean) - 1)
     return Pool(inputs=torch.stack(inputs), targets=torch.stack(clean), source=torch.tensor(source),
                 vessels=torch.stack(vessels), fov=torch.stack(fovs))
@@ -182,6 +186,17 @@ def synthetic_pairs(n_eyes: int, per_eye: int = 4, size: int = 256, *, first_eye
             "tag": SYN_TRAIN, "colour_jitter": colour_jitter, "version": 2}
     return _cached(cache_dir, spec, lambda: _phantom_pool(list(range(first_eye, first_eye + n_eyes)), per_eye,
                                                           size, SYN_TRAIN, False, progress, colour_jitter))
+
+
+def spot_inputs(n_eyes: int, per_eye: int = 4, size: int = 256, *, first_eye: int = 0, colour_jitter: float = 0.0,
+                cache_dir=None, progress: bool = False) -> Pool:
+    """Spot-only inputs aligned row for row with ``synthetic_pairs`` of the same arguments: the same eyes,
+    variants and targets (the same colour gains), each input degraded by spots alone (Cofe-Net's spot step;
+    seeds (SYN_SPOT, eye, k), a stream apart from the random combinations')."""
+    spec = {"kind": "synthetic-spot", "n_eyes": n_eyes, "per_eye": per_eye, "size": size, "first_eye": first_eye,
+            "tag": SYN_TRAIN, "degrade_tag": SYN_SPOT, "colour_jitter": colour_jitter, "version": 1}
+    return _cached(cache_dir, spec, lambda: _phantom_pool(list(range(first_eye, first_eye + n_eyes)), per_eye, size,
+                                                          SYN_TRAIN, False, progress, colour_jitter, ("spot",), SYN_SPOT))
 
 
 def synthetic_test_set(n: int = 14, size: int = 256, *, cache_dir=None, progress: bool = False) -> Pool:
