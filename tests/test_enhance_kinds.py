@@ -52,6 +52,28 @@ def test_gains_against_a_direct_computation(inputs):
         enhance_kinds.kind_table(None, inputs=inputs, outputs=x[:2])
 
 
+def test_spot_disks_cover_what_the_spots_brightened():
+    from retina_fast.training.degrade import spot_disks
+
+    clean = enhance_kinds.clean_real(128)
+    x, params = degrade(clean, seed=3, kinds=("spot",), return_params=True)
+    m = spot_disks(params[0] if isinstance(params, list) else params, 128, 128)
+    assert m.shape == (128, 128) and m.dtype == torch.bool and 0 < int(m.sum()) < 128 * 128 // 4
+    excess = (x - clean)[0].mean(0)
+    assert excess[m].mean() > 0.05 > excess[~m].mean() > -0.005  # the disks hold the brightening; outside, its blur
+    assert not spot_disks({"kinds": ["blur"]}, 8, 8).any()
+
+
+def test_spot_removal_is_one_for_the_clean_image_and_zero_for_the_input():
+    clean = enhance_kinds.clean_real(96)
+    gone = enhance_kinds.spot_removal(lambda x: clean.clone(), size=96, seeds=(0, 1))
+    left = enhance_kinds.spot_removal(lambda x: x.clone(), size=96, seeds=(0, 1))
+    half = enhance_kinds.spot_removal(lambda x: (x + clean) / 2, size=96, seeds=(0, 1))
+    assert gone["removed"] == pytest.approx(1.0) and gone["excess_out"] == pytest.approx(0.0, abs=1e-7)
+    assert left["removed"] == pytest.approx(0.0, abs=1e-7) and left["excess_in"] > 0.05
+    assert half["removed"] == pytest.approx(0.5, abs=1e-6) and left["pixels"] == half["pixels"] > 0
+
+
 def test_augment_real_is_seeded_keeps_the_surround_black_and_varies():
     half = enhance_data.real_half("left", 64)
     assert torch.equal(enhance_data.augment_real(half, (1, 2), 0.0), half)

@@ -44,7 +44,7 @@ from retina_fast.fov import fov_mask, to_batch
 
 __all__ = [
     "DEGRADATION_KINDS", "MODES", "degradation_combinations", "kinds_code", "parse_kinds",
-    "degrade", "fov_mask", "gaussian_blur", "gaussian_kernel1d",
+    "degrade", "fov_mask", "gaussian_blur", "gaussian_kernel1d", "spot_disks",
     "adjust_brightness", "adjust_contrast", "adjust_saturation",
 ]
 
@@ -156,6 +156,15 @@ def _disk(h: int, w: int, cx: float, cy: float, radius: float, device) -> torch.
     y = torch.arange(h, device=device, dtype=torch.float32).view(h, 1)
     x = torch.arange(w, device=device, dtype=torch.float32).view(1, w)
     return (((x - cx) ** 2 + (y - cy) ** 2).sqrt() <= radius).float()
+
+
+def spot_disks(params: dict[str, Any], h: int, w: int) -> torch.Tensor:
+    """(H, W) bool: the union of the disks a ``degrade(..., return_params=True)`` call's spots were drawn
+    in (radius r/2, before their blur); all False when it drew none."""
+    m = torch.zeros(h, w, dtype=torch.bool)
+    for sp in params.get("spots", []):
+        m |= _disk(h, w, sp["center"][0], sp["center"][1], int(sp["radius"] / 2), "cpu").bool()
+    return m
 
 
 def _colour(img, rng, p):

@@ -22,7 +22,7 @@ from retina_fast.metrics import psnr
 from retina_fast.training.degrade import degradation_combinations, degrade, kinds_code
 from retina_fast.training.enhance_data import SPLIT_COLUMN, _FULL, real_image
 
-__all__ = ["clean_real", "kind_inputs", "kind_table", "format_kind_table", "summary", "kinds_figure"]
+__all__ = ["clean_real", "kind_inputs", "kind_table", "format_kind_table", "summary", "kinds_figure", "spot_removal"]
 
 ILLUMINATION = "illumination"
 
@@ -132,6 +132,28 @@ def kinds_figure(tables: dict[str, dict[str, Any]], path, seed_index: int = 0, s
     Image.fromarray(np.round(img * 255).astype(np.uint8)).save(path)
 
 
+def spot_removal(enhance_fn: Callable[[torch.Tensor], torch.Tensor], size: int = 512,
+                 seeds: Sequence[int] = (0, 1, 2)) -> dict[str, Any]:
+    """How much of the spots' brightening an enhancer takes away. The real photograph (``clean_real(size)``)
+    degraded by spots alone with each seed; inside the disks ``degrade`` drew (radius r/2 before its blur),
+    the mean excess of input and output over the clean photograph (all channels, all disks of all seeds);
+    ``removed`` = 1 − excess_out / excess_in (1: spots gone, 0: left, < 0: brightened further)."""
+    from retina_fast.training.degrade import spot_disks
+
+    clean = clean_real(size)
+    excess_in, excess_out, pixels = 0.0, 0.0, 0
+    for s in seeds:
+        x, params = degrade(clean, seed=s, kinds=("spot",), return_params=True)
+        x = (x * 255).round() / 255  # like kind_inputs: a photograph's uint8 levels
+        y = enhance_fn(x)
+        m = spot_disks(params[0] if isinstance(params, list) else params, size, size)
+        excess_in += (x - clean)[0][:, m].sum().item()
+        excess_out += (y - clean)[0][:, m].sum().item()
+        pixels += 3 * int(m.sum())
+    return {"size": size, "seeds": list(seeds), "pixels": pixels, "excess_in": excess_in / pixels,
+            "excess_out": excess_out / pixels, "removed": 1.0 - excess_out / excess_in}
+
+
 VAL_SEEDS = tuple(range(10, 18))  # validation degradations; the tables' test seeds are 0-3
 THRESHOLD_GRID = tuple(round(0.01 * i, 2) for i in range(11))  # 0, 0.01, ..., 0.10
 MAX_VAL_LOSS_DB = 0.1
@@ -210,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"{VAL_SEEDS[-1]}): the smallest of 0, 0.01, ..., 0.1 at which no image loses more than "
                         f"{MAX_VAL_LOSS_DB} dB; prints the grid")
     p.add_argument("--write", action="store_true", help="with --choose-threshold: record it in the model's config.json")
+    p.add_argument("--spots", action="store_true",
+                   help="also print how much of the spots' brightening each model removes (spot-only inputs, "
+                        "seeds 0-2, inside the spot disks; raw network and with its residual threshold)")
     args = p.parse_args(argv)
     if args.write and not args.choose_threshold:
         p.error("--write goes with --choose-threshold")
@@ -232,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     for m in args.model:
         tables[m] = kind_table(lambda x, m=m: enhance(x, model=m, backend=args.backend), inputs=inputs)
         print(m, json.dumps(tables[m]["summary"]), flush=True)
+        if args.spots:
+            for label, tau in (("raw", 0.0), ("with its residual threshold", None)):
+                r = spot_removal(lambda x, m=m, tau=tau: enhance(x, model=m, backend=args.backend,
+                                                                 residual_threshold=tau), size=args.size)
+                print(f"{m}: spots {label}: excess {r['excess_in']:.3f} -> {r['excess_out']:.3f}, "
+                      f"removed {100 * r['removed']:.0f} %", flush=True)
     print(format_kind_table(tables))
     if args.figure:
         kinds_figure(tables, args.figure)
