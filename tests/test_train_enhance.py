@@ -177,6 +177,9 @@ def test_eval_report_and_ship(tmp_path, rsp_run):
     doc, states = load_checkpoint(tmp_path / "ship")
     assert set(states) == {"model"} and "selection" in doc["provenance"]
     assert (tmp_path / "ship" / "TRAINING.md").is_file() and (tmp_path / "ship" / "log.csv").is_file()
+    training_md = (tmp_path / "ship" / "TRAINING.md").read_text()
+    assert "```bash" in training_md and doc["provenance"]["command"] in training_md
+    assert f"--ship-to {tmp_path / 'ship'}" in training_md and "- residual threshold: " in training_md
     val = {k: v["score"] for k, v in res["validation"].items() if k in ("MAGE-Net", "T-MAGE-Net")}
     best = max(val, key=lambda k: (val[k][0], round(val[k][1], 2), k == "T-MAGE-Net"))
     assert doc["provenance"]["selection"].startswith(best + ":")  # chosen on validation, not on the test half
@@ -187,6 +190,19 @@ def test_eval_report_and_ship(tmp_path, rsp_run):
         assert "seeds [10, 11, 12, 13, 14, 15, 16, 17]" in sel["validation"]
     else:
         assert sel is None
+
+
+def test_reproduction_commands_include_the_rsp_runs_behind_a_checkpoint(rsp_run, tmp_path):
+    from retina_fast.training import eval_enhance
+
+    rsp_command = load_checkpoint(rsp_run / "final", [])[0]["provenance"]["command"]
+    prov = {"rsp_init": {"path": str(rsp_run / "final")}, "structure_rsp": {"path": str(tmp_path / "gone")},
+            "command": "python -m retina_fast.training.train_enhance magenet --out X"}
+    lines = eval_enhance._commands(prov)
+    assert lines[0] == eval_enhance.portable_command(rsp_command)
+    assert lines[1].startswith("# structure_rsp: ") and "not here" in lines[1]
+    assert lines[2] == prov["command"] and len(lines) == 3
+    assert eval_enhance._commands({}) == ["# (no command recorded)"]
 
 
 def test_ladder_inversions_name_the_rung_and_the_size():

@@ -389,29 +389,48 @@ def ship(result: dict[str, Any], runs: Path, target: Path) -> str:
         shutil.rmtree(target)
     save_checkpoint(target, {"model": states["model"]}, config, prov)
     shutil.copy(runs / run / "log.csv", target / "log.csv")
-    rsp_info = result["runs"].get("RSP pretraining", {})
     info = result["runs"][label]
     hw = info.get("hardware") or {}
-    command = prov.get("command")
+    tau = result["thresholds"][label]["threshold"]
+    kinds = result["kinds"][label]["summary"]
     md = [f"# {label} (tiny preset): the shipped default enhancement weights", "",
           f"Selected: {prov['selection']}.", "",
-          "Reproduce (all ablation runs, the evaluation and this copy): `scripts/train_enhance_ablation.sh`.", "",
-          f"This model's training command: `{command}`", "",
-          f"- steps: {info.get('steps')}, wall time {info.get('wall_time_s')} s "
-          f"(+ RSP pretraining {rsp_info.get('wall_time_s')} s, {rsp_info.get('steps')} steps); wall time on a "
-          "shared machine, including time the process waited for other jobs",
-          f"- hardware: {hw.get('cpu')}, {hw.get('cpu_count')} cores shared with other jobs, "
-          f"{hw.get('torch_threads')} torch thread, {hw.get('device')}, `nice -n 15`",
+          "Reproduce, in order (the commands recorded in the checkpoints; paths as used then):", "", "```bash",
+          *_commands(prov),
+          f"python -m retina_fast.training.eval_enhance --runs {runs} --out docs/enhance_eval --ship-to {target}",
+          "```", "",
+          f"- steps: {info.get('steps')}, wall time {info.get('wall_time_s')} s on {hw.get('cpu')} "
+          f"({hw.get('cpu_count')} cores, {hw.get('torch_threads')} torch thread(s), {hw.get('device')}); wall time "
+          "on a machine shared with other jobs",
           f"- data: {prov.get('data')}",
+          "- residual threshold: " + (f"{tau} (`residual_threshold` in config.json), chosen by the rule of "
+                                      "`enhance_kinds.choose_residual_threshold` on its validation split; the grid "
+                                      "is in `provenance.residual_threshold_selection`" if tau is not None else
+                                      "none (no value of the grid kept every validation image)"),
           f"- real-half PSNR {real[label]['psnr']:.2f} dB vs degraded input {real['Degraded input']['psnr']:.2f} dB; "
           f"phantom PSNR {result['test_sets']['phantom'][label]['psnr']:.2f} dB",
           f"- per degradation kind (held-out right half, {result['kind_size']} px, seeds "
           f"{', '.join(map(str, result['test_seeds']))}): worst combination gain "
-          f"{result['kinds'][label]['summary']['worst_combination_gain_right']:+.2f} dB, mean gain over the "
-          f"illumination combinations {result['kinds'][label]['summary']['mean_illumination_gain_right']:+.2f} dB",
+          f"{kinds['worst_combination_gain_right']:+.2f} dB, mean gain over the illumination combinations "
+          f"{kinds['mean_illumination_gain_right']:+.2f} dB",
           "- files: config.json (architecture, provenance, sha256), model.safetensors, log.csv (training log)"]
     (target / "TRAINING.md").write_text("\n".join(md) + "\n")
     return label
+
+
+def _commands(prov: dict[str, Any]) -> list[str]:
+    """The training commands behind a checkpoint's provenance: its RSP initialisation's and its frozen
+    segmenter's (read from their own checkpoints, when still there), then its own."""
+    out = []
+    for key in ("rsp_init", "structure_rsp"):
+        path = (prov.get(key) or {}).get("path")
+        if not path:
+            continue
+        try:
+            out.append(portable_command(load_checkpoint(path, [])[0]["provenance"]["command"]))
+        except (OSError, ValueError, KeyError):
+            out.append(f"# {key}: {path} (its checkpoint is not here to read the command from)")
+    return out + [prov.get("command") or "# (no command recorded)"]
 
 
 def main(argv: list[str] | None = None) -> int:
