@@ -59,6 +59,11 @@ def test_spot_disks_cover_what_the_spots_brightened():
     x, params = degrade(clean, seed=3, kinds=("spot",), return_params=True)
     m = spot_disks(params[0] if isinstance(params, list) else params, 128, 128)
     assert m.shape == (128, 128) and m.dtype == torch.bool and 0 < int(m.sum()) < 128 * 128 // 4
+    yy, xx = torch.meshgrid(torch.arange(128.0), torch.arange(128.0), indexing="ij")
+    want = torch.zeros(128, 128, dtype=torch.bool)
+    for sp in (params[0] if isinstance(params, list) else params)["spots"]:  # radius r // 2, centre (x, y)
+        want |= ((xx - sp["center"][0]) ** 2 + (yy - sp["center"][1]) ** 2).sqrt() <= sp["radius"] // 2
+    assert torch.equal(m, want)
     excess = (x - clean)[0].mean(0)
     assert excess[m].mean() > 0.05 > excess[~m].mean() > -0.005  # the disks hold the brightening; outside, its blur
     assert not spot_disks({"kinds": ["blur"]}, 8, 8).any()
@@ -72,6 +77,17 @@ def test_spot_removal_is_one_for_the_clean_image_and_zero_for_the_input():
     assert gone["removed"] == pytest.approx(1.0) and gone["excess_out"] == pytest.approx(0.0, abs=1e-7)
     assert left["removed"] == pytest.approx(0.0, abs=1e-7) and left["excess_in"] > 0.05
     assert half["removed"] == pytest.approx(0.5, abs=1e-6) and left["pixels"] == half["pixels"] > 0
+    # the excess is measured in the disks only: brightening everything else changes nothing
+    from retina_fast.training.degrade import spot_disks
+
+    def disks(seed):
+        params = degrade(clean, seed=seed, kinds=("spot",), return_params=True)[1]
+        return spot_disks(params[0] if isinstance(params, list) else params, 96, 96)
+
+    inside = disks(0) | disks(1)
+    brighter_elsewhere = enhance_kinds.spot_removal(lambda x: torch.where(inside, x, (x + 0.2).clamp(0, 1)),
+                                                    size=96, seeds=(0, 1))
+    assert brighter_elsewhere["removed"] == pytest.approx(0.0, abs=1e-7)
 
 
 def test_augment_real_is_seeded_keeps_the_surround_black_and_varies():

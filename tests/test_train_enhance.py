@@ -139,11 +139,13 @@ def test_eval_report_and_ship(tmp_path, rsp_run):
                               ("magenet", "magenet", []), ("tmagenet", "tmagenet", [])):
         T.run(_args(kind, "--out", str(runs / name), "--steps", "1", *flags))
     # a threshold recorded in a run's config.json must not be what the ladder uses (each rung gets its own)
-    cfg = runs / "magenet" / "final" / "config.json"
-    doc = json.loads(cfg.read_text())
-    cfg.write_text(json.dumps({**doc, "residual_threshold": 0.9}))
-    eval_enhance.main(["--runs", str(runs), "--out", str(tmp_path / "doc"), "--n-test", "2", "--size", "48",
-                       "--kind-size", "64", "--test-seeds", "0", "--val-seeds", "10", "--ship-to", str(tmp_path / "ship")])
+    for run in ("magenet", "tmagenet"):
+        cfg = runs / run / "final" / "config.json"
+        doc = json.loads(cfg.read_text())
+        cfg.write_text(json.dumps({**doc, "residual_threshold": 0.9}))
+    argv = ["--runs", str(runs), "--out", str(tmp_path / "doc"), "--n-test", "2", "--size", "48",
+            "--kind-size", "64", "--test-seeds", "0", "--val-seeds", "10", "--ship-to", str(tmp_path / "ship")]
+    eval_enhance.main(argv)
     md = (tmp_path / "doc" / "ablation.md").read_text()
     for label in ("Degraded input", "CLAHE", "Stage-1 only", "MAGE-Net w/o RSP", "| MAGE-Net |", "T-MAGE-Net"):
         assert label in md
@@ -171,6 +173,7 @@ def test_eval_report_and_ship(tmp_path, rsp_run):
     assert psnr(y, b["y"]).double().tolist() == pytest.approx(res["test_sets"]["real"]["MAGE-Net"]["psnr_per_image"])
     # the per-kind table of a rung is its raw outputs soft-thresholded by its τ (τ = 0: identical)
     for label in rungs:
+        assert res["kinds"][label]["seeds"] == [0] and res["validation"][label]["seeds"] == [10]
         if not res["thresholds"][label]["threshold"]:
             assert res["kinds"][label]["rows"] == res["kinds_raw"][label]["rows"]
     assert len(res["kinds"]["MAGE-Net"]["rows"]) == 8  # the clean photograph + seven combinations
@@ -179,7 +182,10 @@ def test_eval_report_and_ship(tmp_path, rsp_run):
     assert (tmp_path / "ship" / "TRAINING.md").is_file() and (tmp_path / "ship" / "log.csv").is_file()
     training_md = (tmp_path / "ship" / "TRAINING.md").read_text()
     assert "```bash" in training_md and doc["provenance"]["command"] in training_md
-    assert f"--ship-to {tmp_path / 'ship'}" in training_md and "- residual threshold: " in training_md
+    assert "python -m retina_fast.training.eval_enhance " + " ".join(argv) in training_md
+    assert "- residual threshold: " in training_md
+    shipped = doc["provenance"]["selection"].split(":")[0]
+    assert doc.get("residual_threshold") == res["thresholds"][shipped]["threshold"]  # never the recorded 0.9
     val = {k: v["score"] for k, v in res["validation"].items() if k in ("MAGE-Net", "T-MAGE-Net")}
     best = max(val, key=lambda k: (val[k][0], round(val[k][1], 2), k == "T-MAGE-Net"))
     assert doc["provenance"]["selection"].startswith(best + ":")  # chosen on validation, not on the test half
@@ -190,6 +196,23 @@ def test_eval_report_and_ship(tmp_path, rsp_run):
         assert "seeds [10, 11, 12, 13, 14, 15, 16, 17]" in sel["validation"]
     else:
         assert sel is None
+    with pytest.raises(SystemExit):  # test seeds among the threshold's own validation seeds
+        eval_enhance.main([*argv[:-2], "--test-seeds", "12"])
+
+
+def test_thresholded_is_what_enhance_returns_with_that_threshold(tmp_path):
+    from retina_fast.enhance import enhance
+    from retina_fast.training import enhance_kinds, eval_enhance
+
+    model = tmp_path / "m"
+    assert T.run(_args("magenet", "--out", str(model), "--steps", "2", "--lr", "0.05")) == 0
+    x = enhance_kinds.kind_inputs(64, (0,))[1]
+    raw = enhance(x, model=str(model / "final"), backend="torch", residual_threshold=0.0)
+    assert eval_enhance.thresholded(x, raw, None) is raw and eval_enhance.thresholded(x, raw, 0.0) is raw
+    for tau in (0.01, 0.05):
+        want = enhance(x, model=str(model / "final"), backend="torch", residual_threshold=tau)
+        got = eval_enhance.thresholded(x, raw, tau)
+        assert torch.allclose(got, want, atol=1e-6) and not torch.equal(got, raw)
 
 
 def test_reproduction_commands_include_the_rsp_runs_behind_a_checkpoint(rsp_run, tmp_path):
@@ -352,17 +375,19 @@ def test_spot_fraction_swaps_inputs_for_their_spot_only_degradation(tmp_path):
             seen["x"] = x
             raise StopIteration
 
-    for fraction, pool in ((1.0, real[2]), (0.0, syn)):
+    opts["batch_size"] = 8
+    for fraction, step in ((1.0, 0), (0.0, 0), (0.5, 0), (0.5, 1), (0.5, 2)):
         with pytest.raises(StopIteration):
-            T._step(Spy(), None, {**opts, "spot_fraction": fraction}, syn, real if fraction else None, 0,
+            T._step(Spy(), None, {**opts, "spot_fraction": fraction}, syn, real if fraction else None, step,
                     torch.device("cpu"))
-        g = T.step_generator(opts["seed"], 0, T._STREAM)
+        g = T.step_generator(opts["seed"], step, T._STREAM)
         idx = torch.randint(len(syn), (opts["batch_size"],), generator=g)
-        if fraction:
-            torch.rand(opts["batch_size"], generator=g)
+        use = torch.rand(opts["batch_size"], generator=g) < fraction if fraction else torch.zeros(8, dtype=torch.bool)
         rows = syn.get(idx)
-        rows["x"] = pool.get(idx)["x"]
+        rows["x"] = torch.where(use[:, None, None, None], real[2].get(idx)["x"], rows["x"])  # row by row
         assert torch.equal(seen["x"], enhance_data.random_crops(rows, opts["crop"], g)["x"])
+        if fraction == 0.5 and step == 2:
+            assert use.any() and not use.all()  # both kinds of row in one batch (seeded: fixed)
     for bad in ("-0.1", "1.5"):
         with pytest.raises(ValueError, match="--spot-fraction must be in"):
             T.run(_args("magenet", "--out", str(tmp_path / "bad"), "--spot-fraction", bad))

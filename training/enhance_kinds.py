@@ -136,20 +136,26 @@ def spot_removal(enhance_fn: Callable[[torch.Tensor], torch.Tensor], size: int =
                  seeds: Sequence[int] = (0, 1, 2)) -> dict[str, Any]:
     """How much of the spots' brightening an enhancer takes away. The real photograph (``clean_real(size)``)
     degraded by spots alone with each seed; inside the disks ``degrade`` drew (radius r/2 before its blur),
-    the mean excess of input and output over the clean photograph (all channels, all disks of all seeds);
-    ``removed`` = 1 − excess_out / excess_in (1: spots gone, 0: left, < 0: brightened further)."""
+    the mean excess of input and output over the clean photograph (all channels, the disks' pixels inside the
+    field of view, all seeds); ``removed`` = 1 − excess_out / excess_in (1: spots gone, 0: left, < 0:
+    brightened further)."""
+    from retina_fast.fov import fov_mask
     from retina_fast.training.degrade import spot_disks
 
     clean = clean_real(size)
+    fov = fov_mask(clean)[0].bool()
     excess_in, excess_out, pixels = 0.0, 0.0, 0
     for s in seeds:
         x, params = degrade(clean, seed=s, kinds=("spot",), return_params=True)
         x = (x * 255).round() / 255  # like kind_inputs: a photograph's uint8 levels
         y = enhance_fn(x)
-        m = spot_disks(params[0] if isinstance(params, list) else params, size, size)
+        m = spot_disks(params[0] if isinstance(params, list) else params, size, size) & fov
         excess_in += (x - clean)[0][:, m].sum().item()
         excess_out += (y - clean)[0][:, m].sum().item()
         pixels += 3 * int(m.sum())
+    if pixels == 0 or excess_in <= 0:
+        raise ValueError(f"spot_removal: the spots of seeds {list(seeds)} at {size} px brighten nothing inside the "
+                         "field of view")
     return {"size": size, "seeds": list(seeds), "pixels": pixels, "excess_in": excess_in / pixels,
             "excess_out": excess_out / pixels, "removed": 1.0 - excess_out / excess_in}
 
@@ -177,7 +183,7 @@ def choose_residual_threshold(model, *, size: int = 512, seeds: Sequence[int] = 
     rows, chosen = [], None
     for tau in grid:
         out = shrink_residual(x, raw, tau) * fov  # what enhance(..., residual_threshold=tau) returns
-        t = kind_table(None, inputs=inputs, outputs=out)["rows"]
+        t = kind_table(None, seeds=seeds, inputs=inputs, outputs=out)["rows"]
         degraded = {k: v for k, v in t.items() if k != "none"}
         row = {"threshold": tau, "worst_image_gain_left": min(v["worst_gain_left"] for v in degraded.values()),
                "mean_illumination_gain_left": sum(v["gain_left"] for k, v in degraded.items() if _has_illumination(k))

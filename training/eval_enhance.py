@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 import warnings
@@ -45,7 +46,8 @@ from retina_fast.checkpoint import load_checkpoint, save_checkpoint
 from retina_fast.metrics import psnr, ssim
 from retina_fast.training import enhance_data, enhance_kinds
 
-__all__ = ["VARIANTS", "clahe", "evaluate", "vessel_iou", "portable_command", "main"]
+__all__ = ["VARIANTS", "clahe", "evaluate", "thresholded", "vessel_iou", "ladder_inversions", "ship",
+           "portable_command", "main"]
 
 # run directory name -> row label (the paper's Table 6 ladder)
 VARIANTS = {"stage1-only": "Stage-1 only", "no-rsp": "MAGE-Net w/o RSP", "magenet": "MAGE-Net",
@@ -137,7 +139,7 @@ def validation_score(table: dict[str, Any]) -> tuple[bool, float]:
 def evaluate(runs: Path, n_test: int = 14, size: int = 256, backend: str = "torch", *, kind_size: int = KIND_SIZE,
              test_seeds=TEST_SEEDS, val_seeds=VAL_SEEDS) -> dict[str, Any]:
     """All numbers of the ablation (see the module doc) as a JSON-serialisable dict."""
-    from retina_fast.enhance import enhance, shrink_residual
+    from retina_fast.enhance import enhance
 
     cache = runs / "data"
     syn = enhance_data.synthetic_test_set(n_test, size, cache_dir=cache)
@@ -149,6 +151,9 @@ def evaluate(runs: Path, n_test: int = 14, size: int = 256, backend: str = "torc
         outputs[name]["CLAHE (L of LAB)"] = clahe(b["x"], _fov(b["x"]))
     runs_info, thresholds = {}, {}
     raw_phantom: dict[str, torch.Tensor] = {}
+    test_in = enhance_kinds.kind_inputs(kind_size, test_seeds)
+    val_in = enhance_kinds.kind_inputs(kind_size, val_seeds)
+    kinds, kinds_raw, validation = {}, {}, {}
     for run, label in VARIANTS.items():
         ck = runs / run / "final"
         if not (ck / "config.json").is_file():
@@ -158,22 +163,22 @@ def evaluate(runs: Path, n_test: int = 14, size: int = 256, backend: str = "torc
         # config.json), so the ladder compares the recipes under one post-processing
         tau, grid = enhance_kinds.choose_residual_threshold(str(ck), size=kind_size, backend=backend)
         thresholds[label] = {"threshold": tau, "grid": grid}
+
+        def raw(x, ck=str(ck)):  # the network alone, 4 images at a time
+            return torch.cat([enhance(x[i:i + 4], model=ck, backend=backend, residual_threshold=0.0)
+                              for i in range(0, len(x), 4)])
+
         for name, b in sets.items():
-            outputs[name][label] = enhance(b["x"], model=str(ck), backend=backend, residual_threshold=tau or 0.0)
-        raw_phantom[label] = enhance(sets["phantom"]["x"], model=str(ck), backend=backend, residual_threshold=0.0)
-    test_in = enhance_kinds.kind_inputs(kind_size, test_seeds)
-    val_in = enhance_kinds.kind_inputs(kind_size, val_seeds)
-    kinds, kinds_raw, validation = {}, {}, {}
-    for label in runs_info:
-        ck = str(runs / {v: k for k, v in VARIANTS.items()}[label] / "final")
-        tau = thresholds[label]["threshold"] or 0.0
-        for table, inputs in ((kinds, test_in), (validation, val_in)):
-            x = inputs[1]
-            raw = torch.cat([enhance(x[i:i + 4], model=ck, backend=backend, residual_threshold=0.0)
-                             for i in range(0, len(x), 4)])
+            r = raw(b["x"])
+            outputs[name][label] = thresholded(b["x"], r, tau)
+            if name == "phantom":
+                raw_phantom[label] = r
+        for table, inputs, seeds in ((kinds, test_in, test_seeds), (validation, val_in, val_seeds)):
+            r = raw(inputs[1])
             if table is kinds:
-                kinds_raw[label] = enhance_kinds.kind_table(None, inputs=inputs, outputs=raw)
-            table[label] = enhance_kinds.kind_table(None, inputs=inputs, outputs=shrink_residual(x, raw, tau) * _fov(x))
+                kinds_raw[label] = enhance_kinds.kind_table(None, seeds=seeds, inputs=inputs, outputs=r)
+            table[label] = enhance_kinds.kind_table(None, seeds=seeds, inputs=inputs,
+                                                    outputs=thresholded(inputs[1], r, tau))
     result: dict[str, Any] = {"test_sets": {}, "runs": runs_info, "backend": backend,
                               "size": size, "n_test": n_test, "kind_size": kind_size,
                               "test_seeds": list(test_seeds), "val_seeds": list(val_seeds),
@@ -196,6 +201,14 @@ def evaluate(runs: Path, n_test: int = 14, size: int = 256, backend: str = "torc
         result["runs"]["RSP pretraining"] = _run_info(rsp_ck)
     result["_outputs"], result["_sets"], result["_kinds"] = outputs, sets, kinds
     return result
+
+
+def thresholded(x: torch.Tensor, raw: torch.Tensor, tau: float | None) -> torch.Tensor:
+    """What ``enhance(x, residual_threshold=tau)`` returns, from its raw output ``raw`` (threshold 0: clamped,
+    times the field of view): the change soft-thresholded by ``tau`` (None or 0: ``raw`` itself)."""
+    from retina_fast.enhance import shrink_residual
+
+    return shrink_residual(x, raw, tau) * _fov(x) if tau else raw
 
 
 def _public(table: dict[str, Any]) -> dict[str, Any]:
@@ -229,10 +242,10 @@ def _mean_gain_right(table: dict[str, Any]) -> float:
     return sum(rows) / len(rows)
 
 
-def ladder_inversions(result: dict[str, Any]) -> list[str]:
-    """Adjacent rungs of LADDER (those present) where the better-by-the-paper one scores lower, on the
-    held-out real test set's PSNR and on the mean right-half gain over the seven combinations (thresholded
-    outputs); one line each, with the size."""
+def ladder_inversions(result: dict[str, Any], tol_db: float = 0.005) -> list[str]:
+    """Adjacent rungs of LADDER (those present) where the better-by-the-paper one scores lower by more than
+    ``tol_db``, on the held-out real test set's PSNR and on the mean right-half gain over the seven combinations
+    (thresholded outputs); one line each, with the size."""
     present = [k for k in LADDER if k in result["kinds"]]
     real = result["test_sets"]["real"]
     metrics = {"real test-set PSNR": lambda k: real[k]["psnr"],
@@ -240,7 +253,7 @@ def ladder_inversions(result: dict[str, Any]) -> list[str]:
     out = []
     for lo, hi in zip(present, present[1:]):
         for name, f in metrics.items():
-            if f(hi) < f(lo):
+            if f(hi) < f(lo) - tol_db:
                 out.append(f"{hi} < {lo} on the {name} by {f(lo) - f(hi):.2f} dB")
     return out
 
@@ -336,9 +349,12 @@ def write_report(result: dict[str, Any], out: Path) -> None:
         inv = ladder_inversions(result)
         md += ["", "## The ladder, each rung with its own residual threshold", "",
                "Each run's residual threshold τ (`retina_fast.enhance`) is chosen by the shipped rule -- the smallest of "
-               "0, 0.01, ..., 0.1 at which no validation image (left half, seven combinations, seeds 10-17) loses more "
-               "than 0.1 dB -- and every figure above and below uses it (a threshold recorded in a run's config.json is "
-               "ignored). Raw = the same network with τ = 0. Held-out right half (R) at "
+               f"{', '.join(map(str, enhance_kinds.THRESHOLD_GRID[:2]))}, ..., {enhance_kinds.THRESHOLD_GRID[-1]} at "
+               "which no validation image (left half, seven combinations, seeds "
+               f"{enhance_kinds.VAL_SEEDS[0]}-{enhance_kinds.VAL_SEEDS[-1]}) loses more than "
+               f"{enhance_kinds.MAX_VAL_LOSS_DB} dB -- and every figure above and below uses it (a threshold recorded in "
+               "a run's config.json is ignored; the choice of the shipped run uses the same validation images). "
+               "Raw = the same network with τ = 0. Held-out right half (R) at "
                f"{result['kind_size']} px, seeds {', '.join(map(str, result['test_seeds']))}; vessel IoU on the phantom "
                "test set.", "", _ladder(result), "",
                "Order of the paper (Stage-1 only ≤ w/o RSP ≤ MAGE-Net ≤ T-MAGE-Net): "
@@ -367,9 +383,11 @@ def write_report(result: dict[str, Any], out: Path) -> None:
     (out / "ablation.md").write_text("\n".join(md) + "\n")
 
 
-def ship(result: dict[str, Any], runs: Path, target: Path) -> str:
+def ship(result: dict[str, Any], runs: Path, target: Path, eval_command: str | None = None) -> str:
     """Copy the MAGE-Net / T-MAGE-Net run best on the validation split (``validation_score``, then T-MAGE-Net
-    on a tie) to ``target``; returns its label. The held-out test numbers play no part in the choice."""
+    on a tie) to ``target`` with the residual threshold chosen for it in ``result`` (none when the grid had
+    none) and a TRAINING.md (``eval_command``: the evaluation's command line); returns its label. The held-out
+    test numbers play no part in the choice."""
     real, val = result["test_sets"]["real"], result["validation"]
     cands = [label for label in SHIPPABLE if label in val]
     if not cands:
@@ -389,15 +407,18 @@ def ship(result: dict[str, Any], runs: Path, target: Path) -> str:
         shutil.rmtree(target)
     save_checkpoint(target, {"model": states["model"]}, config, prov)
     shutil.copy(runs / run / "log.csv", target / "log.csv")
+    tau = result["thresholds"][label]["threshold"]
+    if tau is not None:
+        enhance_kinds.write_residual_threshold(target, tau, result["thresholds"][label]["grid"], enhance_kinds.VAL_SEEDS,
+                                               enhance_kinds.MAX_VAL_LOSS_DB, result["backend"], result["kind_size"])
     info = result["runs"][label]
     hw = info.get("hardware") or {}
-    tau = result["thresholds"][label]["threshold"]
     kinds = result["kinds"][label]["summary"]
     md = [f"# {label} (tiny preset): the shipped default enhancement weights", "",
           f"Selected: {prov['selection']}.", "",
           "Reproduce, in order (the commands recorded in the checkpoints; paths as used then):", "", "```bash",
           *_commands(prov),
-          f"python -m retina_fast.training.eval_enhance --runs {runs} --out docs/enhance_eval --ship-to {target}",
+          eval_command or f"python -m retina_fast.training.eval_enhance --runs {runs} --ship-to {target}",
           "```", "",
           f"- steps: {info.get('steps')}, wall time {info.get('wall_time_s')} s on {hw.get('cpu')} "
           f"({hw.get('cpu_count')} cores, {hw.get('torch_threads')} torch thread(s), {hw.get('device')}); wall time "
@@ -420,16 +441,26 @@ def ship(result: dict[str, Any], runs: Path, target: Path) -> str:
 
 def _commands(prov: dict[str, Any]) -> list[str]:
     """The training commands behind a checkpoint's provenance: its RSP initialisation's and its frozen
-    segmenter's (read from their own checkpoints, when still there), then its own."""
-    out = []
+    segmenter's (read from their own checkpoints when these are still there with the recorded sha256; a
+    ``#`` comment line otherwise), then its own."""
+    out, seen = [], set()
     for key in ("rsp_init", "structure_rsp"):
-        path = (prov.get(key) or {}).get("path")
-        if not path:
+        rec = prov.get(key) or {}
+        path = rec.get("path")
+        if not path or path in seen:
             continue
+        seen.add(path)
         try:
-            out.append(portable_command(load_checkpoint(path, [])[0]["provenance"]["command"]))
-        except (OSError, ValueError, KeyError):
+            doc = load_checkpoint(path, [])[0]
+        except (OSError, ValueError):
             out.append(f"# {key}: {path} (its checkpoint is not here to read the command from)")
+            continue
+        if rec.get("sha256") and doc.get("weights", {}).get("model", {}).get("sha256") != rec["sha256"]:
+            out.append(f"# {key}: {path} now holds other weights than the ones used (sha256 differs)")
+        elif not doc.get("provenance", {}).get("command"):
+            out.append(f"# {key}: {path} (no command recorded in its checkpoint)")
+        else:
+            out.append(portable_command(doc["provenance"]["command"]))
     return out + [prov.get("command") or "# (no command recorded)"]
 
 
@@ -445,25 +476,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-seeds", type=int, nargs="+", default=list(TEST_SEEDS), help="per-kind test seeds (default 0 1 2 3)")
     p.add_argument("--val-seeds", type=int, nargs="+", default=list(VAL_SEEDS), help="validation seeds (default 10 11)")
     p.add_argument("--ship-to", metavar="DIR", help="copy the chosen model here (retina_fast/weights/magenet-tiny)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     runs = Path(args.runs)
     if set(args.test_seeds) & set(args.val_seeds):
         p.error(f"--test-seeds and --val-seeds must not overlap (both hold {sorted(set(args.test_seeds) & set(args.val_seeds))})")
+    if set(args.test_seeds) & set(enhance_kinds.VAL_SEEDS):
+        p.error(f"--test-seeds must not overlap the residual threshold's validation seeds {list(enhance_kinds.VAL_SEEDS)}")
     result = evaluate(runs, args.n_test, args.size, args.backend, kind_size=args.kind_size,
                       test_seeds=args.test_seeds, val_seeds=args.val_seeds)
     write_report(result, Path(args.out))
     if args.ship_to:
         target = Path(args.ship_to)
-        label = ship(result, runs, target)
-        # its residual threshold: the one chosen for it above, on the threshold's own validation split
-        tau, rows = result["thresholds"][label]["threshold"], result["thresholds"][label]["grid"]
-        if tau is None:
-            print(f"{target}: no residual threshold of the grid keeps every validation image; none recorded",
-                  file=sys.stderr)
-        else:
-            enhance_kinds.write_residual_threshold(target, tau, rows, enhance_kinds.VAL_SEEDS,
-                                                   enhance_kinds.MAX_VAL_LOSS_DB, args.backend, args.kind_size)
-            print(f"{target}: residual_threshold {tau}")
+        label = ship(result, runs, target, "python -m retina_fast.training.eval_enhance " + shlex.join(argv))
+        tau = result["thresholds"][label]["threshold"]
+        print(f"{target}: {label}, residual_threshold {tau}" if tau is not None else
+              f"{target}: {label}; no residual threshold of the grid keeps every validation image, none recorded",
+              file=sys.stdout if tau is not None else sys.stderr)
     return 0
 
 

@@ -99,7 +99,8 @@ def add_arguments(p) -> None:
                         "learns to leave a good photograph alone)" + d("identity_fraction"))
     p.add_argument("--spot-fraction", type=float, metavar="P",
                    help="probability that a labelled synthetic row's input is its spot-only degradation instead "
-                        "of its random combination (more spot-removal examples; not in the paper)" + d("spot_fraction"))
+                        "of its random combination (more spot-removal examples; not in the paper; an identity pair "
+                        "drawn after it still replaces the input)" + d("spot_fraction"))
     p.add_argument("--real-images", type=int, help="degraded versions of the real left half" + d("real_images"))
     p.add_argument("--real-augment", type=float, metavar="A",
                    help="widen the unlabelled real domain: each degraded left half starts from its own variant (zoom "
