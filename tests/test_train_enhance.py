@@ -128,7 +128,7 @@ def test_kind_is_required():
         T.run(argparse.Namespace(out="x", resume=False, model="vqgan"))
 
 
-def test_eval_report_and_ship(tmp_path, rsp_run):
+def test_eval_report_and_ship(tmp_path, rsp_run, capsys):
     """The whole ablation pipeline at toy scale: four variants, evaluation, report, shipped copy."""
     from retina_fast.training import enhance_kinds, eval_enhance
 
@@ -198,6 +198,18 @@ def test_eval_report_and_ship(tmp_path, rsp_run):
         assert sel is None
     with pytest.raises(SystemExit):  # test seeds among the threshold's own validation seeds
         eval_enhance.main([*argv[:-2], "--test-seeds", "12"])
+    # the thresholds are remembered per weights and rule settings; a remembered one is used as is
+    cache_file = runs / eval_enhance.THRESHOLD_CACHE
+    cache = json.loads(cache_file.read_text())
+    assert len(cache) == 4 and sorted(v["checkpoint"] for v in cache.values()) == sorted(
+        str(runs / r / "final") for r in ("stage1-only", "no-rsp", "magenet", "tmagenet"))
+    key = next(k for k, v in cache.items() if v["checkpoint"] == str(runs / "magenet" / "final"))
+    cache[key]["threshold"] = 0.05
+    cache_file.write_text(json.dumps(cache))
+    assert eval_enhance.rung_threshold(runs / "magenet" / "final", runs, 64, "torch")[0] == 0.05
+    capsys.readouterr()
+    assert eval_enhance.main(["--runs", str(runs), "--kind-size", "64", "--thresholds-only"]) == 0
+    assert "MAGE-Net: residual threshold 0.05" in capsys.readouterr().out.splitlines()
 
 
 def test_thresholded_is_what_enhance_returns_with_that_threshold(tmp_path):

@@ -127,6 +127,33 @@ def _run_info(path: Path) -> dict[str, Any]:
 
 
 TEST_SEEDS, VAL_SEEDS, KIND_SIZE = (0, 1, 2, 3), (10, 11), 512
+THRESHOLD_CACHE = "thresholds-cache.json"  # in the runs directory
+
+
+def rung_threshold(ck: Path, runs: Path, kind_size: int, backend: str) -> tuple[float | None, list[dict[str, Any]]]:
+    """``enhance_kinds.choose_residual_threshold`` of checkpoint ``ck``, remembered in RUNS/thresholds-cache.json
+    under the weights' sha256 and every setting of the rule (the choice is deterministic), so a rung finished
+    early can have its threshold chosen while others still train (``--thresholds-only``)."""
+    from retina_fast.files import atomic_write
+
+    sha = load_checkpoint(ck, [])[0]["weights"]["model"]["sha256"]
+    key = json.dumps([sha, kind_size, backend, list(enhance_kinds.THRESHOLD_GRID), list(enhance_kinds.VAL_SEEDS),
+                      enhance_kinds.MAX_VAL_LOSS_DB])
+    path = runs / THRESHOLD_CACHE
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]["threshold"], cache[key]["grid"]
+    tau, grid = enhance_kinds.choose_residual_threshold(str(ck), size=kind_size, backend=backend)
+    try:  # re-read: another process may have added a rung meanwhile
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    cache[key] = {"checkpoint": str(ck), "threshold": tau, "grid": grid}
+    atomic_write(path, json.dumps(cache, indent=1))
+    return tau, grid
 
 
 def validation_score(table: dict[str, Any]) -> tuple[bool, float]:
@@ -161,7 +188,7 @@ def evaluate(runs: Path, n_test: int = 14, size: int = 256, backend: str = "torc
         runs_info[label] = _run_info(ck)
         # every rung gets its own residual threshold by the shipped rule (not a threshold recorded in its
         # config.json), so the ladder compares the recipes under one post-processing
-        tau, grid = enhance_kinds.choose_residual_threshold(str(ck), size=kind_size, backend=backend)
+        tau, grid = rung_threshold(ck, runs, kind_size, backend)
         thresholds[label] = {"threshold": tau, "grid": grid}
 
         def raw(x, ck=str(ck)):  # the network alone, 4 images at a time
@@ -476,6 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-seeds", type=int, nargs="+", default=list(TEST_SEEDS), help="per-kind test seeds (default 0 1 2 3)")
     p.add_argument("--val-seeds", type=int, nargs="+", default=list(VAL_SEEDS), help="validation seeds (default 10 11)")
     p.add_argument("--ship-to", metavar="DIR", help="copy the chosen model here (retina_fast/weights/magenet-tiny)")
+    p.add_argument("--thresholds-only", action="store_true",
+                   help=f"only choose (and remember in RUNS/{THRESHOLD_CACHE}) the residual threshold of every finished "
+                        "run, e.g. while the others still train; no report")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     runs = Path(args.runs)
@@ -483,6 +513,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--test-seeds and --val-seeds must not overlap (both hold {sorted(set(args.test_seeds) & set(args.val_seeds))})")
     if set(args.test_seeds) & set(enhance_kinds.VAL_SEEDS):
         p.error(f"--test-seeds must not overlap the residual threshold's validation seeds {list(enhance_kinds.VAL_SEEDS)}")
+    if args.thresholds_only:
+        for run, label in VARIANTS.items():
+            ck = runs / run / "final"
+            if (ck / "config.json").is_file():
+                print(f"{label}: residual threshold {rung_threshold(ck, runs, args.kind_size, args.backend)[0]}",
+                      flush=True)
+        return 0
     result = evaluate(runs, args.n_test, args.size, args.backend, kind_size=args.kind_size,
                       test_seeds=args.test_seeds, val_seeds=args.val_seeds)
     write_report(result, Path(args.out))
