@@ -41,9 +41,9 @@ import torch.nn.functional as F
 
 from retina_fast.training.degrade import degradation_combinations, degrade, fov_mask
 
-__all__ = ["SYN_TRAIN", "SYN_TEST", "SYN_SPOT", "REAL_TRAIN", "REAL_TEST", "REAL_PAIRS", "TEST_EYE_OFFSET", "SPLIT_COLUMN",
-           "Pool", "synthetic_pairs", "spot_inputs", "synthetic_test_set", "real_image", "real_half", "degrade_half",
-           "real_unlabelled", "real_pairs", "real_test_set", "random_crops", "augment_real"]
+__all__ = ["SYN_TRAIN", "SYN_TEST", "SYN_SPOT", "REAL_TRAIN", "REAL_TEST", "REAL_PAIRS", "TEST_EYE_OFFSET",
+           "SPLIT_COLUMN", "Pool", "synthetic_pairs", "spot_inputs", "synthetic_test_set", "real_image", "real_half",
+           "degrade_half", "real_unlabelled", "real_pairs", "real_test_set", "random_crops", "augment_real"]
 
 SYN_TRAIN, SYN_TEST, REAL_TRAIN, REAL_TEST, REAL_PAIRS = 0x5E1, 0x5E2, 0x4EA1, 0x4EA2, 0x4EA3  # degrade seed tags
 SYN_SPOT = 0x5E3  # degrade seed tag of the spot-only training inputs (spot_inputs)
