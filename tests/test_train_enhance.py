@@ -152,6 +152,7 @@ def test_eval_report_and_ship(tmp_path, rsp_run, capsys):
     assert (tmp_path / "doc" / "examples.png").is_file() and (tmp_path / "doc" / "ablation.json").is_file()
     assert "Per degradation kind" in md and (tmp_path / "doc" / "kinds.png").is_file()
     assert "## The ladder, each rung with its own residual threshold" in md and "Order of the paper" in md
+    assert "Produced by `python -m retina_fast.training.eval_enhance " + " ".join(argv) + "`" in md
     res = json.loads((tmp_path / "doc" / "ablation.json").read_text())
     rungs = {"Stage-1 only", "MAGE-Net w/o RSP", "MAGE-Net", "T-MAGE-Net"}
     assert set(res["kinds"]) == set(res["validation"]) == set(res["kinds_raw"]) == set(res["thresholds"]) == rungs

@@ -329,7 +329,8 @@ def _examples(result: dict[str, Any], path: Path, rows=(0, 6)) -> None:
     Image.fromarray(np.round(img * 255).astype(np.uint8)).save(path)
 
 
-def write_report(result: dict[str, Any], out: Path) -> None:
+def write_report(result: dict[str, Any], out: Path, command: str | None = None) -> None:
+    """OUT/ablation.md, ablation.json, examples.png, kinds.png; ``command``: the evaluation's command line."""
     out.mkdir(parents=True, exist_ok=True)
     data = {k: v for k, v in result.items() if not k.startswith("_")}
     (out / "ablation.json").write_text(json.dumps(data, indent=1) + "\n")
@@ -342,10 +343,9 @@ def write_report(result: dict[str, Any], out: Path) -> None:
     md = [
         "# MAGE-Net ablation (CPU-scale reproduction)",
         "",
-        "Produced by `python -m retina_fast.training.eval_enhance --runs runs/enhance_ablation --out docs/enhance_eval "
-        "--ship-to retina_fast/weights/magenet-tiny`",
-        "as the last step of `scripts/train_enhance_ablation.sh` (which runs every training, this evaluation and the "
-        "copy of the best MAGE-Net / T-MAGE-Net run on the real half to the shipped weights).",
+        f"Produced by `{command or 'python -m retina_fast.training.eval_enhance'}`",
+        "(the last step of `scripts/train_enhance_ablation.sh`, which runs every training, this evaluation and, with "
+        "`--ship-to`, the copy of the MAGE-Net / T-MAGE-Net run best on the validation split to the shipped weights).",
         "",
         f"Test sets: {result['n_test']} degraded phantom eyes never trained on, and the held-out right half of "
         "`skimage.data.retina()` (columns 706–1410; the left half is the unlabelled real training domain) degraded "
@@ -359,8 +359,8 @@ def write_report(result: dict[str, Any], out: Path) -> None:
         "",
         f"Real half, PSNR change over the degraded input: {gains}.",
         "",
-        "Training wall times (one thread each under `nice -n 15` on a 2-core machine shared with other jobs; "
-        "two of these runs went at a time and other jobs could pause them, so wall time overstates the compute). "
+        "Training wall times (threads as listed, on a 2-core machine shared with other jobs: two runs usually went "
+        "at a time and other jobs could pause them, so wall time overstates the compute). "
         "\"MAGE-Net, long run\" is the same recipe as MAGE-Net with more steps, outside the ablation ladder.",
         "",
         _walltimes(result),
@@ -522,10 +522,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     result = evaluate(runs, args.n_test, args.size, args.backend, kind_size=args.kind_size,
                       test_seeds=args.test_seeds, val_seeds=args.val_seeds)
-    write_report(result, Path(args.out))
+    command = "python -m retina_fast.training.eval_enhance " + shlex.join(argv)
+    write_report(result, Path(args.out), command)
     if args.ship_to:
         target = Path(args.ship_to)
-        label = ship(result, runs, target, "python -m retina_fast.training.eval_enhance " + shlex.join(argv))
+        label = ship(result, runs, target, command)
         tau = result["thresholds"][label]["threshold"]
         print(f"{target}: {label}, residual_threshold {tau}" if tau is not None else
               f"{target}: {label}; no residual threshold of the grid keeps every validation image, none recorded",
