@@ -424,7 +424,7 @@ def ship(result: dict[str, Any], runs: Path, target: Path, eval_command: str | N
     doc, states = load_checkpoint(runs / run / "final", ["model"])
     config = {k: v for k, v in doc.items() if k not in ("format", "format_version", "provenance", "weights",
                                                         "model_weights", "residual_threshold")}
-    prov = {k: v for k, v in doc["provenance"].items() if k != "residual_threshold_selection"}  # chosen anew in main
+    prov = {k: v for k, v in doc["provenance"].items() if k != "residual_threshold_selection"}  # written anew below
     prov["command"] = portable_command(prov.get("command"))
     others = {k: round(val[k]["score"][1], 2) for k in cands}
     prov["selection"] = (f"{label}: best mean PSNR gain (dB) on the validation split (left half of the real "
