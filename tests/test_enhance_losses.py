@@ -9,9 +9,9 @@ import torch
 
 from retina_fast.models.magenet import MAGENetOutput
 from retina_fast.models.rsp import RSPOutput
-from retina_fast.training.enhance_losses import (EDGE_WEIGHT, SEG_LAMBDA, charbonnier, conv_gauss, dice_loss,
-                                                 edge_loss, gauss_kernel, laplacian_residual, magenet_loss,
-                                                 rsp_loss, segmentation_loss)
+from retina_fast.training.enhance_losses import (EDGE_WEIGHT, L2_WEIGHT, SEG_LAMBDA, charbonnier, conv_gauss,
+                                                 dice_loss, edge_loss, gauss_kernel, laplacian_residual,
+                                                 magenet_loss, pixel_loss, rsp_loss, segmentation_loss)
 
 
 def test_charbonnier_by_hand():
@@ -101,6 +101,36 @@ def test_magenet_total_loss_by_hand():
     s1_only = MAGENetOutput(stage1=target + 1.0, stage2=None, rsp=None)
     assert float(magenet_loss(s1_only, target, mask)[0]) == pytest.approx(stage1, rel=1e-5)
     assert float(rsp_loss(rsp, mask)) == pytest.approx(5 * math.log(2), rel=1e-6)
+
+
+def test_l2_pixel_loss_by_hand_and_in_the_total():
+    """pixel="l2": L2_WEIGHT * mean squared error in both image terms (its gradient equals Charbonnier's at
+    |d| = 0.05); per_row gives each row's mean; the segmentation term is unchanged; unknown kinds refused."""
+    x = torch.tensor([[0.0, 1.0], [0.5, -2.0]])
+    y = torch.zeros(2, 2)
+    assert L2_WEIGHT == 10.0
+    assert float(pixel_loss(x, y, "l2")) == pytest.approx(10 * (1 + 0.25 + 4) / 4, rel=1e-6)
+    assert pixel_loss(x, y, "l2", per_row=True).tolist() == pytest.approx([5.0, 10 * 4.25 / 2], rel=1e-6)
+    assert float(pixel_loss(x, y)) == pytest.approx(float(charbonnier(x, y)), rel=1e-7)
+    d = torch.tensor([0.05], requires_grad=True)
+    pixel_loss(d, torch.zeros(1), "l2").backward()
+    g_l2 = float(d.grad)
+    d.grad = None
+    charbonnier(d, torch.zeros(1)).backward()
+    assert g_l2 == pytest.approx(float(d.grad), rel=1e-3)  # 1 vs 0.05/sqrt(0.05^2 + 1e-6)
+    target = torch.rand(2, 3, 8, 8)
+    sides = [torch.zeros(2, 1, 8, 8)] * 4
+    rsp = RSPOutput(sides=sides, mean=torch.zeros(2, 1, 8, 8), features=[])
+    out = MAGENetOutput(stage1=target + 0.5, stage2=target.clone(), rsp=rsp)
+    mask = (torch.rand(2, 1, 8, 8) > 0.5).float()
+    total, parts = magenet_loss(out, target, mask, pixel="l2")
+    edge = float(edge_loss(target + 0.5, target, pixel="l2"))
+    expected = 10 * 0.25 + EDGE_WEIGHT * edge + 0.0 + SEG_LAMBDA * 4 * math.log(2)  # stage 2 is exact: 0
+    assert float(total) == pytest.approx(expected, rel=1e-5) and float(parts["char_s2"]) == 0.0
+    lap = laplacian_residual(target + 0.5) - laplacian_residual(target)
+    assert edge == pytest.approx(float(10 * (lap ** 2).mean()), rel=1e-5)
+    with pytest.raises(ValueError, match="pixel loss"):
+        magenet_loss(out, target, mask, pixel="l1")
 
 
 def test_log_image_weighting_counts_each_row_by_its_ratio():

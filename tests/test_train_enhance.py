@@ -211,6 +211,25 @@ def test_eval_report_and_ship(tmp_path, rsp_run, capsys):
     capsys.readouterr()
     assert eval_enhance.main(["--runs", str(runs), "--kind-size", "64", "--thresholds-only"]) == 0
     assert "MAGE-Net: residual threshold 0.05" in capsys.readouterr().out.splitlines()
+    # shipping again onto weights that score at least as high keeps them (and says so); --replace ships anyway
+    res_full = eval_enhance.evaluate(runs, 2, 48, kind_size=64, test_seeds=(0,), val_seeds=(10,))
+    label = eval_enhance.choose(res_full)
+    inc = eval_enhance.incumbent_score(tmp_path / "ship", res_full)
+    table = enhance_kinds.kind_table(lambda x: enhance(x, model=str(tmp_path / "ship"), backend="torch"), size=64,
+                                     seeds=(10,))
+    assert inc == list(eval_enhance.validation_score(table))
+    assert eval_enhance.incumbent_score(tmp_path / "nothing", res_full) is None
+    better = [inc[0], inc[1] + 1.0]
+    before = (tmp_path / "ship" / "model.safetensors").read_bytes()
+    assert eval_enhance.ship(res_full, runs, tmp_path / "ship", None, incumbent=better) is None
+    assert (tmp_path / "ship" / "model.safetensors").read_bytes() == before
+    worse = [res_full["validation"][label]["score"][0], res_full["validation"][label]["score"][1] - 1.0]
+    assert eval_enhance.ship(res_full, runs, tmp_path / "ship2", None, incumbent=worse) == label
+    assert "above the weights shipped before" in load_checkpoint(tmp_path / "ship2")[0]["provenance"]["selection"]
+    capsys.readouterr()
+    assert eval_enhance.main(argv) == 0  # the same runs again: the shipped copy is one of them, a tie: kept
+    assert "kept; the weights there score" in capsys.readouterr().err
+    assert eval_enhance.main([*argv, "--replace"]) == 0
 
 
 def test_thresholded_is_what_enhance_returns_with_that_threshold(tmp_path):
@@ -297,6 +316,11 @@ def test_identity_pairs_and_real_augment_options(tmp_path, rsp_run):
     doc, _ = load_checkpoint(out / "final")
     assert doc["provenance"]["options"]["image_weighting"] == "log"
     assert "image losses weighted per row: log" in doc["provenance"]["data"]
+    out = tmp_path / "l2"
+    assert T.run(_args("magenet", "--out", str(out), "--steps", "1", "--pixel-loss", "l2")) == 0
+    doc, _ = load_checkpoint(out / "final")
+    assert doc["provenance"]["options"]["pixel_loss"] == "l2"
+    assert "image losses per pixel: l2 instead of Charbonnier" in doc["provenance"]["data"]
     for flag, bad in (("--identity-fraction", "1.5"), ("--real-augment", "-0.1"), ("--real-pairs", "-1")):
         with pytest.raises(ValueError, match=flag):
             T.run(_args("magenet", "--out", str(tmp_path / "bad"), "--steps", "1", flag, bad))

@@ -12,6 +12,12 @@
   with cross-entropy).
 - MAGE-Net total: Σ_stages [Charbonnier + 0.05·edge] + λ·Σ_scales seg, λ = 0.5, over the 4 side outputs.
   RSP pretraining (AG-Net): seg over the 4 sides plus their mean.
+- ``pixel="l2"`` (not in the paper): both image terms use L2_WEIGHT·(x − y)² instead of Charbonnier. The
+  Charbonnier form is an L1 loss for |d| ≫ ε, whose minimiser is the per-pixel posterior *median*: a
+  correction the network is unsure of (a small light spot it cannot tell from the background for certain)
+  is not made at all, while the mean, L2's minimiser, makes part of it. L2_WEIGHT = 10 gives the squared
+  error the Charbonnier gradient at |d| = 0.05, so the image terms keep their weight against the
+  segmentation and structure terms at typical degradation errors.
 - ``image_weighting="log"`` (not in the paper): each stage's image term becomes the batch mean of
   LOG_SCALE·log(c_i + 0.05·e_i) over the rows i, with c_i, e_i that row's Charbonnier and edge loss. Its
   gradient is LOG_SCALE/(c_i + 0.05·e_i) times the row's own, so an error on a nearly clean photograph
@@ -27,10 +33,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["EPS", "EDGE_WEIGHT", "LOG_SCALE", "IMAGE_WEIGHTINGS", "SEG_LAMBDA", "GAUSS_1D", "charbonnier", "gauss_kernel", "conv_gauss",
-           "laplacian_residual", "edge_loss", "dice_loss", "segmentation_loss", "magenet_loss", "rsp_loss"]
+__all__ = ["EPS", "L2_WEIGHT", "PIXEL_LOSSES", "EDGE_WEIGHT", "LOG_SCALE", "IMAGE_WEIGHTINGS", "SEG_LAMBDA",
+           "GAUSS_1D", "charbonnier", "pixel_loss", "gauss_kernel", "conv_gauss", "laplacian_residual", "edge_loss", "dice_loss", "segmentation_loss", "magenet_loss", "rsp_loss"]
 
 EPS = 1e-3
+L2_WEIGHT = 10.0
+PIXEL_LOSSES = ("charbonnier", "l2")
 EDGE_WEIGHT = 0.05
 LOG_SCALE = 0.01
 IMAGE_WEIGHTINGS = ("mean", "log")
@@ -43,6 +51,19 @@ def charbonnier(x: torch.Tensor, y: torch.Tensor, eps: float = EPS, *, per_row: 
     """mean √((x − y)² + ε²) over all elements (scalar), or over each row's elements ((N,) with ``per_row``)."""
     d = x - y
     c = torch.sqrt(d * d + eps * eps)
+    return c.flatten(1).mean(1) if per_row else c.mean()
+
+
+def pixel_loss(x: torch.Tensor, y: torch.Tensor, kind: str = "charbonnier", eps: float = EPS, *,
+               per_row: bool = False) -> torch.Tensor:
+    """The image terms' per-element loss, averaged like :func:`charbonnier`: ``"charbonnier"`` √(d² + ε²)
+    or ``"l2"`` L2_WEIGHT·d² (module docstring)."""
+    if kind == "charbonnier":
+        return charbonnier(x, y, eps, per_row=per_row)
+    if kind != "l2":
+        raise ValueError(f"pixel loss must be one of {PIXEL_LOSSES}, got {kind!r}")
+    d = x - y
+    c = L2_WEIGHT * d * d
     return c.flatten(1).mean(1) if per_row else c.mean()
 
 
@@ -67,14 +88,14 @@ def laplacian_residual(x: torch.Tensor) -> torch.Tensor:
 
 
 def edge_loss(x: torch.Tensor, y: torch.Tensor, eps: float = EPS, levels: int = 1, *,
-              per_row: bool = False) -> torch.Tensor:
-    """Charbonnier between Laplacian residuals, summed over ``levels`` pyramid levels (1 = MPRNet);
-    scalar, or (N,) with ``per_row``."""
+              per_row: bool = False, pixel: str = "charbonnier") -> torch.Tensor:
+    """Charbonnier (or ``pixel``, see :func:`pixel_loss`) between Laplacian residuals, summed over ``levels``
+    pyramid levels (1 = MPRNet); scalar, or (N,) with ``per_row``."""
     total = x.new_zeros((x.shape[0],) if per_row else ())
     for level in range(levels):
         if level:
             x, y = conv_gauss(x)[..., ::2, ::2], conv_gauss(y)[..., ::2, ::2]
-        total = total + charbonnier(laplacian_residual(x), laplacian_residual(y), eps, per_row=per_row)
+        total = total + pixel_loss(laplacian_residual(x), laplacian_residual(y), pixel, eps, per_row=per_row)
     return total
 
 
@@ -109,11 +130,12 @@ def segmentation_loss(logits: torch.Tensor | Sequence[torch.Tensor], mask: torch
 
 def magenet_loss(out, target: torch.Tensor, mask: torch.Tensor | None = None, *, lam: float = SEG_LAMBDA,
                  edge_weight: float = EDGE_WEIGHT, eps: float = EPS, seg_kind: str = "bce",
-                 image_weighting: str = "mean"):
+                 image_weighting: str = "mean", pixel: str = "charbonnier"):
     """Supervised MAGE-Net loss for a ``MAGENetOutput`` ``out`` against the clean ``target``.
 
     total = Σ_stages [charbonnier + edge_weight·edge] + lam·Σ_4 scales seg (seg only when the model
-    has RSP and ``mask`` is given); with ``image_weighting="log"`` each stage's image term is
+    has RSP and ``mask`` is given); ``pixel="l2"`` puts L2_WEIGHT·d² in both image terms; with
+    ``image_weighting="log"`` each stage's image term is
     mean_i LOG_SCALE·log(c_i + edge_weight·e_i) over the rows (module docstring). Returns (total, parts)
     with parts a dict of detached scalar tensors (no host sync): ``char_s1``, ``edge_s1`` (and ``_s2``,
     batch means in either weighting), ``seg``.
@@ -123,7 +145,7 @@ def magenet_loss(out, target: torch.Tensor, mask: torch.Tensor | None = None, *,
     parts: dict[str, torch.Tensor] = {}
     total = target.new_zeros(())
     for i, img in enumerate(out.stages, start=1):
-        c, e = charbonnier(img, target, eps, per_row=True), edge_loss(img, target, eps, per_row=True)
+        c, e = pixel_loss(img, target, pixel, eps, per_row=True), edge_loss(img, target, eps, per_row=True, pixel=pixel)
         row = c + edge_weight * e
         total = total + (LOG_SCALE * torch.log(row).mean() if image_weighting == "log" else row.mean())
         parts[f"char_s{i}"], parts[f"edge_s{i}"] = c.mean().detach(), e.mean().detach()

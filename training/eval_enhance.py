@@ -26,7 +26,8 @@ left half only (the real training domain; T-MAGE-Net saw degraded versions of it
 Writes OUT/ablation.md, OUT/ablation.json, OUT/examples.png and OUT/kinds.png; with ``--ship-to DIR``
 also copies the MAGE-Net / T-MAGE-Net run that is best on the validation split (T-MAGE-Net on a tie) to
 DIR as a clean checkpoint (``model.safetensors`` + config.json with provenance) with its ``log.csv`` and
-a TRAINING.md, and records there the residual threshold chosen for it above.
+a TRAINING.md, and records there the residual threshold chosen for it above -- unless the weights already
+in DIR score at least as high on the same validation split (``--replace`` ships regardless).
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ from retina_fast.checkpoint import load_checkpoint, save_checkpoint
 from retina_fast.metrics import psnr, ssim
 from retina_fast.training import enhance_data, enhance_kinds
 
-__all__ = ["VARIANTS", "clahe", "evaluate", "thresholded", "vessel_iou", "ladder_inversions", "ship",
+__all__ = ["VARIANTS", "clahe", "evaluate", "thresholded", "vessel_iou", "ladder_inversions", "choose",
+           "incumbent_score", "ship",
            "portable_command", "main"]
 
 # run directory name -> row label (the paper's Table 6 ladder)
@@ -410,16 +412,44 @@ def write_report(result: dict[str, Any], out: Path, command: str | None = None) 
     (out / "ablation.md").write_text("\n".join(md) + "\n")
 
 
-def ship(result: dict[str, Any], runs: Path, target: Path, eval_command: str | None = None) -> str:
-    """Copy the MAGE-Net / T-MAGE-Net run best on the validation split (``validation_score``, then T-MAGE-Net
-    on a tie) to ``target`` with the residual threshold chosen for it in ``result`` (none when the grid had
-    none) and a TRAINING.md (``eval_command``: the evaluation's command line); returns its label. The held-out
-    test numbers play no part in the choice."""
-    real, val = result["test_sets"]["real"], result["validation"]
+def _rank(score) -> tuple[bool, float]:
+    return bool(score[0]), round(float(score[1]), 2)  # gains within 0.005 dB count as a tie
+
+
+def choose(result: dict[str, Any]) -> str:
+    """The MAGE-Net / T-MAGE-Net label of ``result`` best on the validation split (``validation_score``, then
+    T-MAGE-Net on a tie). The held-out test numbers play no part in the choice."""
+    val = result["validation"]
     cands = [label for label in SHIPPABLE if label in val]
     if not cands:
-        raise ValueError(f"{runs}: none of the magenet / tmagenet runs has finished")
-    label = max(cands, key=lambda k: (val[k]["score"][0], round(val[k]["score"][1], 2), -SHIPPABLE.index(k)))
+        raise ValueError("none of the magenet / tmagenet runs has finished")
+    return max(cands, key=lambda k: (*_rank(val[k]["score"]), -SHIPPABLE.index(k)))
+
+
+def incumbent_score(target: Path, result: dict[str, Any]) -> list | None:
+    """``validation_score`` of the weights already in ``target`` (with the residual threshold recorded there),
+    on the validation split of ``result``; None when ``target`` holds no enhancer."""
+    from retina_fast.enhance import enhance
+
+    if not (target / "config.json").is_file():
+        return None
+    inputs = enhance_kinds.kind_inputs(result["kind_size"], result["val_seeds"])
+    table = enhance_kinds.kind_table(lambda x: enhance(x, model=str(target), backend=result["backend"]),
+                                     seeds=result["val_seeds"], inputs=inputs)
+    return list(validation_score(table))
+
+
+def ship(result: dict[str, Any], runs: Path, target: Path, eval_command: str | None = None,
+         incumbent: list | None = None) -> str | None:
+    """Copy the run :func:`choose` picks to ``target`` with the residual threshold chosen for it in ``result``
+    (none when the grid had none) and a TRAINING.md (``eval_command``: the evaluation's command line); returns
+    its label. ``incumbent``: the validation score of the weights in ``target`` (:func:`incumbent_score`);
+    they are kept, and None returned, unless the chosen run scores higher."""
+    real, val = result["test_sets"]["real"], result["validation"]
+    label = choose(result)
+    if incumbent is not None and _rank(val[label]["score"]) <= _rank(incumbent):
+        return None
+    cands = [k for k in SHIPPABLE if k in val]
     run = {v: k for k, v in VARIANTS.items()}[label]
     doc, states = load_checkpoint(runs / run / "final", ["model"])
     config = {k: v for k, v in doc.items() if k not in ("format", "format_version", "provenance", "weights",
@@ -429,7 +459,9 @@ def ship(result: dict[str, Any], runs: Path, target: Path, eval_command: str | N
     others = {k: round(val[k]["score"][1], 2) for k in cands}
     prov["selection"] = (f"{label}: best mean PSNR gain (dB) on the validation split (left half of the real "
                          f"photograph, seeds {', '.join(map(str, result['val_seeds']))}, every combination; runs losing > 1 dB on "
-                         f"one ranked last) among {others} (T-MAGE-Net preferred on a tie); see docs/enhance_eval/ablation.md")
+                         f"one ranked last) among {others} (T-MAGE-Net preferred on a tie)"
+                         + (f", above the weights shipped before ({incumbent[1]:.2f})" if incumbent is not None else "")
+                         + "; see docs/enhance_eval/ablation.md")
     if target.exists():
         shutil.rmtree(target)
     save_checkpoint(target, {"model": states["model"]}, config, prov)
@@ -503,6 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-seeds", type=int, nargs="+", default=list(TEST_SEEDS), help="per-kind test seeds (default 0 1 2 3)")
     p.add_argument("--val-seeds", type=int, nargs="+", default=list(VAL_SEEDS), help="validation seeds (default 10 11)")
     p.add_argument("--ship-to", metavar="DIR", help="copy the chosen model here (retina_fast/weights/magenet-tiny)")
+    p.add_argument("--replace", action="store_true",
+                   help="with --ship-to: replace the weights there even when they score higher on the validation "
+                        "split (by default they are kept unless the chosen run beats them)")
     p.add_argument("--thresholds-only", action="store_true",
                    help=f"only choose (and remember in RUNS/{THRESHOLD_CACHE}) the residual threshold of every finished "
                         "run, e.g. while the others still train; no report")
@@ -526,7 +561,13 @@ def main(argv: list[str] | None = None) -> int:
     write_report(result, Path(args.out), command)
     if args.ship_to:
         target = Path(args.ship_to)
-        label = ship(result, runs, target, command)
+        incumbent = None if args.replace else incumbent_score(target, result)
+        label = ship(result, runs, target, command, incumbent)
+        if label is None:
+            best = choose(result)
+            print(f"{target}: kept; the weights there score {incumbent[1]:.2f} dB on the validation split, "
+                  f"{best} {result['validation'][best]['score'][1]:.2f} dB", file=sys.stderr)
+            return 0
         tau = result["thresholds"][label]["threshold"]
         print(f"{target}: {label}, residual_threshold {tau}" if tau is not None else
               f"{target}: {label}; no residual threshold of the grid keeps every validation image, none recorded",

@@ -48,7 +48,7 @@ from retina_fast.checkpoint import load_checkpoint, load_state_into, save_checkp
 from retina_fast.models.magenet import MAGENET_PRESETS, MAGENet, MAGENetConfig
 from retina_fast.models.rsp import RSPNet
 from retina_fast.training import enhance_data
-from retina_fast.training.enhance_losses import IMAGE_WEIGHTINGS, magenet_loss, rsp_loss
+from retina_fast.training.enhance_losses import IMAGE_WEIGHTINGS, PIXEL_LOSSES, magenet_loss, rsp_loss
 from retina_fast.training.mean_teacher import MeanTeacher
 from retina_fast.training.trainer import (MetricLogger, checkpoint_to_resume, load_train_state, provenance,
                                           save_train_state, step_generator)
@@ -63,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "eyes": 48, "per_eye": 4, "real_images": 48, "colour_jitter": 0.25, "no_identity_init": False,
     "lr": 1e-3, "lr_min": 1e-5, "seed": 0, "no_rsp": False, "identity_fraction": 0.0,
     "real_augment": 0.0, "real_pairs": 0, "real_pairs_batch_size": 2, "image_weighting": "mean",
+    "pixel_loss": "charbonnier",
     "spot_fraction": 0.0, "stage1_only": False, "output_gate": False, "gate_bias": 0.0, "rsp_init": None,
     "structure_weight": 0.0,
     "structure_rsp": None, "ema": 0.999, "consistency_weight": 1.0, "warmup": 0.3,
@@ -115,6 +116,10 @@ def add_arguments(p) -> None:
                    help="how the rows of a batch weigh in the image losses: 'mean' (the paper: mean L1-type error) "
                         "or 'log' (mean of 0.01*log of each row's error, so a small error on a good photograph "
                         "counts by its ratio, as PSNR does)" + d("image_weighting"))
+    p.add_argument("--pixel-loss", choices=PIXEL_LOSSES,
+                   help="per-pixel form of the image losses: 'charbonnier' (the paper; L1-like, its minimiser the "
+                        "median, so an uncertain correction such as a faint spot is not made) or 'l2' (10*squared "
+                        "error; the mean: partial corrections; not in the paper)" + d("pixel_loss"))
     p.add_argument("--lr", type=float, help="initial Adam learning rate (cosine decay)" + d("lr"))
     p.add_argument("--lr-min", type=float, help="final learning rate" + d("lr_min"))
     p.add_argument("--seed", type=int, help="seed of initialisation and every per-step choice" + d("seed"))
@@ -162,6 +167,8 @@ def run(args) -> int:
             opts[key] = 0  # a run started before the option
     if saved is not None and "image_weighting" not in saved:
         opts["image_weighting"] = "mean"
+    if saved is not None and "pixel_loss" not in saved:
+        opts["pixel_loss"] = "charbonnier"
     if saved is not None and "structure_weight" not in saved:
         opts["structure_weight"], opts["structure_rsp"] = 0.0, None
     check_structure_options(kind, opts)
@@ -310,6 +317,8 @@ def _load_data(opts: dict[str, Any], progress: bool):
         desc += f"; identity pairs (input = clean target) with probability {opts['identity_fraction']}"
     if opts["image_weighting"] != "mean":
         desc += f"; image losses weighted per row: {opts['image_weighting']}"
+    if opts["pixel_loss"] != "charbonnier":
+        desc += f"; image losses per pixel: {opts['pixel_loss']} instead of Charbonnier"
     if opts.get("structure_weight"):
         desc += (f"; vessel-preservation term {opts['structure_weight']} x BCE of a frozen segmenter "
                  f"({opts['structure_rsp']}) on the enhanced synthetic rows")
@@ -349,7 +358,8 @@ def _step(model, mt, opts, syn, real, step: int, device,
         ident = (torch.rand(opts["batch_size"], generator=g) < opts["identity_fraction"]).to(device)
         b["x"] = torch.where(ident[:, None, None, None], b["y"], b["x"])
     out = model(b["x"])
-    loss, parts = magenet_loss(out, b["y"], b["vessels"], image_weighting=opts["image_weighting"])
+    loss, parts = magenet_loss(out, b["y"], b["vessels"], image_weighting=opts["image_weighting"],
+                               pixel=opts["pixel_loss"])
     if seg_net is not None:
         st = structure_loss(seg_net, out.final, b["vessels"])
         loss = loss + opts["structure_weight"] * st
@@ -369,7 +379,8 @@ def _step(model, mt, opts, syn, real, step: int, device,
         if opts["identity_fraction"] > 0:
             ident = (torch.rand(k, generator=g) < opts["identity_fraction"]).to(device)
             px = torch.where(ident[:, None, None, None], py, px)
-        real_loss, _ = magenet_loss(model(px), py, None, image_weighting=opts["image_weighting"])
+        real_loss, _ = magenet_loss(model(px), py, None, image_weighting=opts["image_weighting"],
+                                    pixel=opts["pixel_loss"])
         loss = loss + real_loss
         parts.update(real_pairs=real_loss.detach(), total=loss.detach())
     return loss, parts
