@@ -42,10 +42,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def default_dtype(backend: str, device: torch.device) -> torch.dtype:
     """bf16 for ``cuda``, fp16 for ``tensorrt``, fp32 elsewhere.
 
-    ``cpu`` stays fp32 by default so that the same seed gives the reference's images (relative L2 ~1e-5):
-    bf16 is faster (shipped ``tiny``, 2-core AVX512-BF16 CPU, n=8, DDIM-50: 3.65-4.38x over runs vs
-    1.85-2.45x for fp32) but flips codebook choices, which moves the cubes by ~4 % (relative L2; plain
-    PyTorch at bf16 moves them ~8 %); pass dtype=torch.bfloat16 to opt in."""
+    ``cpu`` stays fp32 by default so that the same seed gives the reference's images (relative L2 ~1e-6).
+    bf16 (``dtype=torch.bfloat16``) flips codebook choices, which moves the cubes by ~11 % (relative L2; plain
+    PyTorch at bf16 ~12 %), and is faster only on some CPUs: shipped ``tiny``, n = 8, DDIM-50, over the
+    reference: 2-core Xeon with AMX 3.51x vs fp32 2.26x; 2-core Xeon with AVX512-BF16 but no AMX 1.34x vs fp32
+    2.23x (README, "Benchmarks")."""
     if backend == "cuda":
         return torch.bfloat16
     if backend == "tensorrt":
