@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["EPS", "L2_WEIGHT", "PIXEL_LOSSES", "EDGE_WEIGHT", "LOG_SCALE", "IMAGE_WEIGHTINGS", "SEG_LAMBDA",
-           "GAUSS_1D", "charbonnier", "pixel_loss", "gauss_kernel", "conv_gauss", "laplacian_residual", "edge_loss", "dice_loss", "segmentation_loss", "magenet_loss", "rsp_loss"]
+           "GAUSS_1D", "charbonnier", "pixel_loss", "gauss_kernel", "conv_gauss", "laplacian_residual", "edge_loss",
+           "dice_loss", "segmentation_loss", "magenet_loss", "rsp_loss"]
 
 EPS = 1e-3
 L2_WEIGHT = 10.0
@@ -145,7 +146,8 @@ def magenet_loss(out, target: torch.Tensor, mask: torch.Tensor | None = None, *,
     parts: dict[str, torch.Tensor] = {}
     total = target.new_zeros(())
     for i, img in enumerate(out.stages, start=1):
-        c, e = pixel_loss(img, target, pixel, eps, per_row=True), edge_loss(img, target, eps, per_row=True, pixel=pixel)
+        c = pixel_loss(img, target, pixel, eps, per_row=True)
+        e = edge_loss(img, target, eps, per_row=True, pixel=pixel)
         row = c + edge_weight * e
         total = total + (LOG_SCALE * torch.log(row).mean() if image_weighting == "log" else row.mean())
         parts[f"char_s{i}"], parts[f"edge_s{i}"] = c.mean().detach(), e.mean().detach()

@@ -446,7 +446,10 @@ def ship(result: dict[str, Any], runs: Path, target: Path, eval_command: str | N
     its label. ``incumbent``: the validation score of the weights in ``target`` (:func:`incumbent_score`);
     they are kept, and None returned, unless the chosen run scores higher."""
     real, val = result["test_sets"]["real"], result["validation"]
-    label = choose(result)
+    try:
+        label = choose(result)
+    except ValueError as e:
+        raise ValueError(f"{runs}: {e}") from None
     if incumbent is not None and _rank(val[label]["score"]) <= _rank(incumbent):
         return None
     cands = [k for k in SHIPPABLE if k in val]
