@@ -89,6 +89,7 @@ class Pipeline:
         coefs = samplers.plan(sampler, self.loaded.schedule, steps, eta=eta, spacing=spacing)
         runner = self.runner(backend, device, dtype)
         batch = batch_size or auto_batch_size(runner, n)
+        runner.prepare(min(batch, n))  # the cpu backend measures its convolution libraries for this batch
         cubes, latents = [], []
         start = 0
         while start < n:

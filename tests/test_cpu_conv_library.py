@@ -39,7 +39,7 @@ def _net():
 def test_auto_follows_the_measurement(monkeypatch, timings, want):
     fused = cpu_unet.FusedCPUUNet(_net(), torch.float32)
     seen = []
-    monkeypatch.setattr(fused, "_measure", lambda shape, rounds: seen.append(shape) or timings)
+    monkeypatch.setattr(fused, "_measure", lambda shape, rounds, batch: seen.append(shape) or timings)
     monkeypatch.delenv(cpu_unet.LIBRARY_ENV, raising=False)
     if not fused.batch_invariant:
         pytest.skip("no direct kernel on this CPU: nothing to choose")
@@ -174,16 +174,78 @@ def test_decoder_follows_its_own_measurement(model_dir, monkeypatch, timings, wa
 
     loaded = _fused_decoder_or_skip(model_dir, torch.float32)
     monkeypatch.delenv(cpu_unet.LIBRARY_ENV, raising=False)
-    monkeypatch.setattr(cpu_unet.FusedCPUUNet, "_measure", lambda self, shape, rounds: (1.0, 0.95))
+    monkeypatch.setattr(cpu_unet.FusedCPUUNet, "_measure", lambda self, shape, rounds, batch: (1.0, 0.95))
     seen = []
-    monkeypatch.setattr(CPURunner, "_measure_decoders", lambda self, shape: seen.append(shape) or timings)
+    monkeypatch.setattr(CPURunner, "_measure_decoders",
+                        lambda self, shape, batch: seen.append((shape, batch)) or timings)
     runner = CPURunner(loaded, torch.device("cpu"), torch.float32)
-    assert seen == [tuple(loaded.config.latent_shape[1:])]
-    assert runner.convolutions["decoder"] == runner.default_convolutions["decoder"] == want
+    assert seen == [] and runner.prepared_for is None  # nothing is measured before a batch size is known
+    assert runner.prepare(3)["decoder"] == runner.convolutions["decoder"] == want
+    assert seen == [(tuple(loaded.config.latent_shape[1:]), 3)] and runner.prepared_for == 3
     assert runner.convolutions["unet"] in ("direct", "onednn")  # the U-Net decided on its own (direct if it can)
     assert ("oneDNN" in runner.decode_path) == (want == "onednn")
     if runner.convolutions["unet"] == "direct":
         assert runner.batch_invariant == (want == "direct")
+    runner.prepare(3)
+    assert len(seen) == 1  # the same batch size again: nothing measured
+    runner.prepare(20)
+    assert seen[-1][1] == CPURunner.DECODE_CHUNK  # the decoder runs in chunks of DECODE_CHUNK images
+
+
+@needs_fused
+def test_the_choice_is_made_per_batch_size(model_dir, monkeypatch):
+    """A batch of 1 is run the way a batch of 1 is fastest: the U-Net's library is measured at the batch a run
+    uses (cached per batch size), a first call without prepare chooses for its own batch, and a pinned part is
+    not measured until unpin()."""
+    from retina_fast.backends.runners import CPURunner
+    from retina_fast.ops.conv import direct_conv_usable
+
+    if not direct_conv_usable(torch.float32):
+        pytest.skip("no direct kernel on this CPU: nothing to choose")
+    monkeypatch.delenv(cpu_unet.LIBRARY_ENV, raising=False)
+    loaded = engine.load(str(model_dir)).loaded
+    fast = {1: "direct", 8: "onednn"}  # what a CPU where oneDNN pays only for large batches would measure
+    calls = []
+
+    def measure(self, shape, rounds, batch):
+        calls.append(batch)
+        return (1.0, 0.5) if fast[batch] == "onednn" else (1.0, 0.95)
+
+    monkeypatch.setattr(cpu_unet.FusedCPUUNet, "_measure", measure)
+    monkeypatch.setattr(CPURunner, "_measure_decoders", lambda self, shape, batch: (1.0, 0.95))
+    runner = CPURunner(loaded, torch.device("cpu"), torch.float32)
+    x = torch.randn(1, *loaded.config.latent_shape)
+    runner.denoise(x, torch.full((1,), 10))  # first call: chooses for B = 1
+    assert calls == [1] and runner.convolutions["unet"] == "direct" and runner.batch_invariant
+    assert runner.prepare(8)["unet"] == "onednn" and not runner.batch_invariant
+    runner.denoise(x.expand(3, -1, -1, -1), torch.full((3,), 10))  # a run's last, smaller batch: no new choice
+    assert calls == [1, 8] and runner.convolutions["unet"] == "onednn"
+    runner.use_convolutions({"unet": "direct", "decoder": None})
+    assert runner.prepare(8)["unet"] == "direct" and calls == [1, 8]  # pinned
+    runner.unpin()
+    assert runner.prepare(8)["unet"] == "onednn"
+    # Pipeline.sample chooses for min(batch, n)
+    pipe = engine.Pipeline(loaded, "test")  # not the cached pipeline: its runner stays as other tests left it
+    calls.clear()
+    pipe.sample(1, 2, backend="cpu", device="cpu", dtype=torch.float32)
+    pipe.sample(9, 2, backend="cpu", device="cpu", dtype=torch.float32, batch_size=8)
+    assert calls[-2:] == [1, 8]
+
+
+def test_fused_unet_measures_each_batch_size_once():
+    fused = cpu_unet.FusedCPUUNet(_net(), torch.float32)
+    if not fused.batch_invariant or not mkldnn_usable():
+        pytest.skip("no direct kernel on this CPU: nothing to choose")
+    fused.choose_library((8, 8), setting="auto", rounds=1, batch=3)
+    first = dict(fused._seconds)
+    assert {k[0] for k in first} == {"direct", "onednn"} and ("onednn", (8, 8), 3) in first
+    fused.choose_library((8, 8), setting="auto", rounds=1, batch=3)
+    assert fused._seconds == first  # cached
+    fused.choose_library((8, 8), setting="auto", rounds=1, batch=5)
+    new = set(fused._seconds) - set(first)
+    assert new == {("onednn", (8, 8), 5)}  # the direct kernels' per-core time serves every batch size
+    direct = fused._seconds["direct", (8, 8), fused.cores]
+    assert fused.timings["seconds_at_batch"]["direct"] == direct * -(-5 // fused.cores)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -221,6 +283,7 @@ def test_decoder_measurement_times_both_for_real(model_dir, monkeypatch):
     loaded = _fused_decoder_or_skip(model_dir, torch.float32)
     monkeypatch.delenv(cpu_unet.LIBRARY_ENV, raising=False)
     runner = CPURunner(loaded, torch.device("cpu"), torch.float32)
+    runner.prepare(5)
     secs = runner.decoder_timings["seconds_at_batch"]
     assert set(secs) == {"direct", "onednn"} and all(s > 0 for s in secs.values())
     assert runner.convolutions["decoder"] == cpu_unet.pick_library(secs["direct"], secs["onednn"])

@@ -62,7 +62,10 @@ def test_image_i_never_depends_on_batch_or_split(pipe, backend):
 def test_cpu_image_does_not_depend_on_batch_or_split(pipe, dtype):
     """Image i is bit-identical whatever the batch size (odd ones too) and split, in both dtypes, wherever the
     runner says so (``batch_invariant``: every op a per-image C++ kernel, on an AVX-512 CPU)."""
-    if not pipe.runner("cpu", dtype=dtype).batch_invariant:
+    runner = pipe.runner("cpu", dtype=dtype)
+    if runner.convolutions is not None:  # the property is the direct kernels'; auto may choose oneDNN per batch
+        runner.use_convolutions("direct")
+    if not runner.batch_invariant:
         pytest.skip("this CPU runs part of the cpu backend on oneDNN: not batch invariant (see Runner)")
     kw = dict(sampler="ddpm", backend="cpu", dtype=dtype)
     whole = pipe.sample(5, 6, seed=9, batch_size=5, **kw)
@@ -74,9 +77,10 @@ def test_cpu_image_does_not_depend_on_batch_or_split(pipe, dtype):
 
 
 @needs_ext
-def test_cpu_bf16_batches_through_onednn_are_padded(pipe, monkeypatch):
-    """Without the direct convolutions (a CPU without AVX512-BF16) the bf16 runner pads batches to a multiple
-    of 8 for oneDNN, and says it is not batch invariant."""
+def test_cpu_bf16_batches_through_onednn_are_not_padded(pipe, monkeypatch):
+    """Without the direct convolutions (a CPU without AVX512-BF16) the bf16 runner runs oneDNN at the batch it
+    is given (padding to 8, as before 2026-12-05, cost up to 8x at a batch of 1), and says it is not batch
+    invariant, so that ``retina-fast sample`` records the batch size."""
     from retina_fast.backends import cpu_pack, runners
 
     monkeypatch.setattr(cpu_pack, "direct_conv_usable", lambda dtype: False)
@@ -87,7 +91,7 @@ def test_cpu_bf16_batches_through_onednn_are_padded(pipe, monkeypatch):
     real = runner.fast_unet
     runner.fast_unet = lambda x, t: seen.append(x.shape[0]) or real(x, t)
     x = torch.randn(3, *pipe.loaded.config.latent_shape)
-    assert runner.denoise(x, torch.full((3,), 10)).shape == x.shape and seen == [8]
+    assert runner.denoise(x, torch.full((3,), 10)).shape == x.shape and seen == [3]
 
 
 @needs_ext

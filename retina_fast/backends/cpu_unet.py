@@ -48,8 +48,8 @@ LIBRARY_ENV = "RETINA_FAST_CPU_CONVS"  # direct | onednn | auto (default): pins 
 # oneDNN is taken only when it is this much faster: the direct kernels are batch invariant (image i the same in
 # any batch), and a choice that flipped between runs on near-equal timings would change bf16 images slightly.
 ONEDNN_MARGIN = 1.25
-# the batch the choice is measured for: the engine's CPU batches are 8-16 images (bf16 through oneDNN is padded
-# to a multiple of 8), and one call at 8 costs a few seconds even for paper-224
+# the batch choose_library measures for when not told: the cpu runner asks for the batch a run uses
+# (CPURunner.prepare), and one call at 8 costs a few seconds even for paper-224
 MEASURE_BATCH = 8
 
 
@@ -103,7 +103,9 @@ class FusedCPUUNet:
         self.film_weight = self.film_bias = None
         self._film_cache: dict[tuple, torch.Tensor] = {}
         self._lock = threading.Lock()
-        self.timings: dict = {}  # what choose_library measured
+        self.timings: dict = {}  # what choose_library measured last
+        self._seconds: dict[tuple, float] = {}  # (library, shape, images) -> best seconds per call
+        self._direct_invariant: bool | None = None  # every layer on a direct kernel (known once recorded so)
         self.use_library(library)
 
     def use_library(self, library: str) -> None:
@@ -114,39 +116,50 @@ class FusedCPUUNet:
         m = self.config.multiple
         probe = self._record(1, (m, m))  # which kernel runs each layer is known before the first call
         self.batch_invariant = probe.all_cpp
+        if library == "direct":
+            self._direct_invariant = probe.all_cpp
         self.programs = SplitPrograms(self._record, self._inputs, graphs=self.batch_invariant)
 
-    def choose_library(self, shape: tuple[int, int], setting: str | None = None, rounds: int = 2) -> str:
-        """Use the faster convolution library for latents of ``shape`` (h, w), measured here: a U-Net call
-        at a batch of 8 with each library (after a warm-up call; see ``_measure``), best of ``rounds``, and
-        oneDNN only when :data:`ONEDNN_MARGIN` times faster (:func:`pick_library`). ``setting`` (default: the
+    def choose_library(self, shape: tuple[int, int], setting: str | None = None, rounds: int = 2,
+                       batch: int = MEASURE_BATCH) -> str:
+        """Use the faster convolution library for calls of ``batch`` latents of ``shape`` (h, w), measured here
+        (after a warm-up call, best of ``rounds``; see ``_measure``; each measurement is cached), oneDNN only
+        when :data:`ONEDNN_MARGIN` times faster (:func:`pick_library`). ``setting`` (default: the
         ``RETINA_FAST_CPU_CONVS`` environment variable, else ``auto``) = ``direct`` or ``onednn`` skips the
         measurement. Returns the library in use."""
         setting = library_setting(setting)
         if setting == "auto":
-            if self.library != "direct":
+            if self._direct_invariant is None:  # built on oneDNN: whether the direct kernels cover every layer
                 self.use_library("direct")
-            if not self.batch_invariant:  # no direct kernel on this CPU: oneDNN runs either way
+            if not self._direct_invariant:  # no direct kernel on this CPU: oneDNN runs either way
+                if self.library != "direct":
+                    self.use_library("direct")
                 return self.library
-            setting = pick_library(*self._measure(shape, rounds))
+            setting = pick_library(*self._measure(shape, rounds, batch))
         if setting != self.library:
             self.use_library(setting)
         return self.library
 
-    def _measure(self, shape: tuple[int, int], rounds: int) -> tuple[float, float]:
-        """Seconds per call at a batch of :data:`MEASURE_BATCH`: oneDNN timed at that batch; the direct
-        kernels at one image per core, times the images each core then runs (its time is per image: one graph
-        per core, each image computed on its own)."""
+    def _measure(self, shape: tuple[int, int], rounds: int, batch: int = MEASURE_BATCH) -> tuple[float, float]:
+        """Seconds per call at a batch of ``batch``: oneDNN timed at that batch; the direct kernels at one image
+        per core, times the images each core then runs (its time is per image: one graph per core, each image
+        computed on its own). Timings are cached per (library, shape, images), so a new batch size costs one
+        oneDNN measurement; the library in use is measured first (at most one switch)."""
         cores = self.programs.cores
-        per_core = -(-MEASURE_BATCH // cores)
+        shape = tuple(shape)
+        plan = {"direct": (cores, -(-batch // cores)), "onednn": (batch, 1)}
         seconds = {}
-        for library, batch, scale in (("direct", cores, per_core), ("onednn", MEASURE_BATCH, 1)):
-            x = torch.randn((batch, self.config.in_channels, *shape), generator=torch.Generator().manual_seed(0))
-            t = torch.full((batch,), 500, dtype=torch.int64)
-            if library != self.library:  # choose_library has just set up the direct kernels
-                self.use_library(library)
-            seconds[library] = best_seconds(lambda: self(x, t), rounds) * scale
-        self.timings = {"seconds_at_batch": seconds, "batch": MEASURE_BATCH, "shape": tuple(shape)}
+        for library in sorted(plan, key=lambda lib: lib != self.library):
+            images, scale = plan[library]
+            key = (library, shape, images)
+            if key not in self._seconds:
+                x = torch.randn((images, self.config.in_channels, *shape), generator=torch.Generator().manual_seed(0))
+                t = torch.full((images,), 500, dtype=torch.int64)
+                if library != self.library:
+                    self.use_library(library)
+                self._seconds[key] = best_seconds(lambda: self(x, t), rounds)
+            seconds[library] = self._seconds[key] * scale
+        self.timings = {"seconds_at_batch": seconds, "batch": batch, "shape": shape}
         return seconds["direct"], seconds["onednn"]
 
     @property

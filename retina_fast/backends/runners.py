@@ -46,7 +46,7 @@ def default_dtype(backend: str, device: torch.device) -> torch.dtype:
     bf16 (``dtype=torch.bfloat16``) flips codebook choices, which moves the cubes by ~11 % (relative L2; plain
     PyTorch at bf16 ~12 %), and is faster only on some CPUs: shipped ``tiny``, n = 8, DDIM-50, over the
     reference: 2-core Xeon with AMX 3.51x vs fp32 2.26x; 2-core Xeon with AVX512-BF16 but no AMX 1.34x vs fp32
-    2.23x (README, "Benchmarks")."""
+    2.23x; 2-core AMD EPYC with AVX512-BF16, no AMX, 3.24x vs fp32 1.89x (README, "Benchmarks")."""
     if backend == "cuda":
         return torch.bfloat16
     if backend == "tensorrt":
@@ -78,6 +78,11 @@ class Runner:
         # own copy (``.to`` moves a module's parameters in place, which broke the runners built before).
         self.unet = _on_device(loaded.unet, device)
         self.vqgan = _on_device(loaded.vqgan, device)
+
+    def prepare(self, batch: int) -> dict[str, str | None] | None:
+        """Get ready for calls of ``batch`` images; the ``cpu`` backend chooses its convolution libraries
+        here. Returns the libraries in use (None: no choice in this runner)."""
+        return None
 
     @torch.no_grad()
     def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -135,8 +140,9 @@ class CPURunner(Runner):
     """U-Net: :class:`~retina_fast.backends.cpu_unet.FusedCPUUNet` in ``dtype`` (fused C++ norm/attention
     kernels; C++ direct or oneDNN convolutions, replayed op graphs); decoder, in chunks of ``DECODE_CHUNK``
     images: :class:`~retina_fast.backends.cpu_decoder.FusedCPUDecoder` (the same C++ ops, direct convolutions)
-    or a frozen channels-last TorchScript graph in ``dtype`` (oneDNN). Each part's library is measured when the
-    runner is built (``convolutions``: a library for both, or None for ``RETINA_FAST_CPU_CONVS`` / auto)."""
+    or a frozen channels-last TorchScript graph in ``dtype`` (oneDNN). Each part's library is measured for the
+    batch size a run uses (:meth:`prepare`; ``convolutions``: a library for both, or None for
+    ``RETINA_FAST_CPU_CONVS`` / auto)."""
 
     nearest_impl = "cpp"
     step_impl = "cpp"
@@ -150,11 +156,20 @@ class CPURunner(Runner):
             except UnsupportedOp as exc:  # a layer the cpu op table does not have
                 reason = str(exc)
         setting = library_setting(convolutions)
-        shape = tuple(loaded.config.latent_shape[1:])
-        unet_library = None
+        self._latent = tuple(loaded.config.latent_shape[1:])
+        # The parts whose library is measured (auto), per batch size: ``prepare(batch)`` chooses for the batch a
+        # run uses (Pipeline.sample and ``retina-fast sample`` call it; else the first call does), so that a
+        # batch of 1 is not run the way a batch of 8 is fastest. A pinned part (``convolutions``,
+        # RETINA_FAST_CPU_CONVS, ``use_convolutions``) or one with no choice here is not measured.
+        self._auto: set[str] = set()
+        self.prepared_for: int | None = None  # the batch size the measured parts were last chosen for
         if reason is None:
-            # direct or oneDNN convolutions: measured once for the model's latent size (RETINA_FAST_CPU_CONVS pins it)
-            unet_library = self.fast_unet.choose_library(shape, setting=setting)
+            if setting == "auto":
+                self.fast_unet.choose_library(self._latent, setting="direct")
+                if self.fast_unet.batch_invariant:  # the direct kernels cover the model: there is a choice
+                    self._auto.add("unet")
+            else:
+                self.fast_unet.choose_library(self._latent, setting=setting)
         else:  # say so once, run the same module as a frozen graph instead
             warnings.warn(f"the cpu backend runs the U-Net as a frozen TorchScript graph instead of the fused path: "
                           f"{reason}", RuntimeWarning, stacklevel=2)
@@ -163,27 +178,45 @@ class CPURunner(Runner):
                 x.to(dtype).contiguous(memory_format=torch.channels_last), t).float().contiguous()
             self.unet_path = f"frozen TorchScript graph ({reason})"
         # The decoder: the fused C++ decoder (direct convolutions, per-image kernels: batch invariant) or the
-        # frozen TorchScript graph (oneDNN, batches padded in bf16: see BF16_BATCH_MULTIPLE), whichever is
-        # faster here by the U-Net's rule (pick_library, measured at one DECODE_CHUNK): on a CPU with AMX tiles
-        # oneDNN's bf16 decoder is the faster one (README, "Speed" has the figures).
+        # frozen TorchScript graph (oneDNN), whichever is faster here by the U-Net's rule (pick_library, measured
+        # at the run's chunk of at most DECODE_CHUNK images): on a CPU with AMX tiles oneDNN's bf16 decoder is the
+        # faster one (README, "Speed" has the figures).
         self._frozen_decode = None
         self._decoder_reason = FusedCPUDecoder.unsupported_reason(loaded.vqgan, dtype)
         self._fused_decode = FusedCPUDecoder(loaded.vqgan, dtype) if self._decoder_reason is None else None
-        self.decoder_timings: dict = {}  # what _measure_decoders measured
-        decoder_library = None
+        self.decoder_timings: dict = {}  # what _measure_decoders measured last
+        self._decoder_seconds: dict[tuple, float | None] = {}  # (library, images) -> seconds per call
         if self._fused_decode is None:
             self._use_decoder("onednn")
         else:
-            decoder_library = setting if setting != "auto" else pick_library(*self._measure_decoders(shape))
-            self._use_decoder(decoder_library)
-        # what this runner measured (or was pinned to) per part; None: that part has no choice here
-        self.default_convolutions = {"unet": unet_library, "decoder": decoder_library}
+            self._use_decoder("direct" if setting == "auto" else setting)
+            if setting == "auto":
+                self._auto.add("decoder")
         # Every op a per-image C++ kernel (the direct convolutions need AVX-512, in bf16 AVX512-BF16): image i
         # cannot depend on the batch. oneDNN's convolutions are chosen per problem size and round some images
-        # differently at some batch sizes (fp32: ~1e-6, enough to flip a codebook choice); bf16 batches through
-        # oneDNN are padded to a multiple of 8, which made them agree in every case measured, but that is a
-        # measurement on one CPU, not a guarantee, so such a runner says False.
+        # differently at some batch sizes (fp32: ~1e-6, enough to flip a codebook choice; bf16: a bf16 step), so
+        # such a runner says False and ``retina-fast sample`` records the batch size of the run.
+        self._measured_parts = frozenset(self._auto)
         self._describe()
+
+    def unpin(self) -> None:
+        """Measure again, at the next :meth:`prepare`, every part this runner was built to measure (undoes
+        :meth:`use_convolutions`)."""
+        self._auto = set(self._measured_parts)
+        self.prepared_for = None
+
+    def prepare(self, batch: int) -> dict[str, str | None] | None:
+        """Choose the library of every measured (auto) part for calls of ``batch`` images: the U-Net by
+        :meth:`FusedCPUUNet.choose_library` at that batch, the decoder at one chunk of min(batch, DECODE_CHUNK);
+        timings are cached, so a batch size seen before costs nothing. Returns :attr:`convolutions`."""
+        if self._auto and batch != self.prepared_for:
+            if "unet" in self._auto:
+                self.fast_unet.choose_library(self._latent, setting="auto", batch=batch)
+            if "decoder" in self._auto:
+                self._use_decoder(pick_library(*self._measure_decoders(self._latent, min(batch, self.DECODE_CHUNK))))
+            self._describe()
+        self.prepared_for = batch
+        return self.convolutions
 
     @property
     def convolutions(self) -> dict[str, str | None] | None:
@@ -197,8 +230,9 @@ class CPURunner(Runner):
 
     def use_convolutions(self, setting: str | dict) -> None:
         """Run the convolutions with ``setting``: one library for every part, or ``{"unet": .., "decoder":
-        ..}`` (a resumed run keeps what its run.json records; ``default_convolutions`` is the runner's own
-        choice). A part with no choice here, or given None, is left as it is."""
+        ..}`` (a resumed run keeps what its run.json records; :meth:`prepare` gives the runner's own choice
+        for a batch size). A part given a library is pinned (``prepare`` no longer measures it); a part with
+        no choice here, or given None, is left as it is."""
         if self.convolutions is None:
             raise ValueError("this cpu runner has no fused U-Net or decoder to choose convolutions for")
         wanted = setting if isinstance(setting, dict) else dict.fromkeys(CONVOLUTION_PARTS, setting)
@@ -206,10 +240,14 @@ class CPURunner(Runner):
             raise ValueError(f"convolutions: expected one of {CONV_LIBRARIES} or a dict with keys "
                              f"{CONVOLUTION_PARTS}, got {setting!r}")
         current = self.convolutions
-        if wanted["unet"] and current["unet"] not in (None, wanted["unet"]):
-            self.fast_unet.choose_library(tuple(self.loaded.config.latent_shape[1:]), setting=wanted["unet"])
-        if wanted["decoder"] and current["decoder"] not in (None, wanted["decoder"]):
-            self._use_decoder(wanted["decoder"])
+        if wanted["unet"] and current["unet"] is not None:
+            self._auto.discard("unet")
+            if current["unet"] != wanted["unet"]:
+                self.fast_unet.choose_library(self._latent, setting=wanted["unet"])
+        if wanted["decoder"] and current["decoder"] is not None:
+            self._auto.discard("decoder")
+            if current["decoder"] != wanted["decoder"]:
+                self._use_decoder(wanted["decoder"])
         self._describe()
 
     def _use_decoder(self, library: str) -> None:
@@ -224,20 +262,24 @@ class CPURunner(Runner):
         self.decode_path = "frozen TorchScript graph" + (f" ({self._decoder_reason})" if self._decoder_reason
                                                           else ", oneDNN convolutions")
 
-    def _measure_decoders(self, shape: tuple[int, int], rounds: int = 2) -> tuple[float, float | None]:
-        """Seconds to decode one chunk of ``DECODE_CHUNK`` images of latent ``shape``: the fused decoder timed
-        at one image per core, times the images each core then runs (its time is per image); the frozen
-        oneDNN graph at the chunk itself (None where torch has no oneDNN)."""
+    def _measure_decoders(self, shape: tuple[int, int], batch: int = 8, rounds: int = 2) -> tuple[float, float | None]:
+        """Seconds to decode one chunk of ``batch`` images of latent ``shape``: the fused decoder timed at one
+        image per core, times the images each core then runs (its time is per image); the frozen oneDNN graph
+        at the chunk itself (None where torch has no oneDNN). Cached per (library, images)."""
         cores = self._fused_decode.cores
-        gen = torch.Generator().manual_seed(0)
-        k = self.loaded.vqgan.codebook.embedding.shape[0]
-        idx = torch.randint(0, k, (self.DECODE_CHUNK, *shape), generator=gen)
-        seconds = {"direct": best_seconds(lambda: self._fused_decode(idx[:cores]), rounds)
-                   * -(-self.DECODE_CHUNK // cores), "onednn": None}
+        plan = {"direct": (cores, -(-batch // cores))}
         if mkldnn_usable():
-            self._use_decoder("onednn")
-            seconds["onednn"] = best_seconds(lambda: self.decode_indices(idx), rounds)
-        self.decoder_timings = {"seconds_at_batch": seconds, "batch": self.DECODE_CHUNK, "shape": tuple(shape)}
+            plan["onednn"] = (batch, 1)
+        k = self.loaded.vqgan.codebook.embedding.shape[0]
+        seconds = {"onednn": None}
+        for library in sorted(plan, key=lambda lib: lib != self.convolutions["decoder"]):
+            images, scale = plan[library]
+            if (library, images) not in self._decoder_seconds:
+                idx = torch.randint(0, k, (images, *shape), generator=torch.Generator().manual_seed(0))
+                self._use_decoder(library)
+                self._decoder_seconds[library, images] = best_seconds(lambda: self.fast_decode(idx), rounds)
+            seconds[library] = self._decoder_seconds[library, images] * scale
+        self.decoder_timings = {"seconds_at_batch": seconds, "batch": batch, "shape": tuple(shape)}
         return seconds["direct"], seconds["onednn"]
 
     def _describe(self) -> None:
@@ -247,38 +289,21 @@ class CPURunner(Runner):
         self.batch_invariant = bool(getattr(self.fast_unet, "batch_invariant", False)) and \
             isinstance(self.fast_decode, FusedCPUDecoder)
 
-    # bf16 only: oneDNN picks its bf16 convolution kernels by batch size, and some picks round differently
-    # (shipped tiny, 2-core AVX512-BF16 CPU: batches of 1, 2, 3, 7 gave an image differing by one bf16 step
-    # from batches of 4, 5, 8, 9, 12, 16, 24, 32). Whatever runs through oneDNN in bf16 -- U-Net and decoder on
-    # a CPU without AVX512-BF16; with it both are our own per-image kernels and need nothing -- gets its batch
-    # padded to a multiple of 8, which keeps image i independent of batch size and split (tested); at most 7
-    # dummy images.
-    BF16_BATCH_MULTIPLE = 8
     # The decoder runs in chunks of 8 images: its full-resolution activations fall out of cache at larger
     # batches (frozen graph, one run: fp32 8.4 ms/image at B = 8 vs 18.9 at B = 32; bf16 4.5 vs 8.8).
     DECODE_CHUNK = 8
 
-    def _pad(self, *tensors: torch.Tensor) -> tuple[int, list[torch.Tensor]]:
-        b = tensors[0].shape[0]
-        pad = -b % self.BF16_BATCH_MULTIPLE if self.dtype == torch.bfloat16 else 0
-        if not pad:
-            return b, list(tensors)
-        return b, [torch.cat([a, a[-1:].expand(pad, *a.shape[1:])]) for a in tensors]
-
     @torch.no_grad()
     def denoise(self, x, t):
-        if getattr(self.fast_unet, "batch_invariant", False):  # all per-image C++ kernels: no padding needed
-            return self.fast_unet(x, t)
-        b, (x, t) = self._pad(x, t)
-        return self.fast_unet(x, t)[:b]
+        if self.prepared_for is None:  # used without Pipeline.sample: choose for the first batch seen
+            self.prepare(x.shape[0])
+        return self.fast_unet(x, t)
 
     @torch.no_grad()
     def decode_indices(self, idx):
-        if isinstance(self.fast_decode, FusedCPUDecoder):
-            return torch.cat([self.fast_decode(chunk) for chunk in idx.split(self.DECODE_CHUNK)])
-        b, (idx,) = self._pad(idx)
-        out = [self.fast_decode(chunk) for chunk in idx.split(self.DECODE_CHUNK)]
-        return torch.cat(out)[:b].float()
+        if self.prepared_for is None:
+            self.prepare(idx.shape[0])
+        return torch.cat([self.fast_decode(chunk) for chunk in idx.split(self.DECODE_CHUNK)]).float()
 
 
 def cuda_table():

@@ -112,25 +112,31 @@ def run(args) -> int:
     # Rank 0 alone checks (or creates) the run directory, then tells the others; they only verify that
     # the run.json it wrote matches their settings. (Checking concurrently was a race: a rank that looked
     # after rank 0 had written run.json saw "already holds a run".)
-    # The cpu backend measures its convolution library when the runner is built: the run records it, a resumed
-    # run and the other ranks take rank 0's record (runs written before the field keep null).
+    # The cpu backend measures its convolution libraries for the run's batch size: the run records them, a
+    # resumed run and the other ranks take rank 0's record (runs written before the field keep null).
     error, batch, record, convs = None, args.batch_size, None, getattr(runner, "convolutions", None)
     if rank == 0:
         try:
             existing = shards.load_spec(out) if args.resume and out.is_dir() else None
             if existing is not None and existing.spacing is None:
                 existing = _record_legacy_spacing(out, existing, args.spacing)
+            # the batch this run would use; recorded below only where the runner is not batch invariant
+            planned = batch or (existing.batch_size if existing else None) or engine.auto_batch_size(
+                runner, min(args.n, args.shard_size))
             if convs is not None:
-                # a new run: the runner's own choice (an earlier --resume in this process may have changed it);
-                # a cpu run written before the field existed ran the direct kernels (this CPU has them: the
-                # runner has a fused U-Net)
-                convs = runner.default_convolutions if existing is None else existing.convolutions
+                # a new run: the runner's own choice, measured for the run's batch (an earlier --resume in this
+                # process may have pinned it: a fresh choice is made here); a cpu run written before the field
+                # existed ran the direct kernels (this CPU has them: the runner has a fused U-Net)
+                if existing is None:
+                    runner.unpin()
+                    convs = runner.prepare(min(planned, args.n, args.shard_size))
+                else:
+                    convs = existing.convolutions
                 runner.use_convolutions(shards.convolutions_by_part(convs))
             invariant = bool(getattr(runner, "batch_invariant", False))
             if not invariant:
                 if batch is None:
-                    batch = (existing.batch_size if existing else None) or engine.auto_batch_size(
-                        runner, min(args.n, args.shard_size))
+                    batch = planned
                 # a run.json written before the batch size was recorded (null) is resumed as it was written
                 legacy = existing is not None and existing.batch_size is None and args.batch_size is None
                 record = None if legacy else batch
