@@ -133,6 +133,38 @@ def test_l2_pixel_loss_by_hand_and_in_the_total():
         magenet_loss(out, target, mask, pixel="l1")
 
 
+def test_hybrid_pixel_loss_is_l2_where_the_degradation_changed_the_pixel():
+    """pixel="hybrid": L2_WEIGHT * d^2 where any channel of |target - degraded| > HYBRID_DELTA, Charbonnier
+    elsewhere, in both image terms; an identity pair (degraded == target) is pure Charbonnier; the degraded
+    input is required."""
+    from retina_fast.training.enhance_losses import HYBRID_DELTA, changed_pixels
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 3, 8, 8, generator=g)
+    degraded = target.clone()
+    degraded[0, 1, 2:5, 3:6] += 0.1           # a spot in one channel of row 0
+    degraded[1, :, 0, 0] += HYBRID_DELTA / 2  # below the threshold: untouched
+    changed = changed_pixels(degraded, target)
+    assert changed.shape == (2, 1, 8, 8) and changed.dtype == torch.bool
+    assert int(changed.sum()) == 9 and bool(changed[0, 0, 2:5, 3:6].all())
+    x = target + torch.randn(2, 3, 8, 8, generator=g) * 0.1
+    d = x - target
+    by_hand = torch.where(changed, 10 * d * d, torch.sqrt(d * d + 1e-6))
+    got = pixel_loss(x, target, "hybrid", changed=changed, per_row=True)
+    assert got.tolist() == pytest.approx(by_hand.flatten(1).mean(1).tolist(), rel=1e-6)
+    out = MAGENetOutput(stage1=x, stage2=None, rsp=None)
+    hybrid, parts = magenet_loss(out, target, pixel="hybrid", degraded=degraded)
+    lap = laplacian_residual(x) - laplacian_residual(target)
+    edge = torch.where(changed, 10 * lap * lap, torch.sqrt(lap * lap + 1e-6)).mean()
+    assert float(hybrid) == pytest.approx(float(by_hand.mean() + EDGE_WEIGHT * edge), rel=1e-5)
+    same = magenet_loss(out, target, pixel="hybrid", degraded=target)[0]  # identity pairs: Charbonnier only
+    assert float(same) == pytest.approx(float(magenet_loss(out, target)[0]), rel=1e-6)
+    with pytest.raises(ValueError, match="degraded"):
+        magenet_loss(out, target, pixel="hybrid")
+    with pytest.raises(ValueError, match="changed"):
+        pixel_loss(x, target, "hybrid")
+
+
 def test_log_image_weighting_counts_each_row_by_its_ratio():
     """image_weighting="log": each stage's image term is mean_i LOG_SCALE * log(c_i + 0.05 e_i); a row's gradient
     is LOG_SCALE / (its error) times its gradient under "mean", so a row 20x closer to its target pulls 20x harder

@@ -277,7 +277,7 @@ def test_ladder_inversions_name_the_rung_and_the_size():
     assert eval_enhance.ladder_inversions(res) == []
 
 
-def test_identity_pairs_and_real_augment_options(tmp_path, rsp_run):
+def test_identity_pairs_and_real_augment_options(tmp_path, rsp_run, monkeypatch):
     """--identity-fraction 1 turns every labelled input into its clean target; --real-augment widens the
     real pool; both recorded in the options and the data description; bad values rejected."""
     g_args = _args("magenet", "--out", str(tmp_path / "x"), "--identity-fraction", "1.0")
@@ -321,6 +321,20 @@ def test_identity_pairs_and_real_augment_options(tmp_path, rsp_run):
     doc, _ = load_checkpoint(out / "final")
     assert doc["provenance"]["options"]["pixel_loss"] == "l2"
     assert "image losses per pixel: l2 instead of Charbonnier" in doc["provenance"]["data"]
+    out = tmp_path / "hybrid"
+    assert T.run(_args("magenet", "--out", str(out), "--steps", "1", "--pixel-loss", "hybrid")) == 0
+    assert load_checkpoint(out / "final")[0]["provenance"]["options"]["pixel_loss"] == "hybrid"
+    out = tmp_path / "switch"
+    seen = []
+    real_loss = T.magenet_loss
+    monkeypatch.setattr(T, "magenet_loss", lambda *a, **k: seen.append(k["pixel"]) or real_loss(*a, **k))
+    assert T.run(_args("magenet", "--out", str(out), "--steps", "4", "--pixel-loss", "l2",
+                       "--charbonnier-from", "0.5")) == 0
+    assert seen == ["l2", "l2", "charbonnier", "charbonnier"]
+    doc, _ = load_checkpoint(out / "final")
+    assert "image losses per pixel: l2 instead of Charbonnier, Charbonnier from step 2 on" in doc["provenance"]["data"]
+    with pytest.raises(ValueError, match="--charbonnier-from"):
+        T.run(_args("magenet", "--out", str(tmp_path / "bad"), "--steps", "1", "--charbonnier-from", "1.5"))
     for flag, bad in (("--identity-fraction", "1.5"), ("--real-augment", "-0.1"), ("--real-pairs", "-1")):
         with pytest.raises(ValueError, match=flag):
             T.run(_args("magenet", "--out", str(tmp_path / "bad"), "--steps", "1", flag, bad))

@@ -18,6 +18,11 @@
   is not made at all, while the mean, L2's minimiser, makes part of it. L2_WEIGHT = 10 gives the squared
   error the Charbonnier gradient at |d| = 0.05, so the image terms keep their weight against the
   segmentation and structure terms at typical degradation errors.
+- ``pixel="hybrid"`` (not in the paper): L2_WEIGHT·d² where the degradation changed the pixel (any channel
+  of |target − input| above HYBRID_DELTA), Charbonnier elsewhere. A correction is then pulled toward the
+  mean where there is something to correct (a spot the network is fairly sure of is removed, not left at
+  the median's zero) and toward the median of no change on untouched pixels and identity pairs, where L2's
+  mean would spread a small correction over every uncertain pixel of a good photograph.
 - ``image_weighting="log"`` (not in the paper): each stage's image term becomes the batch mean of
   LOG_SCALE·log(c_i + 0.05·e_i) over the rows i, with c_i, e_i that row's Charbonnier and edge loss. Its
   gradient is LOG_SCALE/(c_i + 0.05·e_i) times the row's own, so an error on a nearly clean photograph
@@ -33,13 +38,14 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["EPS", "L2_WEIGHT", "PIXEL_LOSSES", "EDGE_WEIGHT", "LOG_SCALE", "IMAGE_WEIGHTINGS", "SEG_LAMBDA",
-           "GAUSS_1D", "charbonnier", "pixel_loss", "gauss_kernel", "conv_gauss", "laplacian_residual", "edge_loss",
-           "dice_loss", "segmentation_loss", "magenet_loss", "rsp_loss"]
+__all__ = ["EPS", "L2_WEIGHT", "PIXEL_LOSSES", "HYBRID_DELTA", "EDGE_WEIGHT", "LOG_SCALE", "IMAGE_WEIGHTINGS",
+           "SEG_LAMBDA", "GAUSS_1D", "charbonnier", "pixel_loss", "changed_pixels", "gauss_kernel", "conv_gauss",
+           "laplacian_residual", "edge_loss", "dice_loss", "segmentation_loss", "magenet_loss", "rsp_loss"]
 
 EPS = 1e-3
 L2_WEIGHT = 10.0
-PIXEL_LOSSES = ("charbonnier", "l2")
+PIXEL_LOSSES = ("charbonnier", "l2", "hybrid")
+HYBRID_DELTA = 0.02
 EDGE_WEIGHT = 0.05
 LOG_SCALE = 0.01
 IMAGE_WEIGHTINGS = ("mean", "log")
@@ -56,16 +62,27 @@ def charbonnier(x: torch.Tensor, y: torch.Tensor, eps: float = EPS, *, per_row: 
 
 
 def pixel_loss(x: torch.Tensor, y: torch.Tensor, kind: str = "charbonnier", eps: float = EPS, *,
-               per_row: bool = False) -> torch.Tensor:
-    """The image terms' per-element loss, averaged like :func:`charbonnier`: ``"charbonnier"`` √(d² + ε²)
-    or ``"l2"`` L2_WEIGHT·d² (module docstring)."""
+               per_row: bool = False, changed: torch.Tensor | None = None) -> torch.Tensor:
+    """The image terms' per-element loss, averaged like :func:`charbonnier`: ``"charbonnier"`` √(d² + ε²),
+    ``"l2"`` L2_WEIGHT·d², or ``"hybrid"``: L2 where the bool ``changed`` (broadcastable to ``x``; see
+    :func:`changed_pixels`) is True, Charbonnier elsewhere (module docstring)."""
+    if kind not in PIXEL_LOSSES:
+        raise ValueError(f"pixel loss must be one of {PIXEL_LOSSES}, got {kind!r}")
     if kind == "charbonnier":
         return charbonnier(x, y, eps, per_row=per_row)
-    if kind != "l2":
-        raise ValueError(f"pixel loss must be one of {PIXEL_LOSSES}, got {kind!r}")
     d = x - y
     c = L2_WEIGHT * d * d
+    if kind == "hybrid":
+        if changed is None:
+            raise ValueError("the hybrid pixel loss needs the pixels the degradation changed (changed=...)")
+        c = torch.where(changed, c, torch.sqrt(d * d + eps * eps))
     return c.flatten(1).mean(1) if per_row else c.mean()
+
+
+def changed_pixels(degraded: torch.Tensor, target: torch.Tensor, delta: float = HYBRID_DELTA) -> torch.Tensor:
+    """(N, 1, H, W) bool: pixels where any channel of the degraded input differs from the target by more
+    than ``delta`` (where the hybrid pixel loss uses L2)."""
+    return (degraded - target).abs().amax(1, keepdim=True) > delta
 
 
 def gauss_kernel(channels: int, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -89,14 +106,18 @@ def laplacian_residual(x: torch.Tensor) -> torch.Tensor:
 
 
 def edge_loss(x: torch.Tensor, y: torch.Tensor, eps: float = EPS, levels: int = 1, *,
-              per_row: bool = False, pixel: str = "charbonnier") -> torch.Tensor:
+              per_row: bool = False, pixel: str = "charbonnier", changed: torch.Tensor | None = None) -> torch.Tensor:
     """Charbonnier (or ``pixel``, see :func:`pixel_loss`) between Laplacian residuals, summed over ``levels``
-    pyramid levels (1 = MPRNet); scalar, or (N,) with ``per_row``."""
+    pyramid levels (1 = MPRNet); scalar, or (N,) with ``per_row``. ``changed`` (hybrid) is max-pooled ×2 with
+    each further level."""
     total = x.new_zeros((x.shape[0],) if per_row else ())
     for level in range(levels):
         if level:
             x, y = conv_gauss(x)[..., ::2, ::2], conv_gauss(y)[..., ::2, ::2]
-        total = total + pixel_loss(laplacian_residual(x), laplacian_residual(y), pixel, eps, per_row=per_row)
+            if changed is not None:
+                changed = F.max_pool2d(changed.float(), 2, ceil_mode=True)[..., :x.shape[-2], :x.shape[-1]] > 0
+        total = total + pixel_loss(laplacian_residual(x), laplacian_residual(y), pixel, eps, per_row=per_row,
+                                   changed=changed)
     return total
 
 
@@ -131,11 +152,12 @@ def segmentation_loss(logits: torch.Tensor | Sequence[torch.Tensor], mask: torch
 
 def magenet_loss(out, target: torch.Tensor, mask: torch.Tensor | None = None, *, lam: float = SEG_LAMBDA,
                  edge_weight: float = EDGE_WEIGHT, eps: float = EPS, seg_kind: str = "bce",
-                 image_weighting: str = "mean", pixel: str = "charbonnier"):
+                 image_weighting: str = "mean", pixel: str = "charbonnier", degraded: torch.Tensor | None = None):
     """Supervised MAGE-Net loss for a ``MAGENetOutput`` ``out`` against the clean ``target``.
 
     total = Σ_stages [charbonnier + edge_weight·edge] + lam·Σ_4 scales seg (seg only when the model
-    has RSP and ``mask`` is given); ``pixel="l2"`` puts L2_WEIGHT·d² in both image terms; with
+    has RSP and ``mask`` is given); ``pixel="l2"`` puts L2_WEIGHT·d² in both image terms, ``"hybrid"`` only
+    where the ``degraded`` input (needed then) differs from the target (:func:`changed_pixels`); with
     ``image_weighting="log"`` each stage's image term is
     mean_i LOG_SCALE·log(c_i + edge_weight·e_i) over the rows (module docstring). Returns (total, parts)
     with parts a dict of detached scalar tensors (no host sync): ``char_s1``, ``edge_s1`` (and ``_s2``,
@@ -143,11 +165,16 @@ def magenet_loss(out, target: torch.Tensor, mask: torch.Tensor | None = None, *,
     """
     if image_weighting not in IMAGE_WEIGHTINGS:
         raise ValueError(f"image_weighting must be one of {IMAGE_WEIGHTINGS}, got {image_weighting!r}")
+    changed = None
+    if pixel == "hybrid":
+        if degraded is None:
+            raise ValueError("pixel='hybrid' needs the degraded input (degraded=...)")
+        changed = changed_pixels(degraded, target)
     parts: dict[str, torch.Tensor] = {}
     total = target.new_zeros(())
     for i, img in enumerate(out.stages, start=1):
-        c = pixel_loss(img, target, pixel, eps, per_row=True)
-        e = edge_loss(img, target, eps, per_row=True, pixel=pixel)
+        c = pixel_loss(img, target, pixel, eps, per_row=True, changed=changed)
+        e = edge_loss(img, target, eps, per_row=True, pixel=pixel, changed=changed)
         row = c + edge_weight * e
         total = total + (LOG_SCALE * torch.log(row).mean() if image_weighting == "log" else row.mean())
         parts[f"char_s{i}"], parts[f"edge_s{i}"] = c.mean().detach(), e.mean().detach()

@@ -63,7 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "eyes": 48, "per_eye": 4, "real_images": 48, "colour_jitter": 0.25, "no_identity_init": False,
     "lr": 1e-3, "lr_min": 1e-5, "seed": 0, "no_rsp": False, "identity_fraction": 0.0,
     "real_augment": 0.0, "real_pairs": 0, "real_pairs_batch_size": 2, "image_weighting": "mean",
-    "pixel_loss": "charbonnier",
+    "pixel_loss": "charbonnier", "charbonnier_from": 1.0,
     "spot_fraction": 0.0, "stage1_only": False, "output_gate": False, "gate_bias": 0.0, "rsp_init": None,
     "structure_weight": 0.0,
     "structure_rsp": None, "ema": 0.999, "consistency_weight": 1.0, "warmup": 0.3,
@@ -119,7 +119,13 @@ def add_arguments(p) -> None:
     p.add_argument("--pixel-loss", choices=PIXEL_LOSSES,
                    help="per-pixel form of the image losses: 'charbonnier' (the paper; L1-like, its minimiser the "
                         "median, so an uncertain correction such as a faint spot is not made) or 'l2' (10*squared "
-                        "error; the mean: partial corrections; not in the paper)" + d("pixel_loss"))
+                        "error; the mean: partial corrections; not in the paper) or 'hybrid' (l2 where the "
+                        "degradation changed the pixel by more than 0.02, charbonnier elsewhere; not in the paper)"
+                   + d("pixel_loss"))
+    p.add_argument("--charbonnier-from", type=float, metavar="FRACTION",
+                   help="switch the image losses from --pixel-loss to charbonnier after this fraction of the steps "
+                        "(a schedule: the mean's partial corrections first, then the median's 'leave it unless "
+                        "sure'; not in the paper; 1 = never)" + d("charbonnier_from"))
     p.add_argument("--lr", type=float, help="initial Adam learning rate (cosine decay)" + d("lr"))
     p.add_argument("--lr-min", type=float, help="final learning rate" + d("lr_min"))
     p.add_argument("--seed", type=int, help="seed of initialisation and every per-step choice" + d("seed"))
@@ -169,6 +175,10 @@ def run(args) -> int:
         opts["image_weighting"] = "mean"
     if saved is not None and "pixel_loss" not in saved:
         opts["pixel_loss"] = "charbonnier"
+    if saved is not None and "charbonnier_from" not in saved:
+        opts["charbonnier_from"] = 1.0
+    if not 0.0 <= opts["charbonnier_from"] <= 1.0:
+        raise ValueError(f"--charbonnier-from must be in [0, 1], got {opts['charbonnier_from']}")
     if saved is not None and "structure_weight" not in saved:
         opts["structure_weight"], opts["structure_rsp"] = 0.0, None
     check_structure_options(kind, opts)
@@ -319,6 +329,8 @@ def _load_data(opts: dict[str, Any], progress: bool):
         desc += f"; image losses weighted per row: {opts['image_weighting']}"
     if opts["pixel_loss"] != "charbonnier":
         desc += f"; image losses per pixel: {opts['pixel_loss']} instead of Charbonnier"
+        if opts["charbonnier_from"] < 1.0:
+            desc += f", Charbonnier from step {_switch_step(opts)} on"
     if opts.get("structure_weight"):
         desc += (f"; vessel-preservation term {opts['structure_weight']} x BCE of a frozen segmenter "
                  f"({opts['structure_rsp']}) on the enhanced synthetic rows")
@@ -335,6 +347,11 @@ def _load_data(opts: dict[str, Any], progress: bool):
         desc += (f"; labelled real pairs: {opts['real_pairs']} variants of the real left half (amount {amount}), "
                  f"random degradations, {opts['real_pairs_batch_size']} per step")
     return syn, (real, pairs, spots), desc
+
+
+def _switch_step(opts: dict[str, Any]) -> int:
+    """The first step whose image losses are Charbonnier under --charbonnier-from."""
+    return round(opts.get("charbonnier_from", 1.0) * opts["steps"])
 
 
 def _step(model, mt, opts, syn, real, step: int, device,
@@ -358,8 +375,9 @@ def _step(model, mt, opts, syn, real, step: int, device,
         ident = (torch.rand(opts["batch_size"], generator=g) < opts["identity_fraction"]).to(device)
         b["x"] = torch.where(ident[:, None, None, None], b["y"], b["x"])
     out = model(b["x"])
+    pixel = opts["pixel_loss"] if step < _switch_step(opts) else "charbonnier"
     loss, parts = magenet_loss(out, b["y"], b["vessels"], image_weighting=opts["image_weighting"],
-                               pixel=opts["pixel_loss"])
+                               pixel=pixel, degraded=b["x"])
     if seg_net is not None:
         st = structure_loss(seg_net, out.final, b["vessels"])
         loss = loss + opts["structure_weight"] * st
@@ -380,7 +398,7 @@ def _step(model, mt, opts, syn, real, step: int, device,
             ident = (torch.rand(k, generator=g) < opts["identity_fraction"]).to(device)
             px = torch.where(ident[:, None, None, None], py, px)
         real_loss, _ = magenet_loss(model(px), py, None, image_weighting=opts["image_weighting"],
-                                    pixel=opts["pixel_loss"])
+                                    pixel=pixel, degraded=px)
         loss = loss + real_loss
         parts.update(real_pairs=real_loss.detach(), total=loss.detach())
     return loss, parts
