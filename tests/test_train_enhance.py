@@ -230,6 +230,9 @@ def test_eval_report_and_ship(tmp_path, rsp_run, capsys):
     assert eval_enhance.main(argv) == 0  # the same runs again: the shipped copy is one of them, a tie: kept
     assert "kept; the weights there score" in capsys.readouterr().err
     assert eval_enhance.main([*argv, "--replace"]) == 0
+    with pytest.raises(SystemExit) as exc:  # --replace alone would be silently meaningless
+        eval_enhance.main(["--runs", str(runs), "--out", str(tmp_path / "r"), "--replace"])
+    assert exc.value.code == 2 and "--replace needs --ship-to" in capsys.readouterr().err
 
 
 def test_thresholded_is_what_enhance_returns_with_that_threshold(tmp_path):

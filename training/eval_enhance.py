@@ -547,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     runs = Path(args.runs)
+    if args.replace and not args.ship_to:
+        p.error("--replace needs --ship-to DIR (it says whether the weights there may be replaced)")
     if set(args.test_seeds) & set(args.val_seeds):
         p.error(f"--test-seeds and --val-seeds must not overlap (both hold {sorted(set(args.test_seeds) & set(args.val_seeds))})")
     if set(args.test_seeds) & set(enhance_kinds.VAL_SEEDS):
