@@ -338,6 +338,9 @@ def test_identity_pairs_and_real_augment_options(tmp_path, rsp_run, monkeypatch)
     assert "image losses per pixel: l2 instead of Charbonnier, Charbonnier from step 2 on" in doc["provenance"]["data"]
     with pytest.raises(ValueError, match="--charbonnier-from"):
         T.run(_args("magenet", "--out", str(tmp_path / "bad"), "--steps", "1", "--charbonnier-from", "1.5"))
+    with pytest.raises(SystemExit) as exc:  # the module's own entry point: one line, status 2, nothing made
+        T.main(["magenet", "--out", str(tmp_path / "bad"), "--charbonnier-from", "1.5"])
+    assert exc.value.code == 2 and not (tmp_path / "bad").exists()
     for flag, bad in (("--identity-fraction", "1.5"), ("--real-augment", "-0.1"), ("--real-pairs", "-1")):
         with pytest.raises(ValueError, match=flag):
             T.run(_args("magenet", "--out", str(tmp_path / "bad"), "--steps", "1", flag, bad))

@@ -519,7 +519,15 @@ def main(argv: list[str] | None = None) -> int:
                                 description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("kind", choices=KINDS)
     add_arguments(p)
-    return run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    try:  # bad values and unusable paths: one line and status 2, as `retina-fast train` does
+        return run(args)
+    except ValueError as exc:
+        p.exit(2, f"{p.prog}: error: {exc}\n")
+    except OSError as exc:
+        from retina_fast.cli import os_error_text
+
+        p.exit(2, f"{p.prog}: error: {os_error_text(exc)}\n")
 
 
 if __name__ == "__main__":
