@@ -232,6 +232,15 @@ def test_the_choice_is_made_per_batch_size(model_dir, monkeypatch):
     assert calls[-2:] == [1, 8]
 
 
+def test_measure_libraries_times_the_current_library_first_and_caches():
+    timed, cache = [], {}
+    plan = {"direct": (2, 3), "onednn": (5, 1)}
+    got = cpu_unet.measure_libraries(plan, "onednn", cache, lambda lib, n: (lib, n),
+                                     lambda lib, n: timed.append((lib, n)) or float(n))
+    assert timed == [("onednn", 5), ("direct", 2)] and got == {"direct": 6.0, "onednn": 5.0}
+    assert cpu_unet.measure_libraries(plan, "direct", cache, lambda lib, n: (lib, n), pytest.fail) == got
+
+
 def test_fused_unet_measures_each_batch_size_once():
     fused = cpu_unet.FusedCPUUNet(_net(), torch.float32)
     if not fused.batch_invariant or not mkldnn_usable():

@@ -41,8 +41,8 @@ from retina_fast.backends.cpu_pack import CONV_LIBRARIES, mkldnn_usable
 from retina_fast.backends.cpu_table import CPU_OPS, ConvNode, Packing, TimeInput
 from retina_fast.models.unet import UNet2D, pad_to_multiple
 
-__all__ = ["FusedCPUUNet", "pick_library", "library_setting", "best_seconds", "LIBRARY_ENV", "ONEDNN_MARGIN",
-           "MEASURE_BATCH"]
+__all__ = ["FusedCPUUNet", "pick_library", "library_setting", "best_seconds", "measure_libraries", "LIBRARY_ENV",
+           "ONEDNN_MARGIN", "MEASURE_BATCH"]
 
 LIBRARY_ENV = "RETINA_FAST_CPU_CONVS"  # direct | onednn | auto (default): pins the choice of choose_library
 # oneDNN is taken only when it is this much faster: the direct kernels are batch invariant (image i the same in
@@ -60,6 +60,21 @@ def library_setting(setting: str | None = None) -> str:
     if setting != "auto" and setting not in CONV_LIBRARIES:
         raise ValueError(f"{LIBRARY_ENV}={setting!r}: expected {', '.join(CONV_LIBRARIES)} or auto")
     return "direct" if setting == "auto" and not mkldnn_usable() else setting
+
+
+def measure_libraries(plan: dict[str, tuple[int, int]], current: str | None, cache: dict, key, time_one) -> dict:
+    """Seconds per call for each library of ``plan`` ({library: (images timed, scale)}): ``cache[key(library,
+    images)]``, else ``time_one(library, images)`` (which switches to ``library`` and times one call of that many
+    images; remembered in ``cache``), times ``scale``. The library in use (``current``) is timed first, so a
+    measurement switches at most once."""
+    seconds = {}
+    for library in sorted(plan, key=lambda lib: lib != current):
+        images, scale = plan[library]
+        k = key(library, images)
+        if k not in cache:
+            cache[k] = time_one(library, images)
+        seconds[library] = cache[k] * scale
+    return seconds
 
 
 def best_seconds(call, rounds: int) -> float:
@@ -147,18 +162,16 @@ class FusedCPUUNet:
         oneDNN measurement; the library in use is measured first (at most one switch)."""
         cores = self.programs.cores
         shape = tuple(shape)
-        plan = {"direct": (cores, -(-batch // cores)), "onednn": (batch, 1)}
-        seconds = {}
-        for library in sorted(plan, key=lambda lib: lib != self.library):
-            images, scale = plan[library]
-            key = (library, shape, images)
-            if key not in self._seconds:
-                x = torch.randn((images, self.config.in_channels, *shape), generator=torch.Generator().manual_seed(0))
-                t = torch.full((images,), 500, dtype=torch.int64)
-                if library != self.library:
-                    self.use_library(library)
-                self._seconds[key] = best_seconds(lambda: self(x, t), rounds)
-            seconds[library] = self._seconds[key] * scale
+
+        def time_one(library: str, images: int) -> float:
+            x = torch.randn((images, self.config.in_channels, *shape), generator=torch.Generator().manual_seed(0))
+            t = torch.full((images,), 500, dtype=torch.int64)
+            if library != self.library:
+                self.use_library(library)
+            return best_seconds(lambda: self(x, t), rounds)
+
+        seconds = measure_libraries({"direct": (cores, -(-batch // cores)), "onednn": (batch, 1)}, self.library,
+                                    self._seconds, lambda library, images: (library, shape, images), time_one)
         self.timings = {"seconds_at_batch": seconds, "batch": batch, "shape": shape}
         return seconds["direct"], seconds["onednn"]
 

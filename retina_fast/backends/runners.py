@@ -25,7 +25,7 @@ import torch
 
 from retina_fast.backends.cpu_decoder import FusedCPUDecoder
 from retina_fast.backends.cpu_pack import CONV_LIBRARIES, mkldnn_usable
-from retina_fast.backends.cpu_unet import FusedCPUUNet, best_seconds, library_setting, pick_library
+from retina_fast.backends.cpu_unet import FusedCPUUNet, best_seconds, library_setting, measure_libraries, pick_library
 from retina_fast.backends.graphs import CudaGraphs, FrozenGraphs, fast_copy
 from retina_fast.models.vqgan import model_to_reflectance, unscale_latent
 from retina_fast.ops import nearest_code, sampler_step
@@ -271,14 +271,14 @@ class CPURunner(Runner):
         if mkldnn_usable():
             plan["onednn"] = (batch, 1)
         k = self.loaded.vqgan.codebook.embedding.shape[0]
-        seconds = {"onednn": None}
-        for library in sorted(plan, key=lambda lib: lib != self.convolutions["decoder"]):
-            images, scale = plan[library]
-            if (library, images) not in self._decoder_seconds:
-                idx = torch.randint(0, k, (images, *shape), generator=torch.Generator().manual_seed(0))
-                self._use_decoder(library)
-                self._decoder_seconds[library, images] = best_seconds(lambda: self.fast_decode(idx), rounds)
-            seconds[library] = self._decoder_seconds[library, images] * scale
+
+        def time_one(library: str, images: int) -> float:
+            idx = torch.randint(0, k, (images, *shape), generator=torch.Generator().manual_seed(0))
+            self._use_decoder(library)
+            return best_seconds(lambda: self.fast_decode(idx), rounds)
+
+        seconds = {"onednn": None, **measure_libraries(plan, self.convolutions["decoder"], self._decoder_seconds,
+                                                       lambda library, images: (library, images), time_one)}
         self.decoder_timings = {"seconds_at_batch": seconds, "batch": batch, "shape": tuple(shape)}
         return seconds["direct"], seconds["onednn"]
 
