@@ -455,3 +455,51 @@ def test_spot_fraction_swaps_inputs_for_their_spot_only_degradation(tmp_path):
     assert T.run(_args("magenet", "--out", str(out), "--steps", "1", "--spot-fraction", "0.5")) == 0
     doc, _ = load_checkpoint(out / "final")
     assert doc["provenance"]["options"]["spot_fraction"] == 0.5 and "spot-only" in doc["provenance"]["data"]
+
+
+def test_blur_fraction_swaps_inputs_for_their_blur_only_degradation(tmp_path):
+    """--blur-fraction P: like --spot-fraction, from a blur-only pool; with both, one uniform draw per row
+    splits the rows ([0, p_spot) spot-only, [p_spot, p_spot + p_blur) blur-only, the rest their random
+    combination), so a spot-only run keeps its stream; the two together above 1 are refused."""
+    from retina_fast.training import enhance_data
+
+    blur = enhance_data.single_kind_inputs("blur", 2, 2, 256, cache_dir=tmp_path / "c")
+    syn = enhance_data.synthetic_pairs(2, 2, 256, cache_dir=tmp_path / "c")
+    assert torch.equal(blur.targets, syn.targets) and torch.equal(blur.source, syn.source)
+    b = blur.get(range(len(blur)))
+    d = (b["x"] - b["y"]).abs().flatten(1).amax(1)
+    assert (d > 0.02).any()  # some rows are blurred (at 256 px Cofe-Net's kernel is 1 px wide in ~40 % of draws)
+    assert torch.allclose(b["x"].mean((1, 2, 3)), b["y"].mean((1, 2, 3)), atol=3 / 255)  # a blur keeps the mean
+    with pytest.raises(ValueError, match="not 'illumination'"):
+        enhance_data.single_kind_inputs("illumination", 2, 2, 64)
+
+    opts = {**T.DEFAULTS, **{k: v for k, v in vars(_args("magenet", "--out", "x", "--spot-fraction", "0.3",
+                                                          "--blur-fraction", "0.4")).items() if v is not None},
+            "kind": "magenet", "batch_size": 16}
+    syn, real, desc = T._load_data(opts, progress=False)
+    assert "spot-only degradation" in desc and "blur-only degradation" in desc
+    spots, blurs = real[2], real[3]
+    seen = {}
+
+    class Spy(torch.nn.Module):
+        def forward(self, x):
+            seen["x"] = x
+            raise StopIteration
+
+    for ps, pb, step in ((0.3, 0.4, 0), (0.3, 0.4, 1), (0.0, 1.0, 0), (0.3, 0.0, 2)):
+        data = (real[0], real[1], spots if ps else None, blurs if pb else None)
+        with pytest.raises(StopIteration):
+            T._step(Spy(), None, {**opts, "spot_fraction": ps, "blur_fraction": pb}, syn, data, step,
+                    torch.device("cpu"))
+        g = T.step_generator(opts["seed"], step, T._STREAM)
+        idx = torch.randint(len(syn), (16,), generator=g)
+        u = torch.rand(16, generator=g)
+        rows = syn.get(idx)
+        rows["x"] = torch.where((u < ps)[:, None, None, None], spots.get(idx)["x"], rows["x"])
+        rows["x"] = torch.where(((u >= ps) & (u < ps + pb))[:, None, None, None], blurs.get(idx)["x"], rows["x"])
+        assert torch.equal(seen["x"], enhance_data.random_crops(rows, opts["crop"], g)["x"])
+    with pytest.raises(ValueError, match="at most 1"):
+        T.run(_args("magenet", "--out", str(tmp_path / "bad"), "--spot-fraction", "0.6", "--blur-fraction", "0.5"))
+    with pytest.raises(ValueError, match="--blur-fraction is an option of magenet"):
+        T.run(_args("rsp", "--out", str(tmp_path / "bad"), "--blur-fraction", "0.5"))
+    assert not (tmp_path / "bad").exists()

@@ -41,12 +41,15 @@ import torch.nn.functional as F
 
 from retina_fast.training.degrade import degradation_combinations, degrade, fov_mask
 
-__all__ = ["SYN_TRAIN", "SYN_TEST", "SYN_SPOT", "REAL_TRAIN", "REAL_TEST", "REAL_PAIRS", "TEST_EYE_OFFSET",
-           "SPLIT_COLUMN", "Pool", "synthetic_pairs", "spot_inputs", "synthetic_test_set", "real_image", "real_half",
+__all__ = ["SYN_TRAIN", "SYN_TEST", "SYN_SPOT", "SYN_BLUR", "REAL_TRAIN", "REAL_TEST", "REAL_PAIRS", "TEST_EYE_OFFSET",
+           "SPLIT_COLUMN", "Pool", "synthetic_pairs", "single_kind_inputs", "spot_inputs",
+           "synthetic_test_set", "real_image", "real_half",
            "degrade_half", "real_unlabelled", "real_pairs", "real_test_set", "random_crops", "augment_real"]
 
 SYN_TRAIN, SYN_TEST, REAL_TRAIN, REAL_TEST, REAL_PAIRS = 0x5E1, 0x5E2, 0x4EA1, 0x4EA2, 0x4EA3  # degrade seed tags
-SYN_SPOT = 0x5E3  # degrade seed tag of the spot-only training inputs (spot_inputs)
+SYN_SPOT = 0x5E3  # degrade seed tag of the spot-only training inputs (single_kind_inputs("spot", ...))
+SYN_BLUR = 0x5E4  # degrade seed tag of the blur-only training inputs (single_kind_inputs("blur", ...))
+_SINGLE_KIND_TAGS = {"spot": SYN_SPOT, "blur": SYN_BLUR}
 TEST_EYE_OFFSET = 1_000_000
 SPLIT_COLUMN = 705
 _FULL = 1411
@@ -188,15 +191,23 @@ def synthetic_pairs(n_eyes: int, per_eye: int = 4, size: int = 256, *, first_eye
                                                           size, SYN_TRAIN, False, progress, colour_jitter))
 
 
-def spot_inputs(n_eyes: int, per_eye: int = 4, size: int = 256, *, first_eye: int = 0, colour_jitter: float = 0.0,
-                cache_dir=None, progress: bool = False) -> Pool:
-    """Spot-only inputs aligned row for row with ``synthetic_pairs`` of the same arguments: the same eyes,
-    variants and targets (the same colour gains), each input degraded by spots alone (Cofe-Net's spot step;
-    seeds (SYN_SPOT, eye, k), a stream apart from the random combinations')."""
-    spec = {"kind": "synthetic-spot", "n_eyes": n_eyes, "per_eye": per_eye, "size": size, "first_eye": first_eye,
-            "tag": SYN_TRAIN, "degrade_tag": SYN_SPOT, "colour_jitter": colour_jitter, "version": 1}
+def single_kind_inputs(kind: str, n_eyes: int, per_eye: int = 4, size: int = 256, *, first_eye: int = 0,
+                       colour_jitter: float = 0.0, cache_dir=None, progress: bool = False) -> Pool:
+    """Inputs degraded by one kind alone ("spot" or "blur": Cofe-Net's step for it), aligned row for row with
+    ``synthetic_pairs`` of the same arguments: the same eyes, variants and targets (the same colour gains).
+    Seeds (SYN_SPOT or SYN_BLUR, eye, k): a stream apart from the random combinations'."""
+    if kind not in _SINGLE_KIND_TAGS:
+        raise ValueError(f"single-kind inputs exist for {tuple(_SINGLE_KIND_TAGS)}, not {kind!r}")
+    tag = _SINGLE_KIND_TAGS[kind]
+    spec = {"kind": f"synthetic-{kind}", "n_eyes": n_eyes, "per_eye": per_eye, "size": size, "first_eye": first_eye,
+            "tag": SYN_TRAIN, "degrade_tag": tag, "colour_jitter": colour_jitter, "version": 1}
     return _cached(cache_dir, spec, lambda: _phantom_pool(list(range(first_eye, first_eye + n_eyes)), per_eye, size,
-                                                          SYN_TRAIN, False, progress, colour_jitter, ("spot",), SYN_SPOT))
+                                                          SYN_TRAIN, False, progress, colour_jitter, (kind,), tag))
+
+
+def spot_inputs(n_eyes: int, per_eye: int = 4, size: int = 256, **kw) -> Pool:
+    """``single_kind_inputs("spot", ...)``: each input degraded by spots alone."""
+    return single_kind_inputs("spot", n_eyes, per_eye, size, **kw)
 
 
 def synthetic_test_set(n: int = 14, size: int = 256, *, cache_dir=None, progress: bool = False) -> Pool:

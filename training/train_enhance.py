@@ -64,7 +64,7 @@ DEFAULTS: dict[str, Any] = {
     "lr": 1e-3, "lr_min": 1e-5, "seed": 0, "no_rsp": False, "identity_fraction": 0.0,
     "real_augment": 0.0, "real_pairs": 0, "real_pairs_batch_size": 2, "image_weighting": "mean",
     "pixel_loss": "charbonnier", "charbonnier_from": 1.0,
-    "spot_fraction": 0.0, "stage1_only": False, "output_gate": False, "gate_bias": 0.0, "rsp_init": None,
+    "spot_fraction": 0.0, "blur_fraction": 0.0, "stage1_only": False, "output_gate": False, "gate_bias": 0.0, "rsp_init": None,
     "structure_weight": 0.0,
     "structure_rsp": None, "ema": 0.999, "consistency_weight": 1.0, "warmup": 0.3,
     "noise_std": 0.05, "log_every": 10, "ckpt_every": 100, "device": None, "threads": None, "data_cache": None,
@@ -102,6 +102,9 @@ def add_arguments(p) -> None:
                    help="probability that a labelled synthetic row's input is its spot-only degradation instead "
                         "of its random combination (more spot-removal examples; not in the paper; an identity pair "
                         "drawn after it still replaces the input)" + d("spot_fraction"))
+    p.add_argument("--blur-fraction", type=float, metavar="P",
+                   help="probability that a labelled synthetic row's input is its blur-only degradation (as "
+                        "--spot-fraction; the two together at most 1)" + d("blur_fraction"))
     p.add_argument("--real-images", type=int, help="degraded versions of the real left half" + d("real_images"))
     p.add_argument("--real-augment", type=float, metavar="A",
                    help="widen the unlabelled real domain: each degraded left half starts from its own variant (zoom "
@@ -168,7 +171,7 @@ def run(args) -> int:
     given = {k: v for k, v in vars(args).items() if k not in ("func", "model", "command", "kind", "no_progress")}
     local = {k: given.pop(k) for k in _MUTABLE if given.get(k) is not None}  # may change on --resume
     opts = {**resolve_options(argparse.Namespace(**given), {**DEFAULTS, "kind": kind}, saved), **local}
-    for key in ("identity_fraction", "real_augment", "real_pairs", "spot_fraction"):
+    for key in ("identity_fraction", "real_augment", "real_pairs", "spot_fraction", "blur_fraction"):
         if saved is not None and key not in saved:
             opts[key] = 0  # a run started before the option
     if saved is not None and "image_weighting" not in saved:
@@ -182,11 +185,15 @@ def run(args) -> int:
     if saved is not None and "structure_weight" not in saved:
         opts["structure_weight"], opts["structure_rsp"] = 0.0, None
     check_structure_options(kind, opts)
-    for key in ("identity_fraction", "spot_fraction"):
+    for key in ("identity_fraction", "spot_fraction", "blur_fraction"):
         if not 0.0 <= opts[key] <= 1.0:
             raise ValueError(f"--{key.replace('_', '-')} must be in [0, 1], got {opts[key]}")
-    if opts["spot_fraction"] and kind == "rsp":
-        raise ValueError("--spot-fraction is an option of magenet / tmagenet, not of `train rsp`")
+    if opts["spot_fraction"] + opts["blur_fraction"] > 1.0:
+        raise ValueError(f"--spot-fraction + --blur-fraction must be at most 1, got "
+                         f"{opts['spot_fraction']} + {opts['blur_fraction']}")
+    for key in ("spot_fraction", "blur_fraction"):
+        if opts[key] and kind == "rsp":
+            raise ValueError(f"--{key.replace('_', '-')} is an option of magenet / tmagenet, not of `train rsp`")
     if not isinstance(opts["real_pairs"], int) or opts["real_pairs"] < 0:
         raise ValueError(f"--real-pairs must be an integer >= 0, got {opts['real_pairs']!r}")
     if opts["real_pairs"] and kind == "rsp":
@@ -315,14 +322,17 @@ def _load_data(opts: dict[str, Any], progress: bool):
     desc = (f"phantom eyes 0..{opts['eyes'] - 1} at {opts['size']} px, {opts['per_eye']} Cofe-Net degradations "
             f"each (random combination, mode=code), colour gains exp(U(-{opts['colour_jitter']}, "
             f"{opts['colour_jitter']})) per pair")
-    spots = None
-    if opts.get("spot_fraction") and opts["kind"] != "rsp":
-        spots = enhance_data.spot_inputs(opts["eyes"], opts["per_eye"], opts["size"],
-                                         colour_jitter=opts["colour_jitter"], cache_dir=cache, progress=progress)
-        if not (torch.equal(spots.targets, syn.targets) and torch.equal(spots.source, syn.source)):
-            raise RuntimeError("spot-only inputs are not aligned with the synthetic pairs (data cache damaged?)")
-        desc += (f"; with probability {opts['spot_fraction']} a row's input is its spot-only degradation "
-                 "(seeds tagged SYN_SPOT) instead")
+    single = {}  # kind -> inputs degraded by that kind alone, aligned with syn
+    for kind, tag in (("spot", "SYN_SPOT"), ("blur", "SYN_BLUR")):
+        if not opts.get(f"{kind}_fraction") or opts["kind"] == "rsp":
+            continue
+        pool = enhance_data.single_kind_inputs(kind, opts["eyes"], opts["per_eye"], opts["size"],
+                                               colour_jitter=opts["colour_jitter"], cache_dir=cache, progress=progress)
+        if not (torch.equal(pool.targets, syn.targets) and torch.equal(pool.source, syn.source)):
+            raise RuntimeError(f"{kind}-only inputs are not aligned with the synthetic pairs (data cache damaged?)")
+        single[kind] = pool
+        desc += (f"; with probability {opts[f'{kind}_fraction']} a row's input is its {kind}-only degradation "
+                 f"(seeds tagged {tag}) instead")
     if opts["identity_fraction"]:
         desc += f"; identity pairs (input = clean target) with probability {opts['identity_fraction']}"
     if opts["image_weighting"] != "mean":
@@ -346,7 +356,7 @@ def _load_data(opts: dict[str, Any], progress: bool):
                                         progress=progress)
         desc += (f"; labelled real pairs: {opts['real_pairs']} variants of the real left half (amount {amount}), "
                  f"random degradations, {opts['real_pairs_batch_size']} per step")
-    return syn, (real, pairs, spots), desc
+    return syn, (real, pairs, single.get("spot"), single.get("blur")), desc
 
 
 def _switch_step(opts: dict[str, Any]) -> int:
@@ -357,15 +367,19 @@ def _switch_step(opts: dict[str, Any]) -> int:
 def _step(model, mt, opts, syn, real, step: int, device,
           seg_net: RSPNet | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of one step; all randomness from the (seed, step) generator. ``real`` = (unlabelled pool or None,
-    labelled real pairs or None, spot-only inputs aligned with ``syn`` or None); ``seg_net`` the frozen
-    segmenter of --structure-weight."""
-    real, pairs, spots = (tuple(real) + (None,) * 3)[:3] if isinstance(real, tuple) else (real, None, None)
+    labelled real pairs or None, spot-only and blur-only inputs aligned with ``syn`` or None); ``seg_net`` the
+    frozen segmenter of --structure-weight."""
+    real, pairs, spots, blurs = (tuple(real) + (None,) * 4)[:4] if isinstance(real, tuple) else (real, None, None, None)
     g = step_generator(opts["seed"], step, _STREAM)
     idx = torch.randint(len(syn), (opts["batch_size"],), generator=g)
     rows = syn.get(idx)
-    if spots is not None:  # drawn only when on, so runs without it keep their random stream
-        use = torch.rand(opts["batch_size"], generator=g) < opts["spot_fraction"]
-        rows["x"] = torch.where(use[:, None, None, None], spots.get(idx)["x"], rows["x"])
+    if spots is not None or blurs is not None:  # drawn only when on, so runs without them keep their random stream
+        u = torch.rand(opts["batch_size"], generator=g)  # one draw per row: [0, p_spot) spot, then p_blur blur
+        p_spot = opts["spot_fraction"] if spots is not None else 0.0
+        for pool, lo, hi in ((spots, 0.0, p_spot), (blurs, p_spot, p_spot + opts.get("blur_fraction", 0.0))):
+            if pool is not None:
+                use = (u >= lo) & (u < hi)
+                rows["x"] = torch.where(use[:, None, None, None], pool.get(idx)["x"], rows["x"])
     b = {k: v.to(device) for k, v in enhance_data.random_crops(rows, opts["crop"], g).items()}
     if opts["kind"] == "rsp":
         clean = (torch.rand(opts["batch_size"], generator=g) < 0.5).to(device)[:, None, None, None]
