@@ -90,6 +90,35 @@ def test_tiles_cover_the_image(ckpt):
     torch.testing.assert_close(same, whole, rtol=0, atol=1e-6)
 
 
+def test_work_size_makes_the_change_at_that_scale(ckpt):
+    """work_size: the network runs on a copy whose shorter side is scaled to work_size (never up); its change
+    out − in is resized back bilinearly and added to the full-size input, then clamped, thresholded and masked
+    like a full-size output."""
+    x = torch.rand(2, 3, 75, 101, generator=torch.Generator().manual_seed(3)) * 0.8 + 0.1
+    full = E.enhance(x, model=ckpt, backend="torch", residual_threshold=0.0)
+    for off in (None, 0, 75, 200):  # at or above the image's shorter side: the image's own size
+        assert torch.equal(E.enhance(x, model=ckpt, backend="torch", residual_threshold=0.0, work_size=off), full)
+    assert E.work_shape(75, 101, 40) == (40, 54) and E.work_shape(101, 75, 40) == (54, 40)
+    assert E.work_shape(30, 30, 40) == (30, 30)
+    net = E.load_enhancer(ckpt).model
+    small = torch.nn.functional.interpolate(x, size=(40, 54), mode="bilinear", align_corners=False, antialias=True)
+    pad, _ = E.pad_to_multiple(small, 8)
+    with torch.no_grad():
+        change = net.restore(pad)[..., :40, :54].clamp(0, 1) - small
+    up = torch.nn.functional.interpolate(change, size=(75, 101), mode="bilinear", align_corners=False)
+    fov = fov_mask(x).float()[:, None]
+    for tau in (0.0, 0.03):
+        expected = E.shrink_residual(x, (x + up).clamp(0, 1), tau) * fov
+        got = E.enhance(x, model=ckpt, backend="torch", residual_threshold=tau, work_size=40)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # the input's fine detail passes through: the output minus the input is as smooth as the upsampled change
+    got = E.enhance(x, model=ckpt, backend="torch", residual_threshold=0.0, work_size=40)
+    assert float((got - x * fov).diff(dim=-1).abs().mean()) < 0.5 * float((full - x * fov).diff(dim=-1).abs().mean())
+    for bad, exc in ((8, ValueError), (True, TypeError), (40.0, TypeError)):
+        with pytest.raises(exc, match="work_size"):
+            E.enhance(x, model=ckpt, backend="torch", work_size=bad)
+
+
 def _eager_same_dtype(ckpt, x, dtype):
     net = copy.deepcopy(E.load_enhancer(ckpt).model).to(dtype)
     with torch.no_grad():

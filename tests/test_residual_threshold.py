@@ -106,3 +106,40 @@ def test_the_threshold_is_chosen_on_the_validation_split_and_written(model_copy)
     assert doc["residual_threshold"] == 0.05
     assert doc["provenance"]["residual_threshold_selection"]["grid"] == rows
     assert load_enhancer(str(model_copy)).residual_threshold == 0.05
+
+
+def test_work_size_from_config_json_the_call_and_the_cli(model_copy, tmp_path, capsys):
+    """``work_size`` in config.json is applied (enhance(work_size=None)), a call or --work-size overrides it
+    (0 = off), a bad value is named, and ``write_residual_threshold(work_size=)`` records it with the threshold."""
+    x = enhance_kinds.kind_inputs(96, (0,))[1][:2]
+    doc = json.loads((model_copy / "config.json").read_text())
+    doc.pop("work_size", None)
+    (model_copy / "config.json").write_text(json.dumps(doc))
+    full = enhance(x, model=str(model_copy), backend="torch")
+    at48 = enhance(x, model=str(model_copy), backend="torch", work_size=48)
+    assert not torch.equal(full, at48)
+    enhance_kinds.write_residual_threshold(model_copy, doc.get("residual_threshold", 0.0), [], (10,), 0.1, "torch",
+                                           96, work_size=48)
+    doc = json.loads((model_copy / "config.json").read_text())
+    assert doc["work_size"] == 48 and "--work-size 48" in doc["provenance"]["residual_threshold_selection"]["command"]
+    assert load_enhancer(str(model_copy)).work_size == 48
+    torch.testing.assert_close(enhance(x, model=str(model_copy), backend="torch"), at48, rtol=0, atol=0)
+    torch.testing.assert_close(enhance(x, model=str(model_copy), backend="torch", work_size=0), full, rtol=0, atol=0)
+    photo = tmp_path / "p.png"
+    Image.fromarray(np.round(x[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(photo)
+    for ws in ("48", "0"):
+        assert cli.main(["enhance", str(photo), "--out", str(tmp_path / f"o{ws}"), "--model", str(model_copy),
+                         "--backend", "torch", "--work-size", ws, "--quiet"]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / f"o{ws}" / "p.png")) for ws in ("48", "0"))
+    assert not np.array_equal(a, b)
+    capsys.readouterr()
+    assert cli.main(["enhance", str(photo), "--out", str(tmp_path / "bad"), "--work-size", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--work-size must be 0 or >= 16" in err
+    for bad in (8, "256", 1.5):
+        doc["work_size"] = bad
+        (model_copy / "config.json").write_text(json.dumps(doc))
+        from retina_fast.enhance import unload_enhancer
+        unload_enhancer(str(model_copy))
+        with pytest.raises(CheckpointError, match="config.json: work_size must be"):
+            load_enhancer(str(model_copy))

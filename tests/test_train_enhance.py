@@ -233,6 +233,17 @@ def test_eval_report_and_ship(tmp_path, rsp_run, capsys):
     with pytest.raises(SystemExit) as exc:  # --replace alone would be silently meaningless
         eval_enhance.main(["--runs", str(runs), "--out", str(tmp_path / "r"), "--replace"])
     assert exc.value.code == 2 and "--replace needs --ship-to" in capsys.readouterr().err
+    # --work-size: every rung enhances at it, its thresholds are remembered apart, the shipped copy records it
+    assert eval_enhance.main([*argv[:-2], "--out", str(tmp_path / "doc3"), "--ship-to", str(tmp_path / "ship3"),
+                              "--work-size", "32"]) == 0
+    res3 = json.loads((tmp_path / "doc3" / "ablation.json").read_text())
+    assert res3["work_size"] == 32 and "`work_size=32`" in (tmp_path / "doc3" / "ablation.md").read_text()
+    assert len(json.loads(cache_file.read_text())) == 8
+    assert res3["kinds_raw"]["MAGE-Net"] != res["kinds_raw"]["MAGE-Net"]
+    assert load_checkpoint(tmp_path / "ship3")[0]["work_size"] == 32
+    with pytest.raises(SystemExit) as exc:
+        eval_enhance.main([*argv, "--work-size", "8"])
+    assert exc.value.code == 2 and "--work-size must be 0 or >= 16" in capsys.readouterr().err
 
 
 def test_thresholded_is_what_enhance_returns_with_that_threshold(tmp_path):
@@ -286,7 +297,7 @@ def test_identity_pairs_and_real_augment_options(tmp_path, rsp_run, monkeypatch)
     g_args = _args("magenet", "--out", str(tmp_path / "x"), "--identity-fraction", "1.0")
     opts = {**T.DEFAULTS, **{k: v for k, v in vars(g_args).items() if v is not None}, "kind": "magenet"}
     syn, real, desc = T._load_data(opts, progress=False)
-    assert "identity pairs" in desc and real == (None, None, None)
+    assert "identity pairs" in desc and real == (None, None, None, None)
     seen = {}
 
     class Spy(torch.nn.Module):

@@ -167,7 +167,8 @@ MAX_VAL_LOSS_DB = 0.1
 
 def choose_residual_threshold(model, *, size: int = 512, seeds: Sequence[int] = VAL_SEEDS,
                               grid: Sequence[float] = THRESHOLD_GRID, max_loss_db: float = MAX_VAL_LOSS_DB,
-                              backend: str = "auto") -> tuple[float | None, list[dict[str, Any]]]:
+                              backend: str = "auto", work_size: int | None = None,
+                              ) -> tuple[float | None, list[dict[str, Any]]]:
     """The smallest ``residual_threshold`` of ``grid`` at which no validation image -- the left half (never the
     held-out right half) of every combination and seed in ``seeds`` -- loses more than ``max_loss_db`` against
     its input; None if none does. Returns (threshold, one row per grid value: worst per-image left-half gain,
@@ -177,7 +178,7 @@ def choose_residual_threshold(model, *, size: int = 512, seeds: Sequence[int] = 
 
     inputs = kind_inputs(size, seeds)
     names, x, _ = inputs
-    raw = torch.cat([enhance(x[i:i + 4], model=model, backend=backend, residual_threshold=0.0)
+    raw = torch.cat([enhance(x[i:i + 4], model=model, backend=backend, residual_threshold=0.0, work_size=work_size)
                      for i in range(0, len(x), 4)])  # once; each threshold is applied to the same outputs
     fov = fov_mask(x).float()[:, None]
     rows, chosen = [], None
@@ -196,8 +197,11 @@ def choose_residual_threshold(model, *, size: int = 512, seeds: Sequence[int] = 
 
 
 def write_residual_threshold(model_dir, threshold: float, rows: list[dict[str, Any]], seeds: Sequence[int],
-                             max_loss_db: float, backend: str = "torch", size: int = 512) -> None:
-    """Record the chosen threshold (and how it was chosen) in ``model_dir/config.json``."""
+                             max_loss_db: float, backend: str = "torch", size: int = 512,
+                             work_size: int | None = None, name: str | None = None) -> None:
+    """Record the chosen threshold (and how it was chosen) in ``model_dir/config.json``; ``work_size``, when
+    given, is recorded with it (the threshold was chosen on outputs made at that work size). ``name``: how the
+    recorded command names the model (default: ``model_dir``)."""
     import json
     from pathlib import Path
 
@@ -207,13 +211,16 @@ def write_residual_threshold(model_dir, threshold: float, rows: list[dict[str, A
     path = Path(model_dir) / "config.json"
     doc = json.loads(path.read_text())
     doc["residual_threshold"] = threshold
+    if work_size is not None:
+        doc["work_size"] = work_size
     doc.setdefault("provenance", {})["residual_threshold_selection"] = {
         "rule": f"smallest threshold at which no validation image loses more than {max_loss_db} dB (left half)",
         "validation": f"skimage.data.retina() at {size} px, left half, the seven degradation combinations, seeds "
                       f"{list(seeds)}", "grid": rows,
         "backend": backend,
-        "command": f"python -m retina_fast.training.enhance_kinds --model {model_dir} --backend {backend} "
-                   f"--size {size} --choose-threshold --write"}
+        "command": f"python -m retina_fast.training.enhance_kinds --model {name or model_dir} --backend {backend} "
+                   f"--size {size} --choose-threshold --write"
+                   + (f" --work-size {work_size}" if work_size is not None else "")}
     atomic_write(path, json.dumps(doc, indent=2, allow_nan=False))
     unload_enhancer(str(model_dir))  # a loaded copy in this process would keep the old value
 
@@ -231,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=512, help="whole-image size in px (default 512)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="degradation seeds (default 0 1 2 3)")
     p.add_argument("--backend", default="auto", help="enhance backend (default auto)")
+    p.add_argument("--work-size", type=int, default=None, metavar="PX",
+                   help="enhance(..., work_size=PX): the network runs with the shorter side scaled to PX and its "
+                        "change is resized back; 0 = at the image's size (default: the checkpoint's work_size); "
+                        "with --choose-threshold --write it is recorded with the threshold")
     p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     p.add_argument("--figure", metavar="PNG", help="also write inputs and outputs of the first seed, one row per kind")
     p.add_argument("--choose-threshold", action="store_true",
@@ -246,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--write goes with --choose-threshold")
     if args.choose_threshold:
         for m in args.model:
-            tau, rows = choose_residual_threshold(m, size=args.size, backend=args.backend)
+            tau, rows = choose_residual_threshold(m, size=args.size, backend=args.backend, work_size=args.work_size)
             for r in rows:
                 print(m, json.dumps(r), flush=True)
             print(f"{m}: residual_threshold {tau}" + ("" if tau is not None else " (none of the grid keeps every "
@@ -256,17 +267,18 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{m}: nothing written", file=sys.stderr)
                     return 2
                 write_residual_threshold(resolve_enhancer(m), tau, rows, VAL_SEEDS, MAX_VAL_LOSS_DB, args.backend,
-                                         args.size)
+                                         args.size, args.work_size, name=m)
         return 0
     inputs = kind_inputs(args.size, args.seeds)
     tables = {}
     for m in args.model:
-        tables[m] = kind_table(lambda x, m=m: enhance(x, model=m, backend=args.backend), inputs=inputs)
+        tables[m] = kind_table(lambda x, m=m: enhance(x, model=m, backend=args.backend, work_size=args.work_size),
+                               inputs=inputs)
         print(m, json.dumps(tables[m]["summary"]), flush=True)
         if args.spots:
             for label, tau in (("raw", 0.0), ("with its residual threshold", None)):
-                r = spot_removal(lambda x, m=m, tau=tau: enhance(x, model=m, backend=args.backend,
-                                                                 residual_threshold=tau), size=args.size)
+                r = spot_removal(lambda x, m=m, tau=tau: enhance(x, model=m, backend=args.backend, residual_threshold=tau,
+                                                                 work_size=args.work_size), size=args.size)
                 print(f"{m}: spots {label}: excess {r['excess_in']:.3f} -> {r['excess_out']:.3f}, "
                       f"removed {100 * r['removed']:.0f} %", flush=True)
     print(format_kind_table(tables))

@@ -132,15 +132,19 @@ TEST_SEEDS, VAL_SEEDS, KIND_SIZE = (0, 1, 2, 3), (10, 11), 512
 THRESHOLD_CACHE = "thresholds-cache.json"  # in the runs directory
 
 
-def rung_threshold(ck: Path, runs: Path, kind_size: int, backend: str) -> tuple[float | None, list[dict[str, Any]]]:
+def rung_threshold(ck: Path, runs: Path, kind_size: int, backend: str,
+                   work_size: int | None = None) -> tuple[float | None, list[dict[str, Any]]]:
     """``enhance_kinds.choose_residual_threshold`` of checkpoint ``ck``, remembered in RUNS/thresholds-cache.json
     under the weights' sha256 and every setting of the rule (the choice is deterministic), so a rung finished
     early can have its threshold chosen while others still train (``--thresholds-only``)."""
     from retina_fast.files import atomic_write
 
     sha = load_checkpoint(ck, [])[0]["weights"]["model"]["sha256"]
-    key = json.dumps([sha, kind_size, backend, list(enhance_kinds.THRESHOLD_GRID), list(enhance_kinds.VAL_SEEDS),
-                      enhance_kinds.MAX_VAL_LOSS_DB])
+    setting = [sha, kind_size, backend, list(enhance_kinds.THRESHOLD_GRID), list(enhance_kinds.VAL_SEEDS),
+               enhance_kinds.MAX_VAL_LOSS_DB]
+    if work_size is not None:  # keys of runs evaluated at their own work size stay as they were
+        setting.append({"work_size": work_size})
+    key = json.dumps(setting)
     path = runs / THRESHOLD_CACHE
     try:
         cache = json.loads(path.read_text())
@@ -148,7 +152,7 @@ def rung_threshold(ck: Path, runs: Path, kind_size: int, backend: str) -> tuple[
         cache = {}
     if key in cache:
         return cache[key]["threshold"], cache[key]["grid"]
-    tau, grid = enhance_kinds.choose_residual_threshold(str(ck), size=kind_size, backend=backend)
+    tau, grid = enhance_kinds.choose_residual_threshold(str(ck), size=kind_size, backend=backend, work_size=work_size)
     try:  # re-read: another process may have added a rung meanwhile
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -166,8 +170,9 @@ def validation_score(table: dict[str, Any]) -> tuple[bool, float]:
 
 
 def evaluate(runs: Path, n_test: int = 14, size: int = 256, backend: str = "torch", *, kind_size: int = KIND_SIZE,
-             test_seeds=TEST_SEEDS, val_seeds=VAL_SEEDS) -> dict[str, Any]:
-    """All numbers of the ablation (see the module doc) as a JSON-serialisable dict."""
+             test_seeds=TEST_SEEDS, val_seeds=VAL_SEEDS, work_size: int | None = None) -> dict[str, Any]:
+    """All numbers of the ablation (see the module doc) as a JSON-serialisable dict. ``work_size``: every rung's
+    ``enhance(..., work_size=)`` (None: each checkpoint's own, 0: the image's size)."""
     from retina_fast.enhance import enhance
 
     cache = runs / "data"
@@ -190,12 +195,12 @@ def evaluate(runs: Path, n_test: int = 14, size: int = 256, backend: str = "torc
         runs_info[label] = _run_info(ck)
         # every rung gets its own residual threshold by the shipped rule (not a threshold recorded in its
         # config.json), so the ladder compares the recipes under one post-processing
-        tau, grid = rung_threshold(ck, runs, kind_size, backend)
+        tau, grid = rung_threshold(ck, runs, kind_size, backend, work_size)
         thresholds[label] = {"threshold": tau, "grid": grid}
 
         def raw(x, ck=str(ck)):  # the network alone, 4 images at a time
-            return torch.cat([enhance(x[i:i + 4], model=ck, backend=backend, residual_threshold=0.0)
-                              for i in range(0, len(x), 4)])
+            return torch.cat([enhance(x[i:i + 4], model=ck, backend=backend, residual_threshold=0.0,
+                                      work_size=work_size) for i in range(0, len(x), 4)])
 
         for name, b in sets.items():
             r = raw(b["x"])
@@ -208,7 +213,7 @@ def evaluate(runs: Path, n_test: int = 14, size: int = 256, backend: str = "torc
                 kinds_raw[label] = enhance_kinds.kind_table(None, seeds=seeds, inputs=inputs, outputs=r)
             table[label] = enhance_kinds.kind_table(None, seeds=seeds, inputs=inputs,
                                                     outputs=thresholded(inputs[1], r, tau))
-    result: dict[str, Any] = {"test_sets": {}, "runs": runs_info, "backend": backend,
+    result: dict[str, Any] = {"test_sets": {}, "runs": runs_info, "backend": backend, "work_size": work_size,
                               "size": size, "n_test": n_test, "kind_size": kind_size,
                               "test_seeds": list(test_seeds), "val_seeds": list(val_seeds),
                               "thresholds": thresholds,
@@ -349,6 +354,9 @@ def write_report(result: dict[str, Any], out: Path, command: str | None = None) 
         "(the last step of `scripts/train_enhance_ablation.sh`, which runs every training, this evaluation and, with "
         "`--ship-to`, the copy of the MAGE-Net / T-MAGE-Net run best on the validation split to the shipped weights).",
         "",
+        *([f"Every model enhances with `work_size={result['work_size']}` (`retina_fast.enhance`): images larger than "
+           "that are enhanced on a scaled-down copy and the network's change is resized back.", ""]
+          if result.get("work_size") else []),
         f"Test sets: {result['n_test']} degraded phantom eyes never trained on, and the held-out right half of "
         "`skimage.data.retina()` (columns 706–1410; the left half is the unlabelled real training domain) degraded "
         f"{result['n_test']} times with fixed seeds; image i gets Cofe-Net's degradation combination i mod 7. "
@@ -465,6 +473,8 @@ def ship(result: dict[str, Any], runs: Path, target: Path, eval_command: str | N
                          f"one ranked last) among {others} (T-MAGE-Net preferred on a tie)"
                          + (f", above the weights shipped before ({incumbent[1]:.2f})" if incumbent is not None else "")
                          + "; see docs/enhance_eval/ablation.md")
+    if result.get("work_size") is not None:
+        config["work_size"] = result["work_size"]  # the outputs chosen and scored above were made at it
     if target.exists():
         shutil.rmtree(target)
     save_checkpoint(target, {"model": states["model"]}, config, prov)
@@ -472,7 +482,8 @@ def ship(result: dict[str, Any], runs: Path, target: Path, eval_command: str | N
     tau = result["thresholds"][label]["threshold"]
     if tau is not None:
         enhance_kinds.write_residual_threshold(target, tau, result["thresholds"][label]["grid"], enhance_kinds.VAL_SEEDS,
-                                               enhance_kinds.MAX_VAL_LOSS_DB, result["backend"], result["kind_size"])
+                                               enhance_kinds.MAX_VAL_LOSS_DB, result["backend"], result["kind_size"],
+                                               result.get("work_size"), name=str(target))
     info = result["runs"][label]
     hw = info.get("hardware") or {}
     kinds = result["kinds"][label]["summary"]
@@ -535,6 +546,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=256, help="whole-fundus size in px (as in training; default 256)")
     p.add_argument("--backend", default="torch", help="enhance backend (default torch, the reference)")
     p.add_argument("--kind-size", type=int, default=KIND_SIZE, help=f"size of the per-kind check (default {KIND_SIZE})")
+    p.add_argument("--work-size", type=int, default=None, metavar="PX",
+                   help="enhance every rung with work_size=PX (retina_fast.enhance; 0 = at the image's size) and record "
+                        "it in shipped weights (default: each checkpoint's own)")
     p.add_argument("--test-seeds", type=int, nargs="+", default=list(TEST_SEEDS), help="per-kind test seeds (default 0 1 2 3)")
     p.add_argument("--val-seeds", type=int, nargs="+", default=list(VAL_SEEDS), help="validation seeds (default 10 11)")
     p.add_argument("--ship-to", metavar="DIR", help="copy the chosen model here (retina_fast/weights/magenet-tiny)")
@@ -547,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     runs = Path(args.runs)
+    if args.work_size is not None and args.work_size != 0 and args.work_size < 16:
+        p.error(f"--work-size must be 0 or >= 16, got {args.work_size}")
     if args.replace and not args.ship_to:
         p.error("--replace needs --ship-to DIR (it says whether the weights there may be replaced)")
     if set(args.test_seeds) & set(args.val_seeds):
@@ -557,11 +573,12 @@ def main(argv: list[str] | None = None) -> int:
         for run, label in VARIANTS.items():
             ck = runs / run / "final"
             if (ck / "config.json").is_file():
-                print(f"{label}: residual threshold {rung_threshold(ck, runs, args.kind_size, args.backend)[0]}",
+                tau = rung_threshold(ck, runs, args.kind_size, args.backend, args.work_size)[0]
+                print(f"{label}: residual threshold {tau}",
                       flush=True)
         return 0
     result = evaluate(runs, args.n_test, args.size, args.backend, kind_size=args.kind_size,
-                      test_seeds=args.test_seeds, val_seeds=args.val_seeds)
+                      test_seeds=args.test_seeds, val_seeds=args.val_seeds, work_size=args.work_size)
     command = "python -m retina_fast.training.eval_enhance " + shlex.join(argv)
     write_report(result, Path(args.out), command)
     if args.ship_to:

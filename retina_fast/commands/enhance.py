@@ -28,6 +28,10 @@ def add_parser(sub) -> None:
     p.add_argument("--residual-threshold", type=float, default=None, metavar="T",
                    help="soft threshold on the network's change to each pixel, in [0, 1) (default: the model's "
                         "own, chosen on a validation split; 0 = the network's output as it is)")
+    p.add_argument("--work-size", type=int, default=None, metavar="PX",
+                   help="enhance on a copy whose shorter side is PX and add the network's change, resized back, to "
+                        "the full-size image (default: the model's own, the scale it was trained at; 0 = at the "
+                        "image's size)")
     p.add_argument("-q", "--quiet", "--no-progress", dest="quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -125,6 +129,8 @@ def run(args) -> int:
         raise UserError(f"--tile must be 0 or >= 64, got {args.tile}")
     if args.residual_threshold is not None and not 0.0 <= args.residual_threshold < 1.0:  # NaN fails too
         raise UserError(f"--residual-threshold must be in [0, 1), got {args.residual_threshold}")
+    if args.work_size is not None and args.work_size != 0 and args.work_size < MIN_SIDE:
+        raise UserError(f"--work-size must be 0 or >= {MIN_SIDE}, got {args.work_size}")
     paths = input_files(args.inputs)
     for p in paths:  # fail before any work
         if p.suffix.lower() not in EXTENSIONS:
@@ -146,7 +152,7 @@ def run(args) -> int:
             try:
                 out = enhance(stack, model=args.model, backend=args.backend, device=args.device,
                               tile=args.tile, batch_size=args.batch_size,
-                              residual_threshold=args.residual_threshold)
+                              residual_threshold=args.residual_threshold, work_size=args.work_size)
             except (ValueError, TypeError, BackendUnavailable) as exc:
                 raise UserError(f"{items[0][0]}: {exc}") from None
             for (path, _), res in zip(items, out):
