@@ -255,6 +255,15 @@ def test_fused_unet_measures_each_batch_size_once():
     assert new == {("onednn", (8, 8), 5)}  # the direct kernels' per-core time serves every batch size
     direct = fused._seconds["direct", (8, 8), fused.cores]
     assert fused.timings["seconds_at_batch"]["direct"] == direct * -(-5 // fused.cores)
+    before = set(fused._seconds)
+    fused.choose_library((8, 8), setting="auto", rounds=1, batch=1)  # fewer images than cores: timed as they run
+    assert set(fused._seconds) - before == {("onednn", (8, 8), 1)} | ({("direct", (8, 8), 1)} if fused.cores > 1 else set())
+    assert fused.timings["seconds_at_batch"]["direct"] == fused._seconds["direct", (8, 8), min(1, fused.cores)]
+
+
+def test_direct_plan_times_min_of_batch_and_cores():
+    assert cpu_unet.direct_plan(1, 2) == (1, 1) and cpu_unet.direct_plan(2, 2) == (2, 1)
+    assert cpu_unet.direct_plan(5, 2) == (2, 3) and cpu_unet.direct_plan(3, 16) == (3, 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

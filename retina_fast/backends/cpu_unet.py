@@ -41,8 +41,8 @@ from retina_fast.backends.cpu_pack import CONV_LIBRARIES, mkldnn_usable
 from retina_fast.backends.cpu_table import CPU_OPS, ConvNode, Packing, TimeInput
 from retina_fast.models.unet import UNet2D, pad_to_multiple
 
-__all__ = ["FusedCPUUNet", "pick_library", "library_setting", "best_seconds", "measure_libraries", "LIBRARY_ENV",
-           "ONEDNN_MARGIN", "MEASURE_BATCH"]
+__all__ = ["FusedCPUUNet", "pick_library", "library_setting", "best_seconds", "measure_libraries", "direct_plan",
+           "LIBRARY_ENV", "ONEDNN_MARGIN", "MEASURE_BATCH"]
 
 LIBRARY_ENV = "RETINA_FAST_CPU_CONVS"  # direct | onednn | auto (default): pins the choice of choose_library
 # oneDNN is taken only when it is this much faster: the direct kernels are batch invariant (image i the same in
@@ -75,6 +75,15 @@ def measure_libraries(plan: dict[str, tuple[int, int]], current: str | None, cac
             cache[k] = time_one(library, images)
         seconds[library] = cache[k] * scale
     return seconds
+
+
+def direct_plan(batch: int, cores: int) -> tuple[int, int]:
+    """(images to time, scale) for the direct kernels at ``batch``: they run one image per core, so a batch costs
+    ceil(batch / cores) times the time of min(batch, cores) images. Timing fewer images than cores when the
+    batch is smaller matters: two images side by side share memory bandwidth and are slower than one alone
+    (sweep-f8-c8-b128 decoder at B = 1 on a 2-core AMD EPYC: the old estimate from 2 images made oneDNN look
+    faster, where the direct decoder took 270 ms against 321)."""
+    return min(batch, cores), -(-batch // cores)
 
 
 def best_seconds(call, rounds: int) -> float:
@@ -156,9 +165,9 @@ class FusedCPUUNet:
         return self.library
 
     def _measure(self, shape: tuple[int, int], rounds: int, batch: int = MEASURE_BATCH) -> tuple[float, float]:
-        """Seconds per call at a batch of ``batch``: oneDNN timed at that batch; the direct kernels at one image
-        per core, times the images each core then runs (its time is per image: one graph per core, each image
-        computed on its own). Timings are cached per (library, shape, images), so a new batch size costs one
+        """Seconds per call at a batch of ``batch``: oneDNN timed at that batch; the direct kernels at
+        min(batch, cores) images, times the images each core then runs (:func:`direct_plan`; one graph per core,
+        each image computed on its own). Timings are cached per (library, shape, images), so a new batch size costs one
         oneDNN measurement; the library in use is measured first (at most one switch)."""
         cores = self.programs.cores
         shape = tuple(shape)
@@ -170,7 +179,7 @@ class FusedCPUUNet:
                 self.use_library(library)
             return best_seconds(lambda: self(x, t), rounds)
 
-        seconds = measure_libraries({"direct": (cores, -(-batch // cores)), "onednn": (batch, 1)}, self.library,
+        seconds = measure_libraries({"direct": direct_plan(batch, cores), "onednn": (batch, 1)}, self.library,
                                     self._seconds, lambda library, images: (library, shape, images), time_one)
         self.timings = {"seconds_at_batch": seconds, "batch": batch, "shape": shape}
         return seconds["direct"], seconds["onednn"]

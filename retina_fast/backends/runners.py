@@ -25,7 +25,8 @@ import torch
 
 from retina_fast.backends.cpu_decoder import FusedCPUDecoder
 from retina_fast.backends.cpu_pack import CONV_LIBRARIES, mkldnn_usable
-from retina_fast.backends.cpu_unet import FusedCPUUNet, best_seconds, library_setting, measure_libraries, pick_library
+from retina_fast.backends.cpu_unet import (FusedCPUUNet, best_seconds, direct_plan, library_setting, measure_libraries,
+                                           pick_library)
 from retina_fast.backends.graphs import CudaGraphs, FrozenGraphs, fast_copy
 from retina_fast.models.vqgan import model_to_reflectance, unscale_latent
 from retina_fast.ops import nearest_code, sampler_step
@@ -267,7 +268,7 @@ class CPURunner(Runner):
         image per core, times the images each core then runs (its time is per image); the frozen oneDNN graph
         at the chunk itself (None where torch has no oneDNN). Cached per (library, images)."""
         cores = self._fused_decode.cores
-        plan = {"direct": (cores, -(-batch // cores))}
+        plan = {"direct": direct_plan(batch, cores)}
         if mkldnn_usable():
             plan["onednn"] = (batch, 1)
         k = self.loaded.vqgan.codebook.embedding.shape[0]
