@@ -136,6 +136,9 @@ def test_work_size_from_config_json_the_call_and_the_cli(model_copy, tmp_path, c
     assert cli.main(["enhance", str(photo), "--out", str(tmp_path / "bad"), "--work-size", "8"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--work-size must be 0 or >= 16" in err
+    with pytest.raises(SystemExit) as exc:
+        enhance_kinds.main(["--work-size", "8"])
+    assert exc.value.code == 2 and "--work-size must be 0 or >= 16" in capsys.readouterr().err
     for bad in (8, "256", 1.5):
         doc["work_size"] = bad
         (model_copy / "config.json").write_text(json.dumps(doc))

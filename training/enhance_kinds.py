@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.write and not args.choose_threshold:
         p.error("--write goes with --choose-threshold")
+    if args.work_size is not None and args.work_size != 0 and args.work_size < 16:
+        p.error(f"--work-size must be 0 or >= 16, got {args.work_size}")
     if args.choose_threshold:
         for m in args.model:
             tau, rows = choose_residual_threshold(m, size=args.size, backend=args.backend, work_size=args.work_size)
