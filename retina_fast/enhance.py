@@ -66,7 +66,8 @@ from retina_fast.models.rsp import RSPOutput, pad_to_multiple
 from retina_fast.ops.table import OpTable
 
 __all__ = ["enhance", "load_enhancer", "unload_enhancer", "resolve_enhancer", "Enhancer", "shrink_residual",
-           "check_residual_threshold", "check_work_size", "work_shape", "DEFAULT_ENHANCER",
+           "check_residual_threshold", "check_work_size", "work_size_option_error",
+           "work_shape", "DEFAULT_ENHANCER",
            "MAX_WHOLE_PIXELS", "TILE_OVERLAP", "MIN_SIDE"]
 
 DEFAULT_ENHANCER = "magenet-tiny"
@@ -91,6 +92,13 @@ def check_residual_threshold(value, what: str = "residual_threshold") -> float:
     if not ok:  # NaN fails the comparison too
         raise ValueError(f"{what} must be a number in [0, 1), got {value!r}")
     return float(value)
+
+
+def work_size_option_error(value: int | None) -> str | None:
+    """The one-line message for a bad ``--work-size`` option (the commands' check), or None when it is fine."""
+    if value is None or value == 0 or value >= MIN_SIDE:
+        return None
+    return f"--work-size must be 0 or >= {MIN_SIDE}, got {value}"
 
 
 def check_work_size(value, what: str = "work_size") -> int:

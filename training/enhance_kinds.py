@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     import json
     import sys
 
-    from retina_fast.enhance import enhance, resolve_enhancer
+    from retina_fast.enhance import enhance, resolve_enhancer, work_size_option_error
 
     p = argparse.ArgumentParser(prog="python -m retina_fast.training.enhance_kinds", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", nargs="+", default=["default"], help="MAGE-Net checkpoint directories or names")
@@ -255,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.write and not args.choose_threshold:
         p.error("--write goes with --choose-threshold")
-    if args.work_size is not None and args.work_size != 0 and args.work_size < 16:
-        p.error(f"--work-size must be 0 or >= 16, got {args.work_size}")
+    if work_size_option_error(args.work_size):
+        p.error(work_size_option_error(args.work_size))
     if args.choose_threshold:
         for m in args.model:
             tau, rows = choose_residual_threshold(m, size=args.size, backend=args.backend, work_size=args.work_size)

@@ -561,8 +561,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     runs = Path(args.runs)
-    if args.work_size is not None and args.work_size != 0 and args.work_size < 16:
-        p.error(f"--work-size must be 0 or >= 16, got {args.work_size}")
+    from retina_fast.enhance import work_size_option_error
+
+    if work_size_option_error(args.work_size):
+        p.error(work_size_option_error(args.work_size))
     if args.replace and not args.ship_to:
         p.error("--replace needs --ship-to DIR (it says whether the weights there may be replaced)")
     if set(args.test_seeds) & set(args.val_seeds):

@@ -121,7 +121,7 @@ def run(args) -> int:
     from retina_fast.backends import BackendUnavailable
     from retina_fast.cli import input_files
     from retina_fast.errors import UserError
-    from retina_fast.enhance import MIN_SIDE, enhance
+    from retina_fast.enhance import MIN_SIDE, enhance, work_size_option_error
 
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -129,8 +129,8 @@ def run(args) -> int:
         raise UserError(f"--tile must be 0 or >= 64, got {args.tile}")
     if args.residual_threshold is not None and not 0.0 <= args.residual_threshold < 1.0:  # NaN fails too
         raise UserError(f"--residual-threshold must be in [0, 1), got {args.residual_threshold}")
-    if args.work_size is not None and args.work_size != 0 and args.work_size < MIN_SIDE:
-        raise UserError(f"--work-size must be 0 or >= {MIN_SIDE}, got {args.work_size}")
+    if work_size_option_error(args.work_size):
+        raise UserError(work_size_option_error(args.work_size))
     paths = input_files(args.inputs)
     for p in paths:  # fail before any work
         if p.suffix.lower() not in EXTENSIONS:
