@@ -192,3 +192,26 @@ def test_log_image_weighting_counts_each_row_by_its_ratio():
     assert ratio[1] / ratio[0] > 10  # the near-clean row now weighs more than the dark one
     with pytest.raises(ValueError, match="image_weighting"):
         magenet_loss(out, target, image_weighting="psnr")
+
+
+@pytest.mark.parametrize("pixel", ["l2", "hybrid"])
+def test_log_weighting_of_an_exact_row_stays_finite(pixel):
+    """An identity pair at the identity start is reproduced exactly: with an L2 term its row loss is 0, and
+    log(0) made every gradient NaN from the first step. LOG_FLOOR keeps it finite, and such a row pulls no more
+    than a row one uint8 level off would."""
+    from retina_fast.training.enhance_losses import LOG_FLOOR, LOG_SCALE
+
+    torch.manual_seed(1)
+    target = torch.rand(2, 3, 16, 16)
+    x = target.clone()
+    x[1] += 0.1 * torch.randn(3, 16, 16)  # row 0 exact, row 1 degraded
+    stage = x.clone().requires_grad_(True)
+    out = MAGENetOutput(stage1=stage, stage2=None, rsp=None)
+    total, _ = magenet_loss(out, target, image_weighting="log", pixel=pixel, degraded=x)
+    g, = torch.autograd.grad(total, stage)
+    assert torch.isfinite(total) and torch.isfinite(g).all()
+    assert float(g[0].abs().max()) == 0.0 and float(g[1].abs().max()) > 0
+    exact = magenet_loss(MAGENetOutput(stage1=target, stage2=None, rsp=None), target, image_weighting="log",
+                         pixel=pixel, degraded=target)[0]
+    expected = LOG_FLOOR if pixel == "l2" else (1 + EDGE_WEIGHT) * 1e-3 + LOG_FLOOR  # hybrid: all unchanged
+    assert float(exact) == pytest.approx(LOG_SCALE * math.log(expected), rel=1e-5)

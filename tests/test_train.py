@@ -384,3 +384,22 @@ def test_ldm_latent_asinh_range_and_config(vq_run, tmp_path, capsys):
     torch.testing.assert_close(torch.tensor(ldm.latent_range, dtype=torch.float64), want, rtol=0, atol=1e-6)
     assert main([*_ldm_args(vq_run), "--out", str(tmp_path / "bad"), "--steps", "1", "--latent-asinh", "-1"]) == 2
     assert "--latent-asinh must be a finite number >= 0" in capsys.readouterr().err
+
+
+def test_provenance_names_the_code_a_run_started_with(tmp_path, monkeypatch):
+    """A commit made while a run trains (or before it is resumed) does not change the commit its final
+    provenance names: every train-state checkpoint carries the first one's code."""
+    from retina_fast.training import trainer as TR
+
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(net.parameters())
+    states = iter([{"git_commit": "a" * 40, "git_dirty": False}, {"git_commit": "b" * 40, "git_dirty": True}])
+    monkeypatch.setattr(TR, "code_state", lambda: next(states))
+    TR.save_train_state(tmp_path, 1, {"m": net}, {"o": opt}, {})
+    TR.save_train_state(tmp_path, 2, {"m": net}, {"o": opt}, {})  # the tree is at "b" now
+    assert TR.run_code_state(tmp_path) == {"git_commit": "a" * 40, "git_dirty": False}
+    prov = TR.provenance({}, 2, "data", "cmd", run_dir=tmp_path)
+    assert (prov["git_commit"], prov["git_dirty"]) == ("a" * 40, False)
+    monkeypatch.setattr(TR, "code_state", lambda: {"git_commit": "c" * 40, "git_dirty": None})
+    assert TR.provenance({}, 2, "data", "cmd")["git_commit"] == "c" * 40  # no run: the tree's now
+    assert TR.run_code_state(tmp_path / "none") is None

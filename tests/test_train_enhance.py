@@ -514,3 +514,96 @@ def test_blur_fraction_swaps_inputs_for_their_blur_only_degradation(tmp_path):
     with pytest.raises(ValueError, match="--blur-fraction is an option of magenet"):
         T.run(_args("rsp", "--out", str(tmp_path / "bad"), "--blur-fraction", "0.5"))
     assert not (tmp_path / "bad").exists()
+
+
+def test_init_starts_from_a_checkpoint_of_the_same_architecture(tmp_path, rsp_run):
+    """--init DIR: the run's first weights are DIR's (zero steps of training would return them), the
+    provenance names DIR by sha256 (kept through --resume), and a wrong checkpoint is refused before the run
+    directory is made."""
+    from retina_fast.models.magenet import MAGENet, MAGENetConfig
+
+    src = _magenet_ckpt(tmp_path)  # Stage-1 only, trained 1 step
+    src_doc, src_states = load_checkpoint(src)
+    loaded = []
+    real_load = T.load_state_into
+
+    def spy(module, state, source="checkpoint"):
+        real_load(module, state, source)
+        if isinstance(module, MAGENet):
+            loaded.append({k: v.clone() for k, v in module.state_dict().items()})
+
+    T.load_state_into = spy
+    try:
+        out = tmp_path / "ft"
+        T.run(_args("tmagenet", "--out", str(out), "--steps", "2", "--ckpt-every", "1", "--stage1-only",
+                    "--init", str(src)))
+    finally:
+        T.load_state_into = real_load
+    assert len(loaded) == 1 and all(torch.equal(loaded[0][k], v) for k, v in src_states["model"].items())
+    doc, states = load_checkpoint(out / "final")
+    assert doc["provenance"]["init"] == {"path": str(src), "sha256": src_doc["weights"]["model"]["sha256"]}
+    assert any(not torch.equal(states["student"][k], v) for k, v in src_states["model"].items())  # it trained
+    # the identity init would have zeroed the image head: the started weights are the checkpoint's instead
+    assert MAGENetConfig.from_dict(doc["architecture"]).stage1_only
+    for bad, message in (([], "architecture differs from this run's in stage1_only"),
+                         (["--stage1-only", "--rsp-init", str(rsp_run / "final")], "drop --rsp-init")):
+        with pytest.raises(ValueError, match=message):
+            T.run(_args("magenet", "--out", str(tmp_path / "bad"), "--steps", "1", "--init", str(src), *bad))
+        assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="not a MAGE-Net one"):
+        T.run(_args("magenet", "--out", str(tmp_path / "bad"), "--steps", "1", "--init", str(rsp_run / "final")))
+    with pytest.raises(CheckpointError):
+        T.run(_args("magenet", "--out", str(tmp_path / "bad"), "--steps", "1", "--init", str(tmp_path / "none")))
+    with pytest.raises(ValueError, match="option of magenet"):
+        T.run(_args("rsp", "--out", str(tmp_path / "bad"), "--steps", "1", "--init", str(src)))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_init_run_resumes_without_its_source(tmp_path, monkeypatch):
+    """A resumed --init run takes its weights from its own checkpoint: the source may be gone by then, and the
+    provenance still names it by the sha256 recorded at the start."""
+    import shutil
+
+    src = _magenet_ckpt(tmp_path)
+    sha = load_checkpoint(src, [])[0]["weights"]["model"]["sha256"]
+    extra = ["--steps", "2", "--ckpt-every", "1", "--stage1-only", "--init", str(src)]
+    real_save = T.save_train_state
+
+    def save_then_stop(run_dir, step, *a, **k):
+        path = real_save(run_dir, step, *a, **k)
+        if step == 1:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(T, "save_train_state", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        T.run(_args("magenet", "--out", str(tmp_path / "r"), *extra))
+    monkeypatch.setattr(T, "save_train_state", real_save)
+    shutil.rmtree(src)
+    T.run(_args("magenet", "--out", str(tmp_path / "r"), *extra, "--resume"))
+    assert load_checkpoint(tmp_path / "r" / "final", [])[0]["provenance"]["init"]["sha256"] == sha
+
+
+def test_a_non_finite_loss_stops_the_run_before_its_update(tmp_path, monkeypatch):
+    """A NaN loss (as log weighting with an L2 term gave before LOG_FLOOR) stops the run with the step named,
+    before the update: the checkpoints hold the finite weights of the steps before it."""
+    from retina_fast.training.trainer import latest_checkpoint
+
+    real_step = T._step
+
+    def nan_at_third(model, mt, opts, syn, real, step, *a, **k):
+        loss, parts = real_step(model, mt, opts, syn, real, step, *a, **k)
+        return (loss * float("nan") if step == 2 else loss), parts
+
+    monkeypatch.setattr(T, "_step", nan_at_third)
+    with pytest.raises(FloatingPointError, match="step 3: the training loss is nan"):
+        T.run(_args("magenet", "--out", str(tmp_path / "r"), "--steps", "4", "--ckpt-every", "1", "--stage1-only"))
+    ck = latest_checkpoint(tmp_path / "r")
+    assert ck.name == "step_00000002"
+    _, states = load_checkpoint(ck, ["model"])
+    assert all(torch.isfinite(v).all() for v in states["model"].values())
+    monkeypatch.setattr(T, "_step", real_step)  # exact rows under L2 + log weighting now train finitely
+    T.run(_args("magenet", "--out", str(tmp_path / "ok"), "--steps", "2", "--stage1-only", "--identity-fraction",
+                "1", "--pixel-loss", "l2", "--image-weighting", "log"))
+    rows = list(csv.DictReader(open(tmp_path / "ok" / "log.csv")))
+    assert all(r["loss"] not in ("nan", "inf", "-inf") for r in rows)

@@ -31,7 +31,9 @@
   gradient is LOG_SCALE/(c_i + 0.05·e_i) times the row's own, so an error on a nearly clean photograph
   counts by its ratio to that row's error, as PSNR counts it, instead of in absolute L1, where a dark
   photograph's large error outweighs it ~100:1. LOG_SCALE = 0.01 makes a row at error 0.01 weigh as
-  in the mean form.
+  in the mean form. With ``pixel="l2"`` / ``"hybrid"`` a row reproduced exactly (an identity pair at the
+  identity start) has loss 0, so LOG_FLOOR (the L2 term of an error of one uint8 level) is added inside the
+  log; a Charbonnier row needs none (each element is at least ε).
 Images (N, 3, H, W), masks (N, 1, H, W) or (N, H, W) in {0, 1}.
 """
 from __future__ import annotations
@@ -41,7 +43,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["EPS", "L2_WEIGHT", "PIXEL_LOSSES", "HYBRID_DELTA", "EDGE_WEIGHT", "LOG_SCALE", "IMAGE_WEIGHTINGS",
+__all__ = ["EPS", "L2_WEIGHT", "PIXEL_LOSSES", "HYBRID_DELTA", "EDGE_WEIGHT", "LOG_SCALE", "LOG_FLOOR", "IMAGE_WEIGHTINGS",
            "SEG_LAMBDA", "GAUSS_1D", "charbonnier", "pixel_loss", "changed_pixels", "gauss_kernel", "conv_gauss",
            "laplacian_residual", "edge_loss", "dice_loss", "segmentation_loss", "magenet_loss", "rsp_loss"]
 
@@ -51,6 +53,7 @@ PIXEL_LOSSES = ("charbonnier", "l2", "hybrid")
 HYBRID_DELTA = 0.02
 EDGE_WEIGHT = 0.05
 LOG_SCALE = 0.01
+LOG_FLOOR = L2_WEIGHT / 255.0 ** 2  # the L2 term of a one-level (uint8) error: the log of an exact row stays finite
 IMAGE_WEIGHTINGS = ("mean", "log")
 SEG_LAMBDA = 0.5
 GAUSS_1D = (0.05, 0.25, 0.4, 0.25, 0.05)
@@ -179,7 +182,11 @@ def magenet_loss(out, target: torch.Tensor, mask: torch.Tensor | None = None, *,
         c = pixel_loss(img, target, pixel, eps, per_row=True, changed=changed)
         e = edge_loss(img, target, eps, per_row=True, pixel=pixel, changed=changed)
         row = c + edge_weight * e
-        total = total + (LOG_SCALE * torch.log(row).mean() if image_weighting == "log" else row.mean())
+        if image_weighting == "log":
+            floor = LOG_FLOOR if pixel != "charbonnier" else 0.0  # a Charbonnier row is >= (1 + w)·ε already
+            total = total + LOG_SCALE * torch.log(row + floor).mean()
+        else:
+            total = total + row.mean()
         parts[f"char_s{i}"], parts[f"edge_s{i}"] = c.mean().detach(), e.mean().detach()
     if out.rsp is not None and mask is not None:
         seg = segmentation_loss(out.rsp.sides, mask, seg_kind)

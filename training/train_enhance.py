@@ -51,7 +51,7 @@ from retina_fast.training import enhance_data
 from retina_fast.training.enhance_losses import IMAGE_WEIGHTINGS, PIXEL_LOSSES, magenet_loss, rsp_loss
 from retina_fast.training.mean_teacher import MeanTeacher
 from retina_fast.training.trainer import (MetricLogger, checkpoint_to_resume, load_train_state, provenance,
-                                          save_train_state, step_generator)
+                                          require_finite, save_train_state, step_generator)
 from retina_fast.training.trainer_setup import resolve_options
 
 __all__ = ["KINDS", "DEFAULTS", "add_arguments", "run", "train", "build_model", "rsp_config", "load_rsp",
@@ -65,7 +65,7 @@ DEFAULTS: dict[str, Any] = {
     "real_augment": 0.0, "real_pairs": 0, "real_pairs_batch_size": 2, "image_weighting": "mean",
     "pixel_loss": "charbonnier", "charbonnier_from": 1.0,
     "spot_fraction": 0.0, "blur_fraction": 0.0, "stage1_only": False, "output_gate": False, "gate_bias": 0.0, "rsp_init": None,
-    "structure_weight": 0.0,
+    "init": None, "structure_weight": 0.0,
     "structure_rsp": None, "ema": 0.999, "consistency_weight": 1.0, "warmup": 0.3,
     "noise_std": 0.05, "log_every": 10, "ckpt_every": 100, "device": None, "threads": None, "data_cache": None,
 }
@@ -140,6 +140,9 @@ def add_arguments(p) -> None:
                    help="initial bias of the output gate: sigmoid(B) of the residual passes at the start (0: half "
                         "open, -4: nearly closed, so leaving the photograph alone is the default)" + d("gate_bias"))
     p.add_argument("--rsp-init", metavar="DIR", help="pretrained RSP checkpoint (final/ of a `train rsp` run)")
+    p.add_argument("--init", metavar="DIR",
+                   help="start from the weights of a magenet / tmagenet run's final/ with the same architecture "
+                        "(fine-tuning, or a curriculum in two runs); the learning-rate schedule starts afresh")
     p.add_argument("--structure-weight", type=float, metavar="W",
                    help="weight of a vessel-preservation term: a frozen, separately trained segmenter "
                         "(--structure-rsp) segments the enhanced synthetic rows, BCE against their vessel masks "
@@ -185,6 +188,10 @@ def run(args) -> int:
     if saved is not None and "structure_weight" not in saved:
         opts["structure_weight"], opts["structure_rsp"] = 0.0, None
     check_structure_options(kind, opts)
+    if ck is None and opts.get("init"):
+        if opts.get("rsp_init"):
+            raise ValueError("--init already holds the RSP module's weights: drop --rsp-init")
+        opts["init_sha256"] = init_checkpoint(opts)["weights"]["model"]["sha256"]  # kept with the run's options
     for key in ("identity_fraction", "spot_fraction", "blur_fraction"):
         if not 0.0 <= opts[key] <= 1.0:
             raise ValueError(f"--{key.replace('_', '-')} must be in [0, 1], got {opts[key]}")
@@ -221,6 +228,24 @@ def check_structure_options(kind: str, opts: dict[str, Any]) -> None:
         raise ValueError("--structure-rsp given without --structure-weight > 0")
     if w:
         rsp_checkpoint(opts["structure_rsp"])
+
+
+def init_checkpoint(opts: dict[str, Any]) -> dict[str, Any]:
+    """config.json of ``--init DIR``: a magenet checkpoint whose architecture is this run's (checked before the
+    run directory is made); ``CheckpointError`` for a missing or unreadable one, ``ValueError`` otherwise."""
+    path = opts["init"]
+    if opts["kind"] == "rsp":
+        raise ValueError("--init is an option of magenet / tmagenet; `train rsp` has no MAGE-Net to start")
+    doc = load_checkpoint(path, [])[0]
+    if doc.get("kind") != "magenet":
+        raise ValueError(f"--init {path}: a {doc.get('kind')!r} checkpoint, not a MAGE-Net one")
+    own = build_model(opts)[1].to_dict()
+    theirs = MAGENetConfig.from_dict(doc["architecture"]).to_dict()
+    diff = sorted(k for k in own if own[k] != theirs.get(k))
+    if diff:
+        raise ValueError(f"--init {path}: its architecture differs from this run's in "
+                         + ", ".join(f"{k} ({theirs.get(k)!r} vs {own[k]!r})" for k in diff))
+    return doc
 
 
 def structure_net(opts: dict[str, Any], device) -> RSPNet | None:
@@ -438,6 +463,9 @@ def train(opts: dict[str, Any], run_dir: Path, ck: Path | None = None, *, progre
         if not cfg.has_rsp:
             raise ValueError("--rsp-init given but the model has no RSP module (--no-rsp / --stage1-only)")
         rsp_doc = load_rsp(opts["rsp_init"], model.rsp)
+    if opts.get("init") and ck is None:  # a resumed run's weights come from its checkpoint
+        opts.setdefault("init_sha256", init_checkpoint(opts)["weights"]["model"]["sha256"])
+        load_state_into(model, load_checkpoint(opts["init"], ["model"])[1]["model"], f"{opts['init']}/model.safetensors")
     model.to(device)
     seg_net = structure_net(opts, device)
     opt = torch.optim.Adam(model.parameters(), lr=opts["lr"], betas=(0.9, 0.999))
@@ -464,6 +492,7 @@ def train(opts: dict[str, Any], run_dir: Path, ck: Path | None = None, *, progre
             group["lr"] = _lr(opts, step)
         model.train()
         loss, parts = _step(model, mt, opts, syn, real, step, device, seg_net)
+        require_finite(loss, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -508,10 +537,12 @@ def _save_final(run_dir, opts, model, mt, cfg, data_desc, times, rsp_doc, device
     if rsp_doc is not None:
         extra["rsp_init"] = {"path": str(opts["rsp_init"]),
                              "sha256": rsp_doc["weights"]["model"]["sha256"]}
+    if opts.get("init"):
+        extra["init"] = {"path": str(opts["init"]), "sha256": opts.get("init_sha256")}
     if opts.get("structure_weight"):
         seg_doc = rsp_checkpoint(opts["structure_rsp"])
         extra["structure_rsp"] = {"path": str(opts["structure_rsp"]), "sha256": seg_doc["weights"]["model"]["sha256"]}
-    prov = provenance(opts, opts["steps"], data_desc, command_of(sys.argv), **extra)
+    prov = provenance(opts, opts["steps"], data_desc, command_of(sys.argv), run_dir=run_dir, **extra)
     if opts["kind"] == "rsp":
         config = {"kind": "rsp", "architecture": rsp_config(cfg), "preset": opts["preset"],
                   "normalisation": {"input": "RGB float in [0, 1]", "output": "vessel logits (N, 1, H, W)"}}

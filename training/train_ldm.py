@@ -57,7 +57,7 @@ from retina_fast.modelzoo import LoadedLDM, schedule_for
 from retina_fast.schedules import MAX_LOGSNR_SHIFT, check_logsnr_shift
 from retina_fast.training.trainer import (EMA, BatchPlan, DistInfo, MetricLogger, command_line, init_distributed,
                                           checkpoint_to_resume, load_train_state, provenance, save_train_state,
-                                          seed_everything, step_generator)
+                                          require_finite, seed_everything, step_generator)
 from retina_fast.training.trainer_setup import (DataSource, add_common_arguments, load_data, resolve_config,
                                                 resolve_options)
 
@@ -393,6 +393,7 @@ def _train(opts: dict, info: DistInfo, run_dir: Path, ck: Path | None) -> int:
             per_entry = err.abs() if opts["loss"] == "l1" else err.square()
             loss = per_entry.mean()  # logged: unweighted
             objective = loss if w is None else (w * per_entry).mean()
+        require_finite(objective, step)
         opt.zero_grad(set_to_none=True)
         objective.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(unet.parameters(), opts["grad_clip"] or float("inf"))
@@ -423,7 +424,7 @@ def _train(opts: dict, info: DistInfo, run_dir: Path, ck: Path | None) -> int:
     logger.close()
     if info.is_main:
         cmd = command_line("ldm", opts, ["out", *DEFAULTS])
-        prov = provenance(opts, total, data_desc, cmd, trainer="ldm",
+        prov = provenance(opts, total, data_desc, cmd, run_dir=run_dir, trainer="ldm",
                           vqgan=vqgan_record(vq_doc, opts["vqgan_sha256"]))
         config = {**model_config(cfg, (lo, hi)), "kind": "ldm", "latent_clip": opts["latent_clip"] == "on",
                   "latent_asinh": opts["latent_asinh"] or None}

@@ -35,7 +35,7 @@ from retina_fast.models import VQGAN, LDMConfig
 from retina_fast.models.normalisation import model_to_reflectance, standardised
 from retina_fast.training.trainer import (BatchPlan, DistInfo, MetricLogger, command_line, epoch_permutation,
                                           init_distributed, checkpoint_to_resume, load_train_state, provenance,
-                                          save_train_state, seed_everything, step_generator)
+                                          require_finite, save_train_state, seed_everything, step_generator)
 from retina_fast.training.trainer_setup import (add_common_arguments, load_data, resolve_config,
                                                 resolve_options)
 
@@ -180,6 +180,7 @@ def _train(opts: dict, info: DistInfo, run_dir: Path, ck: Path | None) -> int:
         with _autocast(opts, dev):
             loss_g, parts = crit.generator_loss(x, out._replace(recon=out.recon.float()), step)
         disc.requires_grad_(True)
+        require_finite(loss_g, step)
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         parts["grad_norm"] = _clip(vq, opts["grad_clip"])
@@ -189,6 +190,7 @@ def _train(opts: dict, info: DistInfo, run_dir: Path, ck: Path | None) -> int:
                 logits_real, _ = d_model(x)
                 logits_fake, _ = d_model(out.recon.detach())
                 loss_d = hinge_d_loss(logits_real.float(), logits_fake.float())
+            require_finite(loss_d, step)
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             _clip(disc, opts["grad_clip"])
@@ -213,7 +215,7 @@ def _train(opts: dict, info: DistInfo, run_dir: Path, ck: Path | None) -> int:
     logger.close()
     if info.is_main:
         cmd = command_line("vqgan", opts, ["out", *DEFAULTS])
-        prov = provenance(opts, total, data.description, cmd, trainer="vqgan")
+        prov = provenance(opts, total, data.description, cmd, run_dir=run_dir, trainer="vqgan")
         config = {**model_config(cfg_all, vq.latent_range()), "kind": "vqgan"}
         save_checkpoint(run_dir / "final", {"vqgan": vq}, config, prov)
     info.barrier()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import os
 import random
 import shutil
@@ -231,10 +232,22 @@ def checkpoint_to_resume(run_dir: str | os.PathLike, resume: bool) -> Path | Non
     return ck
 
 
+def require_finite(loss: torch.Tensor, step: int) -> None:
+    """Stop a run whose loss is NaN or infinite before that step's update, so that its checkpoints (the last
+    was written at or before ``step``) hold finite weights to resume or inspect; ``step`` is 0-based."""
+    if not torch.isfinite(loss.detach()).all():
+        raise FloatingPointError(f"step {step + 1}: the training loss is {float(loss.detach().float().sum())}; "
+                                 "stopped before the update (the run's checkpoints are from before it)")
+
+
 def save_train_state(run_dir: str | os.PathLike, step: int, modules: Mapping[str, nn.Module],
                      optimizers: Mapping[str, torch.optim.Optimizer], options: Mapping[str, Any],
                      extra: Mapping[str, Any] | None = None, keep: int = 2) -> Path:
-    """Write ``RUN/checkpoints/step_<step>/`` (rank 0 only), point ``latest`` at it, keep ``keep`` newest."""
+    """Write ``RUN/checkpoints/step_<step>/`` (rank 0 only), point ``latest`` at it, keep ``keep`` newest.
+
+    Each checkpoint carries the run's ``code`` (git commit and dirty flag): the previous checkpoint's, or the
+    working tree's at the first one, so a run's provenance names the code it started with even when the tree
+    changes (or the run is resumed) while it trains."""
     ckdir = Path(run_dir) / "checkpoints"
     target = ckdir / f"step_{step:08d}"
     tensors: dict[str, Mapping[str, torch.Tensor]] = {k: unwrap(m) for k, m in modules.items()}
@@ -244,7 +257,7 @@ def save_train_state(run_dir: str | os.PathLike, step: int, modules: Mapping[str
     rng_t, rng_meta = _rng_state()
     tensors["rng"] = rng_t
     config = {"kind": "train_state", "step": step, "options": dict(options), "optimizers": groups,
-              "rng": rng_meta, **dict(extra or {})}
+              "rng": rng_meta, "code": run_code_state(run_dir) or code_state(), **dict(extra or {})}
     save_checkpoint(target, tensors, config)
     atomic_write(ckdir / "latest", target.name + "\n")
     old = sorted(p for p in ckdir.glob("step_*") if p.is_dir() and p != target)
@@ -321,17 +334,36 @@ def _git(*args: str) -> str | None:
 
 
 def provenance(options: Mapping[str, Any], steps: int, data: str, command: str | None = None,
-               **extra: Any) -> dict[str, Any]:
+               run_dir: str | os.PathLike | None = None, **extra: Any) -> dict[str, Any]:
     """Training provenance for a checkpoint's config.json: data, steps, command line (``command``, the
     canonical command that reproduces the run, and ``argv``, how this process was started), code version
-    and git commit."""
+    and git commit: that of ``run_dir``'s checkpoints (the code the run started with) where given, else the
+    working tree's now."""
     from retina_fast import __version__
 
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    code = (run_code_state(run_dir) if run_dir is not None else None) or code_state()
     return {"data": data, "steps": steps, "command": command or " ".join(sys.argv),
             "argv": [Path(sys.argv[0]).name] + sys.argv[1:], "options": dict(options), "code_version": __version__,
-            "git_commit": _git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status),
-            "torch": torch.__version__, **extra}
+            **code, "torch": torch.__version__, **extra}
+
+
+def code_state() -> dict[str, Any]:
+    """The working tree's git commit and whether tracked files differ from it (None where git is absent)."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": _git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status)}
+
+
+def run_code_state(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``code`` recorded in the run's latest train-state checkpoint (None for none, or one written before
+    checkpoints recorded it)."""
+    ck = latest_checkpoint(run_dir)
+    if ck is None:
+        return None
+    try:
+        code = json.loads((ck / "config.json").read_text()).get("code")
+    except (OSError, ValueError):
+        return None
+    return code if isinstance(code, dict) and set(code) == {"git_commit", "git_dirty"} else None
 
 
 def command_line(trainer: str, options: Mapping[str, Any], cli_keys: Iterable[str]) -> str:
