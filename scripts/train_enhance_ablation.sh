@@ -31,9 +31,11 @@ STEPS_LONG=${STEPS_LONG:-2000}
 # widened unlabelled real domain), STRUCTURE_WEIGHT=0.2 (vessel-preservation term through a second, frozen RSP
 # network trained with seed 1, $RUNS/rsp-s1). The shipped weights' recipe, as a ladder at equal steps:
 #   IDENTITY_FRACTION=0.25 REAL_PAIRS=48 STRUCTURE_WEIGHT=0.2 STEPS=3000 STEPS_LONG=0 scripts/train_enhance_ablation.sh
+# RECIPE="..." adds trainer options to every rung (the shipped weights since 2026-12-06: RECIPE="--pixel-loss l2
+# --charbonnier-from 0.5 --spot-fraction 0.5").
 # A finished run found in RUNS_DIR is reused (e.g. a link to a run trained earlier with the same options).
 # EVAL=0 trains only and leaves docs/enhance_eval and the shipped weights alone.
-IDENT="--identity-fraction ${IDENTITY_FRACTION:-0} --real-pairs ${REAL_PAIRS:-0}"
+IDENT="--identity-fraction ${IDENTITY_FRACTION:-0} --real-pairs ${REAL_PAIRS:-0} ${RECIPE:-}"
 STRUCTURE_WEIGHT=${STRUCTURE_WEIGHT:-0}
 AUG="--real-augment ${REAL_AUGMENT:-0}"
 PARALLEL=${PARALLEL:-1}
@@ -67,10 +69,11 @@ long_run() {  # MAGE-Net trained longer (not part of the ablation ladder; STEPS_
 pid=""
 if [[ "$PARALLEL" == 1 ]]; then long_run & pid=$!; fi
 if [[ "$PARALLEL" == 1 && "$STEPS_LONG" -le 0 ]]; then  # no long run: the two halves of the ladder side by side
-  { train stage1-only magenet --steps "$STEPS" --stage1-only $IDENT
+  # (one thread each, 3000 steps: w/o RSP 55 min + Stage-1 31 min beside MAGE-Net, then T-MAGE-Net 95 min)
+  { train no-rsp  magenet --steps "$STEPS" --no-rsp $IDENT
+    train stage1-only magenet --steps "$STEPS" --stage1-only $IDENT
     train tmagenet tmagenet --steps "$STEPS" --rsp-init "$RUNS/rsp/final" --unlabelled-batch-size 2 $IDENT $AUG \
       --real-images 48 --ema 0.99 --warmup 0.3 --consistency-weight 1.0 --noise-std 0.05; } & pid=$!
-  train no-rsp  magenet --steps "$STEPS" --no-rsp $IDENT
   train magenet magenet --steps "$STEPS" --rsp-init "$RUNS/rsp/final" $IDENT
 else
   train stage1-only magenet  --steps "$STEPS" --stage1-only $IDENT

@@ -79,7 +79,7 @@ PROGRAMS = {
                r"\1 --n-test 2 --size 64 --kind-size 64 --test-seeds 0 --val-seeds 10")],
         # the knobs of the shipped recipe (README: the ladder's rerun), so its second segmenter is exercised too
         env={"STEPS_RSP": "2", "STEPS": "2", "STEPS_LONG": "2", "PARALLEL": "0", "STRUCTURE_WEIGHT": "0.2",
-             "IDENTITY_FRACTION": "0.25"}),
+             "IDENTITY_FRACTION": "0.25", "RECIPE": "--pixel-loss l2 --charbonnier-from 0.5 --spot-fraction 0.5"}),
     "pytest benchmarks": Program(needs_in_block="--benchmark-disable"),
     # the GPU check runs on a CPU only as its dry run (the real command is a `text` block in the README)
     "benchmarks/gpu/run.sh": Program(needs_in_block="--dry-run"),
