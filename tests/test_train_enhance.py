@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 
@@ -81,22 +82,30 @@ def _magenet_ckpt(tmp_path):
     return out / "final"
 
 
-def test_tmagenet_resume_is_bit_identical(tmp_path, rsp_run, monkeypatch):
-    extra = ["--steps", "4", "--ckpt-every", "2", "--rsp-init", str(rsp_run / "final")]
-    T.run(_args("tmagenet", "--out", str(tmp_path / "straight"), *extra))
-
+@contextlib.contextmanager
+def _stopped_after_checkpoint(monkeypatch, stop_step: int):
+    """Inside: a run is interrupted (KeyboardInterrupt) right after writing its checkpoint of ``stop_step``."""
     real_save = T.save_train_state
 
     def save_then_stop(run_dir, step, *a, **k):
         path = real_save(run_dir, step, *a, **k)
-        if step == 2:
+        if step == stop_step:
             raise KeyboardInterrupt
         return path
 
     monkeypatch.setattr(T, "save_train_state", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(T, "save_train_state", real_save)
+
+
+def test_tmagenet_resume_is_bit_identical(tmp_path, rsp_run, monkeypatch):
+    extra = ["--steps", "4", "--ckpt-every", "2", "--rsp-init", str(rsp_run / "final")]
+    T.run(_args("tmagenet", "--out", str(tmp_path / "straight"), *extra))
+
+    with pytest.raises(KeyboardInterrupt), _stopped_after_checkpoint(monkeypatch, 2):
         T.run(_args("tmagenet", "--out", str(tmp_path / "split"), *extra))
-    monkeypatch.setattr(T, "save_train_state", real_save)
     with pytest.raises(ValueError, match="already holds a run"):
         T.run(_args("tmagenet", "--out", str(tmp_path / "split"), *extra))
     with pytest.raises(ValueError, match="differ"):
@@ -567,18 +576,8 @@ def test_init_run_resumes_without_its_source(tmp_path, monkeypatch):
     src = _magenet_ckpt(tmp_path)
     sha = load_checkpoint(src, [])[0]["weights"]["model"]["sha256"]
     extra = ["--steps", "2", "--ckpt-every", "1", "--stage1-only", "--init", str(src)]
-    real_save = T.save_train_state
-
-    def save_then_stop(run_dir, step, *a, **k):
-        path = real_save(run_dir, step, *a, **k)
-        if step == 1:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(T, "save_train_state", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), _stopped_after_checkpoint(monkeypatch, 1):
         T.run(_args("magenet", "--out", str(tmp_path / "r"), *extra))
-    monkeypatch.setattr(T, "save_train_state", real_save)
     shutil.rmtree(src)
     T.run(_args("magenet", "--out", str(tmp_path / "r"), *extra, "--resume"))
     assert load_checkpoint(tmp_path / "r" / "final", [])[0]["provenance"]["init"]["sha256"] == sha
