@@ -95,10 +95,13 @@ def check_residual_threshold(value, what: str = "residual_threshold") -> float:
 
 
 def work_size_option_error(value: int | None) -> str | None:
-    """The one-line message for a bad ``--work-size`` option (the commands' check), or None when it is fine."""
-    if value is None or value == 0 or value >= MIN_SIDE:
-        return None
-    return f"--work-size must be 0 or >= {MIN_SIDE}, got {value}"
+    """The one-line message for a bad ``--work-size`` option (the commands' check; the rule is
+    :func:`check_work_size`'s), or None when it is fine."""
+    try:
+        check_work_size(value)
+    except ValueError:
+        return f"--work-size must be 0 or >= {MIN_SIDE}, got {value}"
+    return None
 
 
 def check_work_size(value, what: str = "work_size") -> int:

@@ -169,7 +169,7 @@ def test_log_image_weighting_counts_each_row_by_its_ratio():
     """image_weighting="log": each stage's image term is mean_i LOG_SCALE * log(c_i + 0.05 e_i); a row's gradient
     is LOG_SCALE / (its error) times its gradient under "mean", so a row 20x closer to its target pulls 20x harder
     per unit of its own loss; "mean" is the plain batch mean; an unknown weighting is refused."""
-    from retina_fast.training.enhance_losses import LOG_SCALE
+    from retina_fast.training.enhance_losses import LOG_SCALE, SQRT_SCALE
 
     torch.manual_seed(0)
     target = torch.rand(2, 3, 16, 16)
@@ -190,16 +190,24 @@ def test_log_image_weighting_counts_each_row_by_its_ratio():
     for i in range(2):
         assert ratio[i] == pytest.approx(LOG_SCALE / float(rows[i].detach()), rel=1e-4)
     assert ratio[1] / ratio[0] > 10  # the near-clean row now weighs more than the dark one
+    sqrt_total, _ = magenet_loss(out, target, image_weighting="sqrt")
+    assert float(sqrt_total.detach()) == pytest.approx(float(SQRT_SCALE * rows.detach().sqrt().mean()), rel=1e-6)
+    g_sqrt, = torch.autograd.grad(sqrt_total, stage2)
+    ratio_sqrt = [float(g_sqrt[i].norm() / g_mean[i].norm()) for i in range(2)]
+    for i in range(2):  # between the two: SQRT_SCALE / (2 sqrt(row)), so the square root of log's ratio
+        assert ratio_sqrt[i] == pytest.approx(SQRT_SCALE / (2 * float(rows[i].detach()) ** 0.5), rel=1e-4)
+    assert ratio_sqrt[1] / ratio_sqrt[0] == pytest.approx((ratio[1] / ratio[0]) ** 0.5, rel=1e-4)
     with pytest.raises(ValueError, match="image_weighting"):
         magenet_loss(out, target, image_weighting="psnr")
 
 
+@pytest.mark.parametrize("weighting", ["log", "sqrt"])
 @pytest.mark.parametrize("pixel", ["l2", "hybrid"])
-def test_log_weighting_of_an_exact_row_stays_finite(pixel):
+def test_row_weighting_of_an_exact_row_stays_finite(pixel, weighting):
     """An identity pair at the identity start is reproduced exactly: with an L2 term its row loss is 0, and
-    log(0) made every gradient NaN from the first step. LOG_FLOOR keeps it finite, and such a row pulls no more
-    than a row one uint8 level off would."""
-    from retina_fast.training.enhance_losses import LOG_FLOOR, LOG_SCALE
+    log(0) made every gradient NaN from the first step (sqrt's gradient at 0 is infinite too). LOG_FLOOR keeps
+    both finite, and such a row pulls no more than a row one uint8 level off would."""
+    from retina_fast.training.enhance_losses import LOG_FLOOR, LOG_SCALE, SQRT_SCALE
 
     torch.manual_seed(1)
     target = torch.rand(2, 3, 16, 16)
@@ -207,11 +215,12 @@ def test_log_weighting_of_an_exact_row_stays_finite(pixel):
     x[1] += 0.1 * torch.randn(3, 16, 16)  # row 0 exact, row 1 degraded
     stage = x.clone().requires_grad_(True)
     out = MAGENetOutput(stage1=stage, stage2=None, rsp=None)
-    total, _ = magenet_loss(out, target, image_weighting="log", pixel=pixel, degraded=x)
+    total, _ = magenet_loss(out, target, image_weighting=weighting, pixel=pixel, degraded=x)
     g, = torch.autograd.grad(total, stage)
     assert torch.isfinite(total) and torch.isfinite(g).all()
     assert float(g[0].abs().max()) == 0.0 and float(g[1].abs().max()) > 0
-    exact = magenet_loss(MAGENetOutput(stage1=target, stage2=None, rsp=None), target, image_weighting="log",
+    exact = magenet_loss(MAGENetOutput(stage1=target, stage2=None, rsp=None), target, image_weighting=weighting,
                          pixel=pixel, degraded=target)[0]
     expected = LOG_FLOOR if pixel == "l2" else (1 + EDGE_WEIGHT) * 1e-3 + LOG_FLOOR  # hybrid: all unchanged
-    assert float(exact) == pytest.approx(LOG_SCALE * math.log(expected), rel=1e-5)
+    want = LOG_SCALE * math.log(expected) if weighting == "log" else SQRT_SCALE * math.sqrt(expected)
+    assert float(exact) == pytest.approx(want, rel=1e-5)

@@ -335,10 +335,10 @@ def test_identity_pairs_and_real_augment_options(tmp_path, rsp_run, monkeypatch)
     doc, _ = load_checkpoint(out / "final")
     assert "labelled real pairs: 2 variants of the real left half" in doc["provenance"]["data"]
     out = tmp_path / "w"
-    assert T.run(_args("magenet", "--out", str(out), "--steps", "1", "--image-weighting", "log")) == 0
-    doc, _ = load_checkpoint(out / "final")
-    assert doc["provenance"]["options"]["image_weighting"] == "log"
-    assert "image losses weighted per row: log" in doc["provenance"]["data"]
+    assert T.run(_args("magenet", "--out", str(out), "--steps", "1", "--image-weighting", "sqrt")) == 0
+    doc, _ = load_checkpoint(out / "final")  # "log" runs in the non-finite-loss test below
+    assert doc["provenance"]["options"]["image_weighting"] == "sqrt"
+    assert "image losses weighted per row: sqrt" in doc["provenance"]["data"]
     out = tmp_path / "l2"
     assert T.run(_args("magenet", "--out", str(out), "--steps", "1", "--pixel-loss", "l2")) == 0
     doc, _ = load_checkpoint(out / "final")
@@ -350,14 +350,17 @@ def test_identity_pairs_and_real_augment_options(tmp_path, rsp_run, monkeypatch)
     out = tmp_path / "switch"
     seen = []
     real_loss = T.magenet_loss
-    monkeypatch.setattr(T, "magenet_loss", lambda *a, **k: seen.append(k["pixel"]) or real_loss(*a, **k))
+    monkeypatch.setattr(T, "magenet_loss",
+                        lambda *a, **k: seen.append((k["pixel"], k["image_weighting"])) or real_loss(*a, **k))
     assert T.run(_args("magenet", "--out", str(out), "--steps", "4", "--pixel-loss", "l2",
-                       "--charbonnier-from", "0.5")) == 0
-    assert seen == ["l2", "l2", "charbonnier", "charbonnier"]
+                       "--charbonnier-from", "0.5", "--image-weighting", "log", "--weighting-from", "0.75")) == 0
+    assert seen == [("l2", "mean"), ("l2", "mean"), ("charbonnier", "mean"), ("charbonnier", "log")]
     doc, _ = load_checkpoint(out / "final")
     assert "image losses per pixel: l2 instead of Charbonnier, Charbonnier from step 2 on" in doc["provenance"]["data"]
-    with pytest.raises(ValueError, match="--charbonnier-from"):
-        T.run(_args("magenet", "--out", str(tmp_path / "bad"), "--steps", "1", "--charbonnier-from", "1.5"))
+    assert "image losses weighted per row: log from step 3 on (batch mean before)" in doc["provenance"]["data"]
+    for flag in ("--charbonnier-from", "--weighting-from"):
+        with pytest.raises(ValueError, match=flag):
+            T.run(_args("magenet", "--out", str(tmp_path / "bad"), "--steps", "1", flag, "1.5"))
     with pytest.raises(SystemExit) as exc:  # the module's own entry point: one line, status 2, nothing made
         T.main(["magenet", "--out", str(tmp_path / "bad"), "--charbonnier-from", "1.5"])
     assert exc.value.code == 2 and not (tmp_path / "bad").exists()
@@ -581,6 +584,33 @@ def test_init_run_resumes_without_its_source(tmp_path, monkeypatch):
     shutil.rmtree(src)
     T.run(_args("magenet", "--out", str(tmp_path / "r"), *extra, "--resume"))
     assert load_checkpoint(tmp_path / "r" / "final", [])[0]["provenance"]["init"]["sha256"] == sha
+
+
+def test_init_source_is_checked_once_and_its_checked_weights_are_loaded(tmp_path, monkeypatch):
+    """A fresh --init run reads DIR's config once for the check, and loads only the weights the check saw: a
+    source replaced between the check and the load is refused, naming it."""
+    import copy
+
+    src = _magenet_ckpt(tmp_path)
+    real, calls = T.init_checkpoint, []
+
+    def counted(opts):
+        calls.append(opts["init"])
+        return real(opts)
+
+    monkeypatch.setattr(T, "init_checkpoint", counted)
+    extra = ["--steps", "1", "--stage1-only", "--init", str(src)]
+    assert T.run(_args("magenet", "--out", str(tmp_path / "a"), *extra)) == 0
+    assert calls == [str(src)]
+
+    def seen_other_weights(opts):  # the check read a source that has changed on disk since
+        doc = copy.deepcopy(real(opts))
+        doc["weights"]["model"]["sha256"] = "0" * 64
+        return doc
+
+    monkeypatch.setattr(T, "init_checkpoint", seen_other_weights)
+    with pytest.raises(CheckpointError, match="changed since the options were checked"):
+        T.run(_args("magenet", "--out", str(tmp_path / "b"), *extra))
 
 
 def test_a_non_finite_loss_stops_the_run_before_its_update(tmp_path, monkeypatch):

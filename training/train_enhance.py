@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from retina_fast.checkpoint import load_checkpoint, load_state_into, save_checkpoint
+from retina_fast.checkpoint import CheckpointError, load_checkpoint, load_state_into, save_checkpoint
 from retina_fast.models.magenet import MAGENET_PRESETS, MAGENet, MAGENetConfig
 from retina_fast.models.rsp import RSPNet
 from retina_fast.training import enhance_data
@@ -63,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "eyes": 48, "per_eye": 4, "real_images": 48, "colour_jitter": 0.25, "no_identity_init": False,
     "lr": 1e-3, "lr_min": 1e-5, "seed": 0, "no_rsp": False, "identity_fraction": 0.0,
     "real_augment": 0.0, "real_pairs": 0, "real_pairs_batch_size": 2, "image_weighting": "mean",
+    "weighting_from": 0.0,
     "pixel_loss": "charbonnier", "charbonnier_from": 1.0,
     "spot_fraction": 0.0, "blur_fraction": 0.0, "stage1_only": False, "output_gate": False, "gate_bias": 0.0, "rsp_init": None,
     "init": None, "structure_weight": 0.0,
@@ -118,7 +119,12 @@ def add_arguments(p) -> None:
     p.add_argument("--image-weighting", choices=IMAGE_WEIGHTINGS,
                    help="how the rows of a batch weigh in the image losses: 'mean' (the paper: mean L1-type error) "
                         "or 'log' (mean of 0.01*log of each row's error, so a small error on a good photograph "
-                        "counts by its ratio, as PSNR does)" + d("image_weighting"))
+                        "counts by its ratio, as PSNR does) or 'sqrt' (mean of 0.2*sqrt of each row's error: "
+                        "between the two)" + d("image_weighting"))
+    p.add_argument("--weighting-from", type=float, metavar="FRACTION",
+                   help="use --image-weighting only from this fraction of the steps on, the batch mean before "
+                        "(a schedule: large errors such as dark photographs are learnt first, then each row "
+                        "counts by its ratio; not in the paper; 0 = from the start)" + d("weighting_from"))
     p.add_argument("--pixel-loss", choices=PIXEL_LOSSES,
                    help="per-pixel form of the image losses: 'charbonnier' (the paper; L1-like, its minimiser the "
                         "median, so an uncertain correction such as a faint spot is not made) or 'l2' (10*squared "
@@ -183,8 +189,11 @@ def run(args) -> int:
         opts["pixel_loss"] = "charbonnier"
     if saved is not None and "charbonnier_from" not in saved:
         opts["charbonnier_from"] = 1.0
-    if not 0.0 <= opts["charbonnier_from"] <= 1.0:
-        raise ValueError(f"--charbonnier-from must be in [0, 1], got {opts['charbonnier_from']}")
+    if saved is not None and "weighting_from" not in saved:
+        opts["weighting_from"] = 0.0
+    for key in ("charbonnier_from", "weighting_from"):
+        if not 0.0 <= opts[key] <= 1.0:
+            raise ValueError(f"--{key.replace('_', '-')} must be in [0, 1], got {opts[key]}")
     if saved is not None and "structure_weight" not in saved:
         opts["structure_weight"], opts["structure_rsp"] = 0.0, None
     check_structure_options(kind, opts)
@@ -362,6 +371,8 @@ def _load_data(opts: dict[str, Any], progress: bool):
         desc += f"; identity pairs (input = clean target) with probability {opts['identity_fraction']}"
     if opts["image_weighting"] != "mean":
         desc += f"; image losses weighted per row: {opts['image_weighting']}"
+        if opts.get("weighting_from", 0.0) > 0.0:
+            desc += f" from step {_weighting_step(opts)} on (batch mean before)"
     if opts["pixel_loss"] != "charbonnier":
         desc += f"; image losses per pixel: {opts['pixel_loss']} instead of Charbonnier"
         if opts["charbonnier_from"] < 1.0:
@@ -387,6 +398,11 @@ def _load_data(opts: dict[str, Any], progress: bool):
 def _switch_step(opts: dict[str, Any]) -> int:
     """The first step whose image losses are Charbonnier under --charbonnier-from."""
     return round(opts.get("charbonnier_from", 1.0) * opts["steps"])
+
+
+def _weighting_step(opts: dict[str, Any]) -> int:
+    """The first step whose image losses use --image-weighting under --weighting-from (the batch mean before)."""
+    return round(opts.get("weighting_from", 0.0) * opts["steps"])
 
 
 def _step(model, mt, opts, syn, real, step: int, device,
@@ -415,7 +431,8 @@ def _step(model, mt, opts, syn, real, step: int, device,
         b["x"] = torch.where(ident[:, None, None, None], b["y"], b["x"])
     out = model(b["x"])
     pixel = opts["pixel_loss"] if step < _switch_step(opts) else "charbonnier"
-    loss, parts = magenet_loss(out, b["y"], b["vessels"], image_weighting=opts["image_weighting"],
+    weighting = opts["image_weighting"] if step >= _weighting_step(opts) else "mean"
+    loss, parts = magenet_loss(out, b["y"], b["vessels"], image_weighting=weighting,
                                pixel=pixel, degraded=b["x"])
     if seg_net is not None:
         st = structure_loss(seg_net, out.final, b["vessels"])
@@ -436,7 +453,7 @@ def _step(model, mt, opts, syn, real, step: int, device,
         if opts["identity_fraction"] > 0:
             ident = (torch.rand(k, generator=g) < opts["identity_fraction"]).to(device)
             px = torch.where(ident[:, None, None, None], py, px)
-        real_loss, _ = magenet_loss(model(px), py, None, image_weighting=opts["image_weighting"],
+        real_loss, _ = magenet_loss(model(px), py, None, image_weighting=weighting,
                                     pixel=pixel, degraded=px)
         loss = loss + real_loss
         parts.update(real_pairs=real_loss.detach(), total=loss.detach())
@@ -464,8 +481,12 @@ def train(opts: dict[str, Any], run_dir: Path, ck: Path | None = None, *, progre
             raise ValueError("--rsp-init given but the model has no RSP module (--no-rsp / --stage1-only)")
         rsp_doc = load_rsp(opts["rsp_init"], model.rsp)
     if opts.get("init") and ck is None:  # a resumed run's weights come from its checkpoint
-        opts.setdefault("init_sha256", init_checkpoint(opts)["weights"]["model"]["sha256"])
-        load_state_into(model, load_checkpoint(opts["init"], ["model"])[1]["model"], f"{opts['init']}/model.safetensors")
+        if "init_sha256" not in opts:  # options not checked by resolve_options (a direct call)
+            opts["init_sha256"] = init_checkpoint(opts)["weights"]["model"]["sha256"]
+        init_doc, init_state = load_checkpoint(opts["init"], ["model"])
+        if init_doc["weights"]["model"]["sha256"] != opts["init_sha256"]:
+            raise CheckpointError(f"--init {opts['init']}: its weights changed since the options were checked")
+        load_state_into(model, init_state["model"], f"{opts['init']}/model.safetensors")
     model.to(device)
     seg_net = structure_net(opts, device)
     opt = torch.optim.Adam(model.parameters(), lr=opts["lr"], betas=(0.9, 0.999))
