@@ -39,7 +39,8 @@
   a row 100× closer to its target pulls 10× (not 100×, as under "log") harder per unit of error, and a
   dark photograph's large error still counts more than a mild row's, by the square root of their ratio.
   SQRT_SCALE = 0.2 makes a row at error 0.01 weigh as in the mean form; the floor (LOG_FLOOR for
-  ``pixel="l2"`` / ``"hybrid"``) keeps an exact row's gradient finite.
+  ``pixel="l2"`` / ``"hybrid"``) keeps an exact row's gradient finite. Measured, it keeps none of log's spot
+  removal (docs/enhance_eval/no_harm_study.md): the removal is learnt at log's say for a spot row or not at all.
 Images (N, 3, H, W), masks (N, 1, H, W) or (N, H, W) in {0, 1}.
 """
 from __future__ import annotations

@@ -124,7 +124,8 @@ def add_arguments(p) -> None:
     p.add_argument("--weighting-from", type=float, metavar="FRACTION",
                    help="use --image-weighting only from this fraction of the steps on, the batch mean before "
                         "(a schedule: large errors such as dark photographs are learnt first, then each row "
-                        "counts by its ratio; not in the paper; 0 = from the start)" + d("weighting_from"))
+                        "counts by its ratio; not in the paper; measured: after the mean's first 25 %% the spot removal "
+                        "is not learnt; 0 = from the start)" + d("weighting_from"))
     p.add_argument("--pixel-loss", choices=PIXEL_LOSSES,
                    help="per-pixel form of the image losses: 'charbonnier' (the paper; L1-like, its minimiser the "
                         "median, so an uncertain correction such as a faint spot is not made) or 'l2' (10*squared "
