@@ -28,6 +28,14 @@ through unchanged. Measured on the shipped weights, the real photograph at 512 p
 illumination gain from +7.4 to +8.6 dB (each with its own threshold); a network trained on spot-only rows
 removes 88 % of the spots at its training scale against 47 % at 2x. ``work_size=`` on a call overrides it
 (0 = the image's own size).
+Follow-up stages (not in the paper): a checkpoint's config.json may list ``then``: further MAGE-Net checkpoints
+(packaged names, or paths relative to the checkpoint directory) run in order on its output, each with its own
+residual threshold and work size, inside the same field of view. The shipped default is two stages: a
+T-MAGE-Net trained on the batch mean of its rows' losses (lifts badly lit photographs), then one trained with
+each row counted by the log of its loss (``magenet-spots``: removes light spots, which the first leaves). One
+network trained either way does one of the two well at this size (docs/enhance_eval/no_harm_study.md).
+``then=`` on a call overrides the list (``()`` = the named checkpoint alone); a follow-up stage's own ``then``
+is not followed (a config.json that chains further is refused), so a chain cannot loop.
 
 Backends (``retina_fast.backends``; resolved once per enhancer, device and dtype):
 - ``torch``: the reference: eager fp32 ``MAGENet.restore``.
@@ -52,7 +60,7 @@ import os
 import sys
 import types
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -125,12 +133,15 @@ def shrink_residual(x: torch.Tensor, y: torch.Tensor, threshold: float) -> torch
 
 class Enhancer:
     """A loaded MAGE-Net (fp32, eval, on the CPU) plus its backend runners; ``residual_threshold`` and
-    ``work_size`` from its config.json (0 = off when absent)."""
+    ``work_size`` from its config.json (0 = off when absent); ``then``: the checkpoint directories of its
+    follow-up stages (module doc), resolved and checked when it was loaded."""
 
-    def __init__(self, model: MAGENet, meta: dict[str, Any], path: Path | None = None) -> None:
+    def __init__(self, model: MAGENet, meta: dict[str, Any], path: Path | None = None,
+                 then: Sequence[Path] = ()) -> None:
         self.model, self.meta, self.path = model.eval().requires_grad_(False), meta, path
         self.residual_threshold = float(meta.get("residual_threshold", 0.0))
         self.work_size = int(meta.get("work_size") or 0)
+        self.then = tuple(then)
         self._runners: dict[tuple, Callable] = {}
 
     @property
@@ -191,12 +202,41 @@ def load_enhancer(model: str | os.PathLike = "default") -> Enhancer:
             config = MAGENetConfig.from_dict(doc["architecture"])
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{cfg_file}: invalid MAGE-Net architecture ({exc})") from exc
+        then = _follow_up_stages(doc.get("then", []), path, cfg_file)
         check_weight_budget(cfg_file, doc, "model", lambda: MAGENet(config))
         doc, states = load_checkpoint(path, ["model"])
         net = MAGENet(config)
         load_state_into(net, states["model"], str(path / doc["weights"]["model"]["file"]))
-        _ENHANCERS[key] = Enhancer(net, doc, path)
+        _ENHANCERS[key] = Enhancer(net, doc, path, then)
     return _ENHANCERS[key]
+
+
+def _follow_up_stages(then, path: Path, cfg_file: Path) -> list[Path]:
+    """config.json ``then`` -> the follow-up checkpoint directories (a name is looked up beside the checkpoint
+    first, then as a packaged model); CheckpointError naming the file for a bad entry, a stage that is the
+    checkpoint itself or one that lists follow-ups of its own."""
+    import json
+
+    if not isinstance(then, list) or not all(isinstance(s, str) and s.strip() for s in then):
+        raise CheckpointError(f"{cfg_file}: 'then' must be a list of MAGE-Net model names or paths, got {then!r}")
+    stages = []
+    for entry in then:
+        local = path / entry
+        try:
+            stage = resolve_enhancer(local if (local / "config.json").is_file() else entry)
+        except (OSError, ValueError, CheckpointError) as exc:
+            raise CheckpointError(f"{cfg_file}: follow-up stage {entry!r}: {exc}") from None
+        if stage.resolve() == path.resolve():
+            raise CheckpointError(f"{cfg_file}: follow-up stage {entry!r} is this checkpoint itself")
+        try:
+            nested = json.loads((stage / "config.json").read_text(encoding="utf-8")).get("then")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{cfg_file}: follow-up stage {entry!r}: unreadable config.json ({exc})") from None
+        if nested:
+            raise CheckpointError(f"{cfg_file}: follow-up stage {entry!r} lists follow-up stages of its own "
+                                  f"({nested!r}); chains are one level deep")
+        stages.append(stage)
+    return stages
 
 
 def unload_enhancer(model: str | os.PathLike = "default") -> None:
@@ -433,18 +473,22 @@ def work_shape(h: int, w: int, work_size: int | None) -> tuple[int, int]:
 def enhance(images, *, model="default", backend: str = "auto", device=None, dtype: torch.dtype | None = None,
             tile: int | None = None, batch_size: int | None = None,
             progress: Callable[[int], None] | None = None, residual_threshold: float | None = None,
-            work_size: int | None = None):
+            work_size: int | None = None, then: Sequence[str | os.PathLike] | None = None):
     """Enhance colour fundus image(s) with MAGE-Net; returns the same type and shape (see module doc).
 
-    model: "default" (packaged ``magenet-tiny``), a packaged name or a checkpoint / run directory.
+    model: "default" (packaged ``magenet-tiny`` and its follow-up stage), a packaged name or a checkpoint /
+    run directory.
     backend: "auto", "torch", "cpu" or "cuda"; device / dtype: override the backend's defaults.
     tile: None = whole image up to MAX_WHOLE_PIXELS, else DEFAULT_TILE tiles; 0 = never tile; an int
     ≥ 64 = tiles of that side. batch_size: images per forward pass (default from the image size).
     progress: called with the number of images finished after each batch.
-    residual_threshold: None = the checkpoint's (module doc); a number in [0, 1) overrides it, 0 = off.
-    work_size: None = the checkpoint's (module doc); 0 = run the network at the image's own size; an int ≥
-    MIN_SIDE = run it on a copy whose shorter side is scaled down to work_size (``work_shape``) and add its
-    change, out − in, resized back bilinearly, to the full-size input.
+    residual_threshold: None = each stage's own (module doc); a number in [0, 1) overrides it for every
+    stage, 0 = the networks' outputs as they are.
+    work_size: None = each stage's own (module doc); 0 = run the networks at the image's own size; an int ≥
+    MIN_SIDE = run them on a copy whose shorter side is scaled down to work_size (``work_shape``) and add
+    each one's change, out − in, resized back bilinearly, to its full-size input.
+    then: None = the checkpoint's follow-up stages (config.json ``then``); a list of models = these instead;
+    () = the named checkpoint alone.
     """
     for name, value in (("tile", tile), ("batch_size", batch_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
@@ -457,12 +501,14 @@ def enhance(images, *, model="default", backend: str = "auto", device=None, dtyp
         check_residual_threshold(residual_threshold)
     if work_size is not None:
         check_work_size(work_size)
+    if then is not None and (isinstance(then, (str, os.PathLike)) or not isinstance(then, (list, tuple))):
+        raise TypeError(f"then must be a list or tuple of models (or None), got {type(then).__name__} {then!r}")
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError("no images given")
         return [enhance(im, model=model, backend=backend, device=device, dtype=dtype, tile=tile,
                         batch_size=batch_size, progress=progress, residual_threshold=residual_threshold,
-                        work_size=work_size)
+                        work_size=work_size, then=then)
                 for im in images]
     x, back = _as_batch(images)
     n, _, h, w = x.shape
@@ -470,34 +516,50 @@ def enhance(images, *, model="default", backend: str = "auto", device=None, dtyp
         raise ValueError(f"image: need at least one image of at least {MIN_SIDE}×{MIN_SIDE} px, got {tuple(x.shape)}")
     if device is None and x.device.type == "cuda":
         device = x.device
-    enhancer = load_enhancer(model)
-    run = enhancer.runner(backend, device, dtype)
-    threshold = enhancer.residual_threshold if residual_threshold is None else float(residual_threshold)
-    work_size = enhancer.work_size if work_size is None else work_size
+    first = load_enhancer(model)
+    chain = [first, *(load_enhancer(m) for m in (first.then if then is None else then))]
+    stages = [_Stage(e, backend, device, dtype, tile, residual_threshold, work_size, h, w) for e in chain]
     fov = fov_mask(x.cpu()).float()[:, None]
-    wh, ww = work_shape(h, w, work_size)
-    use_tiles = tile if tile is not None else (0 if wh * ww <= MAX_WHOLE_PIXELS else DEFAULT_TILE)
-    bs = batch_size or _auto_batch(run.device, min(wh * ww, use_tiles ** 2) if use_tiles else wh * ww)
-
-    def network(img: torch.Tensor) -> torch.Tensor:  # (n, 3, wh, ww) -> clamped output
-        if use_tiles and (wh > use_tiles or ww > use_tiles):
-            return _run_tiled(run, img, use_tiles, min(TILE_OVERLAP, use_tiles // 4)).float().clamp(0, 1)
-        pad, size = pad_to_multiple(img, 8)
-        return run(pad)[..., :size[0], :size[1]].cpu().float().clamp(0, 1)
-
+    bs = batch_size or min(s.auto_batch for s in stages)
     outs = []
     for i in range(0, n, bs):
-        chunk = x[i:i + bs].cpu()
-        if (wh, ww) == (h, w):
-            y = network(chunk)
-        else:
-            small = _resize(chunk.float(), (wh, ww))
-            y = (chunk.float() + _resize(network(small) - small, (h, w))).clamp(0, 1)
-        y = shrink_residual(chunk.float(), y, threshold)  # between input and output: in [0, 1]
-        outs.append(y * fov[i:i + bs])
+        y = x[i:i + bs].cpu()
+        for stage in stages:
+            y = stage(y) * fov[i:i + bs]
+        outs.append(y)
         if progress is not None:
-            progress(chunk.shape[0])
+            progress(y.shape[0])
     return back(torch.cat(outs))
+
+
+class _Stage:
+    """One network of an enhancement chain on (n, 3, h, w) CPU float images: the runner at its work shape
+    (tiled when large), its change resized back and soft-thresholded; output in [0, 1] (before the FOV mask)."""
+
+    def __init__(self, enhancer: Enhancer, backend, device, dtype, tile, residual_threshold, work_size,
+                 h: int, w: int) -> None:
+        self.run = enhancer.runner(backend, device, dtype)
+        self.threshold = enhancer.residual_threshold if residual_threshold is None else float(residual_threshold)
+        self.shape, self.work = (h, w), work_shape(h, w, enhancer.work_size if work_size is None else work_size)
+        wh, ww = self.work
+        self.tile = tile if tile is not None else (0 if wh * ww <= MAX_WHOLE_PIXELS else DEFAULT_TILE)
+        self.auto_batch = _auto_batch(self.run.device, min(wh * ww, self.tile ** 2) if self.tile else wh * ww)
+
+    def network(self, img: torch.Tensor) -> torch.Tensor:  # (n, 3, wh, ww) -> clamped output
+        wh, ww = self.work
+        if self.tile and (wh > self.tile or ww > self.tile):
+            return _run_tiled(self.run, img, self.tile, min(TILE_OVERLAP, self.tile // 4)).float().clamp(0, 1)
+        pad, size = pad_to_multiple(img, 8)
+        return self.run(pad)[..., :size[0], :size[1]].cpu().float().clamp(0, 1)
+
+    def __call__(self, chunk: torch.Tensor) -> torch.Tensor:
+        chunk = chunk.float()
+        if self.work == self.shape:
+            y = self.network(chunk)
+        else:
+            small = _resize(chunk, self.work)
+            y = (chunk + _resize(self.network(small) - small, self.shape)).clamp(0, 1)
+        return shrink_residual(chunk, y, self.threshold)  # between input and output: in [0, 1]
 
 
 class _CallableModule(types.ModuleType):

@@ -423,7 +423,7 @@ def test_sampling_with_a_non_sampling_model_says_so():
     from retina_fast.modelzoo import WEIGHTS_DIR, available_models
 
     assert available_models() == ["tiny"]
-    assert set(available_models(None)) == {"tiny", "magenet-tiny", "structure-net"}
+    assert set(available_models(None)) == {"tiny", "magenet-tiny", "magenet-spots", "structure-net"}
     for model in ("magenet-tiny", "structure-net", str(WEIGHTS_DIR / "magenet-tiny")):
         with pytest.raises((FileNotFoundError, CheckpointError), match="not a sampling"):
             engine.sample(1, 2, model=model)

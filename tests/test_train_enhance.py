@@ -636,3 +636,69 @@ def test_a_non_finite_loss_stops_the_run_before_its_update(tmp_path, monkeypatch
                 "1", "--pixel-loss", "l2", "--image-weighting", "log"))
     rows = list(csv.DictReader(open(tmp_path / "ok" / "log.csv")))
     assert all(r["loss"] not in ("nan", "inf", "-inf") for r in rows)
+
+
+def test_after_trains_a_follow_up_stage_on_the_first_stages_outputs(tmp_path, monkeypatch):
+    """--after MODEL: every input pool (synthetic, spot-only, real pairs, unlabelled real) is replaced by MODEL's
+    whole-image outputs (alone, the fp32 reference backend, rounded to uint8) before the first step; targets stay;
+    the provenance names MODEL with its sha256; a MODEL whose weights changed is refused on resume."""
+    from retina_fast.enhance import enhance
+
+    first = _magenet_ckpt(tmp_path)
+    extra = ["--out", "x", "--after", str(first), "--spot-fraction", "0.5", "--real-pairs", "2"]
+    opts = {**T.DEFAULTS, **{k: v for k, v in vars(_args("tmagenet", *extra)).items() if v is not None},
+            "kind": "tmagenet", "after_sha256": T.after_sha256(first)}
+    syn, real, desc = T._load_data(opts, progress=False)
+    syn0, real0, desc0 = T._load_data({**opts, "after": None}, progress=False)
+    assert "first enhanced, whole, by the frozen enhancer" in desc and "frozen enhancer" not in desc0
+    for got, pool in ((syn, syn0), (real[0], real0[0]), (real[1], real0[1]), (real[2], real0[2])):
+        want = enhance(pool.inputs.float() / 255, model=str(first), backend="torch", then=())
+        assert torch.equal(got.inputs, (want * 255).round().to(torch.uint8))
+        assert not torch.equal(got.inputs, pool.inputs)  # the first stage changes them
+        if pool.targets is not None:
+            assert torch.equal(got.targets, pool.targets)
+    out = tmp_path / "r"
+    run = ["--steps", "2", "--ckpt-every", "1", "--stage1-only", "--after", str(first)]
+    with pytest.raises(KeyboardInterrupt), _stopped_after_checkpoint(monkeypatch, 1):
+        T.run(_args("magenet", "--out", str(out), *run))
+    doc = json.loads((first / "config.json").read_text())
+    sha = doc["weights"]["model"]["sha256"]
+    doc["weights"]["model"]["sha256"] = "0" * 64  # as if other weights had been put there since
+    (first / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="changed since this run started"):
+        T.run(_args("magenet", "--out", str(out), *run, "--resume"))
+    doc["weights"]["model"]["sha256"] = sha
+    (first / "config.json").write_text(json.dumps(doc))
+    T.run(_args("magenet", "--out", str(out), *run, "--resume"))
+    prov = load_checkpoint(out / "final", [])[0]["provenance"]
+    assert prov["after"] == {"path": str(first), "sha256": sha}
+    with pytest.raises(ValueError, match="--after is an option of magenet"):
+        T.run(_args("rsp", "--out", str(tmp_path / "bad"), "--after", str(first)))
+    with pytest.raises(FileNotFoundError, match="nope"):
+        T.run(_args("magenet", "--out", str(tmp_path / "bad"), "--after", str(tmp_path / "nope")))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_real_pair_kinds_degrade_every_real_pair_by_those_kinds_only(tmp_path):
+    """--real-pair-kinds blur: every labelled real pair is its left-half variant blurred (a blur keeps the mean,
+    an illumination change would not), cached apart from the random pairs; bad values are refused."""
+    from retina_fast.training import enhance_data
+
+    rnd = enhance_data.real_pairs(6, 256, cache_dir=tmp_path / "c")
+    blur = enhance_data.real_pairs(6, 256, cache_dir=tmp_path / "c", kinds=("blur",))
+    assert torch.equal(rnd.targets, blur.targets) and not torch.equal(rnd.inputs, blur.inputs)
+    b = blur.get(range(6))
+    assert torch.allclose(b["x"].mean((1, 2, 3)), b["y"].mean((1, 2, 3)), atol=3 / 255)
+    assert len(list((tmp_path / "c").iterdir())) == 2
+    with pytest.raises(ValueError, match="real pair kinds must be among"):
+        enhance_data.real_pairs(2, 64, kinds=("fog",))
+    opts = {**T.DEFAULTS, **{k: v for k, v in vars(_args("magenet", "--out", "x", "--real-pairs", "2",
+                                                          "--real-pair-kinds", "blur")).items() if v is not None},
+            "kind": "magenet"}
+    _, real, desc = T._load_data(opts, progress=False)
+    assert "degraded by blur only" in desc and len(real[1]) == 2
+    for extra, needle in ((["--real-pair-kinds", "blur"], "needs --real-pairs"),
+                          (["--real-pairs", "2", "--real-pair-kinds", "blur,fog"], "choose from")):
+        with pytest.raises(ValueError, match=needle):
+            T.run(_args("magenet", "--out", str(tmp_path / "bad"), *extra))
+    assert not (tmp_path / "bad").exists()

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retina_fast.training.degrade import degradation_combinations, degrade, fov_mask
+from retina_fast.training.degrade import DEGRADATION_KINDS, degradation_combinations, degrade, fov_mask
 
 __all__ = ["SYN_TRAIN", "SYN_TEST", "SYN_SPOT", "SYN_BLUR", "REAL_TRAIN", "REAL_TEST", "REAL_PAIRS", "TEST_EYE_OFFSET",
            "SPLIT_COLUMN", "Pool", "synthetic_pairs", "single_kind_inputs", "spot_inputs",
@@ -274,15 +274,18 @@ def augment_real(half: torch.Tensor, seed, amount: float) -> torch.Tensor:
     return _to_float(_to_u8(out))
 
 
-def _real_pool(side: str, n: int, size: int, tag: int, cycle: bool, progress: bool, augment: float = 0.0) -> Pool:
+def _real_pool(side: str, n: int, size: int, tag: int, cycle: bool, progress: bool, augment: float = 0.0,
+               kinds: tuple[str, ...] | None = None) -> Pool:
     """``n`` degradations of a half; with ``augment`` each of its own ``augment_real`` variant, which is then
-    that row's target (else every row's target is the half itself)."""
+    that row's target (else every row's target is the half itself); ``kinds``: every row degraded by these
+    kinds only (else a random combination, or the seven in turn with ``cycle``)."""
     half = real_half(side, size)
     combos = degradation_combinations()
     inputs, targets, fovs = [], [], []
     for i in _progress(range(n), progress, f"real {side} half"):
         clean = augment_real(half, (tag, i, 0xA6), augment)
-        inputs.append(_to_u8(degrade_half(clean, side, seed=(tag, i), kinds=combos[i % 7] if cycle else "random")))
+        which = kinds if kinds is not None else combos[i % 7] if cycle else "random"
+        inputs.append(_to_u8(degrade_half(clean, side, seed=(tag, i), kinds=which)))
         if augment > 0 or i == 0:
             targets.append(_to_u8(clean))
             fovs.append(fov_mask(clean)[None])
@@ -301,12 +304,19 @@ def real_unlabelled(n: int = 64, size: int = 256, *, augment: float = 0.0, cache
     return _cached(cache_dir, spec, lambda: _real_pool("left", n, size, REAL_TRAIN, False, progress, augment))
 
 
-def real_pairs(n: int = 48, size: int = 256, *, augment: float = 0.2, cache_dir=None, progress: bool = False) -> Pool:
+def real_pairs(n: int = 48, size: int = 256, *, augment: float = 0.2, cache_dir=None, progress: bool = False,
+               kinds: tuple[str, ...] | None = None) -> Pool:
     """Labelled real pairs: ``n`` ``augment_real`` variants of the left half (the training half), each degraded
-    with its own random combination (seeds (REAL_PAIRS, j), a stream apart from the unlabelled pool's) and
-    paired with its clean variant as the target. The right half never enters."""
+    with its own random combination (seeds (REAL_PAIRS, j), a stream apart from the unlabelled pool's), or by
+    ``kinds`` only, and paired with its clean variant as the target. The right half never enters."""
     spec = {"kind": "real-left-pairs", "n": n, "size": size, "tag": REAL_PAIRS, "augment": augment, "version": 1}
-    return _cached(cache_dir, spec, lambda: _real_pool("left", n, size, REAL_PAIRS, False, progress, augment))
+    if kinds is not None:
+        bad = [k for k in kinds if k not in DEGRADATION_KINDS]
+        if bad or not kinds:
+            raise ValueError(f"real pair kinds must be among {DEGRADATION_KINDS}, got {tuple(kinds)}")
+        kinds = tuple(k for k in DEGRADATION_KINDS if k in kinds)  # Cofe-Net's order, whatever was given
+        spec["kinds"] = list(kinds)
+    return _cached(cache_dir, spec, lambda: _real_pool("left", n, size, REAL_PAIRS, False, progress, augment, kinds))
 
 
 def real_test_set(n: int = 14, size: int = 256, *, cache_dir=None, progress: bool = False) -> Pool:

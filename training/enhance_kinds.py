@@ -167,23 +167,28 @@ MAX_VAL_LOSS_DB = 0.1
 
 def choose_residual_threshold(model, *, size: int = 512, seeds: Sequence[int] = VAL_SEEDS,
                               grid: Sequence[float] = THRESHOLD_GRID, max_loss_db: float = MAX_VAL_LOSS_DB,
-                              backend: str = "auto", work_size: int | None = None,
+                              backend: str = "auto", work_size: int | None = None, after=None,
                               ) -> tuple[float | None, list[dict[str, Any]]]:
     """The smallest ``residual_threshold`` of ``grid`` at which no validation image -- the left half (never the
     held-out right half) of every combination and seed in ``seeds`` -- loses more than ``max_loss_db`` against
     its input; None if none does. Returns (threshold, one row per grid value: worst per-image left-half gain,
-    mean illumination gain (left), mean gain over the combinations (left))."""
+    mean illumination gain (left), mean gain over the combinations (left)). ``model`` runs alone (not its
+    follow-up stages); ``after``: a model whose output (with its own threshold and work size, alone) ``model``
+    is a follow-up stage of -- the gains are still counted against the degraded input."""
     from retina_fast.enhance import enhance, shrink_residual
     from retina_fast.fov import fov_mask
 
     inputs = kind_inputs(size, seeds)
     names, x, _ = inputs
-    raw = torch.cat([enhance(x[i:i + 4], model=model, backend=backend, residual_threshold=0.0, work_size=work_size)
+    pre = x if after is None else torch.cat([enhance(x[i:i + 4], model=after, backend=backend, then=())
+                                             for i in range(0, len(x), 4)])
+    raw = torch.cat([enhance(pre[i:i + 4], model=model, backend=backend, residual_threshold=0.0,
+                             work_size=work_size, then=())
                      for i in range(0, len(x), 4)])  # once; each threshold is applied to the same outputs
     fov = fov_mask(x).float()[:, None]
     rows, chosen = [], None
     for tau in grid:
-        out = shrink_residual(x, raw, tau) * fov  # what enhance(..., residual_threshold=tau) returns
+        out = shrink_residual(pre, raw, tau) * fov  # what enhance(..., residual_threshold=tau) returns
         t = kind_table(None, seeds=seeds, inputs=inputs, outputs=out)["rows"]
         degraded = {k: v for k, v in t.items() if k != "none"}
         row = {"threshold": tau, "worst_image_gain_left": min(v["worst_gain_left"] for v in degraded.values()),
@@ -198,10 +203,10 @@ def choose_residual_threshold(model, *, size: int = 512, seeds: Sequence[int] = 
 
 def write_residual_threshold(model_dir, threshold: float, rows: list[dict[str, Any]], seeds: Sequence[int],
                              max_loss_db: float, backend: str = "torch", size: int = 512,
-                             work_size: int | None = None, name: str | None = None) -> None:
+                             work_size: int | None = None, name: str | None = None, after: str | None = None) -> None:
     """Record the chosen threshold (and how it was chosen) in ``model_dir/config.json``; ``work_size``, when
     given, is recorded with it (the threshold was chosen on outputs made at that work size). ``name``: how the
-    recorded command names the model (default: ``model_dir``)."""
+    recorded command names the model (default: ``model_dir``); ``after``: the model it was chosen after."""
     import json
     from pathlib import Path
 
@@ -220,7 +225,11 @@ def write_residual_threshold(model_dir, threshold: float, rows: list[dict[str, A
         "backend": backend,
         "command": f"python -m retina_fast.training.enhance_kinds --model {name or model_dir} --backend {backend} "
                    f"--size {size} --choose-threshold --write"
-                   + (f" --work-size {work_size}" if work_size is not None else "")}
+                   + (f" --work-size {work_size}" if work_size is not None else "")
+                   + (f" --after {after}" if after is not None else "")}
+    if after is not None:
+        doc["provenance"]["residual_threshold_selection"]["after"] = (
+            f"chosen on the outputs of {after} (its own threshold and work size), gains against the degraded input")
     atomic_write(path, json.dumps(doc, indent=2, allow_nan=False))
     unload_enhancer(str(model_dir))  # a loaded copy in this process would keep the old value
 
@@ -249,17 +258,23 @@ def main(argv: list[str] | None = None) -> int:
                         f"{VAL_SEEDS[-1]}): the smallest of 0, 0.01, ..., 0.1 at which no image loses more than "
                         f"{MAX_VAL_LOSS_DB} dB; prints the grid")
     p.add_argument("--write", action="store_true", help="with --choose-threshold: record it in the model's config.json")
+    p.add_argument("--after", metavar="MODEL", default=None,
+                   help="with --choose-threshold: the models are follow-up stages of MODEL; choose their threshold "
+                        "on its outputs (gains still against the degraded input)")
     p.add_argument("--spots", action="store_true",
                    help="also print how much of the spots' brightening each model removes (spot-only inputs, "
                         "seeds 0-2, inside the spot disks; raw network and with its residual threshold)")
     args = p.parse_args(argv)
     if args.write and not args.choose_threshold:
         p.error("--write goes with --choose-threshold")
+    if args.after is not None and not args.choose_threshold:
+        p.error("--after goes with --choose-threshold")
     if work_size_option_error(args.work_size):
         p.error(work_size_option_error(args.work_size))
     if args.choose_threshold:
         for m in args.model:
-            tau, rows = choose_residual_threshold(m, size=args.size, backend=args.backend, work_size=args.work_size)
+            tau, rows = choose_residual_threshold(m, size=args.size, backend=args.backend, work_size=args.work_size,
+                                                  after=args.after)
             for r in rows:
                 print(m, json.dumps(r), flush=True)
             print(f"{m}: residual_threshold {tau}" + ("" if tau is not None else " (none of the grid keeps every "
@@ -269,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{m}: nothing written", file=sys.stderr)
                     return 2
                 write_residual_threshold(resolve_enhancer(m), tau, rows, VAL_SEEDS, MAX_VAL_LOSS_DB, args.backend,
-                                         args.size, args.work_size, name=m)
+                                         args.size, args.work_size, name=m, after=args.after)
         return 0
     inputs = kind_inputs(args.size, args.seeds)
     tables = {}

@@ -435,14 +435,15 @@ def choose(result: dict[str, Any]) -> str:
 
 
 def incumbent_score(target: Path, result: dict[str, Any]) -> list | None:
-    """``validation_score`` of the weights already in ``target`` (with the residual threshold recorded there),
-    on the validation split of ``result``; None when ``target`` holds no enhancer."""
+    """``validation_score`` of the weights already in ``target`` (with the residual threshold recorded there;
+    the network alone, without its follow-up stages, as the runs are scored), on the validation split of
+    ``result``; None when ``target`` holds no enhancer."""
     from retina_fast.enhance import enhance
 
     if not (target / "config.json").is_file():
         return None
     inputs = enhance_kinds.kind_inputs(result["kind_size"], result["val_seeds"])
-    table = enhance_kinds.kind_table(lambda x: enhance(x, model=str(target), backend=result["backend"]),
+    table = enhance_kinds.kind_table(lambda x: enhance(x, model=str(target), backend=result["backend"], then=()),
                                      seeds=result["val_seeds"], inputs=inputs)
     return list(validation_score(table))
 
@@ -475,6 +476,9 @@ def ship(result: dict[str, Any], runs: Path, target: Path, eval_command: str | N
                          + "; see docs/enhance_eval/ablation.md")
     if result.get("work_size") is not None:
         config["work_size"] = result["work_size"]  # the outputs chosen and scored above were made at it
+    then = _read_then(target)
+    if then:  # the follow-up stages stay (their thresholds were chosen after the weights replaced here)
+        config["then"] = then
     if target.exists():
         shutil.rmtree(target)
     save_checkpoint(target, {"model": states["model"]}, config, prov)
@@ -510,6 +514,16 @@ def ship(result: dict[str, Any], runs: Path, target: Path, eval_command: str | N
           "- files: config.json (architecture, provenance, sha256), model.safetensors, log.csv (training log)"]
     (target / "TRAINING.md").write_text("\n".join(md) + "\n")
     return label
+
+
+def _read_then(target: Path) -> list[str] | None:
+    """The ``then`` list (follow-up stages, ``retina_fast.enhance``) of the weights in ``target``, if any."""
+    import json
+
+    try:
+        return json.loads((target / "config.json").read_text(encoding="utf-8")).get("then")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _commands(prov: dict[str, Any]) -> list[str]:

@@ -66,7 +66,7 @@ DEFAULTS: dict[str, Any] = {
     "weighting_from": 0.0,
     "pixel_loss": "charbonnier", "charbonnier_from": 1.0,
     "spot_fraction": 0.0, "blur_fraction": 0.0, "stage1_only": False, "output_gate": False, "gate_bias": 0.0, "rsp_init": None,
-    "init": None, "structure_weight": 0.0,
+    "init": None, "after": None, "real_pair_kinds": None, "structure_weight": 0.0,
     "structure_rsp": None, "ema": 0.999, "consistency_weight": 1.0, "warmup": 0.3,
     "noise_std": 0.05, "log_every": 10, "ckpt_every": 100, "device": None, "threads": None, "data_cache": None,
 }
@@ -113,6 +113,9 @@ def add_arguments(p) -> None:
     p.add_argument("--real-pairs", type=int, metavar="N",
                    help="labelled real pairs: N degraded variants of the real left half (zoom / colour / exposure, "
                         "amount --real-augment or 0.2) with their clean variants as targets; 0 = none" + d("real_pairs"))
+    p.add_argument("--real-pair-kinds", metavar="KINDS",
+                   help="degrade every real pair by these kinds only, comma-separated (illumination, spot, blur; "
+                        "default: a random combination each)")
     p.add_argument("--real-pairs-batch-size", type=int,
                    help="real pairs per step, beside the synthetic batch (image losses only: no vessel labels)"
                         + d("real_pairs_batch_size"))
@@ -150,6 +153,11 @@ def add_arguments(p) -> None:
     p.add_argument("--init", metavar="DIR",
                    help="start from the weights of a magenet / tmagenet run's final/ with the same architecture "
                         "(fine-tuning, or a curriculum in two runs); the learning-rate schedule starts afresh")
+    p.add_argument("--after", metavar="MODEL",
+                   help="train a follow-up stage (retina_fast.enhance's config.json 'then'): every training input "
+                        "(synthetic, spot- / blur-only, real pairs, unlabelled real) is first enhanced, whole, by "
+                        "this frozen enhancer (a checkpoint or packaged name; its own threshold and work size, "
+                        "alone) once before the first step, so the stage learns on what it will be given")
     p.add_argument("--structure-weight", type=float, metavar="W",
                    help="weight of a vessel-preservation term: a frozen, separately trained segmenter "
                         "(--structure-rsp) segments the enhanced synthetic rows, BCE against their vessel masks "
@@ -202,6 +210,14 @@ def run(args) -> int:
         if opts.get("rsp_init"):
             raise ValueError("--init already holds the RSP module's weights: drop --rsp-init")
         opts["init_sha256"] = init_checkpoint(opts)["weights"]["model"]["sha256"]  # kept with the run's options
+    if opts.get("after"):
+        if kind == "rsp":
+            raise ValueError("--after is an option of magenet / tmagenet, not of `train rsp`")
+        sha = after_sha256(opts["after"])
+        if opts.get("after_sha256", sha) != sha:
+            raise CheckpointError(f"--after {opts['after']}: its weights changed since this run started "
+                                  f"(sha256 {opts['after_sha256'][:12]}..., now {sha[:12]}...)")
+        opts["after_sha256"] = sha  # kept with the run's options
     for key in ("identity_fraction", "spot_fraction", "blur_fraction"):
         if not 0.0 <= opts[key] <= 1.0:
             raise ValueError(f"--{key.replace('_', '-')} must be in [0, 1], got {opts[key]}")
@@ -215,6 +231,13 @@ def run(args) -> int:
         raise ValueError(f"--real-pairs must be an integer >= 0, got {opts['real_pairs']!r}")
     if opts["real_pairs"] and kind == "rsp":
         raise ValueError("--real-pairs is an option of magenet / tmagenet, not of `train rsp`")
+    if opts.get("real_pair_kinds"):
+        if not opts["real_pairs"]:
+            raise ValueError("--real-pair-kinds needs --real-pairs N")
+        kinds = [k.strip() for k in str(opts["real_pair_kinds"]).split(",")]
+        if not all(k in enhance_data.DEGRADATION_KINDS for k in kinds):
+            raise ValueError(f"--real-pair-kinds: choose from {', '.join(enhance_data.DEGRADATION_KINDS)} "
+                             f"(comma-separated), got {opts['real_pair_kinds']!r}")
     if not 0.0 <= opts["real_augment"] <= 1.0:
         raise ValueError(f"--real-augment must be in [0, 1], got {opts['real_augment']}")
     if saved is not None and saved.get("kind") != kind:
@@ -389,11 +412,47 @@ def _load_data(opts: dict[str, Any], progress: bool):
     pairs = None
     if opts["real_pairs"] and opts["kind"] != "rsp":
         amount = opts["real_augment"] or 0.2
+        kinds = opts.get("real_pair_kinds")
+        kinds = tuple(k.strip() for k in kinds.split(",")) if kinds else None
         pairs = enhance_data.real_pairs(opts["real_pairs"], opts["size"], augment=amount, cache_dir=cache,
-                                        progress=progress)
+                                        progress=progress, kinds=kinds)
         desc += (f"; labelled real pairs: {opts['real_pairs']} variants of the real left half (amount {amount}), "
-                 f"random degradations, {opts['real_pairs_batch_size']} per step")
+                 f"{'degraded by ' + ' + '.join(kinds) + ' only' if kinds else 'random degradations'}, "
+                 f"{opts['real_pairs_batch_size']} per step")
+    if opts.get("after"):
+        from retina_fast.enhance import load_enhancer
+
+        if after_sha256(opts["after"]) != opts.get("after_sha256"):
+            raise CheckpointError(f"--after {opts['after']}: its weights changed since this run started")
+        first = load_enhancer(opts["after"])
+        for pool in (syn, *single.values(), pairs, real):
+            if pool is not None:
+                pool.inputs = through_first_stage(pool.inputs, opts["after"])
+        desc += (f"; every input first enhanced, whole, by the frozen enhancer {opts['after']} (sha256 "
+                 f"{opts['after_sha256'][:12]}, residual threshold {first.residual_threshold}, work size "
+                 f"{first.work_size}, without its follow-up stages)")
     return syn, (real, pairs, single.get("spot"), single.get("blur")), desc
+
+
+def after_sha256(model) -> str:
+    """sha256 of the weights of the --after enhancer (its config.json's record, checked when it is loaded)."""
+    from retina_fast.checkpoint import read_config
+    from retina_fast.enhance import resolve_enhancer
+
+    doc = read_config(resolve_enhancer(model))
+    return doc["weights"]["model"]["sha256"]
+
+
+def through_first_stage(inputs: torch.Tensor, model, batch: int = 8) -> torch.Tensor:
+    """uint8 images (M, 3, H, W) -> the same enhanced, whole, by ``model`` alone (its own threshold and work size;
+    the fp32 reference backend, so every machine makes the same training data), rounded back to uint8."""
+    from retina_fast.enhance import enhance
+
+    out = torch.empty_like(inputs)
+    for i in range(0, len(inputs), batch):
+        y = enhance(inputs[i:i + batch].float() / 255.0, model=str(model), backend="torch", then=())
+        out[i:i + batch] = (y.clamp(0, 1) * 255).round().to(torch.uint8)
+    return out
 
 
 def _switch_step(opts: dict[str, Any]) -> int:
@@ -561,6 +620,8 @@ def _save_final(run_dir, opts, model, mt, cfg, data_desc, times, rsp_doc, device
                              "sha256": rsp_doc["weights"]["model"]["sha256"]}
     if opts.get("init"):
         extra["init"] = {"path": str(opts["init"]), "sha256": opts.get("init_sha256")}
+    if opts.get("after"):
+        extra["after"] = {"path": str(opts["after"]), "sha256": opts.get("after_sha256")}
     if opts.get("structure_weight"):
         seg_doc = rsp_checkpoint(opts["structure_rsp"])
         extra["structure_rsp"] = {"path": str(opts["structure_rsp"]), "sha256": seg_doc["weights"]["model"]["sha256"]}

@@ -18,7 +18,8 @@ def add_parser(sub) -> None:
     p.add_argument("inputs", nargs="+", metavar="IN", help="PNG / JPEG / TIFF colour fundus images")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
     p.add_argument("--model", default="default",
-                   help="'default' (packaged magenet-tiny), a packaged name or a checkpoint / training run directory")
+                   help="'default' (packaged magenet-tiny, then its follow-up stage), a packaged name or a checkpoint / "
+                        "training run directory")
     p.add_argument("--backend", default="auto", help="auto (default), torch, cpu or cuda")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the backend's)")
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
@@ -32,6 +33,9 @@ def add_parser(sub) -> None:
                    help="enhance on a copy whose shorter side is PX and add the network's change, resized back, to "
                         "the full-size image (default: the model's own, the scale it was trained at; 0 = at the "
                         "image's size)")
+    p.add_argument("--then", nargs="+", default=None, metavar="MODEL",
+                   help="the stages run after --model, in order ('none': --model alone; default: the model's own "
+                        "follow-up stages -- the shipped default has one, magenet-spots, which removes light spots)")
     p.add_argument("-q", "--quiet", "--no-progress", dest="quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -121,7 +125,7 @@ def run(args) -> int:
     from retina_fast.backends import BackendUnavailable
     from retina_fast.cli import input_files
     from retina_fast.errors import UserError
-    from retina_fast.enhance import MIN_SIDE, enhance, work_size_option_error
+    from retina_fast.enhance import MIN_SIDE, enhance, load_enhancer, work_size_option_error
 
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -131,6 +135,17 @@ def run(args) -> int:
         raise UserError(f"--residual-threshold must be in [0, 1), got {args.residual_threshold}")
     if work_size_option_error(args.work_size):
         raise UserError(work_size_option_error(args.work_size))
+    then = None
+    if args.then is not None:
+        then = [] if args.then == ["none"] else args.then
+        if "none" in then:
+            raise UserError("--then: 'none' stands alone (it means --model without follow-up stages)")
+    try:  # a missing or broken model or stage: one line before any work
+        enhancer = load_enhancer(args.model)
+        for stage in (enhancer.then if then is None else then):
+            load_enhancer(stage)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(str(exc)) from None
     paths = input_files(args.inputs)
     for p in paths:  # fail before any work
         if p.suffix.lower() not in EXTENSIONS:
@@ -152,7 +167,7 @@ def run(args) -> int:
             try:
                 out = enhance(stack, model=args.model, backend=args.backend, device=args.device,
                               tile=args.tile, batch_size=args.batch_size,
-                              residual_threshold=args.residual_threshold, work_size=args.work_size)
+                              residual_threshold=args.residual_threshold, work_size=args.work_size, then=then)
             except (ValueError, TypeError, BackendUnavailable) as exc:
                 raise UserError(f"{items[0][0]}: {exc}") from None
             for (path, _), res in zip(items, out):
