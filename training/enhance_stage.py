@@ -12,7 +12,8 @@ Steps:
    outputs, with DIR run at ``--work-size`` (recorded in DIR);
 3. score FIRST alone and FIRST followed by DIR on the validation split (left half of the real photograph,
    ``eval_enhance.validation_score``: every combination at seeds 10 and 11) and wire DIR into FIRST's ``then``
-   only when the chain scores at least as high (``--force``: regardless); a chain that harms is never wired;
+   only when the chain scores at least as high (``--force``: regardless); also reported: the spots removed with
+   the validation seeds 10-17 (whole image; the mean gain hardly sees spots, whose left-half rows are mild);
 4. write DIR/TRAINING.md and, with ``--json``, every number: per-kind tables of both on the held-out right half
    (seeds 0-3), the spots removed, and with ``--rsp RUNS/rsp/final`` the ablation's two test sets (PSNR / SSIM,
    ``eval_enhance``) and that segmenter's vessel IoU on the degraded phantom test images.
@@ -20,6 +21,7 @@ Steps:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -38,9 +40,10 @@ __all__ = ["copy_stage", "evaluate_chain", "wire", "then_entry", "main"]
 
 def copy_stage(run: Path, target: Path) -> None:
     """RUN's final weights and provenance -> ``target`` (a MAGE-Net checkpoint without a threshold yet)."""
-    from retina_fast.checkpoint import load_checkpoint, save_checkpoint
+    from retina_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from retina_fast.files import atomic_write
 
-    doc, states = load_checkpoint(run / "final", ["model"])
+    doc, _ = load_checkpoint(run / "final", ["model"])  # checks the weights against their sha256
     if doc.get("kind") != "magenet":
         raise ValueError(f"{run / 'final'}: a {doc.get('kind')!r} checkpoint, not a MAGE-Net one")
     config = {k: v for k, v in doc.items() if k not in ("format", "format_version", "provenance", "weights",
@@ -50,7 +53,14 @@ def copy_stage(run: Path, target: Path) -> None:
     tmp = target.with_name(target.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_checkpoint(tmp, {"model": states["model"]}, config, prov)
+    save_checkpoint(tmp, {}, config, prov)  # config.json; the weights are the run's own bytes, copied:
+    record = doc["weights"]["model"]  # their sha256 stays the one the run recorded
+    shutil.copy(run / "final" / record["file"], tmp / record["file"])
+    if hashlib.sha256((tmp / record["file"]).read_bytes()).hexdigest() != record["sha256"]:
+        raise CheckpointError(f"{run / 'final' / record['file']}: changed while it was being copied")
+    meta = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+    meta["weights"] = {"model": record}
+    atomic_write(tmp / "config.json", json.dumps(meta, indent=2, allow_nan=False) + "\n")
     if (run / "log.csv").is_file():
         shutil.copy(run / "log.csv", tmp / "log.csv")
     if target.exists():
@@ -102,7 +112,9 @@ def evaluate_chain(first: Path, target: Path, backend: str = "auto", rsp: Path |
         val = enhance_kinds.kind_table(fn, seeds=VAL_SEEDS, inputs=val_in)
         test = enhance_kinds.kind_table(fn, seeds=TEST_SEEDS, inputs=test_in)
         out[name] = {"validation_score": list(validation_score(val)), "summary": test["summary"],
-                     "rows": test["rows"], "spots_removed": enhance_kinds.spot_removal(fn, size=size)["removed"]}
+                     "rows": test["rows"], "spots_removed": enhance_kinds.spot_removal(fn, size=size)["removed"],
+                     "validation_spots_removed": enhance_kinds.spot_removal(fn, size=size,
+                                                                            seeds=enhance_kinds.VAL_SEEDS)["removed"]}
         out[name]["_outputs"] = test["_outputs"]
     out["_test_inputs"] = test_in
     if rsp is not None:  # the ablation's two test sets (eval_enhance) and the segmenter's vessel IoU
@@ -142,7 +154,9 @@ def _training_md(target: Path, first: Path, entry: str, tau: float | None, work_
              f"- work size {work_size}; residual threshold {tau}, chosen by the rule of "
              "`enhance_kinds.choose_residual_threshold` on the first stage's outputs (validation split, left half)",
              f"- validation score (mean left-half gain, seeds {', '.join(map(str, VAL_SEEDS))}): first stage alone "
-             f"{a['validation_score'][1]:.2f} dB, with this stage {c['validation_score'][1]:.2f} dB",
+             f"{a['validation_score'][1]:.2f} dB, with this stage {c['validation_score'][1]:.2f} dB; spots removed "
+             f"with the validation seeds ({enhance_kinds.VAL_SEEDS[0]}-{enhance_kinds.VAL_SEEDS[-1]}, whole image) "
+             f"{100 * a['validation_spots_removed']:.0f} % -> {100 * c['validation_spots_removed']:.0f} %",
              "- held-out right half, seeds 0-3 (alone -> with this stage): worst combination "
              f"{a['summary']['worst_combination_gain_right']:+.2f} -> {c['summary']['worst_combination_gain_right']:+.2f} dB"
              f", mean illumination gain {a['summary']['mean_illumination_gain_right']:+.2f} -> "
