@@ -390,7 +390,10 @@ def _as_batch(image, what: str = "image") -> tuple[torch.Tensor, Callable[[torch
         single, dtype = image.ndim == 3, image.dtype
         if dtype != np.uint8 and not np.issubdtype(dtype, np.floating):
             raise ValueError(f"{what}: numpy images must be uint8 or float, got {dtype}")
-        x = torch.from_numpy(np.ascontiguousarray(image[None] if single else image)).permute(0, 3, 1, 2)
+        arr = np.ascontiguousarray(image[None] if single else image)
+        if not arr.flags.writeable:  # e.g. np.asarray(PIL image): torch warns about read-only arrays
+            arr = arr.copy()
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2)
         x = x.float().contiguous()
         if dtype == np.uint8:
             x = x / 255.0

@@ -227,3 +227,21 @@ def test_enhance_stage_refuses_bad_arguments_with_exit_2(pair, tmp_path, capsys)
     assert enhance_stage.main(["--run", str(run), "--after", str(first), "--to", str(first)]) == 2
     assert "is the first stage itself" in capsys.readouterr().err
     assert _config(first)["then"] == ["../spots"]  # nothing changed
+
+
+def test_a_read_only_array_is_enhanced_without_a_warning(x, monkeypatch):
+    """np.asarray(PIL image) is read-only; torch.from_numpy warns on such an array (once per process, so the
+    test watches what reaches torch.from_numpy instead of the warning)."""
+    import numpy as np
+
+    seen, real = [], torch.from_numpy
+
+    def from_numpy(arr):
+        seen.append(arr.flags.writeable)
+        return real(arr)
+
+    monkeypatch.setattr(torch, "from_numpy", from_numpy)
+    img = np.ascontiguousarray(np.round(x[1].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+    img.flags.writeable = False  # contiguous and read-only, as np.asarray(PIL image) gives
+    out = enhance(img, backend="torch", then=())
+    assert seen and all(seen) and out.shape == img.shape and out.dtype == np.uint8
