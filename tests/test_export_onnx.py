@@ -201,3 +201,26 @@ def test_cli_export_tensorrt_reports_why_not(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot build TensorRT engines here" in err and reasons[-1] in err
     assert not (tmp_path / "u.engine").exists()
+
+
+def test_cli_exports_the_trained_enhancers_not_random_weights(tmp_path, capsys):
+    """--what magenet with --model default / a packaged enhancer exports its trained weights (it once built the
+    tiny preset with random weights for "default" and refused packaged names)."""
+    from retina_fast.cli import main
+    from retina_fast.enhance import load_enhancer
+
+    for model, name in (("default", "magenet-tiny"), ("magenet-spots", "magenet-spots")):
+        out = tmp_path / f"{name}.onnx"
+        assert main(["export", "onnx", "--model", model, "--what", "magenet", "--out", str(out), "--size", "48"]) == 0
+        captured = capsys.readouterr()
+        assert "random weights" not in captured.out + captured.err
+        session = ex.onnxruntime_session(out, threads=2)
+        inputs = ex.example_inputs("magenet", (3, 48, 48), 2, seed=0)
+        with torch.no_grad():
+            ref = load_enhancer(name).model.restore(inputs[0])
+        got = ex.run_onnxruntime(session, "magenet", inputs)
+        assert float((got - ref).abs().max()) <= FP32_RTOL * max(1.0, float(ref.abs().max()))
+    assert main(["export", "onnx", "--model", "tiny", "--what", "magenet", "--out", str(tmp_path / "r.onnx"),
+                 "--size", "48"]) == 0
+    captured = capsys.readouterr()
+    assert "random weights" in captured.out + captured.err

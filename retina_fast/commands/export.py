@@ -3,8 +3,9 @@ graph (dynamic batch) or a TensorRT engine (see retina_fast/export.py and docs/t
 
 ``--model`` names a packaged model or a checkpoint directory. For ``unet`` / ``decoder`` a preset or
 sweep-grid name (``tiny``, ``paper-224``, ``sweep-f8-c8-b128``) that is not a packaged model gives that
-architecture with random weights; for ``magenet`` the presets are ``tiny`` and ``large``, and a
-checkpoint directory must hold a ``magenet`` weights entry and its ``architecture`` config.
+architecture with random weights; for ``magenet`` the presets are ``tiny`` and ``large`` (random weights), and
+``default`` / a packaged name / a checkpoint directory is a trained enhancer (``default``: the shipped first
+stage, ``magenet-tiny``; its follow-up stage is exported by naming it, ``magenet-spots``).
 """
 from __future__ import annotations
 
@@ -78,20 +79,31 @@ def load_for_export(model: str, what: str):
 
 
 def _load_magenet(model: str):
-    from retina_fast.checkpoint import load_checkpoint, load_state_into
+    """A preset name (tiny, large): that architecture with random weights; anything else: the trained enhancer
+    it names ("default" = the shipped first stage, a packaged name such as magenet-spots, or a checkpoint / run
+    directory), its weights verified (``retina_fast.enhance.load_enhancer``). One network: a follow-up stage
+    is exported by naming it."""
+    import copy
+
+    from retina_fast.checkpoint import CheckpointError, load_checkpoint, load_state_into
+    from retina_fast.enhance import load_enhancer
     from retina_fast.errors import UserError
     from retina_fast.models.magenet import MAGENET_PRESETS, MAGENet, MAGENetConfig
 
-    if Path(model).is_dir():
-        doc, states = load_checkpoint(model, ["magenet"])
-        net = MAGENet(MAGENetConfig.from_dict(doc.get("architecture", {})))
-        load_state_into(net, states["magenet"], str(Path(model) / doc["weights"]["magenet"]["file"]))
-        return net.eval()
-    name = "tiny" if model == "default" else model
-    if name not in MAGENET_PRESETS:
-        raise UserError(f"MAGE-Net model {model!r}: not a checkpoint directory; presets: {', '.join(MAGENET_PRESETS)}")
-    _note(f"MAGE-Net preset {name!r}: exporting random weights")
-    return MAGENet(MAGENET_PRESETS[name]).eval()
+    if model in MAGENET_PRESETS:
+        _note(f"MAGE-Net preset {model!r}: exporting random weights")
+        return MAGENet(MAGENET_PRESETS[model]).eval()
+    try:
+        return copy.deepcopy(load_enhancer(model).model).eval()
+    except (FileNotFoundError, CheckpointError) as exc:
+        path = Path(model)
+        if path.is_dir() and "magenet" in (load_checkpoint(path, [])[0].get("weights") or {}):
+            doc, states = load_checkpoint(path, ["magenet"])  # a checkpoint holding a 'magenet' module
+            net = MAGENet(MAGENetConfig.from_dict(doc.get("architecture", {})))
+            load_state_into(net, states["magenet"], str(path / doc["weights"]["magenet"]["file"]))
+            return net.eval()
+        raise UserError(f"MAGE-Net model {model!r}: {exc}; presets (random weights): "
+                        f"{', '.join(MAGENET_PRESETS)}") from None
 
 
 def _sample_shape(loaded, what: str, size: int | None):
