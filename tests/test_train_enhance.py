@@ -235,6 +235,22 @@ def test_eval_report_and_ship(tmp_path, rsp_run, capsys):
     worse = [res_full["validation"][label]["score"][0], res_full["validation"][label]["score"][1] - 1.0]
     assert eval_enhance.ship(res_full, runs, tmp_path / "ship2", None, incumbent=worse) == label
     assert "above the weights shipped before" in load_checkpoint(tmp_path / "ship2")[0]["provenance"]["selection"]
+    # weights with a follow-up stage ('then'): scored alone, like the runs, and the stage stays when replaced
+    from retina_fast.enhance import unload_enhancer
+
+    cfg2 = tmp_path / "ship2" / "config.json"
+
+    def set_then(then):
+        d = json.loads(cfg2.read_text())
+        d.pop("then", None)
+        cfg2.write_text(json.dumps({**d, **({"then": then} if then else {})}))
+        unload_enhancer(str(tmp_path / "ship2"))
+
+    alone = eval_enhance.incumbent_score(tmp_path / "ship2", res_full)
+    set_then(["magenet-spots"])
+    assert eval_enhance.incumbent_score(tmp_path / "ship2", res_full) == alone
+    assert eval_enhance.ship(res_full, runs, tmp_path / "ship2", None, incumbent=worse) == label
+    assert load_checkpoint(tmp_path / "ship2")[0]["then"] == ["magenet-spots"]
     capsys.readouterr()
     assert eval_enhance.main(argv) == 0  # the same runs again: the shipped copy is one of them, a tie: kept
     assert "kept; the weights there score" in capsys.readouterr().err
