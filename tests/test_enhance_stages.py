@@ -164,10 +164,26 @@ def test_then_entry_names_packaged_weights_by_name_and_others_by_relative_path(t
 def test_wire_sets_and_removes_the_entry_and_keeps_the_rest(pair):
     first, _ = pair
     before = _config(first)
+    md = (first / "TRAINING.md").read_text()
     enhance_stage.wire(first, None)
     assert "then" not in _config(first) and load_enhancer(str(first)).then == ()
+    assert (first / "TRAINING.md").read_text().rstrip("\n") == "\n".join(
+        ln for ln in md.splitlines() if not ln.startswith(enhance_stage.FOLLOW_UP_LINE))
     enhance_stage.wire(first, "../spots")
+    enhance_stage.wire(first, "../spots")  # once, not twice
     assert _config(first) == before
+    lines = (first / "TRAINING.md").read_text().splitlines()
+    assert [ln for ln in lines if ln.startswith(enhance_stage.FOLLOW_UP_LINE)] == [
+        enhance_stage.FOLLOW_UP_LINE + "`../spots` runs on this network's output (config.json `then`; "
+        "`retina_fast.enhance(..., then=())` runs this one alone); its own TRAINING.md says how it was made and chosen"]
+
+
+def test_the_shipped_first_stage_names_its_follow_up_stage_in_training_md():
+    lines = (WEIGHTS_DIR / "magenet-tiny" / "TRAINING.md").read_text().splitlines()
+    assert [ln for ln in lines if ln.startswith(enhance_stage.FOLLOW_UP_LINE)] == [
+        enhance_stage.FOLLOW_UP_LINE + f"`{_config(WEIGHTS_DIR / 'magenet-tiny')['then'][0]}` runs on this "
+        "network's output (config.json `then`; `retina_fast.enhance(..., then=())` runs this one alone); its own "
+        "TRAINING.md says how it was made and chosen"]
 
 
 def _identity_checkpoint(d, provenance=None):

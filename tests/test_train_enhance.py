@@ -251,6 +251,7 @@ def test_eval_report_and_ship(tmp_path, rsp_run, capsys):
     assert eval_enhance.incumbent_score(tmp_path / "ship2", res_full) == alone
     assert eval_enhance.ship(res_full, runs, tmp_path / "ship2", None, incumbent=worse) == label
     assert load_checkpoint(tmp_path / "ship2")[0]["then"] == ["magenet-spots"]
+    assert "\n" + eval_enhance.FOLLOW_UP_LINE + "`magenet-spots` runs on" in (tmp_path / "ship2" / "TRAINING.md").read_text()
     capsys.readouterr()
     assert eval_enhance.main(argv) == 0  # the same runs again: the shipped copy is one of them, a tie: kept
     assert "kept; the weights there score" in capsys.readouterr().err

@@ -32,10 +32,10 @@ from typing import Any
 import torch
 
 from retina_fast.training import enhance_kinds
-from retina_fast.training.eval_enhance import (KIND_SIZE, TEST_SEEDS, VAL_SEEDS, _load_rsp, _scores,
-                                               portable_command, validation_score, vessel_iou)
+from retina_fast.training.eval_enhance import (FOLLOW_UP_LINE, KIND_SIZE, TEST_SEEDS, VAL_SEEDS, _load_rsp, _scores,
+                                               note_follow_up, portable_command, validation_score, vessel_iou)
 
-__all__ = ["copy_stage", "evaluate_chain", "wire", "then_entry", "main"]
+__all__ = ["copy_stage", "evaluate_chain", "wire", "then_entry", "main", "FOLLOW_UP_LINE"]
 
 
 def copy_stage(run: Path, target: Path) -> None:
@@ -79,7 +79,8 @@ def then_entry(first: Path, target: Path) -> str:
 
 
 def wire(first: Path, entry: str | None) -> None:
-    """Set (``entry``) or remove (None) FIRST's follow-up stage in its config.json, atomically."""
+    """Set (``entry``) or remove (None) FIRST's follow-up stage in its config.json, atomically, and the line
+    that names it in FIRST's TRAINING.md (``eval_enhance.note_follow_up``), so a reader of either sees the chain."""
     from retina_fast.enhance import unload_enhancer
     from retina_fast.files import atomic_write
 
@@ -91,6 +92,7 @@ def wire(first: Path, entry: str | None) -> None:
         doc["then"] = [entry]
     atomic_write(path, json.dumps(doc, indent=2, allow_nan=False))
     unload_enhancer(str(first))
+    note_follow_up(first, entry)
 
 
 def evaluate_chain(first: Path, target: Path, backend: str = "auto", rsp: Path | None = None,

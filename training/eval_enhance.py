@@ -48,7 +48,7 @@ from retina_fast.metrics import psnr, ssim
 from retina_fast.training import enhance_data, enhance_kinds
 
 __all__ = ["VARIANTS", "clahe", "evaluate", "thresholded", "vessel_iou", "ladder_inversions", "choose",
-           "incumbent_score", "ship",
+           "incumbent_score", "ship", "note_follow_up", "FOLLOW_UP_LINE",
            "portable_command", "main"]
 
 # run directory name -> row label (the paper's Table 6 ladder)
@@ -513,7 +513,27 @@ def ship(result: dict[str, Any], runs: Path, target: Path, eval_command: str | N
           f"{kinds['mean_illumination_gain_right']:+.2f} dB",
           "- files: config.json (architecture, provenance, sha256), model.safetensors, log.csv (training log)"]
     (target / "TRAINING.md").write_text("\n".join(md) + "\n")
+    if then:
+        note_follow_up(target, then[0])
     return label
+
+
+FOLLOW_UP_LINE = "- follow-up stage: "  # the line of a first stage's TRAINING.md that names its stage
+
+
+def note_follow_up(first: Path, entry: str | None) -> None:
+    """Name ``entry`` (None: no stage) in FIRST's TRAINING.md, when there is one, as its one follow-up line."""
+    from retina_fast.files import atomic_write
+
+    md = first / "TRAINING.md"
+    if not md.is_file():
+        return
+    lines = [ln for ln in md.read_text(encoding="utf-8").splitlines() if not ln.startswith(FOLLOW_UP_LINE)]
+    if entry is not None:
+        lines.append(f"{FOLLOW_UP_LINE}`{entry}` runs on this network's output (config.json `then`; "
+                     "`retina_fast.enhance(..., then=())` runs this one alone); its own TRAINING.md says how it was "
+                     "made and chosen")
+    atomic_write(md, "\n".join(lines) + "\n")
 
 
 def _read_then(target: Path) -> list[str] | None:
