@@ -32,8 +32,9 @@ from typing import Any
 import torch
 
 from retina_fast.training import enhance_kinds
-from retina_fast.training.eval_enhance import (FOLLOW_UP_LINE, KIND_SIZE, TEST_SEEDS, VAL_SEEDS, _load_rsp, _scores,
-                                               note_follow_up, portable_command, validation_score, vessel_iou)
+from retina_fast.training.eval_enhance import (FOLLOW_UP_LINE, KIND_SIZE, TEST_SEEDS, VAL_SEEDS, _load_rsp, _rank,
+                                               _scores, note_follow_up, portable_command, validation_score,
+                                               vessel_iou)
 
 __all__ = ["copy_stage", "evaluate_chain", "wire", "then_entry", "main", "FOLLOW_UP_LINE"]
 
@@ -133,10 +134,6 @@ def evaluate_chain(first: Path, target: Path, backend: str = "auto", rsp: Path |
         net, b = _load_rsp(rsp), sets["phantom"]
         out["vessel_iou"] = {k: vessel_iou(net, y, b["vessels"], b["fov"])["iou"] for k, y in ys["phantom"].items()}
     return out
-
-
-def _rank(score) -> tuple[bool, float]:
-    return bool(score[0]), round(float(score[1]), 2)
 
 
 def _training_md(target: Path, first: Path, entry: str, tau: float | None, work_size: int, ev: dict[str, Any],

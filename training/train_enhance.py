@@ -231,13 +231,8 @@ def run(args) -> int:
         raise ValueError(f"--real-pairs must be an integer >= 0, got {opts['real_pairs']!r}")
     if opts["real_pairs"] and kind == "rsp":
         raise ValueError("--real-pairs is an option of magenet / tmagenet, not of `train rsp`")
-    if opts.get("real_pair_kinds"):
-        if not opts["real_pairs"]:
-            raise ValueError("--real-pair-kinds needs --real-pairs N")
-        kinds = [k.strip() for k in str(opts["real_pair_kinds"]).split(",")]
-        if not all(k in enhance_data.DEGRADATION_KINDS for k in kinds):
-            raise ValueError(f"--real-pair-kinds: choose from {', '.join(enhance_data.DEGRADATION_KINDS)} "
-                             f"(comma-separated), got {opts['real_pair_kinds']!r}")
+    if real_pair_kinds(opts) is not None and not opts["real_pairs"]:
+        raise ValueError("--real-pair-kinds needs --real-pairs N")
     if not 0.0 <= opts["real_augment"] <= 1.0:
         raise ValueError(f"--real-augment must be in [0, 1], got {opts['real_augment']}")
     if saved is not None and saved.get("kind") != kind:
@@ -412,8 +407,7 @@ def _load_data(opts: dict[str, Any], progress: bool):
     pairs = None
     if opts["real_pairs"] and opts["kind"] != "rsp":
         amount = opts["real_augment"] or 0.2
-        kinds = opts.get("real_pair_kinds")
-        kinds = tuple(k.strip() for k in kinds.split(",")) if kinds else None
+        kinds = real_pair_kinds(opts)
         pairs = enhance_data.real_pairs(opts["real_pairs"], opts["size"], augment=amount, cache_dir=cache,
                                         progress=progress, kinds=kinds)
         desc += (f"; labelled real pairs: {opts['real_pairs']} variants of the real left half (amount {amount}), "
@@ -422,9 +416,9 @@ def _load_data(opts: dict[str, Any], progress: bool):
     if opts.get("after"):
         from retina_fast.enhance import load_enhancer
 
-        if after_sha256(opts["after"]) != opts.get("after_sha256"):
+        first = load_enhancer(opts["after"])  # its weights verified against the sha256 its config.json records
+        if first.meta["weights"]["model"]["sha256"] != opts.get("after_sha256"):
             raise CheckpointError(f"--after {opts['after']}: its weights changed since this run started")
-        first = load_enhancer(opts["after"])
         for pool in (syn, *single.values(), pairs, real):
             if pool is not None:
                 pool.inputs = through_first_stage(pool.inputs, opts["after"])
@@ -432,6 +426,18 @@ def _load_data(opts: dict[str, Any], progress: bool):
                  f"{opts['after_sha256'][:12]}, residual threshold {first.residual_threshold}, work size "
                  f"{first.work_size}, without its follow-up stages)")
     return syn, (real, pairs, single.get("spot"), single.get("blur")), desc
+
+
+def real_pair_kinds(opts: dict[str, Any]) -> tuple[str, ...] | None:
+    """--real-pair-kinds as a tuple of degradation kinds (None: random combinations); ValueError naming a bad one."""
+    text = opts.get("real_pair_kinds")
+    if not text:
+        return None
+    kinds = tuple(k.strip() for k in str(text).split(","))
+    if not all(k in enhance_data.DEGRADATION_KINDS for k in kinds):
+        raise ValueError(f"--real-pair-kinds: choose from {', '.join(enhance_data.DEGRADATION_KINDS)} "
+                         f"(comma-separated), got {text!r}")
+    return kinds
 
 
 def after_sha256(model) -> str:
