@@ -36,6 +36,12 @@ each row counted by the log of its loss (``magenet-spots``: removes light spots,
 network trained either way does one of the two well at this size (docs/enhance_eval/no_harm_study.md).
 ``then=`` on a call overrides the list (``()`` = the named checkpoint alone); a follow-up stage's own ``then``
 is not followed (a config.json that chains further is refused), so a chain cannot loop.
+Deblurring (not in the paper): a checkpoint's config.json may set ``deblur`` ({"lambda", "native_width",
+"min_agreement"}, ``retina_fast.deblur``): before its first network, each image's blur is read off its
+field-of-view edge and, where the edge shows one, undone by regularised deconvolution; an image whose edge is
+sharp, or does not look like a blurred step, passes unchanged. The networks do not learn to sharpen real
+photographs from the phantom (docs/enhance_eval/no_harm_study.md); this step does, for the blur model they
+are trained on. ``deblur=`` on a call: False = off, True = on (the checkpoint's settings, else the defaults).
 
 Backends (``retina_fast.backends``; resolved once per enhancer, device and dtype):
 - ``torch``: the reference: eager fp32 ``MAGENet.restore``.
@@ -68,6 +74,8 @@ import torch
 from retina_fast import backends
 from retina_fast.checkpoint import CheckpointError, load_checkpoint, load_state_into
 from retina_fast.fov import fov_mask
+from retina_fast.deblur import DEFAULTS as DEBLUR_DEFAULTS, check_deblur_config
+from retina_fast.deblur import deblur as undo_blur
 from retina_fast.models.magenet import MAGENet, MAGENetConfig
 from retina_fast.backends.graphs import CudaGraphs, FrozenGraphs, fast_copy
 from retina_fast.models.rsp import RSPOutput, pad_to_multiple
@@ -142,6 +150,7 @@ class Enhancer:
         self.residual_threshold = float(meta.get("residual_threshold", 0.0))
         self.work_size = int(meta.get("work_size") or 0)
         self.then = tuple(then)
+        self.deblur = check_deblur_config(meta["deblur"]) if meta.get("deblur") is not None else None
         self._runners: dict[tuple, Callable] = {}
 
     @property
@@ -196,6 +205,8 @@ def load_enhancer(model: str | os.PathLike = "default") -> Enhancer:
                 check_residual_threshold(doc["residual_threshold"])
             if "work_size" in doc:
                 check_work_size(doc["work_size"])
+            if doc.get("deblur") is not None:
+                check_deblur_config(doc["deblur"])
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{cfg_file}: {exc}") from None
         try:
@@ -476,7 +487,8 @@ def work_shape(h: int, w: int, work_size: int | None) -> tuple[int, int]:
 def enhance(images, *, model="default", backend: str = "auto", device=None, dtype: torch.dtype | None = None,
             tile: int | None = None, batch_size: int | None = None,
             progress: Callable[[int], None] | None = None, residual_threshold: float | None = None,
-            work_size: int | None = None, then: Sequence[str | os.PathLike] | None = None):
+            work_size: int | None = None, then: Sequence[str | os.PathLike] | None = None,
+            deblur: bool | dict | None = None):
     """Enhance colour fundus image(s) with MAGE-Net; returns the same type and shape (see module doc).
 
     model: "default" (packaged ``magenet-tiny`` and its follow-up stage), a packaged name or a checkpoint /
@@ -492,6 +504,9 @@ def enhance(images, *, model="default", backend: str = "auto", device=None, dtyp
     each one's change, out − in, resized back bilinearly, to its full-size input.
     then: None = the checkpoint's follow-up stages (config.json ``then``); a list of models = these instead;
     () = the named checkpoint alone.
+    deblur: None = as the checkpoint's config.json says (module doc); False = off; True = on, with the
+    checkpoint's settings or ``retina_fast.deblur.DEFAULTS``; a dict = on, with these settings (keys of
+    DEFAULTS, the rest from the checkpoint's or the defaults).
     """
     for name, value in (("tile", tile), ("batch_size", batch_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
@@ -506,12 +521,17 @@ def enhance(images, *, model="default", backend: str = "auto", device=None, dtyp
         check_work_size(work_size)
     if then is not None and (isinstance(then, (str, os.PathLike)) or not isinstance(then, (list, tuple))):
         raise TypeError(f"then must be a list or tuple of models (or None), got {type(then).__name__} {then!r}")
+    if deblur is not None and not isinstance(deblur, (bool, dict)):
+        raise TypeError(f"deblur must be True, False, None or a dict of settings, got {type(deblur).__name__} "
+                        f"{deblur!r}")
+    if isinstance(deblur, dict):
+        check_deblur_config(deblur)
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError("no images given")
         return [enhance(im, model=model, backend=backend, device=device, dtype=dtype, tile=tile,
                         batch_size=batch_size, progress=progress, residual_threshold=residual_threshold,
-                        work_size=work_size, then=then)
+                        work_size=work_size, then=then, deblur=deblur)
                 for im in images]
     x, back = _as_batch(images)
     n, _, h, w = x.shape
@@ -523,10 +543,16 @@ def enhance(images, *, model="default", backend: str = "auto", device=None, dtyp
     chain = [first, *(load_enhancer(m) for m in (first.then if then is None else then))]
     stages = [_Stage(e, backend, device, dtype, tile, residual_threshold, work_size, h, w) for e in chain]
     fov = fov_mask(x.cpu()).float()[:, None]
+    if deblur is None or deblur is False:
+        sharpen = first.deblur if deblur is None else None
+    else:
+        sharpen = {**(first.deblur or DEBLUR_DEFAULTS), **(deblur if isinstance(deblur, dict) else {})}
     bs = batch_size or min(s.auto_batch for s in stages)
     outs = []
     for i in range(0, n, bs):
         y = x[i:i + bs].cpu()
+        if sharpen is not None:
+            y = undo_blur(y.float(), fov[i:i + bs, 0] > 0, sharpen)[0]
         for stage in stages:
             y = stage(y) * fov[i:i + bs]
         outs.append(y)

@@ -696,6 +696,34 @@ def test_after_trains_a_follow_up_stage_on_the_first_stages_outputs(tmp_path, mo
     assert not (tmp_path / "bad").exists()
 
 
+def test_after_records_the_first_stages_deblurring_and_uses_it_as_recorded(tmp_path, monkeypatch):
+    """A first stage with a deblurring step (config.json ``deblur``): the run records the settings when it starts
+    and makes its training inputs with them; options without the record (runs from before it) use none."""
+    from retina_fast.enhance import enhance, unload_enhancer
+
+    first = _magenet_ckpt(tmp_path)
+    doc = json.loads((first / "config.json").read_text())
+    doc["deblur"] = {"lambda": 0.04}
+    (first / "config.json").write_text(json.dumps(doc))
+    unload_enhancer(str(first))
+    out = tmp_path / "r"
+    run = ["--steps", "2", "--ckpt-every", "1", "--stage1-only", "--after", str(first)]
+    with pytest.raises(KeyboardInterrupt), _stopped_after_checkpoint(monkeypatch, 1):
+        T.run(_args("magenet", "--out", str(out), *run))
+    opts = load_checkpoint(out / "checkpoints" / "step_00000001", [])[0]["options"]
+    assert opts["after_deblur"] == {"lambda": 0.04, "native_width": 1.5, "min_agreement": 0.85}
+    x = torch.zeros(2, 3, 64, 64, dtype=torch.uint8)
+    x[:, :, 8:56, 8:56] = 120
+    x[:, 1, 30:34, :] = 40
+    blurred = (torch.nn.functional.avg_pool2d(x.float(), 5, 1, 2) * (x.amax(1, keepdim=True) > 0)).round().to(torch.uint8)
+    made = []
+    for setting, want in ((opts["after_deblur"], opts["after_deblur"]), (None, False)):
+        made.append(T.through_first_stage(blurred, first, deblur=setting))
+        ref = enhance(blurred.float() / 255, model=str(first), backend="torch", then=(), deblur=want)
+        assert torch.equal(made[-1], (ref * 255).round().to(torch.uint8))
+    assert not torch.equal(made[0], made[1])  # the square's 5-px blur is seen and undone
+
+
 def test_real_pair_kinds_degrade_every_real_pair_by_those_kinds_only(tmp_path):
     """--real-pair-kinds blur: every labelled real pair is its left-half variant blurred (a blur keeps the mean,
     an illumination change would not), cached apart from the random pairs; bad values are refused."""

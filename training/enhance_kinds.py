@@ -180,10 +180,16 @@ def choose_residual_threshold(model, *, size: int = 512, seeds: Sequence[int] = 
 
     inputs = kind_inputs(size, seeds)
     names, x, _ = inputs
-    pre = x if after is None else torch.cat([enhance(x[i:i + 4], model=after, backend=backend, then=())
-                                             for i in range(0, len(x), 4)])
+    if after is not None:
+        pre = torch.cat([enhance(x[i:i + 4], model=after, backend=backend, then=()) for i in range(0, len(x), 4)])
+    else:  # what the network is given: the input, deblurred first where the model says so (as enhance does)
+        from retina_fast.deblur import deblur
+        from retina_fast.enhance import load_enhancer
+
+        settings = load_enhancer(model).deblur
+        pre = x if settings is None else deblur(x, fov_mask(x), settings)[0]
     raw = torch.cat([enhance(pre[i:i + 4], model=model, backend=backend, residual_threshold=0.0,
-                             work_size=work_size, then=())
+                             work_size=work_size, then=(), deblur=False)
                      for i in range(0, len(x), 4)])  # once; each threshold is applied to the same outputs
     fov = fov_mask(x).float()[:, None]
     rows, chosen = [], None
@@ -227,11 +233,78 @@ def write_residual_threshold(model_dir, threshold: float, rows: list[dict[str, A
                    f"--size {size} --choose-threshold --write"
                    + (f" --work-size {work_size}" if work_size is not None else "")
                    + (f" --after {after}" if after is not None else "")}
+    if after is None and doc.get("deblur") is not None:
+        doc["provenance"]["residual_threshold_selection"]["deblur"] = (
+            f"chosen on the network's inputs after this model's deblurring step ({doc['deblur']}), as enhance runs it")
     if after is not None:
         doc["provenance"]["residual_threshold_selection"]["after"] = (
             f"chosen on the outputs of {after} (its own threshold and work size), gains against the degraded input")
     atomic_write(path, json.dumps(doc, indent=2, allow_nan=False))
     unload_enhancer(str(model_dir))  # a loaded copy in this process would keep the old value
+
+
+DEBLUR_GRID = (0.005, 0.01, 0.02, 0.04, 0.08)  # λ of retina_fast.deblur
+# The smallest λ whose outputs show no rings along the field-of-view rim. Looked at, validation seed 13 (a
+# 7 × 7 box) at 1x: concentric rings at 0.005, fainter ones at 0.01, none seen at 0.02. PSNR and SSIM both
+# prefer 0.005 (the rings are faint but coherent, so the eye sees what the mean errors do not): the smaller
+# values are scored and printed, not chosen.
+RING_FREE_LAMBDA = 0.02
+
+
+def _has_blur(code: str) -> bool:
+    return code[0] == "1"  # Cofe-Net codes: bits blur, spot, illumination
+
+
+def choose_deblur(model, *, size: int = 512, seeds: Sequence[int] = VAL_SEEDS, grid: Sequence[float] = DEBLUR_GRID,
+                  max_loss_db: float = MAX_VAL_LOSS_DB, backend: str = "auto",
+                  min_lambda: float = RING_FREE_LAMBDA) -> tuple[float | None, list[dict[str, Any]]]:
+    """The deblurring λ (``retina_fast.deblur``) of ``grid`` with the highest mean left-half gain over the
+    combinations with blur, whole chain (``model`` and its follow-up stages), validation seeds -- among those
+    ≥ ``min_lambda`` (RING_FREE_LAMBDA) at which no combination's mean left-half gain falls more than
+    ``max_loss_db`` below the chain's without deblurring; None if no λ beats deblurring off. Returns (λ, one row
+    per setting, λ None = off, first)."""
+    from retina_fast.enhance import enhance
+
+    inputs = kind_inputs(size, seeds)
+    rows: list[dict[str, Any]] = []
+    for lam in (None, *grid):
+        setting = False if lam is None else {"lambda": lam}
+        t = kind_table(lambda x, s=setting: enhance(x, model=model, backend=backend, deblur=s), seeds=seeds,
+                       inputs=inputs)["rows"]
+        gains = {k: v["gain_left"] for k, v in t.items() if k != "none"}
+        rows.append({"lambda": lam, "mean_blur_gain_left": sum(g for k, g in gains.items() if _has_blur(k))
+                     / sum(_has_blur(k) for k in gains), "gain_left": gains,
+                     "worst_image_gain_left": min(v["worst_gain_left"] for k, v in t.items() if k != "none")})
+    off = rows[0]
+    ok = [r for r in rows[1:] if r["lambda"] >= min_lambda and all(r["gain_left"][k] >= g - max_loss_db for k, g in off["gain_left"].items())
+          and r["mean_blur_gain_left"] > off["mean_blur_gain_left"]]
+    best = max(ok, key=lambda r: r["mean_blur_gain_left"], default=None)
+    return (best["lambda"] if best else None), rows
+
+
+def write_deblur(model_dir, lam: float, rows: list[dict[str, Any]], seeds: Sequence[int], max_loss_db: float,
+                 backend: str, size: int, name: str) -> None:
+    """Record ``deblur`` (λ and the other settings at their defaults) and how it was chosen in config.json."""
+    import json
+    from pathlib import Path
+
+    from retina_fast.deblur import DEFAULTS
+    from retina_fast.enhance import unload_enhancer
+    from retina_fast.files import atomic_write
+
+    path = Path(model_dir) / "config.json"
+    doc = json.loads(path.read_text())
+    doc["deblur"] = {**DEFAULTS, "lambda": lam}
+    doc.setdefault("provenance", {})["deblur_selection"] = {
+        "rule": f"the lambda >= {RING_FREE_LAMBDA} (smaller ones ring along the rim, looked at) with the highest "
+                "mean left-half gain over the combinations with blur (whole chain), no combination's mean left-half "
+                f"gain more than {max_loss_db} dB below deblurring off",
+        "validation": f"skimage.data.retina() at {size} px, left half, the seven degradation combinations, seeds "
+                      f"{list(seeds)}", "grid": rows, "backend": backend,
+        "command": f"python -m retina_fast.training.enhance_kinds --model {name} --backend {backend} --size {size} "
+                   "--choose-deblur --write"}
+    atomic_write(path, json.dumps(doc, indent=2, allow_nan=False))
+    unload_enhancer(str(model_dir))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,7 +330,12 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"choose the residual threshold on the validation split (left half, seeds {VAL_SEEDS[0]}-"
                         f"{VAL_SEEDS[-1]}): the smallest of 0, 0.01, ..., 0.1 at which no image loses more than "
                         f"{MAX_VAL_LOSS_DB} dB; prints the grid")
-    p.add_argument("--write", action="store_true", help="with --choose-threshold: record it in the model's config.json")
+    p.add_argument("--choose-deblur", action="store_true",
+                   help=f"choose the deblurring lambda on the validation split (left half, seeds {VAL_SEEDS[0]}-"
+                        f"{VAL_SEEDS[-1]}, whole chain) from {', '.join(map(str, DEBLUR_GRID))} (at least {RING_FREE_LAMBDA}: "
+                        "smaller values ring along the rim); prints the grid")
+    p.add_argument("--write", action="store_true",
+                   help="with --choose-threshold / --choose-deblur: record it in the model's config.json")
     p.add_argument("--after", metavar="MODEL", default=None,
                    help="with --choose-threshold: the models are follow-up stages of MODEL; choose their threshold "
                         "on its outputs (gains still against the degraded input)")
@@ -265,8 +343,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="also print how much of the spots' brightening each model removes (spot-only inputs, "
                         "seeds 0-2, inside the spot disks; raw network and with its residual threshold)")
     args = p.parse_args(argv)
-    if args.write and not args.choose_threshold:
-        p.error("--write goes with --choose-threshold")
+    if args.write and not (args.choose_threshold or args.choose_deblur):
+        p.error("--write goes with --choose-threshold or --choose-deblur")
+    if args.choose_threshold and args.choose_deblur:
+        p.error("--choose-threshold and --choose-deblur are separate runs (the threshold first)")
     if args.after is not None and not args.choose_threshold:
         p.error("--after goes with --choose-threshold")
     if work_size_option_error(args.work_size):
@@ -285,6 +365,18 @@ def main(argv: list[str] | None = None) -> int:
                     return 2
                 write_residual_threshold(resolve_enhancer(m), tau, rows, VAL_SEEDS, MAX_VAL_LOSS_DB, args.backend,
                                          args.size, args.work_size, name=m, after=args.after)
+        return 0
+    if args.choose_deblur:
+        for m in args.model:
+            lam, rows = choose_deblur(m, size=args.size, backend=args.backend)
+            for r in rows:
+                print(m, json.dumps(r), flush=True)
+            print(f"{m}: deblur lambda {lam}" + ("" if lam is not None else " (deblurring does not help)"))
+            if args.write:
+                if lam is None:
+                    print(f"{m}: nothing written", file=sys.stderr)
+                    return 2
+                write_deblur(resolve_enhancer(m), lam, rows, VAL_SEEDS, MAX_VAL_LOSS_DB, args.backend, args.size, m)
         return 0
     inputs = kind_inputs(args.size, args.seeds)
     tables = {}

@@ -218,6 +218,10 @@ def run(args) -> int:
             raise CheckpointError(f"--after {opts['after']}: its weights changed since this run started "
                                   f"(sha256 {opts['after_sha256'][:12]}..., now {sha[:12]}...)")
         opts["after_sha256"] = sha  # kept with the run's options
+        if saved is None:  # the first stage's deblurring as the run started (runs from before it: none)
+            from retina_fast.enhance import load_enhancer
+
+            opts["after_deblur"] = load_enhancer(opts["after"]).deblur
     for key in ("identity_fraction", "spot_fraction", "blur_fraction"):
         if not 0.0 <= opts[key] <= 1.0:
             raise ValueError(f"--{key.replace('_', '-')} must be in [0, 1], got {opts[key]}")
@@ -421,7 +425,7 @@ def _load_data(opts: dict[str, Any], progress: bool):
             raise CheckpointError(f"--after {opts['after']}: its weights changed since this run started")
         for pool in (syn, *single.values(), pairs, real):
             if pool is not None:
-                pool.inputs = through_first_stage(pool.inputs, opts["after"])
+                pool.inputs = through_first_stage(pool.inputs, opts["after"], deblur=opts.get("after_deblur"))
         desc += (f"; every input first enhanced, whole, by the frozen enhancer {opts['after']} (sha256 "
                  f"{opts['after_sha256'][:12]}, residual threshold {first.residual_threshold}, work size "
                  f"{first.work_size}, without its follow-up stages)")
@@ -449,14 +453,16 @@ def after_sha256(model) -> str:
     return doc["weights"]["model"]["sha256"]
 
 
-def through_first_stage(inputs: torch.Tensor, model, batch: int = 8) -> torch.Tensor:
+def through_first_stage(inputs: torch.Tensor, model, batch: int = 8, deblur: dict | None = None) -> torch.Tensor:
     """uint8 images (M, 3, H, W) -> the same enhanced, whole, by ``model`` alone (its own threshold and work size;
-    the fp32 reference backend, so every machine makes the same training data), rounded back to uint8."""
+    the fp32 reference backend, so every machine makes the same training data), rounded back to uint8;
+    ``deblur``: its deblurring settings as the run recorded them (None: none)."""
     from retina_fast.enhance import enhance
 
     out = torch.empty_like(inputs)
     for i in range(0, len(inputs), batch):
-        y = enhance(inputs[i:i + batch].float() / 255.0, model=str(model), backend="torch", then=())
+        y = enhance(inputs[i:i + batch].float() / 255.0, model=str(model), backend="torch", then=(),
+                    deblur=deblur if deblur is not None else False)
         out[i:i + batch] = (y.clamp(0, 1) * 255).round().to(torch.uint8)
     return out
 

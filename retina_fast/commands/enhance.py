@@ -36,6 +36,9 @@ def add_parser(sub) -> None:
     p.add_argument("--then", nargs="+", default=None, metavar="MODEL",
                    help="the stages run after --model, in order ('none': --model alone; default: the model's own "
                         "follow-up stages -- the shipped default has one, magenet-spots, which removes light spots)")
+    p.add_argument("--deblur", choices=("auto", "on", "off"), default="auto",
+                   help="undo blur read off the field-of-view edge before the networks: auto (default) = as the model "
+                        "says (the shipped default does), on, off")
     p.add_argument("-q", "--quiet", "--no-progress", dest="quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -167,7 +170,8 @@ def run(args) -> int:
             try:
                 out = enhance(stack, model=args.model, backend=args.backend, device=args.device,
                               tile=args.tile, batch_size=args.batch_size,
-                              residual_threshold=args.residual_threshold, work_size=args.work_size, then=then)
+                              residual_threshold=args.residual_threshold, work_size=args.work_size, then=then,
+                              deblur={"auto": None, "on": True, "off": False}[args.deblur])
             except (ValueError, TypeError, BackendUnavailable) as exc:
                 raise UserError(f"{items[0][0]}: {exc}") from None
             for (path, _), res in zip(items, out):
