@@ -73,9 +73,10 @@ def check_deblur_config(doc, what: str = "deblur") -> dict:
     out = {**DEFAULTS, **doc}
     for key, lo, hi in (("lambda", 0.0, math.inf), ("native_width", 0.0, 16.0), ("min_agreement", 0.0, 1.0)):
         v = out[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi \
-                or (key == "lambda" and v <= 0):
-            raise ValueError(f"{what}.{key} must be a number in {'(' if key == 'lambda' else '['}{lo}, {hi}], got {v!r}")
+        bad = isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi
+        if bad or (key == "lambda" and v <= 0):
+            want = "a finite number > 0" if key == "lambda" else f"a number in [{lo}, {hi}]"
+            raise ValueError(f"{what}.{key} must be {want}, got {v!r}")
         out[key] = float(v)
     return out
 

@@ -276,8 +276,8 @@ def choose_deblur(model, *, size: int = 512, seeds: Sequence[int] = VAL_SEEDS, g
                      / sum(_has_blur(k) for k in gains), "gain_left": gains,
                      "worst_image_gain_left": min(v["worst_gain_left"] for k, v in t.items() if k != "none")})
     off = rows[0]
-    ok = [r for r in rows[1:] if r["lambda"] >= min_lambda and all(r["gain_left"][k] >= g - max_loss_db for k, g in off["gain_left"].items())
-          and r["mean_blur_gain_left"] > off["mean_blur_gain_left"]]
+    ok = [r for r in rows[1:] if r["lambda"] >= min_lambda and r["mean_blur_gain_left"] > off["mean_blur_gain_left"]
+          and all(r["gain_left"][k] >= g - max_loss_db for k, g in off["gain_left"].items())]
     best = max(ok, key=lambda r: r["mean_blur_gain_left"], default=None)
     return (best["lambda"] if best else None), rows
 
@@ -332,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{MAX_VAL_LOSS_DB} dB; prints the grid")
     p.add_argument("--choose-deblur", action="store_true",
                    help=f"choose the deblurring lambda on the validation split (left half, seeds {VAL_SEEDS[0]}-"
-                        f"{VAL_SEEDS[-1]}, whole chain) from {', '.join(map(str, DEBLUR_GRID))} (at least {RING_FREE_LAMBDA}: "
-                        "smaller values ring along the rim); prints the grid")
+                        f"{VAL_SEEDS[-1]}, whole chain) from {', '.join(map(str, DEBLUR_GRID))} (at least "
+                        f"{RING_FREE_LAMBDA}: smaller values ring along the rim); prints the grid")
     p.add_argument("--write", action="store_true",
                    help="with --choose-threshold / --choose-deblur: record it in the model's config.json")
     p.add_argument("--after", metavar="MODEL", default=None,

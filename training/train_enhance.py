@@ -395,11 +395,11 @@ def _load_data(opts: dict[str, Any], progress: bool):
     if opts["image_weighting"] != "mean":
         desc += f"; image losses weighted per row: {opts['image_weighting']}"
         if opts.get("weighting_from", 0.0) > 0.0:
-            desc += f" from step {_weighting_step(opts)} on (batch mean before)"
+            desc += f" from step {_first_step(opts, 'weighting_from', 0.0)} on (batch mean before)"
     if opts["pixel_loss"] != "charbonnier":
         desc += f"; image losses per pixel: {opts['pixel_loss']} instead of Charbonnier"
         if opts["charbonnier_from"] < 1.0:
-            desc += f", Charbonnier from step {_switch_step(opts)} on"
+            desc += f", Charbonnier from step {_first_step(opts, 'charbonnier_from', 1.0)} on"
     if opts.get("structure_weight"):
         desc += (f"; vessel-preservation term {opts['structure_weight']} x BCE of a frozen segmenter "
                  f"({opts['structure_rsp']}) on the enhanced synthetic rows")
@@ -467,14 +467,10 @@ def through_first_stage(inputs: torch.Tensor, model, batch: int = 8, deblur: dic
     return out
 
 
-def _switch_step(opts: dict[str, Any]) -> int:
-    """The first step whose image losses are Charbonnier under --charbonnier-from."""
-    return round(opts.get("charbonnier_from", 1.0) * opts["steps"])
-
-
-def _weighting_step(opts: dict[str, Any]) -> int:
-    """The first step whose image losses use --image-weighting under --weighting-from (the batch mean before)."""
-    return round(opts.get("weighting_from", 0.0) * opts["steps"])
+def _first_step(opts: dict[str, Any], fraction_key: str, default: float) -> int:
+    """The first step of a schedule given as a fraction of --steps: --charbonnier-from (image losses Charbonnier
+    from there on; default never) or --weighting-from (--image-weighting from there on; default from the start)."""
+    return round(opts.get(fraction_key, default) * opts["steps"])
 
 
 def _step(model, mt, opts, syn, real, step: int, device,
@@ -502,8 +498,8 @@ def _step(model, mt, opts, syn, real, step: int, device,
         ident = (torch.rand(opts["batch_size"], generator=g) < opts["identity_fraction"]).to(device)
         b["x"] = torch.where(ident[:, None, None, None], b["y"], b["x"])
     out = model(b["x"])
-    pixel = opts["pixel_loss"] if step < _switch_step(opts) else "charbonnier"
-    weighting = opts["image_weighting"] if step >= _weighting_step(opts) else "mean"
+    pixel = opts["pixel_loss"] if step < _first_step(opts, "charbonnier_from", 1.0) else "charbonnier"
+    weighting = opts["image_weighting"] if step >= _first_step(opts, "weighting_from", 0.0) else "mean"
     loss, parts = magenet_loss(out, b["y"], b["vessels"], image_weighting=weighting,
                                pixel=pixel, degraded=b["x"])
     if seg_net is not None:
