@@ -228,3 +228,29 @@ def test_the_cli_deblur_switch_in_a_fresh_interpreter(blurred, tmp_path):
     r = subprocess.run([sys.executable, "-m", "retina_fast", "enhance", str(tmp_path / "in" / "a.png"), "--out",
                         str(tmp_path / "bad"), "--deblur", "maybe"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and "--deblur" in r.stderr and not (tmp_path / "bad").exists()
+
+
+def test_choose_deblur_takes_the_best_ring_free_lambda_that_harms_no_combination(monkeypatch):
+    """The rule on made-up outputs: the blur row gets better as λ falls; below 0.04 the illumination row loses
+    0.5 dB; 0.005 is the best for blur but below RING_FREE_LAMBDA. Expected: 0.04."""
+    import retina_fast.enhance as E
+
+    clean = torch.full((1, 3, 32, 32), 0.5)
+    names = ["none", "100", "001"]
+    x = torch.cat([clean, clean + 0.02, clean - 0.2])
+    monkeypatch.setattr(enhance_kinds, "kind_inputs", lambda size, seeds: (names, x, clean))
+
+    def fake_enhance(batch, *, deblur, **_):
+        lam = None if deblur is False else deblur["lambda"]
+        err = {None: 0.02, 0.005: 0.001, 0.01: 0.002, 0.02: 0.004, 0.04: 0.008, 0.08: 0.016}[lam]
+        out = [clean[0] + (err if n == "100" else 0.0 if n == "none" else
+                           -0.05 * (1.06 if lam is not None and lam < 0.04 else 1.0)) for n in names]
+        return torch.stack(out)[: len(batch)]
+
+    monkeypatch.setattr(E, "enhance", fake_enhance)
+    lam, rows = enhance_kinds.choose_deblur("default", seeds=(0,))
+    assert [r["lambda"] for r in rows] == [None, *enhance_kinds.DEBLUR_GRID]
+    assert rows[1]["mean_blur_gain_left"] > rows[4]["mean_blur_gain_left"]  # 0.005 scores best...
+    assert lam == 0.04  # ...but rings; 0.02 loses 0.5 dB on the illumination row
+    lam, _ = enhance_kinds.choose_deblur("default", seeds=(0,), min_lambda=0.0, max_loss_db=1.0)
+    assert lam == 0.005
