@@ -213,8 +213,10 @@ def deconvolve_box(image: torch.Tensor, width: int, height: int, lam: float = DE
     if mask is None:
         u = filt(x, k.conj() * inverse)
     else:
-        def normal(u):  # (KᵀMK + λΔᵀΔ) u
-            return filt(mask * filt(u, k), k.conj()) + filt(u, penalty)
+        def normal(u):  # (KᵀMK + λΔᵀΔ) u, two FFT pairs
+            f = torch.fft.rfft2(u)
+            masked = torch.fft.rfft2(mask * torch.fft.irfft2(f * k, s=(ph, pw)))
+            return torch.fft.irfft2(masked * k.conj() + f * penalty, s=(ph, pw))
 
         b = filt(mask * x, k.conj())
         u = filt(b, inverse)
