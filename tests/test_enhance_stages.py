@@ -42,7 +42,7 @@ def test_the_shipped_default_is_two_stages():
     assert first.path == WEIGHTS_DIR / "magenet-tiny"
     assert first.then == (WEIGHTS_DIR / "magenet-spots",)
     spots = load_enhancer("magenet-spots")
-    assert spots.then == () and spots.work_size == 256 and 0 < spots.residual_threshold < 0.1
+    assert spots.then == () and spots.work_size == 256 and 0 <= spots.residual_threshold < 0.1
     sel = spots.meta["provenance"]["residual_threshold_selection"]
     assert "magenet-tiny" in sel["after"] and "--after" in sel["command"]
 
