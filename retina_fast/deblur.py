@@ -34,6 +34,7 @@ and the rest are left.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -97,9 +98,10 @@ def _box(width: float) -> np.ndarray:
     return np.full(m, 1.0 / m)
 
 
-def _edge_models(widths: list[int], native: float, length: int) -> np.ndarray:
+@functools.lru_cache(maxsize=8)
+def _edge_models(widths: tuple[int, ...], native: float, length: int) -> np.ndarray:
     """(len(widths), len(SHIFTS), length): a unit step at each shift, spread by box(native) * box(k) and
-    integrated over each pixel, sampled at pixel centres."""
+    integrated over each pixel, sampled at pixel centres. Cached: the same for every image of a run (read-only)."""
     kern = np.convolve(_box(native), _box(1.0)) if native > 0 else _box(1.0)
     out = np.empty((len(widths), len(SHIFTS), length))
     centres = np.arange(length) + 0.5
@@ -108,10 +110,11 @@ def _edge_models(widths: list[int], native: float, length: int) -> np.ndarray:
         esf = np.cumsum(kk)  # step response on the fine grid, centred on the kernel's middle
         grid = (np.arange(len(kk)) - (len(kk) - 1) / 2) / _FINE
         out[i] = np.interp(centres[None, :] - SHIFTS[:, None], grid, esf, left=0.0, right=1.0)
+    out.setflags(write=False)
     return out
 
 
-def _fit(profile: np.ndarray, inside: np.ndarray, models: np.ndarray, widths: list[int]) -> int | None:
+def _fit(profile: np.ndarray, inside: np.ndarray, models: np.ndarray, widths: tuple[int, ...]) -> int | None:
     """The width whose edge (best shift; its level fitted by least squares) fits the inside pixels best."""
     if inside.sum() < 6 or float(np.median(profile[inside][-5:])) <= 0.02:
         return None
@@ -167,7 +170,7 @@ def estimate_blur(image: torch.Tensor, fov: torch.Tensor, *, native_width: float
             est.width, est.height = _odd(est.width * scale), _odd(est.height * scale)
         est.reason += f" (read at {size[1]}×{size[0]} px; widths scaled by {scale:.2f})"
         return est
-    widths = list(range(1, max_width + 1, 2))
+    widths = tuple(range(1, max_width + 1, 2))
     length = OUTSIDE + max_width // 2 + 13  # the spread's inner half, then a plateau
     models = _edge_models(widths, native_width, length)
     g = image.float().mean(0).cpu().numpy()
