@@ -1,7 +1,9 @@
 """GroupNorm -> (1 + scale) x + shift -> SiLU in one Triton kernel (two passes over each group).
 
-x (B, C, H, W) contiguous NCHW: the C/G channels of a group are one contiguous run of n = C/G·H·W values.
-One program per (image, group). Pass 1 computes the group's mean and variance in fp32; pass 2 normalises,
+x (B, C, H, W), NCHW or channels-last (NHWC). NCHW: the C/G channels of a group are one contiguous run of
+n = C/G·H·W values. NHWC: a group is C/G contiguous values at each of the H·W pixels, C apart; the kernel walks
+tiles of pixels x the group's channels, so cuDNN's preferred layout for bf16 convolutions (NHWC) needs no
+transposes around the norm. One program per (image, group). Pass 1 computes the group's mean and variance in fp32; pass 2 normalises,
 applies the affine, the time scale/shift and SiLU, and stores in the input dtype.
 Bytes: 2 reads + 1 write per element (eager: GN read+write, mul, add, SiLU = ~8 passes).
 
@@ -69,16 +71,84 @@ def _gn_silu_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, y_ptr, C, HW, G, 
         tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _gn_silu_nhwc_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, y_ptr, C, HW, G, eps,
+                         HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The same two passes on channels-last x: tiles of BLOCK_P pixels x BLOCK_C (>= C/G) channels."""
+    pid = tl.program_id(0)
+    img = pid // G
+    grp = pid % G
+    cpg = C // G
+    base = img.to(tl.int64) * C * HW + grp * cpg
+    offs_c = tl.arange(0, BLOCK_C)
+    mc = offs_c < cpg
+    pivot = tl.load(x_ptr + base).to(tl.float32)
+    mean = 0.0
+    m2 = 0.0
+    count = 0.0
+    for s in range(0, HW, BLOCK_P):
+        offs_p = s + tl.arange(0, BLOCK_P)
+        m = (offs_p < HW)[:, None] & mc[None, :]
+        addr = base + offs_p[:, None].to(tl.int64) * C + offs_c[None, :]
+        v = tl.where(m, tl.load(x_ptr + addr, mask=m, other=0.0).to(tl.float32) - pivot, 0.0)
+        n_b = (tl.minimum(HW - s, BLOCK_P) * cpg).to(tl.float32)
+        mean_b = tl.sum(tl.sum(v, 1), 0) / n_b
+        d = tl.where(m, v - mean_b, 0.0)
+        m2_b = tl.sum(tl.sum(d * d, 1), 0)
+        total = count + n_b
+        delta = mean_b - mean
+        mean = mean + delta * (n_b / total)
+        m2 = m2 + m2_b + delta * delta * (count * n_b / total)
+        count = total
+    var = m2 / count
+    rstd = 1.0 / tl.sqrt(var + eps)
+    c = grp * cpg + offs_c
+    wt = tl.load(w_ptr + c, mask=mc, other=1.0)
+    bs = tl.load(b_ptr + c, mask=mc, other=0.0)
+    if HAS_SCALE:
+        wt_s = 1.0 + tl.load(scale_ptr + img * C + c, mask=mc, other=0.0).to(tl.float32)
+    if HAS_SHIFT:
+        sh = tl.load(shift_ptr + img * C + c, mask=mc, other=0.0).to(tl.float32)
+    for s in range(0, HW, BLOCK_P):
+        offs_p = s + tl.arange(0, BLOCK_P)
+        m = (offs_p < HW)[:, None] & mc[None, :]
+        addr = base + offs_p[:, None].to(tl.int64) * C + offs_c[None, :]
+        v = tl.load(x_ptr + addr, mask=m, other=0.0).to(tl.float32) - pivot
+        y = (v - mean) * rstd * wt[None, :] + bs[None, :]
+        if HAS_SCALE:
+            y = y * wt_s[None, :]
+        if HAS_SHIFT:
+            y = y + sh[None, :]
+        if ACT:
+            y = y * tl.sigmoid(y)
+        tl.store(y_ptr + addr, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+def is_nhwc(x: torch.Tensor) -> bool:
+    """True when x (B, C, H, W) is stored channels-last and not also plain NCHW (C = 1 or H = W = 1 are both)."""
+    return (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            and not x.is_contiguous())
+
+
 def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                     scale: torch.Tensor | None = None, shift: torch.Tensor | None = None, act: bool = True,
                     block: int = 1024) -> torch.Tensor:
-    """x (B, C, H, W); weight/bias (C,); scale/shift (B, C, 1, 1) or None -> (B, C, H, W), x's dtype."""
+    """x (B, C, H, W); weight/bias (C,); scale/shift (B, C, 1, 1) or None -> (B, C, H, W), x's dtype and
+    layout: a channels-last x runs the NHWC kernel and gives a channels-last result; any other is made
+    contiguous NCHW. ``block``: values per tile."""
     b, c, h, w = x.shape
-    x = x.contiguous()
-    y = torch.empty_like(x)
+    nhwc = is_nhwc(x)
+    if not nhwc:
+        x = x.contiguous()
+    y = torch.empty_like(x)  # keeps x's layout
     sc = scale.reshape(b, c).contiguous() if scale is not None else x
     sh = shift.reshape(b, c).contiguous() if shift is not None else x
-    _gn_silu_kernel[(b * num_groups,)](x, weight.float().contiguous(), bias.float().contiguous(), sc, sh, y,
-                                       c, h * w, num_groups, eps, HAS_SCALE=scale is not None,
-                                       HAS_SHIFT=shift is not None, ACT=act, BLOCK=block)
+    args = (x, weight.float().contiguous(), bias.float().contiguous(), sc, sh, y, c, h * w, num_groups, eps)
+    flags = dict(HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, ACT=act)
+    if nhwc:
+        block_c = triton.next_power_of_2(c // num_groups)
+        _gn_silu_nhwc_kernel[(b * num_groups,)](*args, **flags, BLOCK_P=max(1, block // block_c), BLOCK_C=block_c)
+    else:
+        _gn_silu_kernel[(b * num_groups,)](*args, **flags, BLOCK=block)
     return y

@@ -157,18 +157,20 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def parse_spec(spec: str) -> tuple[str, torch.dtype | None]:
     """``NAME[:DTYPE]`` -> (name, dtype or None); ``plain-bf16`` is ``plain:bf16``; ``cpu@direct`` /
-    ``cpu@onednn``: the cpu backend with its convolution library pinned for U-Net and decoder (else measured)."""
+    ``cpu@onednn``: the cpu backend with its convolution library pinned for U-Net and decoder (else measured);
+    ``cuda@nchw`` / ``cuda@nhwc``: the cuda backend's U-Net in that memory layout (else its default)."""
     if spec == "plain-bf16":
         return "plain", torch.bfloat16
     name, _, dt = spec.partition(":")
     if dt and dt not in _DTYPES:
         raise ValueError(f"contender {spec!r}: unknown dtype {dt!r}; use one of {', '.join(_DTYPES)}")
     from retina_fast.backends.cpu_pack import CONV_LIBRARIES
+    from retina_fast.backends.runners import CUDA_LAYOUTS
 
-    base, at, library = name.partition("@")
-    if at and (base != "cpu" or library not in CONV_LIBRARIES):
+    base, at, setting = name.partition("@")
+    if at and not ((base == "cpu" and setting in CONV_LIBRARIES) or (base == "cuda" and setting in CUDA_LAYOUTS)):
         raise ValueError(f"contender {spec!r}: only the cpu backend takes a convolution library (cpu@direct, "
-                         f"cpu@onednn)")
+                         f"cpu@onednn) and only the cuda backend a layout (cuda@nchw, cuda@nhwc)")
     if name != "plain" and name != "compile":
         from retina_fast import backends
 
@@ -250,15 +252,20 @@ def make_contender(pipe, spec: str, device=None, *, default_dtype: torch.dtype |
         return Contender(spec, "compile", dtype, dev, derived, "torch", runner, note=f"{label} ({part})",
                          extra={"compile_backend": compile_backend, "compile_mode": compile_mode,
                                 "compile_decoder": compile_decoder})
-    base, _, library = name.partition("@")
-    if library:  # its own runner, in a pipeline of its own (the shared one keeps its measured choice)
-        from retina_fast.backends.runners import CPURunner, default_dtype
+    base, _, setting = name.partition("@")
+    if setting:  # its own runner, in a pipeline of its own (the shared one keeps its measured choice)
+        from retina_fast.backends.runners import CPURunner, CUDARunner, default_dtype
         from retina_fast.engine import Pipeline
 
-        dev = torch.device(device or "cpu")
+        from retina_fast import backends
+
+        dev = torch.device(device or ("cuda" if base == "cuda" else "cpu"))
         dt = dtype or default_dtype(base, dev)
+        backends.resolve(base, device=dev, dtype=dt)  # one that cannot run here says why, as pipe.runner does
         pipe = Pipeline(pipe.loaded, pipe.source)
-        runner = pipe._runners[(base, str(dev), dt)] = CPURunner(pipe.loaded, dev, dt, convolutions=library)
+        runner = CPURunner(pipe.loaded, dev, dt, convolutions=setting) if base == "cpu" else \
+            CUDARunner(pipe.loaded, dev, dt, layout=setting)
+        pipe._runners[(base, str(dev), dt)] = runner
         runner.backend = base  # pinned: nothing measured, and the shared runner is not built at all
     else:
         runner = pipe.runner(base, device, dtype)

@@ -123,6 +123,9 @@ CLI_CASES = {
     "export out under a file": (["export", "onnx", "--what", "unet", "--model", "{ws}/model", "--out",
                                  "{ws}/file/x.onnx"], ["file"]),
     "bench model missing": (["bench", "--n", "1", "--steps", "1", "--model", "{ws}/nope"], ["nope"]),
+    # a CUDA contender where torch has no usable GPU (the CI machines; skipped where one is)
+    "bench cuda without a GPU": (["bench", "--n", "1", "--steps", "1", "--model", "{ws}/model", "--backends",
+                                 "cpu,cuda@nhwc"], ["cuda"]),
     "train vqgan out is a file": (["train", "vqgan", "--preset", "tiny", "--data", "phantom", "--out", "{ws}/file",
                                    "--steps", "1"], ["file"]),
     "train ldm vqgan missing": (["train", "ldm", "--preset", "tiny", "--data", "phantom", "--vqgan", "{ws}/nope",
@@ -136,6 +139,8 @@ CLI_CASES = {
 @pytest.mark.parametrize("case", list(CLI_CASES))
 def test_cli_bad_input(case, ws, capsys):
     argv, needles = CLI_CASES[case]
+    if "cuda" in case and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is usable here")
     argv = [a.replace("{ws}", str(ws)) for a in argv]
     before = snapshot(ws)
     capsys.readouterr()

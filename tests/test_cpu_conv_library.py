@@ -136,7 +136,8 @@ def test_bench_contenders_pin_the_library_in_their_own_runner(model_dir):
     from retina_fast import bench
 
     assert bench.parse_spec("cpu@onednn:bf16") == ("cpu@onednn", torch.bfloat16)
-    for bad in ("torch@direct", "cpu@mkl", "cpu@"):
+    assert bench.parse_spec("cuda@nhwc:bf16") == ("cuda@nhwc", torch.bfloat16)
+    for bad in ("torch@direct", "cpu@mkl", "cpu@", "cpu@nhwc", "cuda@direct", "cuda@nhcw"):
         with pytest.raises(ValueError, match="only the cpu backend takes a convolution library"):
             bench.parse_spec(bad)
     if not mkldnn_usable():

@@ -136,10 +136,13 @@ def test_runner_is_resolved_once_per_pipeline(pipe):
 
 
 @pytest.mark.gpu
-def test_cuda_backend_matches_reference_within_bf16_tolerance():
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_cuda_backend_matches_reference_within_bf16_tolerance(layout, monkeypatch):
+    monkeypatch.setenv("RETINA_FAST_CUDA_LAYOUT", layout)
     p = Pipeline(small_loaded(), "gpu")
     ref = p.sample(4, 10, seed=2, backend="torch", return_latents=True)[1]
     fp32 = p.sample(4, 10, seed=2, backend="cuda", device="cuda", dtype=torch.float32, return_latents=True)[1]
+    assert p.runner("cuda", "cuda", torch.float32).layout == layout
     assert relerr(fp32, ref) <= 1e-4
     bf16 = p.sample(4, 10, seed=2, backend="cuda", device="cuda", return_latents=True)[1]
     assert relerr(bf16, ref) <= 0.1

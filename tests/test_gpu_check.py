@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu" / "run.sh"
-KERNELS = {"_gn_silu_kernel", "_flash_kernel", "_linear_attn_kernel", "_sampler_step_kernel", "_nearest_code_kernel",
+KERNELS = {"_gn_silu_kernel", "_gn_silu_nhwc_kernel", "_flash_kernel", "_linear_attn_kernel", "_sampler_step_kernel", "_nearest_code_kernel",
            "_randn_rows_kernel", "_pool_kernel", "_excite_scale_kernel"}
 
 
@@ -57,3 +57,21 @@ def test_dry_run_budget_skips_with_reasons_and_fails(tmp_path):
     for name in ("triton", "enhance", "sample-tiny", "sample-paper-224"):
         assert phases[name]["status"] == "skipped" and "estimated" in phases[name]["reason"], phases[name]
     assert phases["tests"]["status"] == "skipped"
+
+
+def test_real_plan_contenders_parse_and_have_assumed_rates(monkeypatch):
+    """Every contender the GPU run times (not only the dry run's stand-ins) is a valid spec with a budget
+    estimate: a typo there would otherwise first show on the GPU machine."""
+    from retina_fast import bench
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks" / "gpu"))
+    import gpu_check
+    import gpu_common
+    import gpu_phases
+
+    for spec, _ in gpu_check.REAL.sample_specs:
+        bench.parse_spec(spec)
+        assert gpu_phases._kind(spec) in gpu_common.ASSUMED["real"], spec
+    for spec, _ in gpu_check.REAL.enhance_specs:
+        assert "enhance-" + gpu_phases._kind(spec) in gpu_common.ASSUMED["real"], spec
+    assert ("cuda@nhwc", "") in gpu_check.REAL.sample_specs

@@ -14,8 +14,9 @@ Phases, in order of importance (that is the order they run in):
     sample-tiny       the shipped model tiny, n = 64, DDIM-50
 
 Sampling contenders: ``torch`` fp32 (the reference; TF32 off), ``plain`` bf16 (eager PyTorch at bf16:
-the yardstick), ``cuda`` bf16 and ``torch.compile`` bf16 (inductor, default mode, U-Net compiled; the
-decoder eager bf16) -- retina_fast.bench. Enhancement: ``torch`` fp32, ``plain`` bf16, ``cuda`` bf16.
+the yardstick), ``cuda`` bf16, ``torch.compile`` bf16 (inductor, default mode, U-Net compiled; the decoder
+eager bf16) and, last in priority, ``cuda@nhwc`` (the cuda backend with its U-Net channels-last, which decides
+``RETINA_FAST_CUDA_LAYOUT``'s default) -- retina_fast.bench. Enhancement: ``torch`` fp32, ``plain`` bf16, ``cuda`` bf16.
 Each contender is warmed up at the timed batch shape (compiles, captures, JITs: ``setup_s``), then its
 first full run is its correctness check against the reference -- sampling: relative L2 of the latents
 <= 2 err(plain bf16) + 1e-3; enhancement: max error <= 2 err(plain bf16) + 2/255 -- and only contenders
@@ -91,7 +92,7 @@ def environment(plan: Plan, commit: str | None) -> dict:
 
 
 REAL = Plan(False, "cuda", 450.0, 64, 64, 50, 2, 3, (512, 1024), 5,
-            (("torch", ""), ("plain:bf16", ""), ("cuda", ""), ("compile:bf16", "")),
+            (("torch", ""), ("plain:bf16", ""), ("cuda", ""), ("compile:bf16", ""), ("cuda@nhwc", "")),
             (("torch", ""), ("plain:bf16", ""), ("cuda", "")), "inductor", 150.0, 120.0)
 DRY = Plan(True, "cpu", 900.0, 2, 2, 2, 1, 2, (48,), 1,
            (("torch", ""), ("plain:bf16", ""), ("cpu:bf16", "cuda bf16"), ("compile:bf16", "torch.compile inductor bf16")),

@@ -121,7 +121,7 @@ def _kind(spec: str) -> str:
     from retina_fast import bench
 
     name, _ = bench.parse_spec(spec)
-    return name
+    return name.partition("@")[0]  # cuda@nhwc: the rates of cuda
 
 
 def sample_estimate(plan: Plan, spec: str, cfg, n: int, runs: int) -> float:

@@ -4,7 +4,8 @@ The Triton interpreter (TRITON_INTERPRET=1) runs kernels on CPU tensors but neve
 kernel that is right in the interpreter can still fail to compile on the GPU (types of loop-carried
 values, ``tl.dot`` shape rules, constexpr misuse). This closes that gap without a GPU:
 
-1. ``phase_triton`` runs the code the ``cuda`` backend runs -- its runner's kernel-swapped bf16 U-Net, its
+1. ``phase_triton`` runs the code the ``cuda`` backend runs -- its runner's kernel-swapped bf16 U-Net (NCHW
+   and channels-last), its
    sampler steps (DDIM, DDPM with noise, DPM-Solver++ with the previous x0), its decode with the Triton
    nearest-code lookup, the Triton Philox noise and MAGE-Net's channel attention as the enhancement runner
    calls it -- on CPU tensors in the interpreter and checks each against its reference (bf16 within twice
@@ -132,6 +133,11 @@ def phase_triton(plan: Plan) -> dict:
             eps = runner.fast_unet(x.to(bf16), t).float()
         yard = bench.relative_l2(plain, exact)
         check("U-Net bf16 (GroupNorm+SiLU, linear and softmax attention) vs fp32", bench.relative_l2(eps, exact),
+              2 * yard + 1e-3)
+        nhwc = CUDARunner(pipe.loaded, cpu, bf16, layout="nhwc")  # the channels-last contender (cuda@nhwc)
+        with use_table(cuda_table()):
+            eps_cl = nhwc.fast_unet(x.to(bf16).contiguous(memory_format=torch.channels_last), t).float()
+        check("U-Net bf16 channels-last (NHWC GroupNorm+SiLU) vs fp32", bench.relative_l2(eps_cl, exact),
               2 * yard + 1e-3)
         keys = noise.derive_keys(0, range(1), 3, noise.STREAM_STEP)
         for sampler in ("ddim", "ddpm", "dpmpp_2m"):

@@ -19,6 +19,7 @@ denoising step from a CUDA graph per batch shape (no host synchronisation inside
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 
 import torch
@@ -324,18 +325,42 @@ def cuda_table():
     return OpTable("cuda", {"group_norm_silu": gn, "multihead_attention": attend})
 
 
+CUDA_LAYOUTS = ("nchw", "nhwc")
+
+
+def cuda_layout(layout: str | None = None) -> str:
+    """The cuda backend's U-Net memory layout: ``layout``, else ``RETINA_FAST_CUDA_LAYOUT``, else ``nchw``.
+
+    ``nhwc`` (channels-last) is the layout cuDNN's tensor-core convolutions work in (NVIDIA's cuDNN and
+    "Deep Learning Performance" guides; an NCHW input is transposed around them), and the Triton GroupNorm
+    and the attention read it without a copy. Which is faster for the U-Net here has not been measured on
+    a GPU yet: ``benchmarks/gpu/run.sh`` times both (contenders ``cuda`` and ``cuda@nhwc``), and the default
+    stays ``nchw`` until it has."""
+    value = layout if layout is not None else (os.environ.get("RETINA_FAST_CUDA_LAYOUT") or "nchw")
+    if value not in CUDA_LAYOUTS:
+        where = "layout" if layout is not None else "RETINA_FAST_CUDA_LAYOUT"
+        raise ValueError(f"{where}={value!r}: use one of {', '.join(CUDA_LAYOUTS)}")
+    return value
+
+
 class CUDARunner(Runner):
     """U-Net in ``dtype`` with the Triton GroupNorm+SiLU and attention (``cuda_table``), replayed from one CUDA
-    graph per batch shape; fused Triton step and nearest-code lookup."""
+    graph per batch shape, its activations in ``layout`` (:func:`cuda_layout`); fused Triton step and
+    nearest-code lookup."""
 
     nearest_impl = "triton"
     step_impl = "triton"
 
-    def __init__(self, loaded, device, dtype) -> None:
+    def __init__(self, loaded, device, dtype, layout: str | None = None) -> None:
         super().__init__(loaded, device, dtype)
-        self.fast_unet = fast_copy(loaded.unet, dtype, device)
-        self.graphs = CudaGraphs(lambda x, t: self.fast_unet(x.to(self.dtype), t).float(), device,
-                                 table=cuda_table())
+        self.layout = cuda_layout(layout)
+        nhwc = self.layout == "nhwc"
+        self.fast_unet = fast_copy(loaded.unet, dtype, device, channels_last=nhwc)
+        fmt = torch.channels_last if nhwc else torch.contiguous_format
+        self.unet_path = f"Triton GroupNorm/attention, cuDNN convolutions, {self.layout.upper()}, CUDA graphs"
+        self.graphs = CudaGraphs(
+            lambda x, t: self.fast_unet(x.to(self.dtype).contiguous(memory_format=fmt), t).float().contiguous(),
+            device, table=cuda_table())
 
     @torch.no_grad()
     def denoise(self, x, t):

@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpmpp_2m"], help="sampling method")
     p.add_argument("--backends", default="cpu",
                    help="comma-separated contenders NAME[:DTYPE]: a backend (cpu, cpu:bf16, onnxruntime, cuda; "
-                        "cpu@direct / cpu@onednn pin the cpu backend's convolution library), "
+                        "cpu@direct / cpu@onednn pin the cpu backend's convolution library, cuda@nchw / "
+                        "cuda@nhwc the cuda backend's layout), "
                         "plain:DTYPE (eager PyTorch at DTYPE; plain-bf16), compile[:DTYPE] (torch.compile)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="precision of backends named without one")
@@ -36,6 +37,16 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from retina_fast import backends
+    from retina_fast.errors import UserError
+
+    try:
+        return _run(args)
+    except backends.BackendUnavailable as exc:  # e.g. cuda contenders on a CPU-only machine: one line, exit 2
+        raise UserError(str(exc)) from None
+
+
+def _run(args) -> int:
     import torch
 
     from retina_fast import bench

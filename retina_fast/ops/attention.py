@@ -49,6 +49,11 @@ def multihead_attention_ref(qkv: torch.Tensor, heads: int, dim: int, kind: str =
     b, _, h, w = qkv.shape
     if attention is None:
         attention = _reference(kind)
+    if qkv.is_contiguous(memory_format=torch.channels_last) and not qkv.is_contiguous():
+        # channels-last in, channels-last out (the cuda backend's NHWC layout): tokens are rows already
+        qkv = qkv.permute(0, 2, 3, 1).reshape(b, h * w, 3, heads, dim).permute(2, 0, 3, 1, 4)
+        out = attention(qkv[0], qkv[1], qkv[2])                             # (B, heads, N, d)
+        return out.permute(0, 2, 1, 3).reshape(b, h, w, heads * dim).permute(0, 3, 1, 2)
     qkv = qkv.reshape(b, 3, heads, dim, h * w).transpose(-2, -1)
     out = attention(qkv[:, 0], qkv[:, 1], qkv[:, 2])                     # (B, heads, N, d)
     return out.transpose(-2, -1).reshape(b, heads * dim, h, w)
