@@ -29,6 +29,18 @@ import triton.language as tl
 
 
 @triton.jit
+def _merge(mean, m2, count, v, m, n_b):
+    """Fold a block of n_b valid values ``v`` (mask ``m``; any shape) into the running (mean, M2, count):
+    the block's own mean and squared deviations, then Chan et al.'s pairwise update."""
+    mean_b = tl.sum(tl.ravel(v), 0) / n_b
+    d = tl.where(m, v - mean_b, 0.0)
+    m2_b = tl.sum(tl.ravel(d * d), 0)
+    total = count + n_b
+    delta = mean_b - mean
+    return mean + delta * (n_b / total), m2 + m2_b + delta * delta * (count * n_b / total), total
+
+
+@triton.jit
 def _gn_silu_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, y_ptr, C, HW, G, eps,
                     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -45,15 +57,7 @@ def _gn_silu_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, y_ptr, C, HW, G, 
         offs = s + tl.arange(0, BLOCK)
         m = offs < n
         v = tl.where(m, tl.load(x_ptr + base + offs, mask=m, other=0.0).to(tl.float32) - pivot, 0.0)
-        n_b = tl.minimum(n - s, BLOCK).to(tl.float32)
-        mean_b = tl.sum(v, 0) / n_b
-        d = tl.where(m, v - mean_b, 0.0)
-        m2_b = tl.sum(d * d, 0)
-        total = count + n_b
-        delta = mean_b - mean
-        mean = mean + delta * (n_b / total)
-        m2 = m2 + m2_b + delta * delta * (count * n_b / total)
-        count = total
+        mean, m2, count = _merge(mean, m2, count, v, m, tl.minimum(n - s, BLOCK).to(tl.float32))
     var = m2 / n
     rstd = 1.0 / tl.sqrt(var + eps)
     for s in range(0, n, BLOCK):
@@ -92,15 +96,7 @@ def _gn_silu_nhwc_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, y_ptr, C, HW
         m = (offs_p < HW)[:, None] & mc[None, :]
         addr = base + offs_p[:, None].to(tl.int64) * C + offs_c[None, :]
         v = tl.where(m, tl.load(x_ptr + addr, mask=m, other=0.0).to(tl.float32) - pivot, 0.0)
-        n_b = (tl.minimum(HW - s, BLOCK_P) * cpg).to(tl.float32)
-        mean_b = tl.sum(tl.sum(v, 1), 0) / n_b
-        d = tl.where(m, v - mean_b, 0.0)
-        m2_b = tl.sum(tl.sum(d * d, 1), 0)
-        total = count + n_b
-        delta = mean_b - mean
-        mean = mean + delta * (n_b / total)
-        m2 = m2 + m2_b + delta * delta * (count * n_b / total)
-        count = total
+        mean, m2, count = _merge(mean, m2, count, v, m, (tl.minimum(HW - s, BLOCK_P) * cpg).to(tl.float32))
     var = m2 / count
     rstd = 1.0 / tl.sqrt(var + eps)
     c = grp * cpg + offs_c
