@@ -89,3 +89,24 @@ def test_tree_lengths_pairs_models_over_the_same_draws(tmp_path):
     assert rows["b"]["paired"] == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0} and "paired" not in rows["a"]
     bad = _run([str(ROOT / "scripts" / "tree_lengths.py"), "nomodel"], tmp_path)
     assert bad.returncode == 2 and "NAME=MODEL" in bad.stderr
+
+
+def test_mask_diffusion_and_the_mask_conditioned_ldm_run_end_to_end(tmp_path):
+    """scripts/mask_diffusion.py (stage 1: vessel masks at the latent grid) and
+    scripts/mask_conditioned_ldm.py (stage 2 on the shipped VQ-GAN) at toy budgets, as a user runs them."""
+    md, mc = str(ROOT / "scripts" / "mask_diffusion.py"), str(ROOT / "scripts" / "mask_conditioned_ldm.py")
+    out = _run([md, "--out", "masks", "--steps", "2", "--images", "8", "--draws", "4", "--threads", "1"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "masks" / "result.json").read_text())
+    # the measure sees the pooled training masks' tree (the phantom's eyes all have one) and counts draws
+    assert res["training_masks"]["median"] > 50 and res["training_masks"]["no_tree"] == 0
+    assert res["draws_fov0"]["n"] == 4 and 0 < res["data_fraction_mean"] < 0.5
+    assert (tmp_path / "masks" / "masks.png").is_file() and (tmp_path / "masks" / "ema.pt").is_file()
+    out = _run([mc, "train", "--out", "cond", "--steps", "2", "--images", "8"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    out = _run([mc, "sample", "--out", "cond", "--masks", "masks", "--n", "2", "--save", "2"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "cond" / "samples_drawn.json").read_text())
+    assert res["n"] == 2 and res["masks"] == "drawn"
+    assert sorted(p.name for p in (tmp_path / "cond" / "cubes_drawn").iterdir()) == ["sample_0000.npz",
+                                                                                    "sample_0001.npz"]
