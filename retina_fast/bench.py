@@ -254,10 +254,9 @@ def make_contender(pipe, spec: str, device=None, *, default_dtype: torch.dtype |
                                 "compile_decoder": compile_decoder})
     base, _, setting = name.partition("@")
     if setting:  # its own runner, in a pipeline of its own (the shared one keeps its measured choice)
+        from retina_fast import backends
         from retina_fast.backends.runners import CPURunner, CUDARunner, default_dtype
         from retina_fast.engine import Pipeline
-
-        from retina_fast import backends
 
         dev = torch.device(device or ("cuda" if base == "cuda" else "cpu"))
         dt = dtype or default_dtype(base, dev)
