@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -62,10 +63,22 @@ def training_set(pipe, images: int = IMAGES) -> tuple[torch.Tensor, torch.Tensor
     return z, frac
 
 
-def unet_for(pipe):
+def condition(seeds, side: int, res: str, frac: torch.Tensor | None = None) -> torch.Tensor:
+    """The U-Net's extra input, in [-1, 1]: ``pooled`` -- the vessel fraction of each latent pixel's patch
+    (N, 1, side, side); ``full`` -- the 128-px mask itself, each latent pixel's f x f patch as f² channels
+    (``pixel_unshuffle``: (N, f², side, side)), so the condition says where in the patch a vessel runs."""
+    from mask_diffusion import pooled_masks
+
+    if res == "pooled":
+        return (frac if frac is not None else pooled_masks(seeds, side)[0]) * 2 - 1
+    full, _ = pooled_masks(seeds, SIDE)
+    return F.pixel_unshuffle(full, SIDE // side) * 2 - 1
+
+
+def unet_for(pipe, cond_channels: int = 1):
     from retina_fast.models import UNet2D
 
-    cfg = dataclasses.replace(pipe.config.unet, in_channels=pipe.config.unet.in_channels + 1)
+    cfg = dataclasses.replace(pipe.config.unet, in_channels=pipe.config.unet.in_channels + cond_channels)
     return UNet2D(cfg)
 
 
@@ -78,10 +91,12 @@ def train(a) -> int:
     out.mkdir(parents=True, exist_ok=True)
     pipe = shipped()
     z, frac = training_set(pipe, a.images)
+    cond = condition(range(a.images), z.shape[-1], a.cond, frac)
     torch.manual_seed(a.seed)
-    save = lambda m, step: torch.save({"ema": m.state_dict(), "step": step}, out / "ema.pt")  # noqa: E731
-    _, log = train_eps(unet_for(pipe), z, pipe.loaded.schedule, steps=a.steps, batch=a.batch, lr=a.lr,
-                       seed=a.seed, cond=frac * 2 - 1, weights=_entry_weights(frac, a.vessel_weight), save=save)
+    save = lambda m, step: torch.save({"ema": m.state_dict(), "step": step, "cond": a.cond},  # noqa: E731
+                                      out / "ema.pt")
+    _, log = train_eps(unet_for(pipe, cond.shape[1]), z, pipe.loaded.schedule, steps=a.steps, batch=a.batch,
+                       lr=a.lr, seed=a.seed, cond=cond, weights=_entry_weights(frac, a.vessel_weight), save=save)
     (out / "train.json").write_text(json.dumps({"command": _command(a), "log": log}, indent=1))
     return 0
 
@@ -101,31 +116,39 @@ def sample(a) -> int:
     out = Path(a.out)
     pipe = shipped()
     side = pipe.config.latent_shape[-1]
+    state = torch.load(out / "ema.pt")
+    cond_res = state.get("cond", "pooled")
     if a.masks == "real":
         frac, _ = pooled_masks(range(100000, 100000 + a.n), side)
+        cond = condition(range(100000, 100000 + a.n), side, cond_res, frac)
         label = "real"
+    elif cond_res != "pooled":
+        print(f"{out}: conditioned on full-resolution masks; stage 1 draws pooled ones: use --masks real",
+              file=sys.stderr)
+        return 2
     else:
         mcfg = dataclasses.replace(get_preset("tiny").unet, in_channels=1)
         mask_unet = UNet2D(mcfg)
         mask_unet.load_state_dict(torch.load(Path(a.masks) / "ema.pt"))
         frac = draw(mask_unet, schedule_for(get_preset("tiny")), a.n, side, 50, a.seed).clamp(0, 1)
+        cond = frac * 2 - 1
         label = "drawn"
-    unet = unet_for(pipe)
-    unet.load_state_dict(torch.load(out / "ema.pt")["ema"])
+    unet = unet_for(pipe, cond.shape[1])
+    unet.load_state_dict(state["ema"])
     unet.eval()
     coefs = plan("ddim", pipe.loaded.schedule, 50)
     runner = Runner(pipe.loaded, torch.device("cpu"), torch.float32)
     g = torch.Generator().manual_seed(a.seed + 1)
     cubes = []
     for first in range(0, a.n, 32):
-        m = frac[first:first + 32] * 2 - 1
+        m = cond[first:first + 32]
         x = torch.randn(len(m), *pipe.config.latent_shape, generator=g)
         c = x.shape[1]
         z0 = run_loop(lambda v, t: unet(torch.cat([v, m], 1), t)[:, :c], x, coefs)
         cubes.append(runner.decode(z0.clamp(-1, 1)))
     cubes = torch.cat(cubes)
     t = vessel_tree_length(cubes, BAND_555).numpy()
-    res = {"command": _command(a), "masks": label, "n": int(t.size), "mean": float(t.mean()),
+    res = {"command": _command(a), "cond": cond_res, "masks": label, "n": int(t.size), "mean": float(t.mean()),
            "median": float(np.median(t)), "p90": float(np.percentile(t, 90)), "no_tree": int((t == 0).sum())}
     if a.save:  # for retina-fast evaluate --synthetic OUT/cubes_<masks>
         from retina_fast.io import save_cube
@@ -162,6 +185,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=8e-4)
     p.add_argument("--vessel-weight", type=float, default=5.0)
+    p.add_argument("--cond", default="pooled", choices=["pooled", "full"],
+                   help="train: the mask as each latent pixel's vessel fraction, or at full resolution")
     p.add_argument("--masks", default="real", help="'real' (held-out eyes' masks) or a mask_diffusion.py run")
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--images", type=int, default=IMAGES, help="training eyes 0..images-1")

@@ -110,3 +110,10 @@ def test_mask_diffusion_and_the_mask_conditioned_ldm_run_end_to_end(tmp_path):
     assert res["n"] == 2 and res["masks"] == "drawn"
     assert sorted(p.name for p in (tmp_path / "cond" / "cubes_drawn").iterdir()) == ["sample_0000.npz",
                                                                                     "sample_0001.npz"]
+    # conditioned on the full-resolution mask (16 channels at the latent grid): real masks only
+    assert _run([mc, "train", "--out", "full", "--steps", "2", "--images", "8", "--cond", "full"],
+                tmp_path).returncode == 0
+    out = _run([mc, "sample", "--out", "full", "--masks", "real", "--n", "2", "--save", "0"], tmp_path)
+    assert out.returncode == 0 and json.loads((tmp_path / "full" / "samples_real.json").read_text())["cond"] == "full"
+    out = _run([mc, "sample", "--out", "full", "--masks", "masks", "--n", "2"], tmp_path)
+    assert out.returncode == 2 and "use --masks real" in out.stderr
