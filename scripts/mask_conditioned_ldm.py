@@ -2,6 +2,7 @@
 
     python scripts/mask_conditioned_ldm.py train --out runs/maskcond [--steps 3000] [--threads 1]
     python scripts/mask_conditioned_ldm.py sample --out runs/maskcond --masks runs/maskdiff32 [--n 256]
+    python scripts/mask_conditioned_ldm.py probe --out runs/maskcond [--n 16]
 
 A prototype of the two-stage design of vessel-mask-conditioned fundus synthesis (e.g. "Generation of
 Structurally Realistic Retinal Fundus Images with Diffusion Models": artery / vein masks first, the image
@@ -18,6 +19,9 @@ own masks (``--masks real``), then DDIM-50 of stage 2 with the mask fixed, decod
 ``retina_fast.metrics.vessel_tree_length`` at 555 nm (as ``scripts/tree_lengths.py``). Writes
 ``OUT/samples_<masks>.json``, ``OUT/samples_<masks>.png`` (555 nm of 8 draws over their masks) and the first
 ``--save`` cubes as ``OUT/cubes_<masks>/sample_*.npz`` (for ``retina-fast evaluate``).
+
+``probe``: whether stage 2 uses the mask at all -- its x0 estimate from noised held-out latents with the eye's
+own mask, with none and with another eye's (``probe`` below).
 """
 from __future__ import annotations
 
@@ -162,6 +166,48 @@ def sample(a) -> int:
     return 0
 
 
+@torch.no_grad()
+def probe(a) -> int:
+    """How much stage 2 uses its condition: held-out eyes' latents noised to t, the U-Net's x0 estimate with
+    the eye's own mask, with no vessels (all -1) and with another eye's mask, and the shipped unconditional
+    U-Net's on the same noised latents; mean squared error against the clean latents. Prints one row per t and writes OUT/probe.json."""
+    from retina_fast.data import PhantomDataset
+    from retina_fast.models.normalisation import reflectance_to_model
+    from retina_fast.models.vqgan import scale_latent
+
+    out = Path(a.out)
+    pipe = shipped()
+    vq, (lo, hi) = pipe.loaded.vqgan.eval(), pipe.loaded.latent_range
+    seeds = range(100000, 100000 + a.n)
+    ds = PhantomDataset(a.n, SIDE, base_seed=100000, wavelengths=vq.config.wavelengths, out_range=None)
+    r = torch.stack([ds[i] for i in range(a.n)]).float()
+    z0 = scale_latent(vq.encode(reflectance_to_model(r, vq.config)).float(), lo, hi,
+                      pipe.loaded.latent_asinh).clamp(-1, 1)
+    state = torch.load(out / "ema.pt")
+    cond = condition(seeds, z0.shape[-1], state.get("cond", "pooled"))
+    unet = unet_for(pipe, cond.shape[1])
+    unet.load_state_dict(state["ema"])
+    unet.eval()
+    abar = pipe.loaded.schedule.alphas_cumprod.float()
+    g = torch.Generator().manual_seed(a.seed)
+    rows = []
+    for t in (600, 300, 100):
+        ab = abar[t]
+        zt = ab.sqrt() * z0 + (1 - ab).sqrt() * torch.randn(z0.shape, generator=g)
+        row = {"t": t}
+        for name, c in (("own mask", cond), ("no vessels", -torch.ones_like(cond)),
+                        ("another eye's mask", torch.roll(cond, 1, 0))):
+            eps = unet(torch.cat([zt, c], 1), torch.full((a.n,), t))[:, :z0.shape[1]]
+            x0 = ((zt - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1, 1)
+            row[name] = float((x0 - z0).square().mean())
+        x0 = ((zt - (1 - ab).sqrt() * pipe.loaded.unet(zt, torch.full((a.n,), t))) / ab.sqrt()).clamp(-1, 1)
+        row["shipped U-Net (no mask input)"] = float((x0 - z0).square().mean())
+        rows.append(row)
+        print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    (out / "probe.json").write_text(json.dumps({"command": _command(a), "eyes": a.n, "rows": rows}, indent=1))
+    return 0
+
+
 def _figure(cubes: torch.Tensor, frac: torch.Tensor, path: Path) -> None:
     from PIL import Image
 
@@ -179,7 +225,7 @@ def _command(a) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["train", "sample"])
+    p.add_argument("what", choices=["train", "sample", "probe"])
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=32)
@@ -195,7 +241,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    return train(a) if a.what == "train" else sample(a)
+    return {"train": train, "sample": sample, "probe": probe}[a.what](a)
 
 
 if __name__ == "__main__":

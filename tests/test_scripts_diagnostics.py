@@ -117,3 +117,7 @@ def test_mask_diffusion_and_the_mask_conditioned_ldm_run_end_to_end(tmp_path):
     assert out.returncode == 0 and json.loads((tmp_path / "full" / "samples_real.json").read_text())["cond"] == "full"
     out = _run([mc, "sample", "--out", "full", "--masks", "masks", "--n", "2"], tmp_path)
     assert out.returncode == 2 and "use --masks real" in out.stderr
+    out = _run([mc, "probe", "--out", "full", "--n", "2"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "full" / "probe.json").read_text())["rows"]
+    assert [r["t"] for r in rows] == [600, 300, 100] and all(0 < v < 4 for r in rows for k, v in r.items() if k != "t")
