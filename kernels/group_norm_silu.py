@@ -3,8 +3,8 @@
 x (B, C, H, W), NCHW or channels-last (NHWC). NCHW: the C/G channels of a group are one contiguous run of
 n = C/G·H·W values. NHWC: a group is C/G contiguous values at each of the H·W pixels, C apart; the kernel walks
 tiles of pixels x the group's channels, so cuDNN's preferred layout for bf16 convolutions (NHWC) needs no
-transposes around the norm. One program per (image, group). Pass 1 computes the group's mean and variance in fp32; pass 2 normalises,
-applies the affine, the time scale/shift and SiLU, and stores in the input dtype.
+transposes around the norm. One program per (image, group). Pass 1 computes the group's mean and variance in
+fp32; pass 2 normalises, applies the affine, the time scale/shift and SiLU, and stores in the input dtype.
 Bytes: 2 reads + 1 write per element (eager: GN read+write, mul, add, SiLU = ~8 passes).
 
 Variance. The one-pass form E[x²] - E[x]² loses every digit the mean and the spread share: at

@@ -11,8 +11,9 @@ a vessel tree where every unconditional LDM so far gave a crackle (docs/recipe_s
 
 ``train``: the shipped LDM recipe (U-Net preset ``tiny``, L2 on eps balanced over noise levels, vessel weight
 5, lr 8e-4, batch 32, EMA 0.995 from step 200, bf16 autocast, grad clip 1) with one change: the U-Net also
-sees the eye's artery + vein mask at the latent grid (the fraction of each 4 x 4 patch, scaled to [-1, 1]) as
-a ninth input channel; the loss is on the eight latent channels. Phantom eyes 0..1023 at 128 px, as shipped.
+sees the eye's artery + vein mask at the latent grid, scaled to [-1, 1] -- ``--cond pooled``: the fraction of
+each 4 x 4 patch, one channel; ``--cond full``: the 128-px mask as 16 channels (``condition``); the loss is on
+the eight latent channels. Phantom eyes 0..1023 at 128 px, as shipped.
 
 ``sample``: masks from ``scripts/mask_diffusion.py``'s model (stage 1, DDIM-50, seed 0) or held-out eyes'
 own masks (``--masks real``), then DDIM-50 of stage 2 with the mask fixed, decoded by the shipped VQ-GAN;
@@ -109,8 +110,8 @@ def train(a) -> int:
 def sample(a) -> int:
     from retina_fast.backends.runners import Runner
     from retina_fast.metrics import vessel_tree_length
-    from retina_fast.models.config import get_preset
     from retina_fast.models import UNet2D
+    from retina_fast.models.config import get_preset
     from retina_fast.modelzoo import schedule_for
     from retina_fast.samplers import plan
     from retina_fast.samplers import sample as run_loop
@@ -170,7 +171,8 @@ def sample(a) -> int:
 def probe(a) -> int:
     """How much stage 2 uses its condition: held-out eyes' latents noised to t, the U-Net's x0 estimate with
     the eye's own mask, with no vessels (all -1) and with another eye's mask, and the shipped unconditional
-    U-Net's on the same noised latents; mean squared error against the clean latents. Prints one row per t and writes OUT/probe.json."""
+    U-Net's on the same noised latents; mean squared error against the clean latents. Prints one row per t
+    and writes OUT/probe.json."""
     from retina_fast.data import PhantomDataset
     from retina_fast.models.normalisation import reflectance_to_model
     from retina_fast.models.vqgan import scale_latent

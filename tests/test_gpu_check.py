@@ -9,8 +9,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu" / "run.sh"
-KERNELS = {"_gn_silu_kernel", "_gn_silu_nhwc_kernel", "_flash_kernel", "_linear_attn_kernel", "_sampler_step_kernel", "_nearest_code_kernel",
-           "_randn_rows_kernel", "_pool_kernel", "_excite_scale_kernel"}
+KERNELS = {"_gn_silu_kernel", "_gn_silu_nhwc_kernel", "_flash_kernel", "_linear_attn_kernel", "_sampler_step_kernel",
+           "_nearest_code_kernel", "_randn_rows_kernel", "_pool_kernel", "_excite_scale_kernel"}
 
 
 def _dry_run(tmp_path, *args, timeout=900):
