@@ -19,7 +19,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from safetensors.torch import load as st_load
@@ -29,7 +29,7 @@ from torch import nn
 from retina_fast.files import atomic_write
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_state_into", "model_config", "read_config",
-           "CONFIG_NAME", "FORMAT", "FORMAT_VERSION"]
+           "config_part", "CONFIG_NAME", "FORMAT", "FORMAT_VERSION"]
 
 CONFIG_NAME = "config.json"
 FORMAT = "retina_fast.checkpoint"
@@ -37,6 +37,14 @@ FORMAT_VERSION = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _RESERVED = {"format", "format_version", "provenance", "weights"}
+
+
+def config_part(doc: Mapping[str, Any], drop: Iterable[str] = ()) -> dict[str, Any]:
+    """The ``config`` a checkpoint was saved with, from its config.json ``doc``: everything but the entries
+    :func:`save_checkpoint` writes itself (format, version, provenance, weights table) and the keys in ``drop``
+    -- what to pass to :func:`save_checkpoint` to save the same model again."""
+    skip = _RESERVED | set(drop)
+    return {k: v for k, v in doc.items() if k not in skip}
 
 
 class CheckpointError(ValueError):

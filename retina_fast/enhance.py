@@ -72,7 +72,7 @@ import numpy as np
 import torch
 
 from retina_fast import backends
-from retina_fast.checkpoint import CheckpointError, load_checkpoint, load_state_into
+from retina_fast.checkpoint import CheckpointError, load_checkpoint, load_state_into, read_config
 from retina_fast.fov import fov_mask
 from retina_fast.deblur import DEFAULTS as DEBLUR_DEFAULTS, check_deblur_config
 from retina_fast.deblur import deblur as undo_blur
@@ -190,7 +190,6 @@ def load_enhancer(model: str | os.PathLike = "default") -> Enhancer:
     path = resolve_enhancer(model)
     key = str(path.resolve())
     if key not in _ENHANCERS:
-        from retina_fast.checkpoint import read_config
         from retina_fast.config_check import check_fields, check_weight_budget
 
         cfg_file = path / "config.json"
@@ -226,8 +225,6 @@ def _follow_up_stages(then, path: Path, cfg_file: Path) -> list[Path]:
     """config.json ``then`` -> the follow-up checkpoint directories (a name is looked up beside the checkpoint
     first, then as a packaged model); CheckpointError naming the file for a bad entry, a stage that is the
     checkpoint itself or one that lists follow-ups of its own."""
-    import json
-
     if not isinstance(then, list) or not all(isinstance(s, str) and s.strip() for s in then):
         raise CheckpointError(f"{cfg_file}: 'then' must be a list of MAGE-Net model names or paths, got {then!r}")
     stages = []
@@ -240,9 +237,9 @@ def _follow_up_stages(then, path: Path, cfg_file: Path) -> list[Path]:
         if stage.resolve() == path.resolve():
             raise CheckpointError(f"{cfg_file}: follow-up stage {entry!r} is this checkpoint itself")
         try:
-            nested = json.loads((stage / "config.json").read_text(encoding="utf-8")).get("then")
-        except (OSError, ValueError, AttributeError) as exc:
-            raise CheckpointError(f"{cfg_file}: follow-up stage {entry!r}: unreadable config.json ({exc})") from None
+            nested = read_config(stage).get("then")
+        except (OSError, ValueError) as exc:  # CheckpointError is a ValueError
+            raise CheckpointError(f"{cfg_file}: follow-up stage {entry!r}: {exc}") from None
         if nested:
             raise CheckpointError(f"{cfg_file}: follow-up stage {entry!r} lists follow-up stages of its own "
                                   f"({nested!r}); chains are one level deep")

@@ -122,6 +122,17 @@ def test_chains_are_one_level_deep(pair):
         load_enhancer(str(first))
 
 
+@pytest.mark.parametrize("text,needle", [("{not json", "follow-up stage"), ('{"format": "other"}', "follow-up stage")])
+def test_a_follow_up_stage_with_a_broken_config_is_named(pair, text, needle):
+    """The follow-up stage's config.json is read through the checkpoint reader (format checked), and a broken
+    one names both files."""
+    first, spots = pair
+    (spots / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=needle) as e:
+        load_enhancer(str(first))
+    assert str(first / "config.json") in str(e.value) and "spots" in str(e.value)
+
+
 def test_the_cli_runs_the_chain_and_then_none_runs_the_model_alone(tmp_path, x):
     import numpy as np
     from PIL import Image

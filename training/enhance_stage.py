@@ -33,8 +33,8 @@ import torch
 
 from retina_fast.training import enhance_kinds
 from retina_fast.training.eval_enhance import (FOLLOW_UP_LINE, KIND_SIZE, TEST_SEEDS, VAL_SEEDS, _load_rsp, _rank,
-                                               _scores, note_follow_up, portable_command, validation_score,
-                                               vessel_iou)
+                                               _scores, note_follow_up, saved_again,
+                                               validation_score, vessel_iou)
 
 __all__ = ["copy_stage", "evaluate_chain", "wire", "then_entry", "main", "FOLLOW_UP_LINE"]
 
@@ -47,10 +47,7 @@ def copy_stage(run: Path, target: Path) -> None:
     doc, _ = load_checkpoint(run / "final", ["model"])  # checks the weights against their sha256
     if doc.get("kind") != "magenet":
         raise ValueError(f"{run / 'final'}: a {doc.get('kind')!r} checkpoint, not a MAGE-Net one")
-    config = {k: v for k, v in doc.items() if k not in ("format", "format_version", "provenance", "weights",
-                                                        "model_weights", "residual_threshold", "work_size", "then")}
-    prov = {k: v for k, v in doc["provenance"].items() if k != "residual_threshold_selection"}
-    prov["command"] = portable_command(prov.get("command"))
+    config, prov = saved_again(doc, ("work_size", "then"))
     tmp = target.with_name(target.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -43,12 +43,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from retina_fast.checkpoint import load_checkpoint, save_checkpoint
+from retina_fast.checkpoint import config_part, load_checkpoint, save_checkpoint
 from retina_fast.metrics import psnr, ssim
 from retina_fast.training import enhance_data, enhance_kinds
 
 __all__ = ["VARIANTS", "clahe", "evaluate", "thresholded", "vessel_iou", "ladder_inversions", "choose",
-           "incumbent_score", "ship", "note_follow_up", "FOLLOW_UP_LINE",
+           "incumbent_score", "ship", "saved_again", "note_follow_up", "FOLLOW_UP_LINE",
            "portable_command", "main"]
 
 # run directory name -> row label (the paper's Table 6 ladder)
@@ -448,6 +448,16 @@ def incumbent_score(target: Path, result: dict[str, Any]) -> list | None:
     return list(validation_score(table))
 
 
+def saved_again(doc: dict[str, Any], drop: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config, provenance) to save a trained MAGE-Net checkpoint's weights again (its config.json ``doc``):
+    without the residual threshold and its selection record, which the caller chooses and writes anew, and the
+    keys in ``drop``; the training command made portable."""
+    config = config_part(doc, ("model_weights", "residual_threshold", *drop))
+    prov = {k: v for k, v in doc["provenance"].items() if k != "residual_threshold_selection"}
+    prov["command"] = portable_command(prov.get("command"))
+    return config, prov
+
+
 def ship(result: dict[str, Any], runs: Path, target: Path, eval_command: str | None = None,
          incumbent: list | None = None) -> str | None:
     """Copy the run :func:`choose` picks to ``target`` with the residual threshold chosen for it in ``result``
@@ -464,10 +474,7 @@ def ship(result: dict[str, Any], runs: Path, target: Path, eval_command: str | N
     cands = [k for k in SHIPPABLE if k in val]
     run = {v: k for k, v in VARIANTS.items()}[label]
     doc, states = load_checkpoint(runs / run / "final", ["model"])
-    config = {k: v for k, v in doc.items() if k not in ("format", "format_version", "provenance", "weights",
-                                                        "model_weights", "residual_threshold")}
-    prov = {k: v for k, v in doc["provenance"].items() if k != "residual_threshold_selection"}  # written anew below
-    prov["command"] = portable_command(prov.get("command"))
+    config, prov = saved_again(doc)
     others = {k: round(val[k]["score"][1], 2) for k in cands}
     prov["selection"] = (f"{label}: best mean PSNR gain (dB) on the validation split (left half of the real "
                          f"photograph, seeds {', '.join(map(str, result['val_seeds']))}, every combination; runs losing > 1 dB on "
