@@ -40,12 +40,14 @@ class Pipeline:
         """Write this model as a checkpoint directory (``config.json`` + ``vqgan.safetensors`` +
         ``unet.safetensors``, sha256 recorded) that :meth:`from_pretrained` and the trainers' tools read back;
         the source's provenance is kept."""
-        from retina_fast.checkpoint import model_config, save_checkpoint
+        from retina_fast.checkpoint import config_part, model_config, save_checkpoint
 
         meta = dict(self.loaded.meta)
-        config = {k: v for k, v in meta.items() if k not in ("format", "format_version", "provenance", "weights")}
+        config = config_part(meta)
         config.update(model_config(self.loaded.config, self.loaded.latent_range), kind="ldm",
                       latent_clip=bool(self.loaded.clip_x0), latent_asinh=self.loaded.latent_asinh)
+        whiten = self.loaded.latent_whiten
+        config["latent_whiten"] = None if whiten is None else whiten.to_dict()
         config["wavelengths"] = list(self.wavelengths)
         provenance = dict(meta.get("provenance", {}))
         provenance.setdefault("saved_from", self.source)

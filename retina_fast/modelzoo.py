@@ -11,8 +11,9 @@ A *model* argument is one of
 An LDM checkpoint (written with ``retina_fast.checkpoint``) stores in
 ``config.json``: ``architecture`` (``LDMConfig.to_dict()``), ``preset``, ``wavelengths`` (nm, one per band),
 ``latent_range`` ({"min", "max"}: the latent scaling constants), ``latent_asinh`` (optional: the asinh
-companding scale, see ``models.vqgan.scale_latent``), ``latent_clip`` (optional, default true: the samplers
-clamp x0 to [-1, 1]), ``normalisation`` and ``provenance``; ``vqgan.safetensors`` holds the autoencoder + codebook and ``unet.safetensors`` the EMA
+companding scale, see ``models.vqgan.scale_latent``), ``latent_whiten`` (optional: {"mean", "matrix"}, the
+affine map of the latent channels after the scaling, see ``models.vqgan.LatentWhitening``), ``latent_clip``
+(optional, default true: the samplers clamp x0 to [-1, 1]), ``normalisation`` and ``provenance``; ``vqgan.safetensors`` holds the autoencoder + codebook and ``unet.safetensors`` the EMA
 weights of the denoiser. Every weights file is sha256-verified before it is parsed; nothing is unpickled.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from retina_fast.checkpoint import CheckpointError, load_checkpoint, load_state_into
-from retina_fast.models import VQGAN, LDMConfig, UNet2D
+from retina_fast.models import VQGAN, LatentWhitening, LDMConfig, UNet2D
 from retina_fast.schedules import Schedule, cosine_schedule
 
 __all__ = ["WEIGHTS_DIR", "DEFAULT_MODEL", "KINDS", "LoadedLDM", "available_models", "models_by_kind",
@@ -46,7 +47,9 @@ class LoadedLDM:
     ``path``: the checkpoint directory (None for a model assembled in memory, e.g. during training);
     ``clip_x0``: whether the samplers clamp their x0 prediction to [-1, 1] (config.json ``latent_clip``;
     true for checkpoints without the key, whose latents all lie inside their range); ``latent_asinh``: the
-    asinh companding scale of the latents (config.json ``latent_asinh``; None: linear scaling).
+    asinh companding scale of the latents (config.json ``latent_asinh``; None: linear scaling);
+    ``latent_whiten``: the channel map after the scaling (config.json ``latent_whiten``; None: none), so the
+    U-Net's latents are ``latent_whiten.apply(scale_latent(z, ...))``.
     """
 
     config: LDMConfig
@@ -59,6 +62,7 @@ class LoadedLDM:
     path: Path | None = None
     clip_x0: bool = True
     latent_asinh: float | None = None
+    latent_whiten: LatentWhitening | None = None
 
     @property
     def device(self) -> torch.device:
@@ -148,10 +152,11 @@ def schedule_for(config: LDMConfig) -> Schedule:
     return cosine_schedule(config.timesteps, config.cosine_s, config.max_beta, config.logsnr_shift)
 
 
-def _check_ldm_doc(path: Path, doc: dict
-                   ) -> tuple[LDMConfig, tuple[float, float], tuple[float, ...], bool, float | None]:
-    """The architecture, latent range, wavelengths, x0 clip and asinh scale of an LDM config.json, every value checked (type,
-    range, consistency) before anything is built; CheckpointError naming the file and the field."""
+def _check_ldm_doc(path: Path, doc: dict) -> tuple[LDMConfig, tuple[float, float], tuple[float, ...], bool,
+                                                  float | None, LatentWhitening | None]:
+    """The architecture, latent range, wavelengths, x0 clip, asinh scale and channel whitening of an LDM
+    config.json, every value checked (type, range, consistency) before anything is built; CheckpointError naming
+    the file and the field."""
     from retina_fast.config_check import check_fields, check_number, check_wavelengths, check_weight_budget
     from retina_fast.models.config import UNetConfig, VQGANConfig
 
@@ -189,12 +194,23 @@ def _check_ldm_doc(path: Path, doc: dict
         asinh = check_number(asinh, f"{cfg_file}: latent_asinh")
         if not asinh > 0:
             raise CheckpointError(f"{cfg_file}: latent_asinh must be a positive number or null, got {asinh}")
+    whiten = doc.get("latent_whiten")
+    if whiten is not None:
+        if not isinstance(whiten, dict) or set(whiten) != {"mean", "matrix"}:
+            raise CheckpointError(f"{cfg_file}: latent_whiten must be null or {{mean, matrix}}")
+        try:
+            whiten = LatentWhitening(whiten["mean"], whiten["matrix"])
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{cfg_file}: latent_whiten: {exc}") from None
+        if whiten.mean.numel() != config.vqgan.latent_channels:
+            raise CheckpointError(f"{cfg_file}: latent_whiten is for {whiten.mean.numel()} channels, the VQ-GAN has "
+                                  f"{config.vqgan.latent_channels}")
     wavelengths = config.vqgan.wavelengths
     if "wavelengths" in doc:
         wavelengths = check_wavelengths(doc["wavelengths"], config.vqgan.bands, f"{cfg_file}: wavelengths")
     check_weight_budget(cfg_file, doc, "vqgan", lambda: VQGAN(config.vqgan))
     check_weight_budget(cfg_file, doc, "unet", lambda: UNet2D(config.unet))
-    return config, (lo, hi), tuple(float(w) for w in wavelengths), clip, asinh
+    return config, (lo, hi), tuple(float(w) for w in wavelengths), clip, asinh, whiten
 
 
 def _check_finite(states: dict[str, dict[str, torch.Tensor]], path: Path, doc: dict) -> None:
@@ -210,7 +226,7 @@ def load_ldm(model: str | os.PathLike = "default", device: str | torch.device = 
     from retina_fast.checkpoint import read_config
 
     path = resolve_model(model)
-    config, (lo, hi), wavelengths, clip, asinh = _check_ldm_doc(path, read_config(path))
+    config, (lo, hi), wavelengths, clip, asinh, whiten = _check_ldm_doc(path, read_config(path))
     doc, states = load_checkpoint(path, ["vqgan", "unet"])
     _check_finite(states, path, doc)
     vqgan, unet = VQGAN(config.vqgan), UNet2D(config.unet)
@@ -218,4 +234,5 @@ def load_ldm(model: str | os.PathLike = "default", device: str | torch.device = 
     load_state_into(unet, states["unet"], str(path / doc["weights"]["unet"]["file"]))
     vqgan.to(device).eval().requires_grad_(False)
     unet.to(device).eval().requires_grad_(False)
-    return LoadedLDM(config, vqgan, unet, schedule_for(config), (lo, hi), wavelengths, doc, path, clip, asinh)
+    return LoadedLDM(config, vqgan, unet, schedule_for(config), (lo, hi), wavelengths, doc, path, clip, asinh,
+                     whiten)

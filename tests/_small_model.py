@@ -37,15 +37,17 @@ def small_modules(seed: int = 0, unet: dict | None = None, **vq_overrides) -> tu
 
 
 def small_loaded(seed: int = 0, latent_range=None, clip_x0: bool = True, latent_asinh=None,
-                 logsnr_shift: float = 0.0, unet: dict | None = None, **vq_overrides):
-    """``latent_range`` defaults to the codebook's min / max; ``clip_x0`` and ``latent_asinh`` are config.json's
-    ``latent_clip`` and ``latent_asinh``; ``logsnr_shift`` the config's schedule shift."""
+                 logsnr_shift: float = 0.0, unet: dict | None = None, latent_whiten=None, **vq_overrides):
+    """``latent_range`` defaults to the codebook's min / max; ``clip_x0``, ``latent_asinh`` and ``latent_whiten``
+    are config.json's ``latent_clip``, ``latent_asinh`` and ``latent_whiten``; ``logsnr_shift`` the config's
+    schedule shift."""
     cfg, vqgan, net = small_modules(seed, unet, **vq_overrides)
     from retina_fast.modelzoo import LoadedLDM, schedule_for
 
     cfg = dataclasses.replace(cfg, logsnr_shift=logsnr_shift)
     return LoadedLDM(cfg, vqgan, net, schedule_for(cfg), latent_range or vqgan.latent_range(),
-                     tuple(cfg.vqgan.wavelengths), clip_x0=clip_x0, latent_asinh=latent_asinh)
+                     tuple(cfg.vqgan.wavelengths), clip_x0=clip_x0, latent_asinh=latent_asinh,
+                     latent_whiten=latent_whiten)
 
 
 def save_small_checkpoint(directory: Path, seed: int = 0, **vq_overrides) -> Path:

@@ -136,6 +136,25 @@ def test_companded_latents_follow_the_reference(backend, tmp_path):
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_ext),
                                      pytest.param("onnxruntime", marks=[needs_ext, needs_ort])])
+def test_whitened_latents_follow_the_reference(backend, tmp_path):
+    """config.json ``latent_whiten`` (a channel map after the scaling, w = M (z' - mean)): every backend decodes
+    M^-1 w + mean as the reference does, the map survives save_pretrained / from_pretrained, and the same weights
+    without it give other images."""
+    from retina_fast.models.vqgan import LatentWhitening
+
+    c = small_loaded(9).config.vqgan.latent_channels
+    g = torch.Generator().manual_seed(9)
+    q, _ = torch.linalg.qr(torch.randn(c, c, generator=g, dtype=torch.float64))
+    whiten = LatentWhitening(0.1 * torch.randn(c, generator=g, dtype=torch.float64),
+                             q @ torch.diag(torch.linspace(0.5, 2.0, c, dtype=torch.float64)) @ q.T)
+    pipe = Pipeline(small_loaded(9, latent_whiten=whiten), "whitened")
+    again = _follows_the_reference_and_survives_saving(pipe, Pipeline(small_loaded(9), "plain"), backend, 5, tmp_path)
+    torch.testing.assert_close(again.loaded.latent_whiten.matrix, whiten.matrix, rtol=0, atol=1e-15)
+    torch.testing.assert_close(again.loaded.latent_whiten.mean, whiten.mean, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_ext),
+                                     pytest.param("onnxruntime", marks=[needs_ext, needs_ort])])
 def test_shifted_schedule_follows_the_reference(backend, tmp_path):
     """config ``logsnr_shift`` (shifted cosine schedule): every backend samples as the reference does, the
     value survives save_pretrained / from_pretrained, and it changes the images (a backend that kept the plain

@@ -112,6 +112,57 @@ def test_load_ldm_checks_latent_asinh(tmp_path, value, match):
         load_ldm(tmp_path / "ck")
 
 
+def test_latent_whitening_fit_whitens_and_inverts():
+    """LatentWhitening.fit on correlated channels: the mapped latents have covariance std^2 I, the matrix is the
+    symmetric (ZCA) root, and invert undoes apply to round-off."""
+    from retina_fast.models.vqgan import LatentWhitening
+
+    g = torch.Generator().manual_seed(3)
+    mix = torch.randn(5, 5, generator=g, dtype=torch.float64) * torch.tensor([3.0, 1.0, 0.3, 0.1, 0.02],
+                                                                            dtype=torch.float64)
+    z = torch.einsum("ij,bjhw->bihw", mix, torch.randn(40, 5, 6, 7, generator=g, dtype=torch.float64)) + 0.7
+    w = LatentWhitening.fit(z, 0.1)
+    y = w.apply(z)
+    cov = torch.cov(y.transpose(0, 1).reshape(5, -1))
+    torch.testing.assert_close(cov, 0.01 * torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-10)
+    torch.testing.assert_close(w.matrix, w.matrix.T, rtol=0, atol=1e-12)
+    torch.testing.assert_close(w.invert(y), z, rtol=0, atol=1e-10)
+    assert float(y.mean(dim=(0, 2, 3)).abs().max()) < 1e-10
+    with pytest.raises(ValueError, match="covariance is singular"):
+        LatentWhitening.fit(z[:, :1].expand(-1, 5, -1, -1), 0.1)
+
+
+def _eye(n: int) -> list:
+    return [[float(i == j) for j in range(n)] for i in range(n)]
+
+
+@pytest.mark.parametrize("value,match", [([1, 2], "latent_whiten must be null or"),
+                                         ({"mean": [0.0] * 4}, "latent_whiten must be null or"),
+                                         ({"mean": [0.0] * 3, "matrix": _eye(3)}, "for 3 channels"),
+                                         ({"mean": [0.0] * 4, "matrix": [[1.0] * 4] * 4}, "singular"),
+                                         ({"mean": [0.0] * 4, "matrix": [[1.0] * 3] * 4}, r"matrix \(C, C\)"),
+                                         ({"mean": [float("nan")] + [0.0] * 3, "matrix": _eye(4)}, "finite"),
+                                         ({"mean": "0", "matrix": "1"}, "latent_whiten")])
+def test_load_ldm_checks_latent_whiten(tmp_path, value, match):
+    """config.json latent_whiten: absent or null = none; {mean (C,), matrix (C, C)} finite and invertible, C the
+    latent channels; anything else is refused with the file named."""
+    make_checkpoint(tmp_path / "ck")
+    cfg = tmp_path / "ck" / "config.json"
+    doc = json.loads(cfg.read_text())
+    c = doc["architecture"]["vqgan"]["latent_channels"]
+    assert c == 4 and load_ldm(tmp_path / "ck").latent_whiten is None
+    doc["latent_whiten"] = {"mean": [0.5] * c, "matrix": [[2.0 * (i == j) for j in range(c)] for i in range(c)]}
+    cfg.write_text(json.dumps(doc))
+    w = load_ldm(tmp_path / "ck").latent_whiten
+    z = torch.randn(2, c, 3, 5)
+    torch.testing.assert_close(w.apply(z), 2.0 * (z - 0.5))
+    doc["latent_whiten"] = value
+    cfg.write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match=match) as err:
+        load_ldm(tmp_path / "ck")
+    assert "config.json" in str(err.value)
+
+
 @pytest.mark.parametrize("value,match", [(25.0, "logsnr_shift must be a finite number in"),
                                          ("2", "logsnr_shift must be a finite number"),
                                          (None, "logsnr_shift must be a finite number")])

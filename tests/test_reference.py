@@ -91,6 +91,8 @@ def assert_same_images(ldm, ref_lat, ref, lat, got, rel_l2: float) -> None:
 
     assert ((lat - ref_lat).norm() / ref_lat.norm()).item() <= rel_l2
     vq, (lo, hi), a = ldm.vqgan, ldm.latent_range, ldm.latent_asinh
+    if ldm.latent_whiten is not None:
+        ref_lat, lat = ldm.latent_whiten.invert(ref_lat), ldm.latent_whiten.invert(lat)
     z_ref, z = unscale_latent(ref_lat, lo, hi, a), unscale_latent(lat, lo, hi, a)
     idx_ref, d_ref = vq.codebook_nearest(z_ref)
     idx, _ = vq.codebook_nearest(z)

@@ -386,6 +386,34 @@ def test_ldm_latent_asinh_range_and_config(vq_run, tmp_path, capsys):
     assert "--latent-asinh must be a finite number >= 0" in capsys.readouterr().err
 
 
+def test_ldm_latent_whiten_fits_once_and_is_stored(vq_run, tmp_path, capsys):
+    """--latent-whiten S: the map is fitted on the scaled training latents (their channel covariance becomes
+    S^2 I), stored in config.json and the train state (a resumed run keeps it), and honoured by load_ldm."""
+    from retina_fast.models.vqgan import LatentWhitening, scale_latent
+
+    run = tmp_path / "ldm"
+    args = [*_ldm_args(vq_run), "--out", str(run), "--latent-whiten", "0.05", "--latent-quantile", "0"]
+    assert main([*args, "--steps", "2"]) == 0
+    doc = json.loads((run / "final" / "config.json").read_text())
+    ldm = load_ldm(run / "final")
+    assert ldm.latent_whiten is not None and doc["latent_whiten"] == ldm.latent_whiten.to_dict()
+    assert "latents whitened (std 0.05" in doc["provenance"]["data"] and "--latent-whiten 0.05" in \
+        doc["provenance"]["command"]
+    (cache,) = (run / "cache").glob("latents_raw_*.safetensors")
+    scaled = scale_latent(load_file(str(cache))["latents"].double(), *ldm.latent_range).clamp(-1, 1)
+    y = ldm.latent_whiten.apply(scaled)
+    c = y.shape[1]
+    torch.testing.assert_close(torch.cov(y.transpose(0, 1).reshape(c, -1)), 0.0025 * torch.eye(c, dtype=y.dtype),
+                               rtol=0, atol=1e-6)
+    assert main([*args, "--steps", "3", "--resume"]) == 0
+    assert json.loads((run / "final" / "config.json").read_text())["latent_whiten"] == doc["latent_whiten"]
+    assert isinstance(LatentWhitening(**doc["latent_whiten"]), LatentWhitening)
+    for bad in ("-0.1", "nan", "2"):
+        capsys.readouterr()
+        assert main([*_ldm_args(vq_run), "--out", str(tmp_path / "bad"), "--steps", "1", "--latent-whiten", bad]) == 2
+        assert "--latent-whiten must be a number in [0, 1]" in capsys.readouterr().err
+
+
 def test_provenance_names_the_code_a_run_started_with(tmp_path, monkeypatch):
     """A commit made while a run trains (or before it is resumed) does not change the commit its final
     provenance names: every train-state checkpoint carries the first one's code."""

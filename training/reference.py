@@ -8,7 +8,8 @@ never changes an image)::
                            noise_fn=samplers.step_noise_fn(seed, [i0 .. i1), (C, h, w)),
                            clip_x0=latent_clip)                          config.json, default true
     cube = Runner(ldm).decode(x_0)                                         the torch backend's decode:
-           unscale_latent (latent_range (lo, hi) and latent_asinh of config.json), nearest_code(impl="torch") per latent pixel,
+           latent_whiten.invert (when config.json has one), unscale_latent (latent_range (lo, hi) and
+           latent_asinh of config.json), nearest_code(impl="torch") per latent pixel,
            vqgan.decode_indices, model_to_reflectance (the model's normalisation inverted, clamped to [0, 1])
 
 Returns cubes (n, bands, H, W) float32 (and x_0 (n, C, h, w) when ``return_latents``).

@@ -18,6 +18,11 @@ off`` keeps the tails (config.json ``latent_clip`` false: the samplers do not cl
 clamp the eps-predicting U-Net's early x0 estimates run away: after 1000 steps its samples had no field
 of view at all, where the clamped run's already showed eyes. Clamping x0 at the data's own scaled range
 (about +-3.5 here) instead of +-1 is the next thing to try.
+``--latent-whiten S`` (S > 0) then maps the scaled latents' channels by a fixed whitening matrix so every
+channel direction has standard deviation S (``retina_fast.models.vqgan.LatentWhitening``, fitted once on the
+training latents, stored in config.json ``latent_whiten``; clamped to [-1, 1] again with ``--latent-clip
+on``), so that directions of low variance -- where the shipped VQ-GAN keeps the retinal vessels -- are not
+resolved only in the last, low-noise steps.
 
 Per step s with global batch z'_0 (B, C, h, w), t ~ U{0 .. T-1} and eps ~ N(0, I), both drawn for the
 whole global batch from a generator seeded by (seed, s) (so neither resume nor the DDP split changes
@@ -52,7 +57,7 @@ from torch import nn
 
 from retina_fast.checkpoint import load_checkpoint, load_state_into, model_config, save_checkpoint
 from retina_fast.models import VQGAN, LDMConfig, UNet2D
-from retina_fast.models.vqgan import scale_latent
+from retina_fast.models.vqgan import LatentWhitening, scale_latent
 from retina_fast.modelzoo import LoadedLDM, schedule_for
 from retina_fast.schedules import MAX_LOGSNR_SHIFT, check_logsnr_shift
 from retina_fast.training.trainer import (EMA, BatchPlan, DistInfo, MetricLogger, command_line, init_distributed,
@@ -68,7 +73,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0, "num_workers": 0, "num_images": 2048, "device": None, "amp": "off", "grad_clip": 1.0,
     "log_every": 25, "sample_every": 1000, "ckpt_every": 500, "vqgan": None, "ema_decay": 0.995,
     "ema_start": 200, "sample_steps": 50, "latent_quantile": 0.005, "latent_clip": "on",
-    "latent_asinh": 0.0, "logsnr_shift": 0.0, "loss": "l1", "vessel_weight": 1.0,
+    "latent_asinh": 0.0, "logsnr_shift": 0.0, "loss": "l1", "vessel_weight": 1.0, "latent_whiten": 0.0,
 }
 FIELDS = ["epoch", "loss", "grad_norm", "lr", "s_per_step"]
 LOSSES = ("l1", "l2", "l2-balanced")
@@ -137,6 +142,10 @@ def add_arguments(p) -> None:
     p.add_argument("--latent-asinh", type=float, metavar="C",
                    help="compand the latents, u = asinh(z / C), before the linear scaling (tails kept inside the "
                         "range); 0 = linear (default 0)")
+    p.add_argument("--latent-whiten", type=float, metavar="S",
+                   help="after the scaling, map the latent channels by a fixed whitening matrix fitted on the "
+                        "training latents (ZCA), every channel direction with standard deviation S; 0 = off "
+                        "(default 0)")
     p.add_argument("--logsnr-shift", type=_shift_arg, metavar="D",
                    help="shift the cosine schedule's log signal-to-noise ratio by D nats (config.json "
                         "logsnr_shift); 'auto': D = -log(variance of the scaled training latents), the SNRs of "
@@ -215,6 +224,10 @@ def run(args) -> int:
         opts["loss"] = "l1"  # a run started before the option
     if saved is not None and "vessel_weight" not in saved:
         opts["vessel_weight"] = 1.0  # a run started before the option
+    if saved is not None and "latent_whiten" not in saved:
+        opts["latent_whiten"] = 0.0  # a run started before the option
+    if not (math.isfinite(opts["latent_whiten"]) and 0.0 <= opts["latent_whiten"] <= 1.0):
+        raise ValueError(f"--latent-whiten must be a number in [0, 1], got {opts['latent_whiten']}")
     if not (math.isfinite(opts["vessel_weight"]) and opts["vessel_weight"] >= 1.0):
         raise ValueError(f"--vessel-weight must be a finite number >= 1, got {opts['vessel_weight']}")
     if opts["vessel_weight"] != 1.0 and opts["data"] != "phantom":
@@ -271,9 +284,9 @@ def latent_range(vq: VQGAN, latents: torch.Tensor, q: float) -> tuple[float, flo
 
 
 def _latents(opts: dict, vq: VQGAN, vq_doc: dict, info: DistInfo, run_dir: Path
-             ) -> tuple[torch.Tensor, tuple[float, float], str]:
-    """Scaled (companded with ``--latent-asinh``), clamped training latents, the scaling constants (lo, hi)
-    and the data's description."""
+             ) -> tuple[torch.Tensor, tuple[float, float], LatentWhitening | None, str]:
+    """Scaled (companded with ``--latent-asinh``, whitened with ``--latent-whiten``), clamped training latents,
+    the scaling constants (lo, hi), the whitening (None without) and the data's description."""
     data = load_data(opts["data"], opts["num_images"], vq.config, info, run_dir, opts["num_workers"])
     sha = vq_doc["weights"]["vqgan"]["sha256"]
     cache = run_dir / "cache" / f"latents_raw_{sha[:16]}_n{len(data)}.safetensors"
@@ -291,7 +304,20 @@ def _latents(opts: dict, vq: VQGAN, vq_doc: dict, info: DistInfo, run_dir: Path
         opts["latent_range"] = [math.asinh(v / asinh) for v in rng] if asinh else list(rng)
     lo, hi = opts["latent_range"]
     scaled = scale_latent(raw, lo, hi, asinh)
-    return (scaled.clamp_(-1.0, 1.0) if opts["latent_clip"] == "on" else scaled), (lo, hi), data.description
+    if opts["latent_clip"] == "on":
+        scaled.clamp_(-1.0, 1.0)
+    whiten, desc = None, data.description
+    if opts["latent_whiten"]:
+        if opts.get("latent_whiten_map") is None:  # fitted once; a resumed run reads it back
+            opts["latent_whiten_map"] = LatentWhitening.fit(scaled, opts["latent_whiten"]).to_dict()
+        whiten = LatentWhitening(**opts["latent_whiten_map"])
+        scaled = whiten.apply(scaled)
+        if opts["latent_clip"] == "on":
+            beyond = float((scaled.abs() > 1.0).double().mean())
+            scaled.clamp_(-1.0, 1.0)
+            desc += (f"; latents whitened (std {opts['latent_whiten']:g} per channel direction, "
+                     f"{100 * beyond:.4f} % clamped)")
+    return scaled, (lo, hi), whiten, desc
 
 
 def latent_vessel_fraction(n: int, vq_config, info: DistInfo, run_dir: Path) -> torch.Tensor:
@@ -339,7 +365,7 @@ def _train(opts: dict, info: DistInfo, run_dir: Path, ck: Path | None) -> int:
     cfg = _config(opts, vq_doc)
     opts["architecture"] = cfg.to_dict()
     vq.to(dev)
-    latents, (lo, hi), data_desc = _latents(opts, vq, vq_doc, info, run_dir)
+    latents, (lo, hi), whiten, data_desc = _latents(opts, vq, vq_doc, info, run_dir)
     vessel_frac = None
     if opts["vessel_weight"] != 1.0:
         vessel_frac = latent_vessel_fraction(len(latents), vq.config, info, run_dir)
@@ -414,7 +440,8 @@ def _train(opts: dict, info: DistInfo, run_dir: Path, ck: Path | None) -> int:
             t_last, s_last, loss_sum, n_sum = now, done, 0.0, 0
         if info.is_main and opts["sample_every"] and (done % opts["sample_every"] == 0 or done == total):
             ldm = LoadedLDM(cfg, vq, ema.module, schedule, (lo, hi), tuple(cfg.vqgan.wavelengths),
-                            clip_x0=opts["latent_clip"] == "on", latent_asinh=opts["latent_asinh"] or None)
+                            clip_x0=opts["latent_clip"] == "on", latent_asinh=opts["latent_asinh"] or None,
+                            latent_whiten=whiten)
             _preview(ldm, run_dir / "samples" / f"step_{done:08d}.png", opts["sample_steps"])
         if done % opts["ckpt_every"] == 0 or done == total:
             if info.is_main:
@@ -428,6 +455,8 @@ def _train(opts: dict, info: DistInfo, run_dir: Path, ck: Path | None) -> int:
                           vqgan=vqgan_record(vq_doc, opts["vqgan_sha256"]))
         config = {**model_config(cfg, (lo, hi)), "kind": "ldm", "latent_clip": opts["latent_clip"] == "on",
                   "latent_asinh": opts["latent_asinh"] or None}
+        if whiten is not None:
+            config["latent_whiten"] = whiten.to_dict()
         save_checkpoint(run_dir / "final", {"vqgan": vq, "unet": ema.module}, config, prov)
     info.barrier()
     return 0

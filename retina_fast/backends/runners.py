@@ -96,6 +96,8 @@ class Runner:
     @torch.no_grad()
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         lo, hi = self.loaded.latent_range
+        if self.loaded.latent_whiten is not None:
+            x0 = self.loaded.latent_whiten.invert(x0)
         z = unscale_latent(x0, lo, hi, self.loaded.latent_asinh)
         b, c, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, c)

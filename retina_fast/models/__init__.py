@@ -9,13 +9,13 @@ from retina_fast.models.config import (PRESETS, LDMConfig, UNetConfig, VQGANConf
 from retina_fast.models.kmeans import kmeans, quantisation_stats
 from retina_fast.models.layers import GroupNormSiLU
 from retina_fast.models.unet import UNet2D
-from retina_fast.models.vqgan import (VQGAN, VQGANOutput, model_to_reflectance, reflectance_to_model,
-                                      scale_latent, unscale_latent)
+from retina_fast.models.vqgan import (VQGAN, LatentWhitening, VQGANOutput, model_to_reflectance,
+                                      reflectance_to_model, scale_latent, unscale_latent)
 
 __all__ = [
     "Attention", "LinearAttention",
     "Codebook", "QuantizeOutput", "PRESETS", "LDMConfig", "UNetConfig", "VQGANConfig", "get_preset",
     "sweep_grid", "kmeans", "quantisation_stats", "GroupNormSiLU", "UNet2D",
     "VQGAN", "VQGANOutput", "model_to_reflectance", "reflectance_to_model", "scale_latent",
-    "unscale_latent",
+    "unscale_latent", "LatentWhitening",
 ]
