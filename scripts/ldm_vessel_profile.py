@@ -27,7 +27,6 @@ import retina_fast
 from retina_fast.backends.runners import Runner
 from retina_fast.metrics import vessel_tree_length
 from retina_fast.models.normalisation import reflectance_to_model
-from retina_fast.models.vqgan import scale_latent
 from retina_fast.modelzoo import load_ldm
 from retina_fast.phantom import render
 from retina_fast.samplers import sample, step_coefficients
@@ -50,9 +49,7 @@ def latent_vessel_share(ldm, eyes: int) -> dict:
 
     def latents(cubes):
         with torch.no_grad():
-            z = scale_latent(ldm.vqgan.encode(reflectance_to_model(cubes, ldm.vqgan.config)), *ldm.latent_range,
-                             ldm.latent_asinh)
-        return z.clamp(-1.0, 1.0) if ldm.clip_x0 else z
+            return ldm.unet_latents(ldm.vqgan.encode(reflectance_to_model(cubes, ldm.vqgan.config)))
 
     z_full, z_bare = latents(torch.stack([p.cube for p in full])), latents(bare)
     delta = z_full - z_bare
@@ -82,9 +79,7 @@ def profile(model: str, eyes: int, samples: int) -> list[dict]:
     rows = [{"row": "phantom", "tree": tree(real)}]
     with torch.no_grad():
         z = ldm.vqgan.encode(reflectance_to_model(real, ldm.vqgan.config))
-        z0 = scale_latent(z, *ldm.latent_range, ldm.latent_asinh)
-        if ldm.clip_x0:
-            z0 = z0.clamp(-1.0, 1.0)
+        z0 = ldm.unet_latents(z)
         rec = runner.decode(z0)
         rows.append({"row": "autoencoder", "tree": tree(rec), "l1": float((rec - real).abs().mean())})
         var = float(z0.var())

@@ -52,18 +52,17 @@ def training_set(pipe, images: int = IMAGES) -> tuple[torch.Tensor, torch.Tensor
     their vessel fractions (N, 1, 32, 32)."""
     from retina_fast.data import PhantomDataset
     from retina_fast.models.normalisation import reflectance_to_model
-    from retina_fast.models.vqgan import scale_latent
 
     from mask_diffusion import pooled_masks
 
-    vq, (lo, hi) = pipe.loaded.vqgan.eval(), pipe.loaded.latent_range
+    vq = pipe.loaded.vqgan.eval()
     ds = PhantomDataset(images, SIDE, wavelengths=vq.config.wavelengths, out_range=None)
     raw = []
     with torch.no_grad():
         for first in range(0, images, 32):
             r = torch.stack([ds[i] for i in range(first, min(first + 32, images))]).float()
             raw.append(vq.encode(reflectance_to_model(r, vq.config)).float())
-    z = scale_latent(torch.cat(raw), lo, hi, pipe.loaded.latent_asinh).clamp_(-1.0, 1.0)
+    z = pipe.loaded.unet_latents(torch.cat(raw))
     frac, _ = pooled_masks(range(images), z.shape[-1])
     return z, frac
 
@@ -175,16 +174,14 @@ def probe(a) -> int:
     and writes OUT/probe.json."""
     from retina_fast.data import PhantomDataset
     from retina_fast.models.normalisation import reflectance_to_model
-    from retina_fast.models.vqgan import scale_latent
 
     out = Path(a.out)
     pipe = shipped()
-    vq, (lo, hi) = pipe.loaded.vqgan.eval(), pipe.loaded.latent_range
+    vq = pipe.loaded.vqgan.eval()
     seeds = range(100000, 100000 + a.n)
     ds = PhantomDataset(a.n, SIDE, base_seed=100000, wavelengths=vq.config.wavelengths, out_range=None)
     r = torch.stack([ds[i] for i in range(a.n)]).float()
-    z0 = scale_latent(vq.encode(reflectance_to_model(r, vq.config)).float(), lo, hi,
-                      pipe.loaded.latent_asinh).clamp(-1, 1)
+    z0 = pipe.loaded.unet_latents(vq.encode(reflectance_to_model(r, vq.config)).float())
     state = torch.load(out / "ema.pt")
     cond = condition(seeds, z0.shape[-1], state.get("cond", "pooled"))
     unet = unet_for(pipe, cond.shape[1])

@@ -402,6 +402,7 @@ def test_ldm_latent_whiten_fits_once_and_is_stored(vq_run, tmp_path, capsys):
     (cache,) = (run / "cache").glob("latents_raw_*.safetensors")
     scaled = scale_latent(load_file(str(cache))["latents"].double(), *ldm.latent_range).clamp(-1, 1)
     y = ldm.latent_whiten.apply(scaled)
+    torch.testing.assert_close(ldm.unet_latents(load_file(str(cache))["latents"].double()), y.clamp(-1, 1))
     c = y.shape[1]
     torch.testing.assert_close(torch.cov(y.transpose(0, 1).reshape(c, -1)), 0.0025 * torch.eye(c, dtype=y.dtype),
                                rtol=0, atol=1e-6)
