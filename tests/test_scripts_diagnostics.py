@@ -38,6 +38,20 @@ def test_ldm_vessel_profile_runs_on_a_checkpoint(tmp_path):
     assert bad.returncode == 2 and "--eyes" in bad.stderr
 
 
+def test_latent_directions_on_a_checkpoint(tmp_path):
+    """Spectra in ascending order, shares in [0, 1], the whitened share reported; bad counts exit 2."""
+    ck = save_small_checkpoint(tmp_path / "ck")
+    out = _run([str(ROOT / "scripts" / "latent_directions.py"), str(ck), "--train", "4", "--eyes", "3",
+                "--json", str(tmp_path / "d.json")], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads((tmp_path / "d.json").read_text())
+    ev, gen = r["channel_variance_eigenvalues"], r["vessel_share_along_directions"]
+    assert ev == sorted(ev) and ev[0] > 0 and gen == sorted(gen) and 0 <= gen[0] and gen[-1] <= 1
+    assert 0 < r["vessel_share"] < 1 and 0 < r["vessel_share_whitened"] < 1 and "after whitening" in out.stdout
+    bad = _run([str(ROOT / "scripts" / "latent_directions.py"), str(ck), "--eyes", "1"], tmp_path)
+    assert bad.returncode == 2 and "--eyes" in bad.stderr
+
+
 def test_bench_before_after_refuses_unknown_workloads(tmp_path):
     out = _run([str(ROOT / "benchmarks" / "bench_before_after.py"), "--before", ".", "--after", ".",
                 "--workloads", "train"], tmp_path)
