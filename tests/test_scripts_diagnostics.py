@@ -22,14 +22,16 @@ def _run(args, cwd):
 def test_ldm_vessel_profile_runs_on_a_checkpoint(tmp_path):
     ck = save_small_checkpoint(tmp_path / "ck")
     out = _run([str(ROOT / "scripts" / "ldm_vessel_profile.py"), str(ck), "--eyes", "2", "--samples", "2",
-                "--json", str(tmp_path / "p.json")], tmp_path)
+                "--sensitivity", "--json", str(tmp_path / "p.json")], tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     (res,) = json.loads((tmp_path / "p.json").read_text()).values()
     rows, share = res["rows"], res["latent_vessels"]
     assert 0 < share["variance_share"] < 1 and share["delta_rms_at_vessels"] > 0 and share["high_pass_vessels"] > 0
     assert 0 < share["latent_px_touching_vessels"] <= 1 and "vessels in the latents" in out.stdout
     names = [r["row"] for r in rows]
-    assert names[:2] == ["phantom", "autoencoder"] and names[-1] == "samples" and len(names) == 12
+    assert names[:2] == ["phantom", "autoencoder"] and names[-1] == "samples" and len(names) == 24
+    assert names[11:23] == ["noise 0.075", "noise 0.15", "noise 0.3", "blur 0.25", "blur 0.5", "blur 1",
+                            "x0 10", "direct 10", "x0 20", "direct 20", "x0 40", "direct 40"]
     starts = [r for r in rows if r["row"].startswith("t=")]
     assert all(0 <= r["abar"] <= 1 and r["tree"] >= 0 for r in starts)
     assert [r["abar"] for r in starts] == sorted((r["abar"] for r in starts), reverse=True)
