@@ -13,8 +13,9 @@ An LDM checkpoint (written with ``retina_fast.checkpoint``) stores in
 ``latent_range`` ({"min", "max"}: the latent scaling constants), ``latent_asinh`` (optional: the asinh
 companding scale, see ``models.vqgan.scale_latent``), ``latent_whiten`` (optional: {"mean", "matrix"}, the
 affine map of the latent channels after the scaling, see ``models.vqgan.LatentWhitening``), ``latent_clip``
-(optional, default true: the samplers clamp x0 to [-1, 1]), ``normalisation`` and ``provenance``; ``vqgan.safetensors`` holds the autoencoder + codebook and ``unet.safetensors`` the EMA
-weights of the denoiser. Every weights file is sha256-verified before it is parsed; nothing is unpickled.
+(optional, default true: the samplers clamp x0 to [-1, 1]), ``normalisation`` and ``provenance``;
+``vqgan.safetensors`` holds the autoencoder + codebook and ``unet.safetensors`` the EMA weights of the denoiser.
+Every weights file is sha256-verified before it is parsed; nothing is unpickled.
 """
 from __future__ import annotations
 

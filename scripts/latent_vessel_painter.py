@@ -1,0 +1,246 @@
+"""The vessel tree drawn as a mask and painted into the latents by a small deterministic network.
+
+    python scripts/latent_vessel_painter.py data    --out runs/painter [--images 1024]
+    python scripts/latent_vessel_painter.py painter --out runs/painter [--steps 3000] [--threads 1]
+    python scripts/latent_vessel_painter.py joint   --out runs/painter [--steps 3000] [--threads 1]
+    python scripts/latent_vessel_painter.py sample  --out runs/painter [--n 256]
+
+Every LDM so far, the mask-conditioned ones included, renders a crackle of short dark segments where the shipped
+VQ-GAN's own reconstructions keep a tree (docs/recipe_study/README.md). What the vessels add to the latents is,
+however, a simple local function of where they run: a plain four-layer CNN given the vessel-free eye's latents
+and the vessel mask predicts the vessels' latent difference on held-out eyes, and the decode of the sum keeps
+the autoencoder's tree. So this splits the job: a diffusion model draws the *vessel-free* latents together with
+the tree's mask (one more channel, at the latent grid; a U-Net alone draws that mask's tree well), and the
+painter adds the vessels.
+
+``data``: phantom eyes 0..N-1 at 128 px rendered with and without vessels (``phantom.render(..., vessels=False)``:
+the same eye, illumination and camera noise), encoded by the packaged VQ-GAN into the U-Net's latent space
+(``LoadedLDM.unet_latents``), and the artery + vein mask average-pooled to the latent grid; cached in OUT.
+Held-out eyes 6000..6255 the same way.
+``painter``: P(z_bare, 2 m - 1) -> z_full - z_bare, four 3 x 3 convolutions (96 channels, SiLU), MSE, Adam
+1e-3, batch 32; reports the held-out R^2 and the tree of decode(z_bare + P) on held-out eyes (the painter's best:
+the eyes' own vessel-free latents and masks).
+``joint``: the shipped LDM recipe's loop (``mask_diffusion.train_eps``: U-Net preset ``tiny`` with nine
+channels, L2 on eps balanced over noise levels, lr 8e-4, batch 32, EMA, bf16 autocast) on [z_bare, 2 m - 1].
+``sample``: DDIM-50 draws of the joint model (seed 0), the painter on them, decoded by the packaged VQ-GAN;
+``vessel_tree_length`` at 555 nm, as ``scripts/tree_lengths.py`` measures it, for the painted draws and, as
+controls, the same draws unpainted. Writes OUT/samples.json and OUT/samples.png (555 nm: unpainted, painted).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BAND_555 = 5
+SIDE = 128
+HELD_OUT = 6000
+
+
+def _loaded():
+    import retina_fast
+
+    return retina_fast.load("default").loaded
+
+
+@torch.no_grad()
+def encode_eyes(ldm, seeds) -> dict[str, torch.Tensor]:
+    """U-Net-space latents of the eyes with and without vessels, their pooled vessel fraction."""
+    from retina_fast.models.normalisation import reflectance_to_model
+    from retina_fast.phantom import render
+
+    def enc(cubes):
+        return ldm.unet_latents(ldm.vqgan.encode(reflectance_to_model(cubes, ldm.vqgan.config))).float()
+
+    f = ldm.config.vqgan.f
+    full, bare, frac = [], [], []
+    seeds = list(seeds)
+    for first in range(0, len(seeds), 32):
+        eyes = [render(s, SIDE) for s in seeds[first:first + 32]]
+        full.append(enc(torch.stack([p.cube for p in eyes])))
+        bare.append(enc(torch.stack([render(s, SIDE, vessels=False).cube for s in seeds[first:first + 32]])))
+        mask = torch.stack([(p.masks["artery"] | p.masks["vein"]).float() for p in eyes])[:, None]
+        frac.append(F.avg_pool2d(mask, f))
+    return {"full": torch.cat(full), "bare": torch.cat(bare), "frac": torch.cat(frac)}
+
+
+def painter_net(channels: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(channels + 1, 96, 3, padding=1), nn.SiLU(), nn.Conv2d(96, 96, 3, padding=1),
+                         nn.SiLU(), nn.Conv2d(96, 96, 3, padding=1), nn.SiLU(), nn.Conv2d(96, channels, 3, padding=1))
+
+
+def paint(net: nn.Module, bare: torch.Tensor, frac: torch.Tensor) -> torch.Tensor:
+    return bare + net(torch.cat([bare, frac * 2 - 1], 1))
+
+
+def _tree(cubes: torch.Tensor) -> np.ndarray:
+    from retina_fast.metrics import vessel_tree_length
+
+    return vessel_tree_length(cubes, BAND_555).numpy()
+
+
+def _summary(t: np.ndarray) -> dict:
+    return {"n": int(t.size), "mean": float(t.mean()), "median": float(np.median(t)),
+            "p90": float(np.percentile(t, 90)), "no_tree": int((t == 0).sum())}
+
+
+def _decode(ldm, z: torch.Tensor) -> torch.Tensor:
+    from retina_fast.backends.runners import Runner
+
+    runner = Runner(ldm, torch.device("cpu"), torch.float32)
+    return torch.cat([runner.decode(z[i:i + 32]) for i in range(0, len(z), 32)])
+
+
+def cmd_data(a) -> int:
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ldm = _loaded()
+    torch.save(encode_eyes(ldm, range(a.images)), out / "train.pt")
+    torch.save(encode_eyes(ldm, range(HELD_OUT, HELD_OUT + a.held_out)), out / "held_out.pt")
+    return 0
+
+
+def cmd_painter(a) -> int:
+    out = Path(a.out)
+    tr, te = torch.load(out / "train.pt"), torch.load(out / "held_out.pt")
+    torch.manual_seed(a.seed)
+    net = painter_net(tr["full"].shape[1])
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    g = torch.Generator().manual_seed(a.seed)
+    log, t0 = [], time.time()
+    for step in range(1, a.steps + 1):
+        idx = torch.randint(0, len(tr["full"]), (32,), generator=g)
+        loss = F.mse_loss(paint(net, tr["bare"][idx], tr["frac"][idx]), tr["full"][idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 250 == 0 or step == a.steps:
+            with torch.no_grad():
+                delta = te["full"] - te["bare"]
+                r2 = 1 - float((paint(net, te["bare"], te["frac"]) - te["full"]).square().sum() / delta.square().sum())
+            log.append({"step": step, "mse": float(loss.detach()), "held_out_r2": r2,
+                        "s": round(time.time() - t0, 1)})
+            print(json.dumps(log[-1]), flush=True)
+    torch.save(net.state_dict(), out / "painter.pt")
+    ldm = _loaded()
+    n = min(len(te["full"]), a.eyes)
+    with torch.no_grad():
+        rows = {"autoencoder": _tree(_decode(ldm, te["full"][:n])),
+                "vessel-free": _tree(_decode(ldm, te["bare"][:n])),
+                "vessel-free + painter": _tree(_decode(ldm, paint(net, te["bare"][:n], te["frac"][:n])))}
+    res = {"command": _command(a), "log": log, "held_out_eyes": n, "rows": {k: _summary(v) for k, v in rows.items()}}
+    (out / "painter.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res["rows"], indent=1))
+    return 0
+
+
+def _joint_unet(ldm, channels: int):
+    import dataclasses
+
+    from retina_fast.models import UNet2D
+
+    cfg = dataclasses.replace(ldm.config.unet, in_channels=channels)  # the output has as many channels
+    return UNet2D(cfg)
+
+
+def cmd_joint(a) -> int:
+    from mask_diffusion import train_eps
+
+    out = Path(a.out)
+    tr = torch.load(out / "train.pt")
+    data = torch.cat([tr["bare"], tr["frac"] * 2 - 1], 1)
+    ldm = _loaded()
+    torch.manual_seed(a.seed)
+    save = lambda m, step: torch.save({"ema": m.state_dict(), "step": step}, out / "joint.pt")  # noqa: E731
+    _, log = train_eps(_joint_unet(ldm, data.shape[1]), data, ldm.schedule, steps=a.steps, batch=32, lr=a.lr,
+                       seed=a.seed, save=save)
+    (out / "joint.json").write_text(json.dumps({"command": _command(a), "log": log}, indent=1))
+    return 0
+
+
+@torch.no_grad()
+def cmd_sample(a) -> int:
+    from retina_fast.samplers import plan
+    from retina_fast.samplers import sample as run_loop
+
+    out = Path(a.out)
+    ldm = _loaded()
+    c = ldm.config.latent_shape[0]
+    unet = _joint_unet(ldm, c + 1)
+    unet.load_state_dict(torch.load(out / "joint.pt")["ema"])
+    unet.eval()
+    net = painter_net(c)
+    net.load_state_dict(torch.load(out / "painter.pt"))
+    net.eval()
+    coefs = plan("ddim", ldm.schedule, 50)
+    g = torch.Generator().manual_seed(a.seed)
+    draws = []
+    for first in range(0, a.n, 32):
+        x = torch.randn(min(32, a.n - first), c + 1, *ldm.config.latent_shape[1:], generator=g)
+        draws.append(run_loop(lambda v, t: unet(v, t), x, coefs))
+    z = torch.cat(draws)
+    bare, frac = z[:, :c], ((z[:, c:] + 1) / 2).clamp(0, 1)
+    plain, painted = _decode(ldm, bare), _decode(ldm, paint(net, bare, frac))
+    rows = {"joint draws, unpainted": _tree(plain), "joint draws, painted": _tree(painted)}
+    res = {"command": _command(a), "n": a.n, "mask_vessel_fraction": float(frac.mean()),
+           "rows": {k: _summary(v) for k, v in rows.items()}}
+    (out / "samples.json").write_text(json.dumps(res, indent=1))
+    _figure(plain[:8], painted[:8], out / "samples.png")
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+def _figure(top: torch.Tensor, bottom: torch.Tensor, path: Path) -> None:
+    from PIL import Image
+
+    def row(cubes):
+        tiles = []
+        for im in cubes[:, BAND_555].numpy():
+            lo, hi = np.percentile(im, 1), np.percentile(im, 99)
+            tiles.append(np.clip((im - lo) / (hi - lo + 1e-9), 0, 1))
+        return np.concatenate(tiles, 1)
+
+    Image.fromarray((np.concatenate([row(top), row(bottom)], 0) * 255).astype(np.uint8)).save(path)
+
+
+def _command(a) -> str:
+    return "python scripts/latent_vessel_painter.py " + " ".join(shlex.quote(x) for x in a.argv)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("data", "painter", "joint", "sample"):
+        s = sub.add_parser(name)
+        s.add_argument("--out", required=True)
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    sub.choices["data"].add_argument("--images", type=int, default=1024)
+    sub.choices["data"].add_argument("--held-out", type=int, default=256)
+    sub.choices["painter"].add_argument("--steps", type=int, default=3000)
+    sub.choices["painter"].add_argument("--eyes", type=int, default=64, help="held-out eyes for the trees")
+    sub.choices["joint"].add_argument("--steps", type=int, default=3000)
+    sub.choices["joint"].add_argument("--lr", type=float, default=8e-4)
+    sub.choices["sample"].add_argument("--n", type=int, default=256)
+    a = p.parse_args(argv)
+    a.argv = argv
+    for key in ("images", "held_out", "steps", "eyes", "n"):
+        if getattr(a, key, 1) < 1:
+            p.error(f"--{key.replace('_', '-')} must be >= 1")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    return {"data": cmd_data, "painter": cmd_painter, "joint": cmd_joint, "sample": cmd_sample}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
