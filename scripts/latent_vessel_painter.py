@@ -53,7 +53,8 @@ def _loaded():
 
 @torch.no_grad()
 def encode_eyes(ldm, seeds) -> dict[str, torch.Tensor]:
-    """U-Net-space latents of the eyes with and without vessels, their pooled vessel fraction."""
+    """U-Net-space latents of the eyes with and without vessels, their vessel mask (artery | vein, at the
+    image size) and its fraction in each latent pixel's patch."""
     from retina_fast.models.normalisation import reflectance_to_model
     from retina_fast.phantom import render
 
@@ -61,7 +62,7 @@ def encode_eyes(ldm, seeds) -> dict[str, torch.Tensor]:
         return ldm.unet_latents(ldm.vqgan.encode(reflectance_to_model(cubes, ldm.vqgan.config))).float()
 
     f = ldm.config.vqgan.f
-    full, bare, frac = [], [], []
+    full, bare, frac, masks = [], [], [], []
     seeds = list(seeds)
     for first in range(0, len(seeds), 32):
         eyes = [render(s, SIDE) for s in seeds[first:first + 32]]
@@ -69,16 +70,30 @@ def encode_eyes(ldm, seeds) -> dict[str, torch.Tensor]:
         bare.append(enc(torch.stack([render(s, SIDE, vessels=False).cube for s in seeds[first:first + 32]])))
         mask = torch.stack([(p.masks["artery"] | p.masks["vein"]).float() for p in eyes])[:, None]
         frac.append(F.avg_pool2d(mask, f))
-    return {"full": torch.cat(full), "bare": torch.cat(bare), "frac": torch.cat(frac)}
+        masks.append(mask.bool())
+    return {"full": torch.cat(full), "bare": torch.cat(bare), "frac": torch.cat(frac), "mask": torch.cat(masks)}
 
 
-def painter_net(channels: int) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(channels + 1, 96, 3, padding=1), nn.SiLU(), nn.Conv2d(96, 96, 3, padding=1),
-                         nn.SiLU(), nn.Conv2d(96, 96, 3, padding=1), nn.SiLU(), nn.Conv2d(96, channels, 3, padding=1))
+def condition(d: dict[str, torch.Tensor], mode: str) -> torch.Tensor:
+    """The vessel map at the latent grid, in [0, 1]: ``pooled`` -- the fraction of each latent pixel's patch (one
+    channel); ``full`` -- the image-size mask itself, each f x f patch as f^2 channels (``pixel_unshuffle``), so
+    it says where in the patch the vessel runs."""
+    if mode == "pooled":
+        return d["frac"]
+    f = d["mask"].shape[-1] // d["frac"].shape[-1]
+    return F.pixel_unshuffle(d["mask"].float(), f)
 
 
-def paint(net: nn.Module, bare: torch.Tensor, frac: torch.Tensor) -> torch.Tensor:
-    return bare + net(torch.cat([bare, frac * 2 - 1], 1))
+def painter_net(channels: int, cond_channels: int) -> nn.Module:
+    """Four 3 x 3 convolutions, 96 channels, SiLU: [vessel-free latents, vessel map] -> the vessels' latent
+    difference."""
+    return nn.Sequential(nn.Conv2d(channels + cond_channels, 96, 3, padding=1), nn.SiLU(),
+                         nn.Conv2d(96, 96, 3, padding=1), nn.SiLU(), nn.Conv2d(96, 96, 3, padding=1), nn.SiLU(),
+                         nn.Conv2d(96, channels, 3, padding=1))
+
+
+def paint(net: nn.Module, bare: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    return bare + net(torch.cat([bare, cond * 2 - 1], 1))
 
 
 def _tree(cubes: torch.Tensor) -> np.ndarray:
@@ -111,33 +126,35 @@ def cmd_data(a) -> int:
 def cmd_painter(a) -> int:
     out = Path(a.out)
     tr, te = torch.load(out / "train.pt"), torch.load(out / "held_out.pt")
+    c_tr, c_te = condition(tr, a.mask), condition(te, a.mask)
     torch.manual_seed(a.seed)
-    net = painter_net(tr["full"].shape[1])
+    net = painter_net(tr["full"].shape[1], c_tr.shape[1])
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     g = torch.Generator().manual_seed(a.seed)
     log, t0 = [], time.time()
     for step in range(1, a.steps + 1):
         idx = torch.randint(0, len(tr["full"]), (32,), generator=g)
-        loss = F.mse_loss(paint(net, tr["bare"][idx], tr["frac"][idx]), tr["full"][idx])
+        loss = F.mse_loss(paint(net, tr["bare"][idx], c_tr[idx]), tr["full"][idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 250 == 0 or step == a.steps:
             with torch.no_grad():
                 delta = te["full"] - te["bare"]
-                r2 = 1 - float((paint(net, te["bare"], te["frac"]) - te["full"]).square().sum() / delta.square().sum())
+                r2 = 1 - float((paint(net, te["bare"], c_te) - te["full"]).square().sum() / delta.square().sum())
             log.append({"step": step, "mse": float(loss.detach()), "held_out_r2": r2,
                         "s": round(time.time() - t0, 1)})
             print(json.dumps(log[-1]), flush=True)
-    torch.save(net.state_dict(), out / "painter.pt")
+    torch.save(net.state_dict(), out / f"painter_{a.mask}.pt")
     ldm = _loaded()
     n = min(len(te["full"]), a.eyes)
     with torch.no_grad():
         rows = {"autoencoder": _tree(_decode(ldm, te["full"][:n])),
                 "vessel-free": _tree(_decode(ldm, te["bare"][:n])),
-                "vessel-free + painter": _tree(_decode(ldm, paint(net, te["bare"][:n], te["frac"][:n])))}
-    res = {"command": _command(a), "log": log, "held_out_eyes": n, "rows": {k: _summary(v) for k, v in rows.items()}}
-    (out / "painter.json").write_text(json.dumps(res, indent=1))
+                "vessel-free + painter": _tree(_decode(ldm, paint(net, te["bare"][:n], c_te[:n])))}
+    res = {"command": _command(a), "mask": a.mask, "log": log, "held_out_eyes": n,
+           "rows": {k: _summary(v) for k, v in rows.items()}}
+    (out / f"painter_{a.mask}.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res["rows"], indent=1))
     return 0
 
@@ -156,13 +173,14 @@ def cmd_joint(a) -> int:
 
     out = Path(a.out)
     tr = torch.load(out / "train.pt")
-    data = torch.cat([tr["bare"], tr["frac"] * 2 - 1], 1)
+    data = torch.cat([tr["bare"], condition(tr, a.mask) * 2 - 1], 1)
     ldm = _loaded()
     torch.manual_seed(a.seed)
-    save = lambda m, step: torch.save({"ema": m.state_dict(), "step": step}, out / "joint.pt")  # noqa: E731
+    path = out / f"joint_{a.mask}.pt"
+    save = lambda m, step: torch.save({"ema": m.state_dict(), "step": step}, path)  # noqa: E731
     _, log = train_eps(_joint_unet(ldm, data.shape[1]), data, ldm.schedule, steps=a.steps, batch=32, lr=a.lr,
                        seed=a.seed, save=save)
-    (out / "joint.json").write_text(json.dumps({"command": _command(a), "log": log}, indent=1))
+    (out / f"joint_{a.mask}.json").write_text(json.dumps({"command": _command(a), "log": log}, indent=1))
     return 0
 
 
@@ -174,26 +192,27 @@ def cmd_sample(a) -> int:
     out = Path(a.out)
     ldm = _loaded()
     c = ldm.config.latent_shape[0]
-    unet = _joint_unet(ldm, c + 1)
-    unet.load_state_dict(torch.load(out / "joint.pt")["ema"])
+    k = 1 if a.mask == "pooled" else ldm.config.vqgan.f ** 2
+    unet = _joint_unet(ldm, c + k)
+    unet.load_state_dict(torch.load(out / f"joint_{a.mask}.pt")["ema"])
     unet.eval()
-    net = painter_net(c)
-    net.load_state_dict(torch.load(out / "painter.pt"))
+    net = painter_net(c, k)
+    net.load_state_dict(torch.load(out / f"painter_{a.mask}.pt"))
     net.eval()
     coefs = plan("ddim", ldm.schedule, 50)
     g = torch.Generator().manual_seed(a.seed)
     draws = []
     for first in range(0, a.n, 32):
-        x = torch.randn(min(32, a.n - first), c + 1, *ldm.config.latent_shape[1:], generator=g)
+        x = torch.randn(min(32, a.n - first), c + k, *ldm.config.latent_shape[1:], generator=g)
         draws.append(run_loop(lambda v, t: unet(v, t), x, coefs))
     z = torch.cat(draws)
-    bare, frac = z[:, :c], ((z[:, c:] + 1) / 2).clamp(0, 1)
-    plain, painted = _decode(ldm, bare), _decode(ldm, paint(net, bare, frac))
+    bare, cond = z[:, :c], ((z[:, c:] + 1) / 2).clamp(0, 1)
+    plain, painted = _decode(ldm, bare), _decode(ldm, paint(net, bare, cond))
     rows = {"joint draws, unpainted": _tree(plain), "joint draws, painted": _tree(painted)}
-    res = {"command": _command(a), "n": a.n, "mask_vessel_fraction": float(frac.mean()),
+    res = {"command": _command(a), "mask": a.mask, "n": a.n, "mask_vessel_fraction": float(cond.mean()),
            "rows": {k: _summary(v) for k, v in rows.items()}}
-    (out / "samples.json").write_text(json.dumps(res, indent=1))
-    _figure(plain[:8], painted[:8], out / "samples.png")
+    (out / f"samples_{a.mask}.json").write_text(json.dumps(res, indent=1))
+    _figure(plain[:8], painted[:8], out / f"samples_{a.mask}.png")
     print(json.dumps(res, indent=1))
     return 0
 
@@ -224,6 +243,10 @@ def main(argv=None) -> int:
         s.add_argument("--out", required=True)
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+        if name != "data":
+            s.add_argument("--mask", choices=("pooled", "full"), default="full",
+                           help="the vessel map at the latent grid: pooled fraction (1 channel) or the image-size "
+                                "mask (f^2 channels; default)")
     sub.choices["data"].add_argument("--images", type=int, default=1024)
     sub.choices["data"].add_argument("--held-out", type=int, default=256)
     sub.choices["painter"].add_argument("--steps", type=int, default=3000)
@@ -239,7 +262,12 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    return {"data": cmd_data, "painter": cmd_painter, "joint": cmd_joint, "sample": cmd_sample}[a.cmd](a)
+    try:
+        return {"data": cmd_data, "painter": cmd_painter, "joint": cmd_joint, "sample": cmd_sample}[a.cmd](a)
+    except FileNotFoundError as exc:  # a step run before the one that writes its input
+        print(f"latent_vessel_painter.py {a.cmd}: {exc.filename}: not found (run the earlier steps first)",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -137,3 +137,26 @@ def test_mask_diffusion_and_the_mask_conditioned_ldm_run_end_to_end(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads((tmp_path / "full" / "probe.json").read_text())["rows"]
     assert [r["t"] for r in rows] == [600, 300, 100] and all(0 < v < 4 for r in rows for k, v in r.items() if k != "t")
+
+
+def test_latent_vessel_painter_runs_end_to_end(tmp_path):
+    """scripts/latent_vessel_painter.py: data, painter, joint LDM and sample at toy budgets, as a user runs them;
+    the data's vessel-free latents decode without a tree and the autoencoder's with one (the painter's frame)."""
+    lp = str(ROOT / "scripts" / "latent_vessel_painter.py")
+    out = _run([lp, "data", "--out", "p", "--images", "4", "--held-out", "3"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for sub, extra in (("painter", ["--steps", "2", "--eyes", "3"]), ("joint", ["--steps", "2"]),
+                       ("sample", ["--n", "2"])):
+        out = _run([lp, sub, "--out", "p", "--threads", "1", *extra], tmp_path)
+        assert out.returncode == 0, (sub, out.stderr[-2000:])
+    res = json.loads((tmp_path / "p" / "painter_full.json").read_text())
+    assert res["mask"] == "full" and res["held_out_eyes"] == 3 and len(res["log"]) == 1 and res["log"][0]["step"] == 2
+    assert res["rows"]["vessel-free"]["median"] == 0 and res["rows"]["autoencoder"]["median"] > 50
+    assert "painter --out p" in res["command"]
+    res = json.loads((tmp_path / "p" / "samples_full.json").read_text())
+    assert set(res["rows"]) == {"joint draws, unpainted", "joint draws, painted"} and res["n"] == 2
+    assert 0 <= res["mask_vessel_fraction"] <= 1 and (tmp_path / "p" / "samples_full.png").is_file()
+    out = _run([lp, "sample", "--out", "p", "--mask", "pooled", "--n", "1"], tmp_path)  # nothing trained for it
+    assert out.returncode == 2 and "joint_pooled.pt: not found" in out.stderr and "Traceback" not in out.stderr
+    bad = _run([lp, "sample", "--out", "p", "--n", "0"], tmp_path)
+    assert bad.returncode == 2 and "--n must be >= 1" in bad.stderr
