@@ -8,7 +8,19 @@ from __future__ import annotations
 import platform
 import subprocess
 
+import pytest
 import torch
+
+
+def pytest_addoption(parser):
+    parser.addoption("--compile-backend", default="inductor",
+                     help="torch.compile backend of the `compile` contenders (default inductor, what users get; "
+                          "`eager` only traces, for a quick functional pass)")
+
+
+@pytest.fixture(scope="session")
+def compile_backend(request):
+    return request.config.getoption("--compile-backend")
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

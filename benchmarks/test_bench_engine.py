@@ -150,14 +150,14 @@ def paper224():
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("contender", ["torch", "plain:bf16", pytest.param("cpu", marks=needs_ext),
                                        pytest.param("cpu:bf16", marks=needs_bf16_conv), "compile", "compile:bf16"])
-def test_unet_call_paper224(benchmark, paper224, batch, contender):
+def test_unet_call_paper224(benchmark, paper224, batch, contender, compile_backend):
     """One paper-224 U-Net call (110.8 GFLOP per image) per contender; ``compile`` is torch.compile (inductor),
     what a PyTorch user tries first (its compile is the untimed first call). Ratios measured side by side:
     benchmarks/bench_presets.py; on a GPU: benchmarks/gpu/run.sh."""
     from retina_fast import flops
     from retina_fast.bench import make_contender
 
-    con = make_contender(paper224, contender, "cpu")
+    con = make_contender(paper224, contender, "cpu", compile_backend=compile_backend)
     x = torch.randn(batch, *paper224.config.latent_shape, generator=torch.Generator().manual_seed(batch))
     t = torch.full((batch,), 500)
     ref = paper224.runner("torch", "cpu").denoise(x, t)
@@ -166,6 +166,6 @@ def test_unet_call_paper224(benchmark, paper224, batch, contender):
     benchmark.pedantic(lambda: con.runner.denoise(x, t), rounds=3, iterations=1)
     if benchmark.stats is None:  # --benchmark-disable: the body ran once, nothing was timed
         return
-    benchmark.extra_info.update(dtype=str(con.dtype), relative_l2_error=err,
+    benchmark.extra_info.update(dtype=str(con.dtype), relative_l2_error=err, note=con.note,
                                 gflop_per_s=flops.unet_flops(paper224.config.unet, 28, 28) * batch
                                 / benchmark.stats["median"] / 1e9)

@@ -48,7 +48,9 @@ SCALE = [
     (r"--steps \d+", "--steps 2"),
     (r"--nproc_per_node \d+", "--nproc_per_node 2"),
     (r"\bsample\(\d+, steps=\d+", "sample(2, steps=2"),
-    (r"--benchmark-json=\S+", "--benchmark-disable"),  # each benchmark body runs once, nothing is timed
+    # each benchmark body runs once, nothing is timed; torch.compile only traces (inductor's paper-size
+    # compiles alone took ~200 s of CI)
+    (r"--benchmark-json=\S+", "--benchmark-disable --compile-backend eager"),
     (r"--preset paper-\d+", "--preset tiny"),
     (r"(retina-fast bench [^\n#]*\bcompile\b[^\n#]*)", r"\1 --compile-backend eager --repeats 1 "),
 ]
