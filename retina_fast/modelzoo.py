@@ -70,20 +70,12 @@ class LoadedLDM:
         return next(self.unet.parameters()).device
 
     def unet_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """Continuous VQ-GAN latents (B, C, h, w) -> the U-Net's latent space, as training saw them:
-        ``scale_latent``, clamped to [-1, 1] when ``clip_x0``, then the channel whitening (when set), clamped
-        again. The decode (``Runner.decode``) inverts it up to the clamps and the nearest-code step."""
-        from retina_fast.models.vqgan import scale_latent
+        """Continuous VQ-GAN latents (B, C, h, w) -> the U-Net's latent space, as training saw them
+        (``diffusion_latents`` with this model's scaling, clamp and whitening)."""
+        from retina_fast.models.vqgan import diffusion_latents
 
         lo, hi = self.latent_range
-        w = scale_latent(z, lo, hi, self.latent_asinh)
-        if self.clip_x0:
-            w = w.clamp(-1.0, 1.0)
-        if self.latent_whiten is not None:
-            w = self.latent_whiten.apply(w)
-            if self.clip_x0:
-                w = w.clamp(-1.0, 1.0)
-        return w
+        return diffusion_latents(z, lo, hi, self.latent_asinh, clip=self.clip_x0, whiten=self.latent_whiten)
 
 
 KINDS = ("ldm", "magenet", "structure-net")

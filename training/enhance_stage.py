@@ -33,8 +33,7 @@ import torch
 
 from retina_fast.training import enhance_kinds
 from retina_fast.training.eval_enhance import (FOLLOW_UP_LINE, KIND_SIZE, TEST_SEEDS, VAL_SEEDS, _load_rsp, _rank,
-                                               _scores, note_follow_up, saved_again,
-                                               validation_score, vessel_iou)
+                                               _scores, note_follow_up, saved_again, validation_score, vessel_iou)
 
 __all__ = ["copy_stage", "evaluate_chain", "wire", "then_entry", "main", "FOLLOW_UP_LINE"]
 

@@ -57,7 +57,7 @@ from torch import nn
 
 from retina_fast.checkpoint import load_checkpoint, load_state_into, model_config, save_checkpoint
 from retina_fast.models import VQGAN, LDMConfig, UNet2D
-from retina_fast.models.vqgan import LatentWhitening, scale_latent
+from retina_fast.models.vqgan import LatentWhitening, diffusion_latents
 from retina_fast.modelzoo import LoadedLDM, schedule_for
 from retina_fast.schedules import MAX_LOGSNR_SHIFT, check_logsnr_shift
 from retina_fast.training.trainer import (EMA, BatchPlan, DistInfo, MetricLogger, command_line, init_distributed,
@@ -303,20 +303,18 @@ def _latents(opts: dict, vq: VQGAN, vq_doc: dict, info: DistInfo, run_dir: Path
         rng = latent_range(vq, raw, opts["latent_quantile"])
         opts["latent_range"] = [math.asinh(v / asinh) for v in rng] if asinh else list(rng)
     lo, hi = opts["latent_range"]
-    scaled = scale_latent(raw, lo, hi, asinh)
-    if opts["latent_clip"] == "on":
-        scaled.clamp_(-1.0, 1.0)
+    clip = opts["latent_clip"] == "on"
     whiten, desc = None, data.description
     if opts["latent_whiten"]:
-        if opts.get("latent_whiten_map") is None:  # fitted once; a resumed run reads it back
-            opts["latent_whiten_map"] = LatentWhitening.fit(scaled, opts["latent_whiten"]).to_dict()
+        base = diffusion_latents(raw, lo, hi, asinh, clip=clip)
+        if opts.get("latent_whiten_map") is None:  # fitted once, on the scaled latents; a resumed run reads it back
+            opts["latent_whiten_map"] = LatentWhitening.fit(base, opts["latent_whiten"]).to_dict()
         whiten = LatentWhitening(**opts["latent_whiten_map"])
-        scaled = whiten.apply(scaled)
-        if opts["latent_clip"] == "on":
-            beyond = float((scaled.abs() > 1.0).double().mean())
-            scaled.clamp_(-1.0, 1.0)
+        if clip:
+            beyond = float((whiten.apply(base).abs() > 1.0).double().mean())
             desc += (f"; latents whitened (std {opts['latent_whiten']:g} per channel direction, "
                      f"{100 * beyond:.4f} % clamped)")
+    scaled = diffusion_latents(raw, lo, hi, asinh, clip=clip, whiten=whiten)
     return scaled, (lo, hi), whiten, desc
 
 

@@ -115,6 +115,21 @@ class LatentWhitening:
         return {"mean": self.mean.tolist(), "matrix": self.matrix.tolist()}
 
 
+def diffusion_latents(z: torch.Tensor, lo: float, hi: float, asinh: float | None = None, *, clip: bool = True,
+                      whiten: LatentWhitening | None = None) -> torch.Tensor:
+    """Continuous VQ-GAN latents (B, C, h, w) -> the diffusion model's space: ``scale_latent``, clamped to
+    [-1, 1] when ``clip``, then ``whiten`` (when given), clamped again. The one definition shared by training
+    and inference; the decode inverts it up to the clamps and the nearest-code step."""
+    w = scale_latent(z, lo, hi, asinh)
+    if clip:
+        w = w.clamp(-1.0, 1.0)
+    if whiten is not None:
+        w = whiten.apply(w)
+        if clip:
+            w = w.clamp(-1.0, 1.0)
+    return w
+
+
 class VQGANOutput(NamedTuple):
     """recon (B, bands, H, W); z (B, D, h, w) continuous; quant: the codebook's QuantizeOutput."""
 
