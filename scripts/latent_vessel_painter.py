@@ -4,6 +4,9 @@
     python scripts/latent_vessel_painter.py painter --out runs/painter [--steps 3000] [--threads 1]
     python scripts/latent_vessel_painter.py joint   --out runs/painter [--steps 3000] [--threads 1]
     python scripts/latent_vessel_painter.py sample  --out runs/painter [--n 256]
+    python scripts/latent_vessel_painter.py maps    --out runs/painter [--steps 3000] [--threads 1]
+    python scripts/latent_vessel_painter.py bare    --out runs/painter [--steps 3000] [--threads 1]
+    python scripts/latent_vessel_painter.py sample  --out runs/painter --design two-stage [--n 256]
 
 Every LDM so far, the mask-conditioned ones included, renders a crackle of short dark segments where the shipped
 VQ-GAN's own reconstructions keep a tree (docs/recipe_study/README.md). What the vessels add to the latents is,
@@ -22,9 +25,16 @@ Held-out eyes 6000..6255 the same way.
 the eyes' own vessel-free latents and masks).
 ``joint``: the shipped LDM recipe's loop (``mask_diffusion.train_eps``: U-Net preset ``tiny`` with nine
 channels, L2 on eps balanced over noise levels, lr 8e-4, batch 32, EMA, bf16 autocast) on [z_bare, 2 m - 1].
-``sample``: DDIM-50 draws of the joint model (seed 0), the painter on them, decoded by the packaged VQ-GAN;
+``maps`` and ``bare``: the same loop in two stages instead of one joint model -- ``maps`` on the vessel map alone
+(stage 1), ``bare`` on the vessel-free latents with the map as extra input channels (stage 2, the loss on the
+latents), as in two-stage vessel-mask-conditioned fundus synthesis.
+``sample``: DDIM-50 draws of the joint model (``--design joint``) or of stage 1 then stage 2 on its maps
+(``--design two-stage``; seed 0), the painter on them, decoded by the packaged VQ-GAN;
 ``vessel_tree_length`` at 555 nm, as ``scripts/tree_lengths.py`` measures it, for the painted draws and, as
-controls, the same draws unpainted. Writes OUT/samples.json and OUT/samples.png (555 nm: unpainted, painted).
+controls, the same draws unpainted; and the drawn vessel map's own tree (``mask_diffusion.tree``: a pseudo band
+1 - 0.6 x the map at 128 px, eye 0's field of view) against the held-out eyes' maps, so a short tree is put on
+the map or on the painter. Writes OUT/samples_MASK.json and OUT/samples_MASK.png (555 nm unpainted, 555 nm
+painted, the drawn map dark on white).
 """
 from __future__ import annotations
 
@@ -168,56 +178,110 @@ def _joint_unet(ldm, channels: int):
     return UNet2D(cfg)
 
 
-def cmd_joint(a) -> int:
+def _train(a, data: torch.Tensor, name: str, cond: torch.Tensor | None = None) -> int:
+    """The shipped LDM recipe's loop on ``data`` (``cond``: extra input channels) -> OUT/NAME.pt, OUT/NAME.json."""
     from mask_diffusion import train_eps
 
     out = Path(a.out)
-    tr = torch.load(out / "train.pt")
-    data = torch.cat([tr["bare"], condition(tr, a.mask) * 2 - 1], 1)
     ldm = _loaded()
     torch.manual_seed(a.seed)
-    path = out / f"joint_{a.mask}.pt"
+    path = out / f"{name}.pt"
     save = lambda m, step: torch.save({"ema": m.state_dict(), "step": step}, path)  # noqa: E731
-    _, log = train_eps(_joint_unet(ldm, data.shape[1]), data, ldm.schedule, steps=a.steps, batch=32, lr=a.lr,
-                       seed=a.seed, save=save)
-    (out / f"joint_{a.mask}.json").write_text(json.dumps({"command": _command(a), "log": log}, indent=1))
+    k = 0 if cond is None else cond.shape[1]
+    _, log = train_eps(_joint_unet(ldm, data.shape[1] + k), data, ldm.schedule, steps=a.steps, batch=32, lr=a.lr,
+                       seed=a.seed, cond=cond, save=save)
+    (out / f"{name}.json").write_text(json.dumps({"command": _command(a), "log": log}, indent=1))
     return 0
+
+
+def cmd_joint(a) -> int:
+    tr = torch.load(Path(a.out) / "train.pt")
+    return _train(a, torch.cat([tr["bare"], condition(tr, a.mask) * 2 - 1], 1), f"joint_{a.mask}")
+
+
+def cmd_maps(a) -> int:
+    return _train(a, condition(torch.load(Path(a.out) / "train.pt"), a.mask) * 2 - 1, f"maps_{a.mask}")
+
+
+def cmd_bare(a) -> int:
+    tr = torch.load(Path(a.out) / "train.pt")
+    return _train(a, tr["bare"], f"bare_{a.mask}", cond=condition(tr, a.mask) * 2 - 1)
+
+
+def _unet(ldm, path: Path, channels: int):
+    unet = _joint_unet(ldm, channels)
+    unet.load_state_dict(torch.load(path)["ema"])
+    return unet.eval()
+
+
+def _draw(model, x: torch.Tensor, coefs, cond: torch.Tensor | None = None) -> torch.Tensor:
+    """DDIM draws from the noise ``x`` in chunks of 32; with ``cond``, the model sees it as extra channels and only
+    its first ``x.shape[1]`` outputs are used."""
+    from retina_fast.samplers import sample as run_loop
+
+    c, out = x.shape[1], []
+    for i in range(0, len(x), 32):
+        if cond is None:
+            out.append(run_loop(lambda v, t: model(v, t), x[i:i + 32], coefs))
+        else:
+            m = cond[i:i + 32]
+            out.append(run_loop(lambda v, t, m=m: model(torch.cat([v, m], 1), t)[:, :c], x[i:i + 32], coefs))
+    return torch.cat(out)
 
 
 @torch.no_grad()
 def cmd_sample(a) -> int:
     from retina_fast.samplers import plan
-    from retina_fast.samplers import sample as run_loop
 
     out = Path(a.out)
     ldm = _loaded()
     c = ldm.config.latent_shape[0]
     k = 1 if a.mask == "pooled" else ldm.config.vqgan.f ** 2
-    unet = _joint_unet(ldm, c + k)
-    unet.load_state_dict(torch.load(out / f"joint_{a.mask}.pt")["ema"])
-    unet.eval()
     net = painter_net(c, k)
     net.load_state_dict(torch.load(out / f"painter_{a.mask}.pt"))
     net.eval()
     coefs = plan("ddim", ldm.schedule, 50)
     g = torch.Generator().manual_seed(a.seed)
-    draws = []
-    for first in range(0, a.n, 32):
-        x = torch.randn(min(32, a.n - first), c + k, *ldm.config.latent_shape[1:], generator=g)
-        draws.append(run_loop(lambda v, t: unet(v, t), x, coefs))
-    z = torch.cat(draws)
-    bare, cond = z[:, :c], ((z[:, c:] + 1) / 2).clamp(0, 1)
+    shape = ldm.config.latent_shape[1:]
+    if a.design == "joint":
+        z = _draw(_unet(ldm, out / f"joint_{a.mask}.pt", c + k), torch.randn(a.n, c + k, *shape, generator=g), coefs)
+        bare, cond = z[:, :c], ((z[:, c:] + 1) / 2).clamp(0, 1)
+    else:
+        maps = _draw(_unet(ldm, out / f"maps_{a.mask}.pt", k), torch.randn(a.n, k, *shape, generator=g), coefs)
+        cond = ((maps + 1) / 2).clamp(0, 1)
+        bare = _draw(_unet(ldm, out / f"bare_{a.mask}.pt", c + k), torch.randn(a.n, c, *shape, generator=g), coefs,
+                     cond=cond * 2 - 1)
     plain, painted = _decode(ldm, bare), _decode(ldm, paint(net, bare, cond))
-    rows = {"joint draws, unpainted": _tree(plain), "joint draws, painted": _tree(painted)}
-    res = {"command": _command(a), "mask": a.mask, "n": a.n, "mask_vessel_fraction": float(cond.mean()),
+    held = torch.load(out / "held_out.pt")
+    rows = {"joint draws, unpainted": _tree(plain), "joint draws, painted": _tree(painted),
+            "drawn map": _map_tree(cond, a.mask), "held-out eyes' maps": _map_tree(condition(held, a.mask), a.mask)}
+    res = {"command": _command(a), "mask": a.mask, "design": a.design, "n": a.n,
+           "mask_vessel_fraction": float(cond.mean()),
+           "held_out_vessel_fraction": float(condition(held, a.mask).mean()),
            "rows": {k: _summary(v) for k, v in rows.items()}}
-    (out / f"samples_{a.mask}.json").write_text(json.dumps(res, indent=1))
-    _figure(plain[:8], painted[:8], out / f"samples_{a.mask}.png")
+    name = f"samples_{a.mask}" + ("" if a.design == "joint" else "_two_stage")
+    (out / f"{name}.json").write_text(json.dumps(res, indent=1))
+    _figure(plain[:8], painted[:8], _map_image(cond[:8], a.mask), out / f"{name}.png")
     print(json.dumps(res, indent=1))
     return 0
 
 
-def _figure(top: torch.Tensor, bottom: torch.Tensor, path: Path) -> None:
+def _map_image(cond: torch.Tensor, mode: str) -> torch.Tensor:
+    """The vessel map at the latent grid -> (N, 1, SIDE, SIDE) in [0, 1]: the full map's channels back to their
+    pixels, the pooled fraction bilinear (as ``mask_diffusion.pseudo_cubes`` does)."""
+    if mode == "full":
+        return F.pixel_shuffle(cond, SIDE // cond.shape[-1])
+    return F.interpolate(cond, size=(SIDE, SIDE), mode="bilinear", align_corners=False).clamp(0, 1)
+
+
+def _map_tree(cond: torch.Tensor, mode: str) -> np.ndarray:
+    from mask_diffusion import FOV_SEED, pooled_masks, tree
+
+    fov = pooled_masks([FOV_SEED], 1, SIDE)[1]
+    return tree(_map_image(cond, mode), fov.expand(len(cond), -1, -1))
+
+
+def _figure(top: torch.Tensor, bottom: torch.Tensor, maps: torch.Tensor, path: Path) -> None:
     from PIL import Image
 
     def row(cubes):
@@ -227,7 +291,8 @@ def _figure(top: torch.Tensor, bottom: torch.Tensor, path: Path) -> None:
             tiles.append(np.clip((im - lo) / (hi - lo + 1e-9), 0, 1))
         return np.concatenate(tiles, 1)
 
-    Image.fromarray((np.concatenate([row(top), row(bottom)], 0) * 255).astype(np.uint8)).save(path)
+    map_row = np.concatenate([1 - m[0] for m in maps.numpy()], 1)
+    Image.fromarray((np.concatenate([row(top), row(bottom), map_row], 0) * 255).astype(np.uint8)).save(path)
 
 
 def _command(a) -> str:
@@ -238,7 +303,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("data", "painter", "joint", "sample"):
+    for name in ("data", "painter", "joint", "maps", "bare", "sample"):
         s = sub.add_parser(name)
         s.add_argument("--out", required=True)
         s.add_argument("--seed", type=int, default=0)
@@ -251,9 +316,13 @@ def main(argv=None) -> int:
     sub.choices["data"].add_argument("--held-out", type=int, default=256)
     sub.choices["painter"].add_argument("--steps", type=int, default=3000)
     sub.choices["painter"].add_argument("--eyes", type=int, default=64, help="held-out eyes for the trees")
-    sub.choices["joint"].add_argument("--steps", type=int, default=3000)
-    sub.choices["joint"].add_argument("--lr", type=float, default=8e-4)
+    for name in ("joint", "maps", "bare"):
+        sub.choices[name].add_argument("--steps", type=int, default=3000)
+        sub.choices[name].add_argument("--lr", type=float, default=8e-4)
     sub.choices["sample"].add_argument("--n", type=int, default=256)
+    sub.choices["sample"].add_argument("--design", choices=("joint", "two-stage"), default="joint",
+                                       help="one joint model (joint_MASK.pt) or stage 1 then 2 (maps_MASK.pt, "
+                                            "bare_MASK.pt)")
     a = p.parse_args(argv)
     a.argv = argv
     for key in ("images", "held_out", "steps", "eyes", "n"):
@@ -263,7 +332,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     try:
-        return {"data": cmd_data, "painter": cmd_painter, "joint": cmd_joint, "sample": cmd_sample}[a.cmd](a)
+        return {"data": cmd_data, "painter": cmd_painter, "joint": cmd_joint, "maps": cmd_maps, "bare": cmd_bare,
+                "sample": cmd_sample}[a.cmd](a)
     except FileNotFoundError as exc:  # a step run before the one that writes its input
         print(f"latent_vessel_painter.py {a.cmd}: {exc.filename}: not found (run the earlier steps first)",
               file=sys.stderr)

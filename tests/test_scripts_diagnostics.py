@@ -146,7 +146,8 @@ def test_latent_vessel_painter_runs_end_to_end(tmp_path):
     out = _run([lp, "data", "--out", "p", "--images", "4", "--held-out", "3"], tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     for sub, extra in (("painter", ["--steps", "2", "--eyes", "3"]), ("joint", ["--steps", "2"]),
-                       ("sample", ["--n", "2"])):
+                       ("sample", ["--n", "2"]), ("maps", ["--steps", "2"]), ("bare", ["--steps", "2"]),
+                       ("sample", ["--n", "2", "--design", "two-stage"])):
         out = _run([lp, sub, "--out", "p", "--threads", "1", *extra], tmp_path)
         assert out.returncode == 0, (sub, out.stderr[-2000:])
     res = json.loads((tmp_path / "p" / "painter_full.json").read_text())
@@ -154,9 +155,19 @@ def test_latent_vessel_painter_runs_end_to_end(tmp_path):
     assert res["rows"]["vessel-free"]["median"] == 0 and res["rows"]["autoencoder"]["median"] > 50
     assert "painter --out p" in res["command"]
     res = json.loads((tmp_path / "p" / "samples_full.json").read_text())
-    assert set(res["rows"]) == {"joint draws, unpainted", "joint draws, painted"} and res["n"] == 2
-    assert 0 <= res["mask_vessel_fraction"] <= 1 and (tmp_path / "p" / "samples_full.png").is_file()
+    assert set(res["rows"]) == {"joint draws, unpainted", "joint draws, painted", "drawn map",
+                                "held-out eyes' maps"} and res["n"] == 2
+    assert res["rows"]["held-out eyes' maps"]["median"] > 50 and res["rows"]["held-out eyes' maps"]["n"] == 3
+    assert 0 <= res["mask_vessel_fraction"] <= 1 and 0.05 < res["held_out_vessel_fraction"] < 0.3
+    from PIL import Image
+
+    assert Image.open(tmp_path / "p" / "samples_full.png").size == (2 * 128, 3 * 128)  # 2 draws; three rows
+    two = json.loads((tmp_path / "p" / "samples_full_two_stage.json").read_text())
+    assert two["design"] == "two-stage" and set(two["rows"]) == set(res["rows"]) and two["n"] == 2
+    assert two["rows"]["held-out eyes' maps"] == res["rows"]["held-out eyes' maps"]  # the same reference row
+    assert json.loads((tmp_path / "p" / "maps_full.json").read_text())["log"] == [] and "bare --out p" in json.loads(
+        (tmp_path / "p" / "bare_full.json").read_text())["command"]
     out = _run([lp, "sample", "--out", "p", "--mask", "pooled", "--n", "1"], tmp_path)  # nothing trained for it
-    assert out.returncode == 2 and "joint_pooled.pt: not found" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "painter_pooled.pt: not found" in out.stderr and "Traceback" not in out.stderr
     bad = _run([lp, "sample", "--out", "p", "--n", "0"], tmp_path)
     assert bad.returncode == 2 and "--n must be >= 1" in bad.stderr
