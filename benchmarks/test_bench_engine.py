@@ -151,9 +151,9 @@ def paper224():
 @pytest.mark.parametrize("contender", ["torch", "plain:bf16", pytest.param("cpu", marks=needs_ext),
                                        pytest.param("cpu:bf16", marks=needs_bf16_conv), "compile", "compile:bf16"])
 def test_unet_call_paper224(benchmark, paper224, batch, contender, compile_backend):
-    """One paper-224 U-Net call (110.8 GFLOP per image) per contender; ``compile`` is torch.compile (inductor),
-    what a PyTorch user tries first (its compile is the untimed first call). Ratios measured side by side:
-    benchmarks/bench_presets.py; on a GPU: benchmarks/gpu/run.sh."""
+    """One paper-224 U-Net call (110.8 GFLOP per image) per contender; ``compile`` is torch.compile (inductor;
+    ``--compile-backend`` to change), what a PyTorch user tries first (its compile is the untimed first call).
+    Ratios measured side by side: benchmarks/bench_presets.py; on a GPU: benchmarks/gpu/run.sh."""
     from retina_fast import flops
     from retina_fast.bench import make_contender
 
