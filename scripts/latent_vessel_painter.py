@@ -6,7 +6,8 @@
     python scripts/latent_vessel_painter.py sample  --out runs/painter [--n 256]
     python scripts/latent_vessel_painter.py maps    --out runs/painter [--steps 3000] [--threads 1]
     python scripts/latent_vessel_painter.py bare    --out runs/painter [--steps 3000] [--threads 1]
-    python scripts/latent_vessel_painter.py sample  --out runs/painter --design two-stage [--n 256]
+    python scripts/latent_vessel_painter.py upsample --out runs/painter [--steps 1500] [--threads 1]
+    python scripts/latent_vessel_painter.py sample  --out runs/painter --design two-stage [--n 256] [--maps pooled]
 
 Every LDM so far, the mask-conditioned ones included, renders a crackle of short dark segments where the shipped
 VQ-GAN's own reconstructions keep a tree (docs/recipe_study/README.md). What the vessels add to the latents is,
@@ -28,8 +29,12 @@ channels, L2 on eps balanced over noise levels, lr 8e-4, batch 32, EMA, bf16 aut
 ``maps`` and ``bare``: the same loop in two stages instead of one joint model -- ``maps`` on the vessel map alone
 (stage 1), ``bare`` on the vessel-free latents with the map as extra input channels (stage 2, the loss on the
 latents), as in two-stage vessel-mask-conditioned fundus synthesis.
+``upsample``: a CNN of the painter's shape from the pooled map (one channel) to the full map's f^2 channels
+(logits, binary cross-entropy), so a stage 1 that draws the pooled map (which a U-Net draws as a tree) can feed
+the full-map stage 2 and painter; reports the held-out Dice, the trees of the upsampled maps and of the painter
+on them.
 ``sample``: DDIM-50 draws of the joint model (``--design joint``) or of stage 1 then stage 2 on its maps
-(``--design two-stage``; seed 0), the painter on them, decoded by the packaged VQ-GAN;
+(``--design two-stage``; seed 0; ``--maps pooled``: stage 1 draws the pooled map, ``upsample`` makes it full), the painter on them, decoded by the packaged VQ-GAN;
 ``vessel_tree_length`` at 555 nm, as ``scripts/tree_lengths.py`` measures it, for the painted draws and, as
 controls, the same draws unpainted; and the drawn vessel map's own tree (``mask_diffusion.tree``: a pseudo band
 1 - 0.6 x the map at 128 px, eye 0's field of view) against the held-out eyes' maps, so a short tree is put on
@@ -208,6 +213,56 @@ def cmd_bare(a) -> int:
     return _train(a, tr["bare"], f"bare_{a.mask}", cond=condition(tr, a.mask) * 2 - 1)
 
 
+def upsample_net(f: int) -> nn.Module:
+    """The painter's shape: the pooled map (one channel, 2 m - 1) -> logits of the full map's f^2 channels."""
+    return nn.Sequential(
+        nn.Conv2d(1, 96, 3, padding=1), nn.SiLU(), nn.Conv2d(96, 96, 3, padding=1), nn.SiLU(),
+        nn.Conv2d(96, 96, 3, padding=1), nn.SiLU(), nn.Conv2d(96, f * f, 3, padding=1))
+
+
+def upsampled(net: nn.Module, frac: torch.Tensor) -> torch.Tensor:
+    """Pooled map (N, 1, h, w) in [0, 1] -> the full map's f^2 channels, binary (probability > 1/2)."""
+    return (torch.cat([net(frac[i:i + 64] * 2 - 1) for i in range(0, len(frac), 64)]) > 0).float()
+
+
+def cmd_upsample(a) -> int:
+    out = Path(a.out)
+    tr, te = torch.load(out / "train.pt"), torch.load(out / "held_out.pt")
+    full_tr, full_te = condition(tr, "full"), condition(te, "full")
+    torch.manual_seed(a.seed)
+    net = upsample_net(SIDE // full_tr.shape[-1])
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    g = torch.Generator().manual_seed(a.seed)
+    log, t0 = [], time.time()
+    for step in range(1, a.steps + 1):
+        idx = torch.randint(0, len(full_tr), (32,), generator=g)
+        loss = F.binary_cross_entropy_with_logits(net(tr["frac"][idx] * 2 - 1), full_tr[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 250 == 0 or step == a.steps:
+            with torch.no_grad():
+                pred = upsampled(net, te["frac"])
+            dice = float(2 * (pred * full_te).sum() / (pred.sum() + full_te.sum()))
+            log.append({"step": step, "bce": float(loss.detach()), "held_out_dice": dice,
+                        "s": round(time.time() - t0, 1)})
+            print(json.dumps(log[-1]), flush=True)
+    torch.save(net.state_dict(), out / "upsample.pt")
+    ldm = _loaded()
+    painter = painter_net(te["bare"].shape[1], full_te.shape[1])
+    painter.load_state_dict(torch.load(out / "painter_full.pt"))
+    n = min(len(te["full"]), a.eyes)
+    with torch.no_grad():
+        pred = upsampled(net, te["frac"][:n])
+        rows = {"held-out maps": _map_tree(full_te[:n], "full"), "upsampled maps": _map_tree(pred, "full"),
+                "vessel-free + painter, own map": _tree(_decode(ldm, paint(painter, te["bare"][:n], full_te[:n]))),
+                "vessel-free + painter, upsampled map": _tree(_decode(ldm, paint(painter, te["bare"][:n], pred)))}
+    res = {"command": _command(a), "log": log, "held_out_eyes": n, "rows": {k: _summary(v) for k, v in rows.items()}}
+    (out / "upsample.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res["rows"], indent=1))
+    return 0
+
+
 def _unet(ldm, path: Path, channels: int):
     unet = _joint_unet(ldm, channels)
     unet.load_state_dict(torch.load(path)["ema"])
@@ -247,19 +302,25 @@ def cmd_sample(a) -> int:
         z = _draw(_unet(ldm, out / f"joint_{a.mask}.pt", c + k), torch.randn(a.n, c + k, *shape, generator=g), coefs)
         bare, cond = z[:, :c], ((z[:, c:] + 1) / 2).clamp(0, 1)
     else:
-        maps = _draw(_unet(ldm, out / f"maps_{a.mask}.pt", k), torch.randn(a.n, k, *shape, generator=g), coefs)
+        km = 1 if a.maps == "pooled" else k
+        maps = _draw(_unet(ldm, out / f"maps_{a.maps or a.mask}.pt", km), torch.randn(a.n, km, *shape, generator=g),
+                     coefs)
         cond = ((maps + 1) / 2).clamp(0, 1)
+        if km != k:  # the pooled map drawn, the full one made from it
+            up = upsample_net(ldm.config.vqgan.f)
+            up.load_state_dict(torch.load(out / "upsample.pt"))
+            cond = upsampled(up.eval(), cond)
         bare = _draw(_unet(ldm, out / f"bare_{a.mask}.pt", c + k), torch.randn(a.n, c, *shape, generator=g), coefs,
                      cond=cond * 2 - 1)
     plain, painted = _decode(ldm, bare), _decode(ldm, paint(net, bare, cond))
     held = torch.load(out / "held_out.pt")
     rows = {"joint draws, unpainted": _tree(plain), "joint draws, painted": _tree(painted),
             "drawn map": _map_tree(cond, a.mask), "held-out eyes' maps": _map_tree(condition(held, a.mask), a.mask)}
-    res = {"command": _command(a), "mask": a.mask, "design": a.design, "n": a.n,
+    res = {"command": _command(a), "mask": a.mask, "design": a.design, "maps": a.maps or a.mask, "n": a.n,
            "mask_vessel_fraction": float(cond.mean()),
            "held_out_vessel_fraction": float(condition(held, a.mask).mean()),
            "rows": {k: _summary(v) for k, v in rows.items()}}
-    name = f"samples_{a.mask}" + ("" if a.design == "joint" else "_two_stage")
+    name = f"samples_{a.mask}" + ("" if a.design == "joint" else "_two_stage") + (f"_{a.maps}_maps" if a.maps else "")
     (out / f"{name}.json").write_text(json.dumps(res, indent=1))
     _figure(plain[:8], painted[:8], _map_image(cond[:8], a.mask), out / f"{name}.png")
     print(json.dumps(res, indent=1))
@@ -303,7 +364,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("data", "painter", "joint", "maps", "bare", "sample"):
+    for name in ("data", "painter", "joint", "maps", "bare", "upsample", "sample"):
         s = sub.add_parser(name)
         s.add_argument("--out", required=True)
         s.add_argument("--seed", type=int, default=0)
@@ -316,6 +377,8 @@ def main(argv=None) -> int:
     sub.choices["data"].add_argument("--held-out", type=int, default=256)
     sub.choices["painter"].add_argument("--steps", type=int, default=3000)
     sub.choices["painter"].add_argument("--eyes", type=int, default=64, help="held-out eyes for the trees")
+    sub.choices["upsample"].add_argument("--steps", type=int, default=1500)
+    sub.choices["upsample"].add_argument("--eyes", type=int, default=64, help="held-out eyes for the trees")
     for name in ("joint", "maps", "bare"):
         sub.choices[name].add_argument("--steps", type=int, default=3000)
         sub.choices[name].add_argument("--lr", type=float, default=8e-4)
@@ -323,17 +386,22 @@ def main(argv=None) -> int:
     sub.choices["sample"].add_argument("--design", choices=("joint", "two-stage"), default="joint",
                                        help="one joint model (joint_MASK.pt) or stage 1 then 2 (maps_MASK.pt, "
                                             "bare_MASK.pt)")
+    sub.choices["sample"].add_argument("--maps", choices=("pooled",), default=None,
+                                       help="two-stage: stage 1 draws the pooled map (maps_pooled.pt), upsample.pt "
+                                            "makes the full one (with --mask full)")
     a = p.parse_args(argv)
     a.argv = argv
     for key in ("images", "held_out", "steps", "eyes", "n"):
         if getattr(a, key, 1) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
+    if getattr(a, "maps", None) and (a.design != "two-stage" or a.mask != "full"):
+        p.error("--maps pooled goes with --design two-stage --mask full")
     if a.threads:
         torch.set_num_threads(a.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     try:
         return {"data": cmd_data, "painter": cmd_painter, "joint": cmd_joint, "maps": cmd_maps, "bare": cmd_bare,
-                "sample": cmd_sample}[a.cmd](a)
+                "upsample": cmd_upsample, "sample": cmd_sample}[a.cmd](a)
     except FileNotFoundError as exc:  # a step run before the one that writes its input
         print(f"latent_vessel_painter.py {a.cmd}: {exc.filename}: not found (run the earlier steps first)",
               file=sys.stderr)

@@ -147,7 +147,9 @@ def test_latent_vessel_painter_runs_end_to_end(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     for sub, extra in (("painter", ["--steps", "2", "--eyes", "3"]), ("joint", ["--steps", "2"]),
                        ("sample", ["--n", "2"]), ("maps", ["--steps", "2"]), ("bare", ["--steps", "2"]),
-                       ("sample", ["--n", "2", "--design", "two-stage"])):
+                       ("sample", ["--n", "2", "--design", "two-stage"]), ("maps", ["--steps", "2", "--mask", "pooled"]),
+                       ("upsample", ["--steps", "2", "--eyes", "3"]),
+                       ("sample", ["--n", "2", "--design", "two-stage", "--maps", "pooled"])):
         out = _run([lp, sub, "--out", "p", "--threads", "1", *extra], tmp_path)
         assert out.returncode == 0, (sub, out.stderr[-2000:])
     res = json.loads((tmp_path / "p" / "painter_full.json").read_text())
@@ -165,9 +167,15 @@ def test_latent_vessel_painter_runs_end_to_end(tmp_path):
     two = json.loads((tmp_path / "p" / "samples_full_two_stage.json").read_text())
     assert two["design"] == "two-stage" and set(two["rows"]) == set(res["rows"]) and two["n"] == 2
     assert two["rows"]["held-out eyes' maps"] == res["rows"]["held-out eyes' maps"]  # the same reference row
+    up = json.loads((tmp_path / "p" / "samples_full_two_stage_pooled_maps.json").read_text())
+    assert up["maps"] == "pooled" and up["rows"]["drawn map"]["n"] == 2
+    res = json.loads((tmp_path / "p" / "upsample.json").read_text())
+    assert 0 <= res["log"][-1]["held_out_dice"] <= 1 and res["rows"]["held-out maps"]["median"] > 50
     assert json.loads((tmp_path / "p" / "maps_full.json").read_text())["log"] == [] and "bare --out p" in json.loads(
         (tmp_path / "p" / "bare_full.json").read_text())["command"]
     out = _run([lp, "sample", "--out", "p", "--mask", "pooled", "--n", "1"], tmp_path)  # nothing trained for it
     assert out.returncode == 2 and "painter_pooled.pt: not found" in out.stderr and "Traceback" not in out.stderr
     bad = _run([lp, "sample", "--out", "p", "--n", "0"], tmp_path)
     assert bad.returncode == 2 and "--n must be >= 1" in bad.stderr
+    bad = _run([lp, "sample", "--out", "p", "--maps", "pooled"], tmp_path)
+    assert bad.returncode == 2 and "--maps pooled goes with --design two-stage --mask full" in bad.stderr
