@@ -34,7 +34,8 @@ latents), as in two-stage vessel-mask-conditioned fundus synthesis.
 the full-map stage 2 and painter; reports the held-out Dice, the trees of the upsampled maps and of the painter
 on them.
 ``sample``: DDIM-50 draws of the joint model (``--design joint``) or of stage 1 then stage 2 on its maps
-(``--design two-stage``; seed 0; ``--maps pooled``: stage 1 draws the pooled map, ``upsample`` makes it full), the painter on them, decoded by the packaged VQ-GAN;
+(``--design two-stage``; seed 0; ``--maps pooled``: stage 1 draws the pooled map, ``upsample`` makes it full;
+``--maps real``: stage 1 left out, the held-out eyes' own maps), the painter on them, decoded by the packaged VQ-GAN;
 ``vessel_tree_length`` at 555 nm, as ``scripts/tree_lengths.py`` measures it, for the painted draws and, as
 controls, the same draws unpainted; and the drawn vessel map's own tree (``mask_diffusion.tree``: a pseudo band
 1 - 0.6 x the map at 128 px, eye 0's field of view) against the held-out eyes' maps, so a short tree is put on
@@ -301,6 +302,10 @@ def cmd_sample(a) -> int:
     if a.design == "joint":
         z = _draw(_unet(ldm, out / f"joint_{a.mask}.pt", c + k), torch.randn(a.n, c + k, *shape, generator=g), coefs)
         bare, cond = z[:, :c], ((z[:, c:] + 1) / 2).clamp(0, 1)
+    elif a.maps == "real":  # stage 2 and the painter alone: the held-out eyes' own maps
+        cond = condition(torch.load(out / "held_out.pt"), a.mask)[:a.n]
+        bare = _draw(_unet(ldm, out / f"bare_{a.mask}.pt", c + k), torch.randn(len(cond), c, *shape, generator=g),
+                     coefs, cond=cond * 2 - 1)
     else:
         km = 1 if a.maps == "pooled" else k
         maps = _draw(_unet(ldm, out / f"maps_{a.maps or a.mask}.pt", km), torch.randn(a.n, km, *shape, generator=g),
@@ -316,7 +321,7 @@ def cmd_sample(a) -> int:
     held = torch.load(out / "held_out.pt")
     rows = {"joint draws, unpainted": _tree(plain), "joint draws, painted": _tree(painted),
             "drawn map": _map_tree(cond, a.mask), "held-out eyes' maps": _map_tree(condition(held, a.mask), a.mask)}
-    res = {"command": _command(a), "mask": a.mask, "design": a.design, "maps": a.maps or a.mask, "n": a.n,
+    res = {"command": _command(a), "mask": a.mask, "design": a.design, "maps": a.maps or a.mask, "n": len(bare),
            "mask_vessel_fraction": float(cond.mean()),
            "held_out_vessel_fraction": float(condition(held, a.mask).mean()),
            "rows": {k: _summary(v) for k, v in rows.items()}}
@@ -386,16 +391,17 @@ def main(argv=None) -> int:
     sub.choices["sample"].add_argument("--design", choices=("joint", "two-stage"), default="joint",
                                        help="one joint model (joint_MASK.pt) or stage 1 then 2 (maps_MASK.pt, "
                                             "bare_MASK.pt)")
-    sub.choices["sample"].add_argument("--maps", choices=("pooled",), default=None,
+    sub.choices["sample"].add_argument("--maps", choices=("pooled", "real"), default=None,
                                        help="two-stage: stage 1 draws the pooled map (maps_pooled.pt), upsample.pt "
-                                            "makes the full one (with --mask full)")
+                                            "makes the full one (with --mask full); real: no stage 1, the held-out "
+                                            "eyes' own maps")
     a = p.parse_args(argv)
     a.argv = argv
     for key in ("images", "held_out", "steps", "eyes", "n"):
         if getattr(a, key, 1) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
-    if getattr(a, "maps", None) and (a.design != "two-stage" or a.mask != "full"):
-        p.error("--maps pooled goes with --design two-stage --mask full")
+    if getattr(a, "maps", None) and (a.design != "two-stage" or (a.maps == "pooled" and a.mask != "full")):
+        p.error(f"--maps {a.maps} goes with --design two-stage" + (" --mask full" if a.maps == "pooled" else ""))
     if a.threads:
         torch.set_num_threads(a.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
