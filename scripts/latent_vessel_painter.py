@@ -100,12 +100,15 @@ def condition(d: dict[str, torch.Tensor], mode: str) -> torch.Tensor:
     return F.pixel_unshuffle(d["mask"].float(), f)
 
 
+def conv_stack(c_in: int, c_out: int) -> nn.Module:
+    """Four 3 x 3 convolutions, 96 channels, SiLU: the painter's and the upsampler's shape."""
+    return nn.Sequential(nn.Conv2d(c_in, 96, 3, padding=1), nn.SiLU(), nn.Conv2d(96, 96, 3, padding=1), nn.SiLU(),
+                         nn.Conv2d(96, 96, 3, padding=1), nn.SiLU(), nn.Conv2d(96, c_out, 3, padding=1))
+
+
 def painter_net(channels: int, cond_channels: int) -> nn.Module:
-    """Four 3 x 3 convolutions, 96 channels, SiLU: [vessel-free latents, vessel map] -> the vessels' latent
-    difference."""
-    return nn.Sequential(nn.Conv2d(channels + cond_channels, 96, 3, padding=1), nn.SiLU(),
-                         nn.Conv2d(96, 96, 3, padding=1), nn.SiLU(), nn.Conv2d(96, 96, 3, padding=1), nn.SiLU(),
-                         nn.Conv2d(96, channels, 3, padding=1))
+    """[vessel-free latents, vessel map] -> the vessels' latent difference."""
+    return conv_stack(channels + cond_channels, channels)
 
 
 def paint(net: nn.Module, bare: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -119,8 +122,9 @@ def _tree(cubes: torch.Tensor) -> np.ndarray:
 
 
 def _summary(t: np.ndarray) -> dict:
-    return {"n": int(t.size), "mean": float(t.mean()), "median": float(np.median(t)),
-            "p90": float(np.percentile(t, 90)), "no_tree": int((t == 0).sum())}
+    from mask_diffusion import summary
+
+    return summary(t)
 
 
 def _decode(ldm, z: torch.Tensor) -> torch.Tensor:
@@ -215,10 +219,8 @@ def cmd_bare(a) -> int:
 
 
 def upsample_net(f: int) -> nn.Module:
-    """The painter's shape: the pooled map (one channel, 2 m - 1) -> logits of the full map's f^2 channels."""
-    return nn.Sequential(
-        nn.Conv2d(1, 96, 3, padding=1), nn.SiLU(), nn.Conv2d(96, 96, 3, padding=1), nn.SiLU(),
-        nn.Conv2d(96, 96, 3, padding=1), nn.SiLU(), nn.Conv2d(96, f * f, 3, padding=1))
+    """The pooled map (one channel, 2 m - 1) -> logits of the full map's f^2 channels."""
+    return conv_stack(1, f * f)
 
 
 def upsampled(net: nn.Module, frac: torch.Tensor) -> torch.Tensor:
@@ -318,12 +320,12 @@ def cmd_sample(a) -> int:
         bare = _draw(_unet(ldm, out / f"bare_{a.mask}.pt", c + k), torch.randn(a.n, c, *shape, generator=g), coefs,
                      cond=cond * 2 - 1)
     plain, painted = _decode(ldm, bare), _decode(ldm, paint(net, bare, cond))
-    held = torch.load(out / "held_out.pt")
+    held = condition(torch.load(out / "held_out.pt"), a.mask)
     rows = {"joint draws, unpainted": _tree(plain), "joint draws, painted": _tree(painted),
-            "drawn map": _map_tree(cond, a.mask), "held-out eyes' maps": _map_tree(condition(held, a.mask), a.mask)}
+            "drawn map": _map_tree(cond, a.mask), "held-out eyes' maps": _map_tree(held, a.mask)}
     res = {"command": _command(a), "mask": a.mask, "design": a.design, "maps": a.maps or a.mask, "n": len(bare),
            "mask_vessel_fraction": float(cond.mean()),
-           "held_out_vessel_fraction": float(condition(held, a.mask).mean()),
+           "held_out_vessel_fraction": float(held.mean()),
            "rows": {k: _summary(v) for k, v in rows.items()}}
     name = f"samples_{a.mask}" + ("" if a.design == "joint" else "_two_stage") + (f"_{a.maps}_maps" if a.maps else "")
     (out / f"{name}.json").write_text(json.dumps(res, indent=1))
