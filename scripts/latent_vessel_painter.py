@@ -304,21 +304,21 @@ def cmd_sample(a) -> int:
     if a.design == "joint":
         z = _draw(_unet(ldm, out / f"joint_{a.mask}.pt", c + k), torch.randn(a.n, c + k, *shape, generator=g), coefs)
         bare, cond = z[:, :c], ((z[:, c:] + 1) / 2).clamp(0, 1)
-    elif a.maps == "real":  # stage 2 and the painter alone: the held-out eyes' own maps
-        cond = condition(torch.load(out / "held_out.pt"), a.mask)[:a.n]
-        bare = _draw(_unet(ldm, out / f"bare_{a.mask}.pt", c + k), torch.randn(len(cond), c, *shape, generator=g),
-                     coefs, cond=cond * 2 - 1)
     else:
-        km = 1 if a.maps == "pooled" else k
-        maps = _draw(_unet(ldm, out / f"maps_{a.maps or a.mask}.pt", km), torch.randn(a.n, km, *shape, generator=g),
-                     coefs)
-        cond = ((maps + 1) / 2).clamp(0, 1)
-        if km != k:  # the pooled map drawn, the full one made from it
+        if a.maps == "real":  # stage 2 and the painter alone: the held-out eyes' own maps
+            cond = condition(torch.load(out / "held_out.pt"), a.mask)[:a.n]
+        elif a.maps == "upsampled":  # the held-out eyes' pooled maps, made full by the upsampler
+            cond = torch.load(out / "held_out.pt")["frac"][:a.n]
+        else:
+            km = 1 if a.maps == "pooled" else k
+            g_maps = torch.randn(a.n, km, *shape, generator=g)
+            cond = ((_draw(_unet(ldm, out / f"maps_{a.maps or a.mask}.pt", km), g_maps, coefs) + 1) / 2).clamp(0, 1)
+        if cond.shape[1] != k:  # a pooled map, the full one made from it
             up = upsample_net(ldm.config.vqgan.f)
             up.load_state_dict(torch.load(out / "upsample.pt"))
             cond = upsampled(up.eval(), cond)
-        bare = _draw(_unet(ldm, out / f"bare_{a.mask}.pt", c + k), torch.randn(a.n, c, *shape, generator=g), coefs,
-                     cond=cond * 2 - 1)
+        bare = _draw(_unet(ldm, out / f"bare_{a.mask}.pt", c + k), torch.randn(len(cond), c, *shape, generator=g),
+                     coefs, cond=cond * 2 - 1)
     plain, painted = _decode(ldm, bare), _decode(ldm, paint(net, bare, cond))
     held = condition(torch.load(out / "held_out.pt"), a.mask)
     rows = {"joint draws, unpainted": _tree(plain), "joint draws, painted": _tree(painted),
@@ -330,8 +330,21 @@ def cmd_sample(a) -> int:
     name = f"samples_{a.mask}" + ("" if a.design == "joint" else "_two_stage") + (f"_{a.maps}_maps" if a.maps else "")
     (out / f"{name}.json").write_text(json.dumps(res, indent=1))
     _figure(plain[:8], painted[:8], _map_image(cond[:8], a.mask), out / f"{name}.png")
+    if a.save_cubes:
+        _save_cubes(Path(a.save_cubes), {"painted": painted, "unpainted": plain}, ldm.wavelengths, res["command"])
     print(json.dumps(res, indent=1))
     return 0
+
+
+def _save_cubes(root: Path, sets: dict[str, torch.Tensor], wavelengths, command: str) -> None:
+    """Each set of draws as ``root/NAME/sample_NNNNNN.npy`` reflectance cubes, for ``retina-fast evaluate``."""
+    from retina_fast import io
+
+    for name, cubes in sets.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i, cube in enumerate(cubes):
+            io.save_cube(root / name / f"sample_{i:06d}.npy", cube, wavelengths,
+                         metadata={"source": command, "set": name, "index": i})
 
 
 def _map_image(cond: torch.Tensor, mode: str) -> torch.Tensor:
@@ -393,17 +406,21 @@ def main(argv=None) -> int:
     sub.choices["sample"].add_argument("--design", choices=("joint", "two-stage"), default="joint",
                                        help="one joint model (joint_MASK.pt) or stage 1 then 2 (maps_MASK.pt, "
                                             "bare_MASK.pt)")
-    sub.choices["sample"].add_argument("--maps", choices=("pooled", "real"), default=None,
+    sub.choices["sample"].add_argument("--maps", choices=("pooled", "real", "upsampled"), default=None,
                                        help="two-stage: stage 1 draws the pooled map (maps_pooled.pt), upsample.pt "
                                             "makes the full one (with --mask full); real: no stage 1, the held-out "
-                                            "eyes' own maps")
+                                            "eyes' own maps; upsampled: the held-out eyes' pooled maps made full by "
+                                            "upsample.pt (with --mask full)")
+    sub.choices["sample"].add_argument("--save-cubes", metavar="DIR", default=None,
+                                       help="also write the painted and unpainted draws as cubes to DIR/painted and "
+                                            "DIR/unpainted (for retina-fast evaluate)")
     a = p.parse_args(argv)
     a.argv = argv
     for key in ("images", "held_out", "steps", "eyes", "n"):
         if getattr(a, key, 1) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
-    if getattr(a, "maps", None) and (a.design != "two-stage" or (a.maps == "pooled" and a.mask != "full")):
-        p.error(f"--maps {a.maps} goes with --design two-stage" + (" --mask full" if a.maps == "pooled" else ""))
+    if getattr(a, "maps", None) and (a.design != "two-stage" or (a.maps != "real" and a.mask != "full")):
+        p.error(f"--maps {a.maps} goes with --design two-stage" + (" --mask full" if a.maps != "real" else ""))
     if a.threads:
         torch.set_num_threads(a.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))

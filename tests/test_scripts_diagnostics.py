@@ -150,7 +150,8 @@ def test_latent_vessel_painter_runs_end_to_end(tmp_path):
                        ("sample", ["--n", "2", "--design", "two-stage"]), ("maps", ["--steps", "2", "--mask", "pooled"]),
                        ("upsample", ["--steps", "2", "--eyes", "3"]),
                        ("sample", ["--n", "2", "--design", "two-stage", "--maps", "pooled"]),
-                       ("sample", ["--n", "2", "--design", "two-stage", "--maps", "real"])):
+                       ("sample", ["--n", "2", "--design", "two-stage", "--maps", "real"]),
+                       ("sample", ["--n", "2", "--design", "two-stage", "--maps", "upsampled", "--save-cubes", "c"])):
         out = _run([lp, sub, "--out", "p", "--threads", "1", *extra], tmp_path)
         assert out.returncode == 0, (sub, out.stderr[-2000:])
     res = json.loads((tmp_path / "p" / "painter_full.json").read_text())
@@ -172,6 +173,13 @@ def test_latent_vessel_painter_runs_end_to_end(tmp_path):
     assert up["maps"] == "pooled" and up["rows"]["drawn map"]["n"] == 2
     real = json.loads((tmp_path / "p" / "samples_full_two_stage_real_maps.json").read_text())
     assert real["rows"]["drawn map"]["n"] == 2 and real["mask_vessel_fraction"] > 0.05  # the held-out eyes' maps
+    ups = json.loads((tmp_path / "p" / "samples_full_two_stage_upsampled_maps.json").read_text())
+    assert ups["maps"] == "upsampled" and ups["n"] == 2 and "--save-cubes c" in ups["command"]
+    from retina_fast import io
+
+    for name in ("painted", "unpainted"):  # the draws as cubes, for retina-fast evaluate
+        files = sorted((tmp_path / "c" / name).glob("*.npy"))
+        assert len(files) == 2 and io.load_cube(files[0]).data.shape == (16, 128, 128), (name, files)
     res = json.loads((tmp_path / "p" / "upsample.json").read_text())
     assert 0 <= res["log"][-1]["held_out_dice"] <= 1 and res["rows"]["held-out maps"]["median"] > 50
     assert json.loads((tmp_path / "p" / "maps_full.json").read_text())["log"] == [] and "bare --out p" in json.loads(
