@@ -1,13 +1,19 @@
 """Retinal vessel tree length of LDM samples, many draws, paired between models (issue: samples without vessels).
 
-    python scripts/tree_lengths.py [--n 256] [--seed 0] [--steps 50] [--phantom 64] [--json FILE] NAME=MODEL ...
+    python scripts/tree_lengths.py [--n 256] [--seed 0] [--steps 50] [--phantom 64] [--noise-floor] [--json FILE]
+        NAME=MODEL ...
 
-MODEL is anything ``retina_fast.load`` takes (``default``, a checkpoint directory). Each model samples images
-0 .. n-1 of ``--seed`` (DDIM, ``--steps``; in batches of 64 with ``first_index``, so every model draws from the
-same initial noise) and ``retina_fast.metrics.vessel_tree_length`` measures each sample at 555 nm. Printed per
-model: mean, median, the 75 / 90 / 99 % points, how many samples have no tree, and the paired difference of the
-mean against the first model with a 95 % bootstrap interval (2000 resamples of the draws). ``--phantom K`` adds
-K held-out phantom eyes (seeds 100000..) as the target row.
+MODEL is anything ``retina_fast.load`` takes (``default``, a checkpoint directory), or ``cubes:DIR``: a folder of
+cube files drawn elsewhere (its first n in name order; e.g. ``latent_vessel_painter.py sample --save-cubes``).
+Each model samples images 0 .. n-1 of ``--seed`` (DDIM, ``--steps``; in batches of 64 with ``first_index``, so
+every model draws from the same initial noise) and ``retina_fast.metrics.vessel_tree_length`` measures each
+sample at 555 nm. Printed per model: mean, median, the 75 / 90 / 99 % points, how many samples have no tree, the
+median pixel noise relative to the background (``retina_fast.metrics.relative_noise``, the image the tree is
+traced in), and the paired difference of the mean against the first model with a 95 % bootstrap interval (2000
+resamples of the draws; it pairs cube folders only when their files are the same draws). ``--phantom K`` adds K
+held-out phantom eyes (seeds 100000..) as the target row. ``--noise-floor`` (with ``--phantom``) adds, per row,
+the median tree of those K eyes rendered *without* vessels, with multiplicative noise raising their relative
+noise to that row's median: the tree that noise alone traces at that level.
 
 Per draw the length swings from 0 to well over 100 for the models of 2026-12, so compare models over hundreds
 of draws, never over a handful (16-draw medians moved by 2x between draw sets).
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,24 +32,55 @@ BAND_555 = 5
 BATCH = 64
 
 
-def tree_lengths(model: str, n: int, seed: int, steps: int) -> np.ndarray:
+def _measure(batches) -> tuple[np.ndarray, np.ndarray]:
+    """Tree length and relative noise at 555 nm of each cube in an iterable of (N, bands, H, W) batches."""
+    from retina_fast.metrics import relative_noise, vessel_tree_length
+
+    trees, noise = [], []
+    for x in batches:
+        x = torch.as_tensor(x)
+        trees.append(vessel_tree_length(x, BAND_555).numpy())
+        noise.append(relative_noise(x, BAND_555).numpy())
+    return np.concatenate(trees), np.concatenate(noise)
+
+
+def _folder(path: Path, n: int):
+    from retina_fast import io
+
+    files = [f for f in sorted(path.iterdir()) if f.is_file() and not f.name.startswith(".")
+             and f.suffix in (".npy", ".npz", ".h5", ".tif", ".tiff")][:n]
+    if len(files) < n:
+        raise FileNotFoundError(f"{path}: {len(files)} cube files, --n asks for {n}")
+    for first in range(0, n, BATCH):
+        yield torch.stack([torch.from_numpy(io.load_cube(f).data) for f in files[first:first + BATCH]])
+
+
+def tree_lengths(model: str, n: int, seed: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tree lengths, relative noise) of draws 0 .. n-1 of ``model`` (or the first n cubes of ``cubes:DIR``)."""
+    if model.startswith("cubes:"):
+        return _measure(_folder(Path(model[len("cubes:"):]), n))
     import retina_fast
-    from retina_fast.metrics import vessel_tree_length
 
     pipe = retina_fast.load(model)
-    out = []
-    for first in range(0, n, BATCH):
-        x = pipe.sample(min(BATCH, n - first), steps, seed=seed, first_index=first)
-        out.append(vessel_tree_length(torch.as_tensor(x), BAND_555).numpy())
-    return np.concatenate(out)
+    return _measure(pipe.sample(min(BATCH, n - first), steps, seed=seed, first_index=first)
+                    for first in range(0, n, BATCH))
 
 
-def phantom_lengths(k: int, size: int) -> np.ndarray:
+def phantom_cubes(k: int, size: int, vessels: bool = True) -> torch.Tensor:
     from retina_fast import phantom
-    from retina_fast.metrics import vessel_tree_length
 
-    cubes = torch.stack([torch.as_tensor(np.asarray(phantom.render(100000 + i, size).cube)) for i in range(k)])
-    return vessel_tree_length(cubes, BAND_555).numpy()
+    return torch.stack([torch.as_tensor(np.asarray(phantom.render(100000 + i, size, vessels=vessels).cube))
+                        for i in range(k)])
+
+
+def noise_floor(bare: torch.Tensor, level: float, seed: int) -> float:
+    """Median tree of the vessel-free eyes ``bare`` with multiplicative Gaussian noise added in quadrature up to a
+    median relative noise of ``level`` (none added when they are already that noisy)."""
+    from retina_fast.metrics import relative_noise, vessel_tree_length
+
+    extra = max(level ** 2 - float(relative_noise(bare, BAND_555).median()) ** 2, 0.0) ** 0.5
+    g = torch.Generator().manual_seed(seed)
+    return float(vessel_tree_length(bare * (1 + extra * torch.randn(bare.shape, generator=g)), BAND_555).median())
 
 
 def summary(t: np.ndarray) -> dict:
@@ -67,37 +105,58 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--phantom", type=int, default=0, metavar="K")
+    p.add_argument("--noise-floor", action="store_true", help="with --phantom: the tree noise alone traces, per row")
     p.add_argument("--json")
     args = p.parse_args(argv)
-    if args.n < 2 or args.steps < 1 or args.phantom < 0:
-        print("tree_lengths.py: --n must be >= 2, --steps >= 1, --phantom >= 0", file=sys.stderr)
+    if args.n < 2 or args.steps < 1 or args.phantom < 0 or (args.noise_floor and not args.phantom):
+        print("tree_lengths.py: --n must be >= 2, --steps >= 1, --phantom >= 0 (and >= 1 with --noise-floor)",
+              file=sys.stderr)
         return 2
     pairs = [m.split("=", 1) for m in args.models]
     if any(len(x) != 2 or not all(x) for x in pairs):
         print("tree_lengths.py: models are NAME=MODEL", file=sys.stderr)
         return 2
-    rows, first = {}, None
+    rows, first, bare = {}, None, None
+    folders = [Path(m[len("cubes:"):]) for _, m in pairs if m.startswith("cubes:")]
+    missing = [str(f) for f in folders if not f.is_dir()]
+    if missing:
+        print(f"tree_lengths.py: cubes:{missing[0]}: not a folder", file=sys.stderr)
+        return 2
     if args.phantom:
         import retina_fast
 
-        size = retina_fast.load(pairs[0][1]).config.vqgan.image_size
-        rows["phantom"] = summary(phantom_lengths(args.phantom, size))
-    print(f"{'model':<16} {'mean':>6} {'median':>6} {'75/90/99 %':>16} {'no tree':>8}  paired vs {pairs[0][0]}")
+        models = [m for _, m in pairs if not m.startswith("cubes:")]
+        size = (retina_fast.load(models[0]).config.vqgan.image_size if models  # else the first folder's size
+                else next(_folder(folders[0], 1)).shape[-1])
+        t, z = _measure([phantom_cubes(args.phantom, size)])
+        rows["phantom"] = {**summary(t), "noise": float(np.median(z))}
+        bare = phantom_cubes(args.phantom, size, vessels=False) if args.noise_floor else None
+    floor = lambda r: noise_floor(bare, r["noise"], args.seed) if bare is not None else None  # noqa: E731
+    print(f"{'model':<16} {'mean':>6} {'median':>6} {'75/90/99 %':>16} {'no tree':>8} {'noise':>6}"
+          f"{' floor' if bare is not None else ''}  paired vs {pairs[0][0]}")
+
+    def line(name: str, r: dict) -> str:
+        r["noise_floor"] = floor(r)
+        return (f"{name:<16} {r['mean']:6.1f} {r['median']:6.1f} {r['p75']:5.0f}/{r['p90']:4.0f}/{r['p99']:4.0f} "
+                f"{r['no_tree']:5d}/{r['n']} {r['noise']:6.3f}"
+                + ("" if r["noise_floor"] is None else f" {r['noise_floor']:5.0f}"))
+
     if "phantom" in rows:
-        r = rows["phantom"]
-        print(f"{'phantom':<16} {r['mean']:6.1f} {r['median']:6.1f} {r['p75']:5.0f}/{r['p90']:4.0f}/{r['p99']:4.0f} "
-              f"{r['no_tree']:5d}/{r['n']}")
+        print(line("phantom", rows["phantom"]))
     for name, model in pairs:
-        t = tree_lengths(model, args.n, args.seed, args.steps)
-        r = rows[name] = {**summary(t), "model": model, "lengths": t.tolist()}
-        line = (f"{name:<16} {r['mean']:6.1f} {r['median']:6.1f} {r['p75']:5.0f}/{r['p90']:4.0f}/{r['p99']:4.0f} "
-                f"{r['no_tree']:5d}/{r['n']}")
+        try:
+            t, z = tree_lengths(model, args.n, args.seed, args.steps)
+        except FileNotFoundError as exc:
+            print(f"tree_lengths.py: {exc}", file=sys.stderr)
+            return 2
+        r = rows[name] = {**summary(t), "noise": float(np.median(z)), "model": model, "lengths": t.tolist()}
+        text = line(name, r)
         if first is None:
             first = t
         else:
             d = r["paired"] = paired(t, first)
-            line += f"  {d['mean']:+.1f} [{d['ci_low']:+.1f}, {d['ci_high']:+.1f}]"
-        print(line, flush=True)
+            text += f"  {d['mean']:+.1f} [{d['ci_low']:+.1f}, {d['ci_high']:+.1f}]"
+        print(text, flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"n": args.n, "seed": args.seed, "steps": args.steps, "rows": rows}, f, indent=1)

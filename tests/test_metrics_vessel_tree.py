@@ -1,12 +1,13 @@
 """vessel_tree_length: high on phantom eyes, low when their vessels are blurred, ~0 when painted over; its
-connected-length rule against a hand-drawn case; bad input refused."""
+connected-length rule against a hand-drawn case; bad input refused. relative_noise: the known sigma of noise
+added to a flat eye, quadrature on the phantom, blind to smooth shading, the vessels' small share."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from retina_fast.metrics import vessel_tree_length
+from retina_fast.metrics import relative_noise, vessel_tree_length
 from retina_fast.phantom import render
 
 scipy_ndimage = pytest.importorskip("scipy.ndimage")
@@ -63,5 +64,40 @@ def test_tree_length_counts_long_connected_curves_only():
     (torch.rand(2, 16, 32, 32), 5, torch.ones(2, 31, 32, dtype=torch.bool), "fov must be"),
 ])
 def test_tree_length_rejects_bad_input(cubes, band, fov, match):
-    with pytest.raises(ValueError, match=match):
-        vessel_tree_length(cubes, band, fov=fov)
+    for fn in (vessel_tree_length, relative_noise):
+        with pytest.raises(ValueError, match=match):
+            fn(cubes, band, fov=fov)
+
+
+def _flat_eye(n: int, side: int = 129) -> torch.Tensor:
+    """(n, 16, side, side): 0.3 inside a disc of radius 0.45 side, 0 outside (an odd side on purpose)."""
+    yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    inside = ((yy - side / 2) ** 2 + (xx - side / 2) ** 2) < (0.45 * side) ** 2
+    return torch.where(inside, 0.3, 0.0).expand(n, 16, side, side).clone()
+
+
+@pytest.mark.parametrize("sigma", [0.01, 0.05, 0.2])
+def test_relative_noise_recovers_known_sigma(sigma):
+    """Multiplicative Gaussian noise of sigma on a flat eye, with and without a smooth shading ramp."""
+    g = torch.Generator().manual_seed(int(sigma * 1000))
+    flat = _flat_eye(4)
+    ramp = 1 + 0.8 * torch.linspace(0, 1, flat.shape[-1])  # slow shading across the field: no noise
+    for clean in (flat, flat * ramp):
+        noisy = clean * (1 + sigma * torch.randn(clean.shape, generator=g))
+        est = relative_noise(noisy, BAND)  # ~2500 detail coefficients an image: a few % scatter each
+        np.testing.assert_allclose(est.numpy(), sigma, rtol=0.1)
+        np.testing.assert_allclose(float(est.median()), sigma, rtol=0.04)
+    assert float(relative_noise(_flat_eye(1), BAND)[0]) < 1e-6
+
+
+def test_relative_noise_adds_in_quadrature_and_ignores_vessels(eyes):
+    real = torch.stack([e.cube for e in eyes])
+    base = relative_noise(real, BAND)
+    assert 0.05 < float(base.median()) < 0.2, base
+    bare = torch.stack([render(s, 128, vessels=False).cube for s in range(6000, 6006)])  # same eyes and noise
+    ratio = float((relative_noise(bare, BAND) / base).median())  # the thin vessels add ~10 %
+    assert 0.8 < ratio < 0.97, ratio
+    g = torch.Generator().manual_seed(0)
+    more = relative_noise(real * (1 + 0.1 * torch.randn(real.shape, generator=g)), BAND)
+    np.testing.assert_allclose(more.numpy(), (base ** 2 + 0.1 ** 2).sqrt().numpy(), rtol=0.08)
+    assert (relative_noise(torch.zeros(2, 16, 32, 32), BAND) == 0).all()  # no field of view

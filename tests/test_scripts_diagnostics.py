@@ -107,6 +107,34 @@ def test_tree_lengths_pairs_models_over_the_same_draws(tmp_path):
     assert bad.returncode == 2 and "NAME=MODEL" in bad.stderr
 
 
+def test_tree_lengths_reads_cube_folders_with_noise_and_its_floor(tmp_path):
+    """cubes:DIR rows (phantom eyes written as files), the noise column and the noise floor: the same eyes give
+    the same lengths as the phantom row; noisier files a higher noise figure and floor; a short folder exits 2."""
+    import numpy as np
+
+    from retina_fast import io
+    from retina_fast.phantom import render
+
+    for name, scale in (("eyes", 0.0), ("noisy", 0.3)):
+        (tmp_path / name).mkdir()
+        g = np.random.default_rng(1)
+        for i in range(3):
+            cube = render(100000 + i, 128).cube.numpy()
+            io.save_cube(tmp_path / name / f"c{i}.npy", cube * (1 + scale * g.standard_normal(cube.shape)))
+    tl = str(ROOT / "scripts" / "tree_lengths.py")
+    out = _run([tl, "e=cubes:eyes", "n=cubes:noisy", "--n", "3", "--phantom", "3", "--noise-floor",
+                "--json", str(tmp_path / "t.json")], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert rows["e"]["median"] == rows["phantom"]["median"] > 200 and rows["e"]["noise"] == rows["phantom"]["noise"]
+    assert 0.05 < rows["e"]["noise"] < 0.2 < rows["n"]["noise"] and "paired" in rows["n"]
+    assert rows["e"]["noise_floor"] < rows["n"]["noise_floor"] and rows["e"]["noise_floor"] < 0.5 * rows["e"]["median"]
+    bad = _run([tl, "e=cubes:eyes", "--n", "4"], tmp_path)
+    assert bad.returncode == 2 and "3 cube files, --n asks for 4" in bad.stderr and "Traceback" not in bad.stderr
+    bad = _run([tl, "e=cubes:nowhere", "--n", "4"], tmp_path)
+    assert bad.returncode == 2 and "cubes:nowhere: not a folder" in bad.stderr
+
+
 def test_mask_diffusion_and_the_mask_conditioned_ldm_run_end_to_end(tmp_path):
     """scripts/mask_diffusion.py (stage 1: vessel masks at the latent grid) and
     scripts/mask_conditioned_ldm.py (stage 2 on the shipped VQ-GAN) at toy budgets, as a user runs them."""
