@@ -8,6 +8,7 @@
     python scripts/latent_vessel_painter.py bare    --out runs/painter [--steps 3000] [--threads 1]
     python scripts/latent_vessel_painter.py upsample --out runs/painter [--steps 1500] [--threads 1]
     python scripts/latent_vessel_painter.py sample  --out runs/painter --design two-stage [--n 256] [--maps pooled]
+        [--map-sampler ddpm --map-steps 250] [--save-cubes DIR]
 
 Every LDM so far, the mask-conditioned ones included, renders a crackle of short dark segments where the shipped
 VQ-GAN's own reconstructions keep a tree (docs/recipe_study/README.md). What the vessels add to the latents is,
@@ -35,12 +36,14 @@ the full-map stage 2 and painter; reports the held-out Dice, the trees of the up
 on them.
 ``sample``: DDIM-50 draws of the joint model (``--design joint``) or of stage 1 then stage 2 on its maps
 (``--design two-stage``; seed 0; ``--maps pooled``: stage 1 draws the pooled map, ``upsample`` makes it full;
-``--maps real``: stage 1 left out, the held-out eyes' own maps), the painter on them, decoded by the packaged VQ-GAN;
-``vessel_tree_length`` at 555 nm, as ``scripts/tree_lengths.py`` measures it, for the painted draws and, as
-controls, the same draws unpainted; and the drawn vessel map's own tree (``mask_diffusion.tree``: a pseudo band
-1 - 0.6 x the map at 128 px, eye 0's field of view) against the held-out eyes' maps, so a short tree is put on
-the map or on the painter. Writes OUT/samples_MASK.json and OUT/samples_MASK.png (555 nm unpainted, 555 nm
-painted, the drawn map dark on white).
+``--maps real``: stage 1 left out, the held-out eyes' own maps; ``--maps upsampled``: their pooled maps through
+``upsample``, so stage 1 is the only thing missing; ``--map-sampler`` / ``--map-steps``: stage 1's sampler), the
+painter on them, decoded by the packaged VQ-GAN; ``vessel_tree_length`` at 555 nm, as ``scripts/tree_lengths.py``
+measures it, for the painted draws and, as controls, the same draws unpainted; and the drawn vessel map's own
+tree (``mask_diffusion.tree``: a pseudo band 1 - 0.6 x the map at 128 px, eye 0's field of view) against the
+held-out eyes' maps, so a short tree is put on the map or on the painter. Writes OUT/samples_MASK[...].json and
+.png (555 nm unpainted, 555 nm painted, the drawn map dark on white); ``--save-cubes DIR`` also the painted and
+unpainted draws as cube files, for ``retina-fast evaluate`` and ``tree_lengths.py cubes:DIR``.
 """
 from __future__ import annotations
 
@@ -272,18 +275,22 @@ def _unet(ldm, path: Path, channels: int):
     return unet.eval()
 
 
-def _draw(model, x: torch.Tensor, coefs, cond: torch.Tensor | None = None) -> torch.Tensor:
-    """DDIM draws from the noise ``x`` in chunks of 32; with ``cond``, the model sees it as extra channels and only
-    its first ``x.shape[1]`` outputs are used."""
+def _draw(model, x: torch.Tensor, coefs, cond: torch.Tensor | None = None, g: torch.Generator | None = None
+          ) -> torch.Tensor:
+    """Draws from the noise ``x`` in chunks of 32 (``coefs``: the sampler's steps; ``g``: the generator of the
+    per-step noise a stochastic sampler needs); with ``cond``, the model sees it as extra channels and only its
+    first ``x.shape[1]`` outputs are used."""
     from retina_fast.samplers import sample as run_loop
 
     c, out = x.shape[1], []
     for i in range(0, len(x), 32):
+        xi = x[i:i + 32]
+        noise = None if g is None else (lambda step, xi=xi: torch.randn(xi.shape, generator=g))
         if cond is None:
-            out.append(run_loop(lambda v, t: model(v, t), x[i:i + 32], coefs))
+            out.append(run_loop(lambda v, t: model(v, t), xi, coefs, noise_fn=noise))
         else:
             m = cond[i:i + 32]
-            out.append(run_loop(lambda v, t, m=m: model(torch.cat([v, m], 1), t)[:, :c], x[i:i + 32], coefs))
+            out.append(run_loop(lambda v, t, m=m: model(torch.cat([v, m], 1), t)[:, :c], xi, coefs, noise_fn=noise))
     return torch.cat(out)
 
 
@@ -312,7 +319,10 @@ def cmd_sample(a) -> int:
         else:
             km = 1 if a.maps == "pooled" else k
             g_maps = torch.randn(a.n, km, *shape, generator=g)
-            cond = ((_draw(_unet(ldm, out / f"maps_{a.maps or a.mask}.pt", km), g_maps, coefs) + 1) / 2).clamp(0, 1)
+            map_coefs = plan(a.map_sampler, ldm.schedule, a.map_steps)
+            drawn = _draw(_unet(ldm, out / f"maps_{a.maps or a.mask}.pt", km), g_maps, map_coefs,
+                          g=torch.Generator().manual_seed(a.seed + 1) if a.map_sampler == "ddpm" else None)
+            cond = ((drawn + 1) / 2).clamp(0, 1)
         if cond.shape[1] != k:  # a pooled map, the full one made from it
             up = upsample_net(ldm.config.vqgan.f)
             up.load_state_dict(torch.load(out / "upsample.pt"))
@@ -328,6 +338,8 @@ def cmd_sample(a) -> int:
            "held_out_vessel_fraction": float(held.mean()),
            "rows": {k: _summary(v) for k, v in rows.items()}}
     name = f"samples_{a.mask}" + ("" if a.design == "joint" else "_two_stage") + (f"_{a.maps}_maps" if a.maps else "")
+    if (a.map_sampler, a.map_steps) != ("ddim", 50):
+        name += f"_{a.map_sampler}{a.map_steps}"
     (out / f"{name}.json").write_text(json.dumps(res, indent=1))
     _figure(plain[:8], painted[:8], _map_image(cond[:8], a.mask), out / f"{name}.png")
     if a.save_cubes:
@@ -411,12 +423,15 @@ def main(argv=None) -> int:
                                             "makes the full one (with --mask full); real: no stage 1, the held-out "
                                             "eyes' own maps; upsampled: the held-out eyes' pooled maps made full by "
                                             "upsample.pt (with --mask full)")
+    sub.choices["sample"].add_argument("--map-sampler", choices=("ddim", "ddpm"), default="ddim",
+                                       help="stage 1's sampler (--maps pooled or no --maps; default ddim)")
+    sub.choices["sample"].add_argument("--map-steps", type=int, default=50, help="stage 1's steps (default 50)")
     sub.choices["sample"].add_argument("--save-cubes", metavar="DIR", default=None,
                                        help="also write the painted and unpainted draws as cubes to DIR/painted and "
                                             "DIR/unpainted (for retina-fast evaluate)")
     a = p.parse_args(argv)
     a.argv = argv
-    for key in ("images", "held_out", "steps", "eyes", "n"):
+    for key in ("images", "held_out", "steps", "eyes", "n", "map_steps"):
         if getattr(a, key, 1) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
     if getattr(a, "maps", None) and (a.design != "two-stage" or (a.maps != "real" and a.mask != "full")):

@@ -178,6 +178,8 @@ def test_latent_vessel_painter_runs_end_to_end(tmp_path):
                        ("sample", ["--n", "2", "--design", "two-stage"]), ("maps", ["--steps", "2", "--mask", "pooled"]),
                        ("upsample", ["--steps", "2", "--eyes", "3"]),
                        ("sample", ["--n", "2", "--design", "two-stage", "--maps", "pooled"]),
+                       ("sample", ["--n", "2", "--design", "two-stage", "--maps", "pooled", "--map-sampler", "ddpm",
+                                   "--map-steps", "3"]),
                        ("sample", ["--n", "2", "--design", "two-stage", "--maps", "real"]),
                        ("sample", ["--n", "2", "--design", "two-stage", "--maps", "upsampled", "--save-cubes", "c"])):
         out = _run([lp, sub, "--out", "p", "--threads", "1", *extra], tmp_path)
@@ -201,6 +203,8 @@ def test_latent_vessel_painter_runs_end_to_end(tmp_path):
     assert up["maps"] == "pooled" and up["rows"]["drawn map"]["n"] == 2
     real = json.loads((tmp_path / "p" / "samples_full_two_stage_real_maps.json").read_text())
     assert real["rows"]["drawn map"]["n"] == 2 and real["mask_vessel_fraction"] > 0.05  # the held-out eyes' maps
+    ddpm = json.loads((tmp_path / "p" / "samples_full_two_stage_pooled_maps_ddpm3.json").read_text())
+    assert "--map-sampler ddpm" in ddpm["command"] and ddpm["rows"]["drawn map"]["n"] == 2
     ups = json.loads((tmp_path / "p" / "samples_full_two_stage_upsampled_maps.json").read_text())
     assert ups["maps"] == "upsampled" and ups["n"] == 2 and "--save-cubes c" in ups["command"]
     from retina_fast import io
