@@ -4,7 +4,7 @@
     python scripts/latent_vessel_painter.py painter --out runs/painter [--steps 3000] [--threads 1]
     python scripts/latent_vessel_painter.py joint   --out runs/painter [--steps 3000] [--threads 1]
     python scripts/latent_vessel_painter.py sample  --out runs/painter [--n 256]
-    python scripts/latent_vessel_painter.py maps    --out runs/painter [--steps 3000] [--threads 1]
+    python scripts/latent_vessel_painter.py maps    --out runs/painter [--steps 3000] [--threads 1] [--init PT --lr LR]
     python scripts/latent_vessel_painter.py bare    --out runs/painter [--steps 3000] [--threads 1]
     python scripts/latent_vessel_painter.py upsample --out runs/painter [--steps 1500] [--threads 1]
     python scripts/latent_vessel_painter.py sample  --out runs/painter --design two-stage [--n 256] [--maps pooled]
@@ -201,9 +201,12 @@ def _train(a, data: torch.Tensor, name: str, cond: torch.Tensor | None = None) -
     path = out / f"{name}.pt"
     save = lambda m, step: torch.save({"ema": m.state_dict(), "step": step}, path)  # noqa: E731
     k = 0 if cond is None else cond.shape[1]
-    _, log = train_eps(_joint_unet(ldm, data.shape[1] + k), data, ldm.schedule, steps=a.steps, batch=32, lr=a.lr,
-                       seed=a.seed, cond=cond, save=save)
-    (out / f"{name}.json").write_text(json.dumps({"command": _command(a), "log": log}, indent=1))
+    unet = _joint_unet(ldm, data.shape[1] + k)
+    if a.init:  # go on from a trained model's EMA weights (e.g. at a lower --lr)
+        unet.load_state_dict(torch.load(a.init)["ema"])
+    _, log = train_eps(unet, data, ldm.schedule, steps=a.steps, batch=32, lr=a.lr, seed=a.seed, cond=cond, save=save)
+    doc = {"command": _command(a), "log": log, "init": a.init}
+    (out / f"{name}.json").write_text(json.dumps(doc, indent=1))
     return 0
 
 
@@ -414,6 +417,8 @@ def main(argv=None) -> int:
     for name in ("joint", "maps", "bare"):
         sub.choices[name].add_argument("--steps", type=int, default=3000)
         sub.choices[name].add_argument("--lr", type=float, default=8e-4)
+        sub.choices[name].add_argument("--init", default=None, metavar="PT",
+                                       help="start from this trained model's EMA weights (its NAME.pt)")
     sub.choices["sample"].add_argument("--n", type=int, default=256)
     sub.choices["sample"].add_argument("--design", choices=("joint", "two-stage"), default="joint",
                                        help="one joint model (joint_MASK.pt) or stage 1 then 2 (maps_MASK.pt, "

@@ -176,6 +176,7 @@ def test_latent_vessel_painter_runs_end_to_end(tmp_path):
     for sub, extra in (("painter", ["--steps", "2", "--eyes", "3"]), ("joint", ["--steps", "2"]),
                        ("sample", ["--n", "2"]), ("maps", ["--steps", "2"]), ("bare", ["--steps", "2"]),
                        ("sample", ["--n", "2", "--design", "two-stage"]), ("maps", ["--steps", "2", "--mask", "pooled"]),
+                       ("maps", ["--steps", "2", "--mask", "pooled", "--init", "p/maps_pooled.pt", "--lr", "1e-4"]),
                        ("upsample", ["--steps", "2", "--eyes", "3"]),
                        ("sample", ["--n", "2", "--design", "two-stage", "--maps", "pooled"]),
                        ("sample", ["--n", "2", "--design", "two-stage", "--maps", "pooled", "--map-sampler", "ddpm",
@@ -203,6 +204,7 @@ def test_latent_vessel_painter_runs_end_to_end(tmp_path):
     assert up["maps"] == "pooled" and up["rows"]["drawn map"]["n"] == 2
     real = json.loads((tmp_path / "p" / "samples_full_two_stage_real_maps.json").read_text())
     assert real["rows"]["drawn map"]["n"] == 2 and real["mask_vessel_fraction"] > 0.05  # the held-out eyes' maps
+    assert json.loads((tmp_path / "p" / "maps_pooled.json").read_text())["init"] == "p/maps_pooled.pt"
     ddpm = json.loads((tmp_path / "p" / "samples_full_two_stage_pooled_maps_ddpm3.json").read_text())
     assert "--map-sampler ddpm" in ddpm["command"] and ddpm["rows"]["drawn map"]["n"] == 2
     ups = json.loads((tmp_path / "p" / "samples_full_two_stage_upsampled_maps.json").read_text())
