@@ -1,7 +1,7 @@
 """Retinal vessel tree length of LDM samples, many draws, paired between models (issue: samples without vessels).
 
-    python scripts/tree_lengths.py [--n 256] [--seed 0] [--steps 50] [--phantom 64] [--noise-floor] [--json FILE]
-        NAME=MODEL ...
+    python scripts/tree_lengths.py [--n 256] [--seed 0] [--steps 50] [--phantom 64] [--noise-floor] [--pair-folders]
+        [--json FILE] NAME=MODEL ...
 
 MODEL is anything ``retina_fast.load`` takes (``default``, a checkpoint directory), or ``cubes:DIR``: a folder of
 cube files drawn elsewhere (its first n in name order; e.g. ``latent_vessel_painter.py sample --save-cubes``).
@@ -10,7 +10,8 @@ every model draws from the same initial noise) and ``retina_fast.metrics.vessel_
 sample at 555 nm. Printed per model: mean, median, the 75 / 90 / 99 % points, how many samples have no tree, the
 median pixel noise relative to the background (``retina_fast.metrics.relative_noise``, the image the tree is
 traced in), and the paired difference of the mean against the first model with a 95 % bootstrap interval (2000
-resamples of the draws; it pairs cube folders only when their files are the same draws). ``--phantom K`` adds K
+resamples of the draws): model rows against the first model row, cube-folder rows against the first folder row
+only with ``--pair-folders`` (their files are the same draws, e.g. painted and unpainted). ``--phantom K`` adds K
 held-out phantom eyes (seeds 100000..) as the target row. ``--noise-floor`` (with ``--phantom``) adds, per row,
 the median tree of those K eyes rendered *without* vessels, with multiplicative noise raising their relative
 noise to that row's median: the tree that noise alone traces at that level.
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--phantom", type=int, default=0, metavar="K")
     p.add_argument("--noise-floor", action="store_true", help="with --phantom: the tree noise alone traces, per row")
+    p.add_argument("--pair-folders", action="store_true", help="the cubes:DIR rows hold the same draws, in order")
     p.add_argument("--json")
     args = p.parse_args(argv)
     if args.n < 2 or args.steps < 1 or args.phantom < 0 or (args.noise_floor and not args.phantom):
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(len(x) != 2 or not all(x) for x in pairs):
         print("tree_lengths.py: models are NAME=MODEL", file=sys.stderr)
         return 2
-    rows, first, bare = {}, None, None
+    rows, first, bare = {}, {}, None
     folders = [Path(m[len("cubes:"):]) for _, m in pairs if m.startswith("cubes:")]
     missing = [str(f) for f in folders if not f.is_dir()]
     if missing:
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         bare = phantom_cubes(args.phantom, size, vessels=False) if args.noise_floor else None
     floor = lambda r: noise_floor(bare, r["noise"], args.seed) if bare is not None else None  # noqa: E731
     print(f"{'model':<16} {'mean':>6} {'median':>6} {'75/90/99 %':>16} {'no tree':>8} {'noise':>6}"
-          f"{' floor' if bare is not None else ''}  paired vs {pairs[0][0]}")
+          f"{' floor' if bare is not None else ''}  paired mean difference")
 
     def line(name: str, r: dict) -> str:
         r["noise_floor"] = floor(r)
@@ -151,11 +153,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         r = rows[name] = {**summary(t), "noise": float(np.median(z)), "model": model, "lengths": t.tolist()}
         text = line(name, r)
-        if first is None:
-            first = t
-        else:
-            d = r["paired"] = paired(t, first)
-            text += f"  {d['mean']:+.1f} [{d['ci_low']:+.1f}, {d['ci_high']:+.1f}]"
+        kind = "folder" if model.startswith("cubes:") else "model"
+        if kind not in first:
+            first[kind] = (name, t)
+        elif kind == "model" or args.pair_folders:
+            d = r["paired"] = {**paired(t, first[kind][1]), "against": first[kind][0]}
+            text += f"  {d['mean']:+.1f} [{d['ci_low']:+.1f}, {d['ci_high']:+.1f}] vs {d['against']}"
         print(text, flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -102,7 +102,8 @@ def test_tree_lengths_pairs_models_over_the_same_draws(tmp_path):
     rows = json.loads((tmp_path / "t.json").read_text())["rows"]
     assert set(rows) == {"phantom", "a", "b"} and rows["phantom"]["n"] == 2  # 32-px eyes: no tree at that size
     assert len(rows["a"]["lengths"]) == 3 and rows["a"]["lengths"] == rows["b"]["lengths"]  # same model, same draws
-    assert rows["b"]["paired"] == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0} and "paired" not in rows["a"]
+    assert rows["b"]["paired"] == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0, "against": "a"}
+    assert "paired" not in rows["a"]
     bad = _run([str(ROOT / "scripts" / "tree_lengths.py"), "nomodel"], tmp_path)
     assert bad.returncode == 2 and "NAME=MODEL" in bad.stderr
 
@@ -122,12 +123,14 @@ def test_tree_lengths_reads_cube_folders_with_noise_and_its_floor(tmp_path):
             cube = render(100000 + i, 128).cube.numpy()
             io.save_cube(tmp_path / name / f"c{i}.npy", cube * (1 + scale * g.standard_normal(cube.shape)))
     tl = str(ROOT / "scripts" / "tree_lengths.py")
-    out = _run([tl, "e=cubes:eyes", "n=cubes:noisy", "--n", "3", "--phantom", "3", "--noise-floor",
-                "--json", str(tmp_path / "t.json")], tmp_path)
-    assert out.returncode == 0, out.stderr[-2000:]
-    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    for extra in ([], ["--pair-folders"]):
+        out = _run([tl, "e=cubes:eyes", "n=cubes:noisy", "--n", "3", "--phantom", "3", "--noise-floor",
+                    "--json", str(tmp_path / "t.json"), *extra], tmp_path)
+        assert out.returncode == 0, out.stderr[-2000:]
+        rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+        assert ("paired" in rows["n"]) == bool(extra)  # folders pair only when told they hold the same draws
     assert rows["e"]["median"] == rows["phantom"]["median"] > 200 and rows["e"]["noise"] == rows["phantom"]["noise"]
-    assert 0.05 < rows["e"]["noise"] < 0.2 < rows["n"]["noise"] and "paired" in rows["n"]
+    assert 0.05 < rows["e"]["noise"] < 0.2 < rows["n"]["noise"] and rows["n"]["paired"]["against"] == "e"
     assert rows["e"]["noise_floor"] < rows["n"]["noise_floor"] and rows["e"]["noise_floor"] < 0.5 * rows["e"]["median"]
     bad = _run([tl, "e=cubes:eyes", "--n", "4"], tmp_path)
     assert bad.returncode == 2 and "3 cube files, --n asks for 4" in bad.stderr and "Traceback" not in bad.stderr
