@@ -14,7 +14,9 @@ resamples of the draws): model rows against the first model row, cube-folder row
 only with ``--pair-folders`` (their files are the same draws, e.g. painted and unpainted). ``--phantom K`` adds K
 held-out phantom eyes (seeds 100000..) as the target row. ``--noise-floor`` (with ``--phantom``) adds, per row,
 the median tree of those K eyes rendered *without* vessels, with multiplicative noise raising their relative
-noise to that row's median: the tree that noise alone traces at that level.
+noise to that row's median: the tree that noise alone traces at that level. With ``--phantom``, the ``noisy``
+column counts the draws noisier than the noisiest phantom eye: failed draws (textured fields) whose long
+"trees" are noise, which the mean and the upper percentiles then carry.
 
 Per draw the length swings from 0 to well over 100 for the models of 2026-12, so compare models over hundreds
 of draws, never over a handful (16-draw medians moved by 2x between draw sets).
@@ -131,16 +133,18 @@ def main(argv: list[str] | None = None) -> int:
         size = (retina_fast.load(models[0]).config.vqgan.image_size if models  # else the first folder's size
                 else next(_folder(folders[0], 1)).shape[-1])
         t, z = _measure([phantom_cubes(args.phantom, size)])
-        rows["phantom"] = {**summary(t), "noise": float(np.median(z))}
+        rows["phantom"] = {**summary(t), "noise": float(np.median(z)), "noise_values": z.tolist()}
         bare = phantom_cubes(args.phantom, size, vessels=False) if args.noise_floor else None
     floor = lambda r: noise_floor(bare, r["noise"], args.seed) if bare is not None else None  # noqa: E731
+    top = max(rows["phantom"]["noise_values"]) if "phantom" in rows else None
     print(f"{'model':<16} {'mean':>6} {'median':>6} {'75/90/99 %':>16} {'no tree':>8} {'noise':>6}"
-          f"{' floor' if bare is not None else ''}  paired mean difference")
+          f"{' noisy' if top is not None else ''}{' floor' if bare is not None else ''}  paired mean difference")
 
     def line(name: str, r: dict) -> str:
         r["noise_floor"] = floor(r)
+        r["noisy"] = None if top is None else int((np.asarray(r["noise_values"]) > top).sum())
         return (f"{name:<16} {r['mean']:6.1f} {r['median']:6.1f} {r['p75']:5.0f}/{r['p90']:4.0f}/{r['p99']:4.0f} "
-                f"{r['no_tree']:5d}/{r['n']} {r['noise']:6.3f}"
+                f"{r['no_tree']:5d}/{r['n']} {r['noise']:6.3f}" + ("" if top is None else f" {r['noisy']:5d}")
                 + ("" if r["noise_floor"] is None else f" {r['noise_floor']:5.0f}"))
 
     if "phantom" in rows:
@@ -151,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError as exc:
             print(f"tree_lengths.py: {exc}", file=sys.stderr)
             return 2
-        r = rows[name] = {**summary(t), "noise": float(np.median(z)), "model": model, "lengths": t.tolist()}
+        r = rows[name] = {**summary(t), "noise": float(np.median(z)), "model": model, "lengths": t.tolist(),
+                          "noise_values": z.tolist()}
         text = line(name, r)
         kind = "folder" if model.startswith("cubes:") else "model"
         if kind not in first:

@@ -131,6 +131,7 @@ def test_tree_lengths_reads_cube_folders_with_noise_and_its_floor(tmp_path):
         assert ("paired" in rows["n"]) == bool(extra)  # folders pair only when told they hold the same draws
     assert rows["e"]["median"] == rows["phantom"]["median"] > 200 and rows["e"]["noise"] == rows["phantom"]["noise"]
     assert 0.05 < rows["e"]["noise"] < 0.2 < rows["n"]["noise"] and rows["n"]["paired"]["against"] == "e"
+    assert rows["e"]["noisy"] == 0 and rows["n"]["noisy"] == 3 and len(rows["n"]["noise_values"]) == 3
     assert rows["e"]["noise_floor"] < rows["n"]["noise_floor"] and rows["e"]["noise_floor"] < 0.5 * rows["e"]["median"]
     bad = _run([tl, "e=cubes:eyes", "--n", "4"], tmp_path)
     assert bad.returncode == 2 and "3 cube files, --n asks for 4" in bad.stderr and "Traceback" not in bad.stderr
