@@ -179,7 +179,8 @@ def test_latent_vessel_painter_runs_end_to_end(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     for sub, extra in (("painter", ["--steps", "2", "--eyes", "3"]), ("joint", ["--steps", "2"]),
                        ("sample", ["--n", "2"]), ("maps", ["--steps", "2"]), ("bare", ["--steps", "2"]),
-                       ("sample", ["--n", "2", "--design", "two-stage"]), ("maps", ["--steps", "2", "--mask", "pooled"]),
+                       ("sample", ["--n", "2", "--design", "two-stage"]),
+                       ("maps", ["--steps", "2", "--mask", "pooled"]),
                        ("maps", ["--steps", "2", "--mask", "pooled", "--init", "p/maps_pooled.pt", "--lr", "1e-4"]),
                        ("upsample", ["--steps", "2", "--eyes", "3"]),
                        ("sample", ["--n", "2", "--design", "two-stage", "--maps", "pooled"]),

@@ -69,21 +69,16 @@ def vessel_tree_length(cubes: torch.Tensor, band: int, *, fov: torch.Tensor | No
     from skimage.measure import label
     from skimage.morphology import skeletonize
 
-    _check(cubes, band, fov)
-    out = []
-    for i, cube in enumerate(cubes.detach().to("cpu", torch.float64).numpy()):
-        rel, field = _relative(cube, band, None if fov is None else fov[i])
-        if rel is None:
-            out.append(0.0)
-            continue
+    def length(cube, rel, field) -> float:
         img = cube[band]
         disc = ndi.binary_dilation(img > 2.0 * float(np.median(img[field])), iterations=6)
         response = sato(rel, sigmas=list(sigmas), black_ridges=True)
         response[~field | disc] = 0.0
         skeleton = skeletonize(response > threshold)
         sizes = np.bincount(label(skeleton, connectivity=2).ravel())[1:]
-        out.append(float(sizes[sizes >= min_length].sum()))
-    return torch.tensor(out, dtype=torch.float64)
+        return float(sizes[sizes >= min_length].sum())
+
+    return _per_image(cubes, band, fov, length)
 
 
 def relative_noise(cubes: torch.Tensor, band: int, *, fov: torch.Tensor | None = None) -> torch.Tensor:
@@ -92,31 +87,34 @@ def relative_noise(cubes: torch.Tensor, band: int, *, fov: torch.Tensor | None =
     view and background). Estimated as the median absolute finest diagonal Haar detail inside the field over
     0.6745 (Donoho & Johnstone 1994, Biometrika 81(3)): smooth shading does not move it. The phantom at 128 px
     gives ~0.12 at 555 nm, of which its thin vessels make ~10 % (the same eyes rendered without vessels: ~0.11)
-    and the rest is camera noise; multiplicative noise of s adds in quadrature (0.10 more gives ~0.16). Read it beside a tree length: a draw noisier than the data can make
-    ridges from noise. Returns an (N,) float64 tensor (0 where the field is empty)."""
+    and the rest is camera noise; multiplicative noise of s adds in quadrature (0.10 more gives ~0.16). Read it
+    beside a tree length: a draw noisier than the data can make ridges from noise. Returns an (N,) float64 tensor
+    (0 where the field is empty)."""
     import numpy as np
 
-    _check(cubes, band, fov)
-    out = []
-    for i, cube in enumerate(cubes.detach().to("cpu", torch.float64).numpy()):
-        rel, field = _relative(cube, band, None if fov is None else fov[i])
-        if rel is None:
-            out.append(0.0)
-            continue
+    def sigma(cube, rel, field) -> float:
         h, w = (rel.shape[0] // 2) * 2, (rel.shape[1] // 2) * 2
         q = [rel[dy:h:2, dx:w:2] for dy in (0, 1) for dx in (0, 1)]
         inside = np.logical_and.reduce([field[dy:h:2, dx:w:2] for dy in (0, 1) for dx in (0, 1)])
         detail = (q[0] - q[1] - q[2] + q[3]) / 2
-        out.append(float(np.median(np.abs(detail[inside]))) / 0.6745 if inside.any() else 0.0)
-    return torch.tensor(out, dtype=torch.float64)
+        return float(np.median(np.abs(detail[inside]))) / 0.6745 if inside.any() else 0.0
+
+    return _per_image(cubes, band, fov, sigma)
 
 
-def _check(cubes: torch.Tensor, band: int, fov: torch.Tensor | None) -> None:
+def _per_image(cubes: torch.Tensor, band: int, fov: torch.Tensor | None, fn) -> torch.Tensor:
+    """Checks the input, then ``fn(cube, rel, field)`` per image on :func:`_relative`'s image (0 where the field
+    is empty) -> (N,) float64 tensor."""
     if cubes.dim() != 4 or cubes.shape[1] < 4 or not 0 <= band < cubes.shape[1]:
         raise ValueError(f"need (N, bands >= 4, H, W) cubes and a band index inside them, got "
                          f"{tuple(cubes.shape)} and band {band}")
     if fov is not None and tuple(fov.shape) != (cubes.shape[0], *cubes.shape[2:]):
         raise ValueError(f"fov must be (N, H, W) = {(cubes.shape[0], *cubes.shape[2:])}, got {tuple(fov.shape)}")
+    out = []
+    for i, cube in enumerate(cubes.detach().to("cpu", torch.float64).numpy()):
+        rel, field = _relative(cube, band, None if fov is None else fov[i])
+        out.append(0.0 if rel is None else fn(cube, rel, field))
+    return torch.tensor(out, dtype=torch.float64)
 
 
 def _relative(cube, band: int, fov):
