@@ -418,7 +418,8 @@ def main(argv=None) -> int:
         sub.choices[name].add_argument("--steps", type=int, default=3000)
         sub.choices[name].add_argument("--lr", type=float, default=8e-4)
         sub.choices[name].add_argument("--init", default=None, metavar="PT",
-                                       help="start from this trained model's EMA weights (its NAME.pt)")
+                                       help="start from this trained model's EMA weights (its NAME.pt; read before "
+                                            "this run writes OUT/NAME.pt)")
     sub.choices["sample"].add_argument("--n", type=int, default=256)
     sub.choices["sample"].add_argument("--design", choices=("joint", "two-stage"), default="joint",
                                        help="one joint model (joint_MASK.pt) or stage 1 then 2 (maps_MASK.pt, "
@@ -441,6 +442,15 @@ def main(argv=None) -> int:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
     if getattr(a, "maps", None) and (a.design != "two-stage" or (a.maps != "real" and a.mask != "full")):
         p.error(f"--maps {a.maps} goes with --design two-stage" + (" --mask full" if a.maps != "real" else ""))
+    if a.cmd == "sample" and (a.map_sampler, a.map_steps) != ("ddim", 50) and (
+            a.design != "two-stage" or a.maps in ("real", "upsampled")):
+        p.error("--map-sampler and --map-steps set stage 1's sampler: they go with --design two-stage and stage 1 "
+                "drawing the maps (no --maps, or --maps pooled)")
+    if a.cmd == "sample" and a.save_cubes:
+        full = [str(Path(a.save_cubes) / d) for d in ("painted", "unpainted")
+                if (Path(a.save_cubes) / d).is_dir() and any((Path(a.save_cubes) / d).iterdir())]
+        if full:  # refused before the draws, so nothing is mixed with or lost to an earlier run
+            p.error(f"--save-cubes: {full[0]} already holds files (choose a new DIR)")
     if a.threads:
         torch.set_num_threads(a.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))

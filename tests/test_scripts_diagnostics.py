@@ -229,3 +229,9 @@ def test_latent_vessel_painter_runs_end_to_end(tmp_path):
     assert bad.returncode == 2 and "--n must be >= 1" in bad.stderr
     bad = _run([lp, "sample", "--out", "p", "--maps", "pooled"], tmp_path)
     assert bad.returncode == 2 and "--maps pooled goes with --design two-stage --mask full" in bad.stderr
+    bad = _run([lp, "sample", "--out", "p", "--design", "two-stage", "--maps", "real", "--map-steps", "9"], tmp_path)
+    assert bad.returncode == 2 and "--map-sampler and --map-steps set stage 1's sampler" in bad.stderr
+    before = sorted((tmp_path / "c" / "painted").iterdir())
+    bad = _run([lp, "sample", "--out", "p", "--design", "two-stage", "--save-cubes", "c"], tmp_path)
+    assert bad.returncode == 2 and "c/painted already holds files" in bad.stderr
+    assert sorted((tmp_path / "c" / "painted").iterdir()) == before  # nothing written over
