@@ -48,14 +48,17 @@ def _measure(batches) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _folder(path: Path, n: int):
+    """The first n cubes of a folder (``retina_fast.io.iter_cubes``: cube files by name, or a sample run), in
+    batches of ``BATCH``; FileNotFoundError when it holds fewer."""
+    from itertools import islice
+
     from retina_fast import io
 
-    files = [f for f in sorted(path.iterdir()) if f.is_file() and not f.name.startswith(".")
-             and f.suffix in (".npy", ".npz", ".h5", ".tif", ".tiff")][:n]
-    if len(files) < n:
-        raise FileNotFoundError(f"{path}: {len(files)} cube files, --n asks for {n}")
+    cubes = [torch.from_numpy(c.data) for c in islice(io.iter_cubes(path), n)]
+    if len(cubes) < n:
+        raise FileNotFoundError(f"{path}: {len(cubes)} cube files, --n asks for {n}")
     for first in range(0, n, BATCH):
-        yield torch.stack([torch.from_numpy(io.load_cube(f).data) for f in files[first:first + BATCH]])
+        yield torch.stack(cubes[first:first + BATCH])
 
 
 def tree_lengths(model: str, n: int, seed: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -135,28 +138,32 @@ def main(argv: list[str] | None = None) -> int:
         t, z = _measure([phantom_cubes(args.phantom, size)])
         rows["phantom"] = {**summary(t), "noise": float(np.median(z)), "noise_values": z.tolist()}
         bare = phantom_cubes(args.phantom, size, vessels=False) if args.noise_floor else None
-    floor = lambda r: noise_floor(bare, r["noise"], args.seed) if bare is not None else None  # noqa: E731
     top = max(rows["phantom"]["noise_values"]) if "phantom" in rows else None
+
+    def noise_columns(r: dict) -> dict:
+        """The row with its noise floor and its count of draws noisier than every phantom eye (None without)."""
+        r["noise_floor"] = None if bare is None else noise_floor(bare, r["noise"], args.seed)
+        r["noisy"] = None if top is None else int((np.asarray(r["noise_values"]) > top).sum())
+        return r
+
     print(f"{'model':<16} {'mean':>6} {'median':>6} {'75/90/99 %':>16} {'no tree':>8} {'noise':>6}"
           f"{' noisy' if top is not None else ''}{' floor' if bare is not None else ''}  paired mean difference")
 
     def line(name: str, r: dict) -> str:
-        r["noise_floor"] = floor(r)
-        r["noisy"] = None if top is None else int((np.asarray(r["noise_values"]) > top).sum())
         return (f"{name:<16} {r['mean']:6.1f} {r['median']:6.1f} {r['p75']:5.0f}/{r['p90']:4.0f}/{r['p99']:4.0f} "
                 f"{r['no_tree']:5d}/{r['n']} {r['noise']:6.3f}" + ("" if top is None else f" {r['noisy']:5d}")
                 + ("" if r["noise_floor"] is None else f" {r['noise_floor']:5.0f}"))
 
     if "phantom" in rows:
-        print(line("phantom", rows["phantom"]))
+        print(line("phantom", noise_columns(rows["phantom"])))
     for name, model in pairs:
         try:
             t, z = tree_lengths(model, args.n, args.seed, args.steps)
         except FileNotFoundError as exc:
             print(f"tree_lengths.py: {exc}", file=sys.stderr)
             return 2
-        r = rows[name] = {**summary(t), "noise": float(np.median(z)), "model": model, "lengths": t.tolist(),
-                          "noise_values": z.tolist()}
+        r = rows[name] = noise_columns({**summary(t), "noise": float(np.median(z)), "model": model,
+                                        "lengths": t.tolist(), "noise_values": z.tolist()})
         text = line(name, r)
         kind = "folder" if model.startswith("cubes:") else "model"
         if kind not in first:
