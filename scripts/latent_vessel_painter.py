@@ -8,7 +8,10 @@
     python scripts/latent_vessel_painter.py bare    --out runs/painter [--steps 3000] [--threads 1]
     python scripts/latent_vessel_painter.py upsample --out runs/painter [--steps 1500] [--threads 1]
     python scripts/latent_vessel_painter.py sample  --out runs/painter --design two-stage [--n 256] [--maps pooled]
-        [--map-sampler ddpm --map-steps 250] [--save-cubes DIR]
+        [--map-sampler ddpm --map-steps 250] [--gain G] [--save-cubes DIR]
+    python scripts/latent_vessel_painter.py calibrate --out runs/painter [--eyes 48] [--gains 1,1.25,1.5,1.75,2,2.5]
+    python scripts/latent_vessel_painter.py plain   --out runs/plain [--gain 1.75] [--steps 3000] [--threads 1]
+    python scripts/latent_vessel_painter.py sample  --out runs/plain --design plain [--gain 1.75] [--n 256]
 
 Every LDM so far, the mask-conditioned ones included, renders a crackle of short dark segments where the shipped
 VQ-GAN's own reconstructions keep a tree (docs/recipe_study/README.md). What the vessels add to the latents is,
@@ -43,7 +46,19 @@ measures it, for the painted draws and, as controls, the same draws unpainted; a
 tree (``mask_diffusion.tree``: a pseudo band 1 - 0.6 x the map at 128 px, eye 0's field of view) against the
 held-out eyes' maps, so a short tree is put on the map or on the painter. Writes OUT/samples_MASK[...].json and
 .png (555 nm unpainted, 555 nm painted, the drawn map dark on white); ``--save-cubes DIR`` also the painted and
-unpainted draws as cube files, for ``retina-fast evaluate`` and ``tree_lengths.py cubes:DIR``.
+unpainted draws as cube files, for ``retina-fast evaluate`` and ``tree_lengths.py cubes:DIR``; ``--gain G``
+paints G times the painter's vessel difference.
+``calibrate``: why a gain. The painter fits the autoencoder's own latents (least-squares gain ~1), and those
+decode to vessels of about half the eyes' contrast -- the autoencoder's loss, not the painter's. So the held-out
+eyes' vessel-free latents are painted with their own maps at each gain, decoded, and compared with the phantom
+renders of the same eyes: local vessel contrast at 465/555/570/600 nm, the 555 nm tree, visible-band L1, and the
+relative error of the mean spectrum over the vessel pixels (465-600 nm); the gain with the smallest spectrum error
+is ``spectrum_gain`` in OUT/calibrate_MASK.json. That gain matches the vessels' mean, not their profile (the
+autoencoder's vessels are blurred, so a gain widens them as it darkens them), and the global metrics of the draws
+prefer a smaller one (docs/recipe_study/README.md: 1.25 keeps them, 1.75 doubles HS-FID).
+``plain``: the control for what a gain does to the tree measure without a map -- one unconditional LDM, the shipped
+recipe's loop with its vessel weight 5, on z_bare + G (z_full - z_bare) (``train.pt``; G = 1: the autoencoder's own
+latents); ``sample --design plain --gain G`` draws it (OUT/samples_plain_gainG.json and .png).
 """
 from __future__ import annotations
 
@@ -114,8 +129,9 @@ def painter_net(channels: int, cond_channels: int) -> nn.Module:
     return conv_stack(channels + cond_channels, channels)
 
 
-def paint(net: nn.Module, bare: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-    return bare + net(torch.cat([bare, cond * 2 - 1], 1))
+def paint(net: nn.Module, bare: torch.Tensor, cond: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+    """The vessel-free latents plus ``gain`` times the painter's vessel difference (``calibrate`` fits the gain)."""
+    return bare + gain * net(torch.cat([bare, cond * 2 - 1], 1))
 
 
 def _tree(cubes: torch.Tensor) -> np.ndarray:
@@ -191,7 +207,8 @@ def _joint_unet(ldm, channels: int):
     return UNet2D(cfg)
 
 
-def _train(a, data: torch.Tensor, name: str, cond: torch.Tensor | None = None) -> int:
+def _train(a, data: torch.Tensor, name: str, cond: torch.Tensor | None = None,
+           weights: torch.Tensor | None = None) -> int:
     """The shipped LDM recipe's loop on ``data`` (``cond``: extra input channels) -> OUT/NAME.pt, OUT/NAME.json."""
     from mask_diffusion import train_eps
 
@@ -202,10 +219,11 @@ def _train(a, data: torch.Tensor, name: str, cond: torch.Tensor | None = None) -
     save = lambda m, step: torch.save({"ema": m.state_dict(), "step": step}, path)  # noqa: E731
     k = 0 if cond is None else cond.shape[1]
     unet = _joint_unet(ldm, data.shape[1] + k)
-    if a.init:  # go on from a trained model's EMA weights (e.g. at a lower --lr)
+    if getattr(a, "init", None):  # go on from a trained model's EMA weights (e.g. at a lower --lr)
         unet.load_state_dict(torch.load(a.init)["ema"])
-    _, log = train_eps(unet, data, ldm.schedule, steps=a.steps, batch=32, lr=a.lr, seed=a.seed, cond=cond, save=save)
-    doc = {"command": _command(a), "log": log, "init": a.init}
+    _, log = train_eps(unet, data, ldm.schedule, steps=a.steps, batch=32, lr=a.lr, seed=a.seed, cond=cond,
+                       weights=weights, save=save)
+    doc = {"command": _command(a), "log": log, "init": getattr(a, "init", None)}
     (out / f"{name}.json").write_text(json.dumps(doc, indent=1))
     return 0
 
@@ -222,6 +240,21 @@ def cmd_maps(a) -> int:
 def cmd_bare(a) -> int:
     tr = torch.load(Path(a.out) / "train.pt")
     return _train(a, tr["bare"], f"bare_{a.mask}", cond=condition(tr, a.mask) * 2 - 1)
+
+
+def vessel_weights(frac: torch.Tensor, weight: float = 5.0) -> torch.Tensor:
+    """The shipped recipe's ``--vessel-weight``: 1 + (W - 1) v per latent pixel, v its patch's vessel fraction,
+    normalised to mean 1 per eye."""
+    w = 1 + (weight - 1) * frac
+    return w / w.mean((1, 2, 3), keepdim=True)
+
+
+def cmd_plain(a) -> int:
+    """One unconditional LDM, the shipped recipe (vessel weight 5), on z_bare + G (z_full - z_bare): G = 1 the
+    autoencoder's own latents; G > 1 latents whose vessels decode at the contrast ``calibrate`` found."""
+    tr = torch.load(Path(a.out) / "train.pt")
+    data = tr["bare"] + a.gain * (tr["full"] - tr["bare"])
+    return _train(a, data, f"plain_gain{a.gain:g}", weights=vessel_weights(tr["frac"]))
 
 
 def upsample_net(f: int) -> nn.Module:
@@ -303,13 +336,15 @@ def cmd_sample(a) -> int:
 
     out = Path(a.out)
     ldm = _loaded()
+    coefs = plan("ddim", ldm.schedule, 50)
+    g = torch.Generator().manual_seed(a.seed)
+    if a.design == "plain":
+        return _sample_plain(a, ldm, coefs, g)
     c = ldm.config.latent_shape[0]
     k = 1 if a.mask == "pooled" else ldm.config.vqgan.f ** 2
     net = painter_net(c, k)
     net.load_state_dict(torch.load(out / f"painter_{a.mask}.pt"))
     net.eval()
-    coefs = plan("ddim", ldm.schedule, 50)
-    g = torch.Generator().manual_seed(a.seed)
     shape = ldm.config.latent_shape[1:]
     if a.design == "joint":
         z = _draw(_unet(ldm, out / f"joint_{a.mask}.pt", c + k), torch.randn(a.n, c + k, *shape, generator=g), coefs)
@@ -332,21 +367,105 @@ def cmd_sample(a) -> int:
             cond = upsampled(up.eval(), cond)
         bare = _draw(_unet(ldm, out / f"bare_{a.mask}.pt", c + k), torch.randn(len(cond), c, *shape, generator=g),
                      coefs, cond=cond * 2 - 1)
-    plain, painted = _decode(ldm, bare), _decode(ldm, paint(net, bare, cond))
+    plain, painted = _decode(ldm, bare), _decode(ldm, paint(net, bare, cond, a.gain))
     held = condition(torch.load(out / "held_out.pt"), a.mask)
     rows = {"joint draws, unpainted": _tree(plain), "joint draws, painted": _tree(painted),
             "drawn map": _map_tree(cond, a.mask), "held-out eyes' maps": _map_tree(held, a.mask)}
     res = {"command": _command(a), "mask": a.mask, "design": a.design, "maps": a.maps or a.mask, "n": len(bare),
+           "gain": a.gain,
            "mask_vessel_fraction": float(cond.mean()),
            "held_out_vessel_fraction": float(held.mean()),
            "rows": {k: _summary(v) for k, v in rows.items()}}
     name = f"samples_{a.mask}" + ("" if a.design == "joint" else "_two_stage") + (f"_{a.maps}_maps" if a.maps else "")
     if (a.map_sampler, a.map_steps) != ("ddim", 50):
         name += f"_{a.map_sampler}{a.map_steps}"
+    if a.gain != 1:
+        name += f"_gain{a.gain:g}"
     (out / f"{name}.json").write_text(json.dumps(res, indent=1))
     _figure(plain[:8], painted[:8], _map_image(cond[:8], a.mask), out / f"{name}.png")
     if a.save_cubes:
         _save_cubes(Path(a.save_cubes), {"painted": painted, "unpainted": plain}, ldm.wavelengths, res["command"])
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+VISIBLE_NM = 600  # the bands up to here carry the retinal vessels' contrast
+CONTRAST_NM = (465, 555, 570, 600)  # scripts/vessel_contrast.py's visible bands
+
+
+@torch.no_grad()
+def cmd_calibrate(a) -> int:
+    """The painter's gain against the eyes themselves: held-out eyes' vessel-free latents painted with their own
+    maps at each gain, decoded, and compared with the phantom renders of the same eyes (what the decoded vessels
+    should be); the gain whose vessels' mean spectrum is closest to the eyes' over the visible bands wins."""
+    from retina_fast.metrics import vessel_contrast
+    from retina_fast.phantom import render
+
+    out = Path(a.out)
+    ldm = _loaded()
+    te = torch.load(out / "held_out.pt")
+    n = min(len(te["full"]), a.eyes)
+    cond = condition(te, a.mask)[:n]
+    net = painter_net(te["bare"].shape[1], cond.shape[1])
+    net.load_state_dict(torch.load(out / f"painter_{a.mask}.pt"))
+    net.eval()
+    eyes = [render(HELD_OUT + i, SIDE) for i in range(n)]
+    masks = [p.masks for p in eyes]
+    truth = torch.stack([p.cube for p in eyes]).float()
+    if not torch.equal(torch.stack([p.masks["artery"] | p.masks["vein"] for p in eyes])[:, None], te["mask"][:n]):
+        raise ValueError(f"{out / 'held_out.pt'} is not the phantom's held-out eyes {HELD_OUT}.. at {SIDE} px")
+    fov = torch.stack([p.masks["fov"] for p in eyes])
+    vessels = torch.stack([p.masks["artery"] | p.masks["vein"] for p in eyes]) & fov
+    wl = [float(w) for w in ldm.wavelengths]
+    vis = [i for i, w in enumerate(wl) if w <= VISIBLE_NM]
+    contrast_bands = [wl.index(w) for w in CONTRAST_NM]
+
+    def row(cubes: torch.Tensor) -> dict:
+        cubes = cubes.float()
+        err = (cubes - truth).abs()[:, vis].transpose(0, 1)  # (bands, N, H, W)
+        spec = cubes.transpose(0, 1)[:, vessels].mean(1)
+        want = truth.transpose(0, 1)[:, vessels].mean(1)
+        rel = ((spec - want) / want)[vis].abs()
+        r = {f"contrast_{wl[b]:g}": vessel_contrast(cubes, masks, b) for b in contrast_bands}
+        r.update({"tree_median": float(np.median(_tree(cubes))), "visible_l1_fov": float(err[:, fov].mean()),
+                  "visible_l1_vessels": float(err[:, vessels].mean()),
+                  "vessel_spectrum_error": float(rel.mean()), "vessel_spectrum_error_max": float(rel.max())})
+        return r
+
+    delta = torch.cat([net(torch.cat([te["bare"][i:i + 64], cond[i:i + 64] * 2 - 1], 1)) for i in range(0, n, 64)])
+    decoded = {"autoencoder": _decode(ldm, te["full"][:n])}
+    rows = {"phantom eyes": row(truth), "autoencoder": row(decoded["autoencoder"]),
+            "vessel-free": row(_decode(ldm, te["bare"][:n]))}
+    for g in a.gains:
+        decoded[f"gain{g:g}"] = _decode(ldm, te["bare"][:n] + g * delta)
+        rows[f"gain {g:g}"] = row(decoded[f"gain{g:g}"])
+        print(f"gain {g:g}: " + json.dumps({k: round(v, 4) for k, v in rows[f'gain {g:g}'].items()}), flush=True)
+        if not a.save_cubes:
+            del decoded[f"gain{g:g}"]
+    best = min(a.gains, key=lambda g: rows[f"gain {g:g}"]["vessel_spectrum_error"])
+    true_delta = te["full"][:n] - te["bare"][:n]
+    res = {"command": _command(a), "mask": a.mask, "eyes": n, "visible_bands_nm": [wl[i] for i in vis],
+           "least_squares_gain": float((delta * true_delta).sum() / delta.square().sum()), "spectrum_gain": best,
+           "rows": rows}
+    (out / f"calibrate_{a.mask}.json").write_text(json.dumps(res, indent=1))
+    if a.save_cubes:
+        _save_cubes(Path(a.save_cubes), decoded, ldm.wavelengths, res["command"])
+    print(json.dumps({"spectrum_gain": best, "least_squares_gain": res["least_squares_gain"]}))
+    return 0
+
+
+def _sample_plain(a, ldm, coefs, g: torch.Generator) -> int:
+    """``sample --design plain``: draws of the ``plain`` LDM trained at ``--gain``, decoded; their tree."""
+    c, shape = ldm.config.latent_shape[0], ldm.config.latent_shape[1:]
+    z = _draw(_unet(ldm, Path(a.out) / f"plain_gain{a.gain:g}.pt", c), torch.randn(a.n, c, *shape, generator=g), coefs)
+    cubes = _decode(ldm, z)
+    res = {"command": _command(a), "design": "plain", "gain": a.gain, "n": len(z), "rows": {"draws": _summary(
+        _tree(cubes))}}
+    name = f"samples_plain_gain{a.gain:g}"
+    (Path(a.out) / f"{name}.json").write_text(json.dumps(res, indent=1))
+    _figure(cubes[:8], cubes[8:16] if len(cubes) > 8 else cubes[:8], None, Path(a.out) / f"{name}.png")
+    if a.save_cubes:
+        _save_cubes(Path(a.save_cubes), {"draws": cubes}, ldm.wavelengths, res["command"])
     print(json.dumps(res, indent=1))
     return 0
 
@@ -377,29 +496,42 @@ def _map_tree(cond: torch.Tensor, mode: str) -> np.ndarray:
     return tree(_map_image(cond, mode), fov.expand(len(cond), -1, -1))
 
 
-def _figure(top: torch.Tensor, bottom: torch.Tensor, maps: torch.Tensor, path: Path) -> None:
+def _figure(top: torch.Tensor, bottom: torch.Tensor, maps: torch.Tensor | None, path: Path) -> None:
+    """555 nm of two rows of draws over the maps (if any), on one grey scale: the 1st to 99.5th percentile of eight held-out
+    phantom eyes at 555 nm, so faint and strong vessels look as they are against the data."""
     from PIL import Image
 
-    def row(cubes):
-        tiles = []
-        for im in cubes[:, BAND_555].numpy():
-            lo, hi = np.percentile(im, 1), np.percentile(im, 99)
-            tiles.append(np.clip((im - lo) / (hi - lo + 1e-9), 0, 1))
-        return np.concatenate(tiles, 1)
+    from retina_fast.phantom import render
 
-    map_row = np.concatenate([1 - m[0] for m in maps.numpy()], 1)
-    Image.fromarray((np.concatenate([row(top), row(bottom), map_row], 0) * 255).astype(np.uint8)).save(path)
+    ref = np.stack([render(HELD_OUT + i, SIDE).cube[BAND_555].numpy() for i in range(8)])
+    lo, hi = np.percentile(ref, 1), np.percentile(ref, 99.5)
+
+    def row(cubes):
+        return np.concatenate([np.clip((im - lo) / (hi - lo), 0, 1) for im in cubes[:, BAND_555].numpy()], 1)
+
+    rows = [row(top), row(bottom)] + ([] if maps is None else [np.concatenate([1 - m[0] for m in maps.numpy()], 1)])
+    Image.fromarray((np.concatenate(rows, 0) * 255).astype(np.uint8)).save(path)
 
 
 def _command(a) -> str:
     return "python scripts/latent_vessel_painter.py " + " ".join(shlex.quote(x) for x in a.argv)
 
 
+def _gains(text: str) -> tuple[float, ...]:
+    try:
+        gains = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+    if not gains or min(gains) <= 0:
+        raise argparse.ArgumentTypeError(f"gains must be > 0: {text!r}")
+    return gains
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("data", "painter", "joint", "maps", "bare", "upsample", "sample"):
+    for name in ("data", "painter", "joint", "maps", "bare", "upsample", "sample", "calibrate", "plain"):
         s = sub.add_parser(name)
         s.add_argument("--out", required=True)
         s.add_argument("--seed", type=int, default=0)
@@ -414,16 +546,28 @@ def main(argv=None) -> int:
     sub.choices["painter"].add_argument("--eyes", type=int, default=64, help="held-out eyes for the trees")
     sub.choices["upsample"].add_argument("--steps", type=int, default=1500)
     sub.choices["upsample"].add_argument("--eyes", type=int, default=64, help="held-out eyes for the trees")
-    for name in ("joint", "maps", "bare"):
+    for name in ("joint", "maps", "bare", "plain"):
         sub.choices[name].add_argument("--steps", type=int, default=3000)
         sub.choices[name].add_argument("--lr", type=float, default=8e-4)
-        sub.choices[name].add_argument("--init", default=None, metavar="PT",
-                                       help="start from this trained model's EMA weights (its NAME.pt; read before "
-                                            "this run writes OUT/NAME.pt)")
+        if name != "plain":
+            sub.choices[name].add_argument("--init", default=None, metavar="PT",
+                                           help="start from this trained model's EMA weights (its NAME.pt; read "
+                                                "before this run writes OUT/NAME.pt)")
+    sub.choices["plain"].add_argument("--gain", type=float, default=1.0,
+                                      help="the vessels' part of the training latents times this (default 1)")
     sub.choices["sample"].add_argument("--n", type=int, default=256)
-    sub.choices["sample"].add_argument("--design", choices=("joint", "two-stage"), default="joint",
-                                       help="one joint model (joint_MASK.pt) or stage 1 then 2 (maps_MASK.pt, "
-                                            "bare_MASK.pt)")
+    sub.choices["sample"].add_argument("--gain", type=float, default=1.0,
+                                       help="the painter's vessel difference times this (calibrate fits it; "
+                                            "default 1: as trained)")
+    sub.choices["calibrate"].add_argument("--eyes", type=int, default=48, help="held-out eyes")
+    sub.choices["calibrate"].add_argument("--save-cubes", metavar="DIR", default=None,
+                                          help="also write the decoded eyes as cubes to DIR/autoencoder and "
+                                               "DIR/gainG (for retina-fast evaluate)")
+    sub.choices["calibrate"].add_argument("--gains", type=_gains, default=(1.0, 1.25, 1.5, 1.75, 2.0, 2.5),
+                                          help="comma-separated gains to try (default 1,1.25,1.5,1.75,2,2.5)")
+    sub.choices["sample"].add_argument("--design", choices=("joint", "two-stage", "plain"), default="joint",
+                                       help="one joint model (joint_MASK.pt), stage 1 then 2 (maps_MASK.pt, "
+                                            "bare_MASK.pt), or the plain LDM trained at --gain (plain_gainG.pt)")
     sub.choices["sample"].add_argument("--maps", choices=("pooled", "real", "upsampled"), default=None,
                                        help="two-stage: stage 1 draws the pooled map (maps_pooled.pt), upsample.pt "
                                             "makes the full one (with --mask full); real: no stage 1, the held-out "
@@ -440,14 +584,18 @@ def main(argv=None) -> int:
     for key in ("images", "held_out", "steps", "eyes", "n", "map_steps"):
         if getattr(a, key, 1) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
+    if getattr(a, "gain", 1) <= 0:
+        p.error("--gain must be > 0")
     if getattr(a, "maps", None) and (a.design != "two-stage" or (a.maps != "real" and a.mask != "full")):
         p.error(f"--maps {a.maps} goes with --design two-stage" + (" --mask full" if a.maps != "real" else ""))
     if a.cmd == "sample" and (a.map_sampler, a.map_steps) != ("ddim", 50) and (
             a.design != "two-stage" or a.maps in ("real", "upsampled")):
         p.error("--map-sampler and --map-steps set stage 1's sampler: they go with --design two-stage and stage 1 "
                 "drawing the maps (no --maps, or --maps pooled)")
-    if a.cmd == "sample" and a.save_cubes:
-        full = [str(Path(a.save_cubes) / d) for d in ("painted", "unpainted")
+    if getattr(a, "save_cubes", None):
+        names = (["autoencoder"] + [f"gain{g:g}" for g in a.gains] if a.cmd == "calibrate"
+                 else ["draws"] if a.design == "plain" else ["painted", "unpainted"])
+        full = [str(Path(a.save_cubes) / d) for d in names
                 if (Path(a.save_cubes) / d).is_dir() and any((Path(a.save_cubes) / d).iterdir())]
         if full:  # refused before the draws, so nothing is mixed with or lost to an earlier run
             p.error(f"--save-cubes: {full[0]} already holds files (choose a new DIR)")
@@ -456,7 +604,8 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     try:
         return {"data": cmd_data, "painter": cmd_painter, "joint": cmd_joint, "maps": cmd_maps, "bare": cmd_bare,
-                "upsample": cmd_upsample, "sample": cmd_sample}[a.cmd](a)
+                "upsample": cmd_upsample, "sample": cmd_sample, "calibrate": cmd_calibrate,
+                "plain": cmd_plain}[a.cmd](a)
     except FileNotFoundError as exc:  # a step run before the one that writes its input
         print(f"latent_vessel_painter.py {a.cmd}: {exc.filename}: not found (run the earlier steps first)",
               file=sys.stderr)

@@ -5,7 +5,7 @@
 RUN_DIR is a ``retina-fast train vqgan`` run (or its ``final/`` or a ``checkpoints/step_N``). For 48 held-out
 phantom eyes (seeds 5000..5047, at the model's image size; training uses 0..1023) it reconstructs each cube
 (``VQGAN.reconstruct``: encode -> nearest code -> decode, reflectance in and out) and prints the mean L1 error
-(all bands, and the 8 visible bands 465-600 nm) and the local vessel contrast
+(all bands, and the first 8 bands, 465-585 nm) and the local vessel contrast
 (``retina_fast.metrics.vessel_contrast``) at 465/555/570/600/730 nm. The first row is the phantom itself.
 ``--continuous`` adds, per run, a row "NAME~" decoding the encoder's output without quantising it: the gap
 between the two rows is what the codebook loses. ``--json FILE`` also writes the rows as JSON;

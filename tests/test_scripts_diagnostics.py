@@ -187,6 +187,10 @@ def test_latent_vessel_painter_runs_end_to_end(tmp_path):
                        ("sample", ["--n", "2", "--design", "two-stage", "--maps", "pooled", "--map-sampler", "ddpm",
                                    "--map-steps", "3"]),
                        ("sample", ["--n", "2", "--design", "two-stage", "--maps", "real"]),
+                       ("sample", ["--n", "2", "--design", "two-stage", "--maps", "real", "--gain", "2"]),
+                       ("calibrate", ["--eyes", "3", "--gains", "1,2", "--save-cubes", "c2"]),
+                       ("plain", ["--steps", "2", "--gain", "1.5"]),
+                       ("sample", ["--n", "2", "--design", "plain", "--gain", "1.5"]),
                        ("sample", ["--n", "2", "--design", "two-stage", "--maps", "upsampled", "--save-cubes", "c"])):
         out = _run([lp, sub, "--out", "p", "--threads", "1", *extra], tmp_path)
         assert out.returncode == 0, (sub, out.stderr[-2000:])
@@ -209,6 +213,22 @@ def test_latent_vessel_painter_runs_end_to_end(tmp_path):
     assert up["maps"] == "pooled" and up["rows"]["drawn map"]["n"] == 2
     real = json.loads((tmp_path / "p" / "samples_full_two_stage_real_maps.json").read_text())
     assert real["rows"]["drawn map"]["n"] == 2 and real["mask_vessel_fraction"] > 0.05  # the held-out eyes' maps
+    gained = json.loads((tmp_path / "p" / "samples_full_two_stage_real_maps_gain2.json").read_text())
+    assert gained["gain"] == 2 and real["gain"] == 1 and "--gain 2" in gained["command"]
+    assert gained["rows"]["joint draws, unpainted"] == real["rows"]["joint draws, unpainted"]  # the same draws
+    plain = json.loads((tmp_path / "p" / "samples_plain_gain1.5.json").read_text())
+    assert plain["design"] == "plain" and plain["gain"] == 1.5 and plain["rows"]["draws"]["n"] == 2
+    assert "plain --out p" in json.loads((tmp_path / "p" / "plain_gain1.5.json").read_text())["command"]
+    assert Image.open(tmp_path / "p" / "samples_plain_gain1.5.png").size == (2 * 128, 2 * 128)  # two rows of draws
+    cal = json.loads((tmp_path / "p" / "calibrate_full.json").read_text())
+    assert cal["eyes"] == 3 and cal["spectrum_gain"] in (1, 2) and set(cal["rows"]) == {
+        "phantom eyes", "autoencoder", "vessel-free", "gain 1", "gain 2"}
+    eyes, ae, bare = cal["rows"]["phantom eyes"], cal["rows"]["autoencoder"], cal["rows"]["vessel-free"]
+    assert eyes["vessel_spectrum_error"] == 0 and eyes["visible_l1_fov"] == 0 and eyes["contrast_555"] > 0.1
+    assert ae["contrast_555"] > bare["contrast_555"] + 0.03 and ae["tree_median"] > bare["tree_median"]
+    assert cal["rows"]["gain 1"] != cal["rows"]["gain 2"] and cal["visible_bands_nm"][-1] == 600
+    assert sorted(d.name for d in (tmp_path / "c2").iterdir()) == ["autoencoder", "gain1", "gain2"]
+    assert len(list((tmp_path / "c2" / "gain2").glob("*.npy"))) == 3
     assert json.loads((tmp_path / "p" / "maps_pooled.json").read_text())["init"] == "p/maps_pooled.pt"
     ddpm = json.loads((tmp_path / "p" / "samples_full_two_stage_pooled_maps_ddpm3.json").read_text())
     assert "--map-sampler ddpm" in ddpm["command"] and ddpm["rows"]["drawn map"]["n"] == 2
@@ -227,6 +247,10 @@ def test_latent_vessel_painter_runs_end_to_end(tmp_path):
     assert out.returncode == 2 and "painter_pooled.pt: not found" in out.stderr and "Traceback" not in out.stderr
     bad = _run([lp, "sample", "--out", "p", "--n", "0"], tmp_path)
     assert bad.returncode == 2 and "--n must be >= 1" in bad.stderr
+    bad = _run([lp, "sample", "--out", "p", "--gain", "0"], tmp_path)
+    assert bad.returncode == 2 and "--gain must be > 0" in bad.stderr
+    bad = _run([lp, "calibrate", "--out", "p", "--gains", "1,x"], tmp_path)
+    assert bad.returncode == 2 and "not a comma-separated list of numbers: '1,x'" in bad.stderr
     bad = _run([lp, "sample", "--out", "p", "--maps", "pooled"], tmp_path)
     assert bad.returncode == 2 and "--maps pooled goes with --design two-stage --mask full" in bad.stderr
     bad = _run([lp, "sample", "--out", "p", "--design", "two-stage", "--maps", "real", "--map-steps", "9"], tmp_path)
@@ -234,4 +258,6 @@ def test_latent_vessel_painter_runs_end_to_end(tmp_path):
     before = sorted((tmp_path / "c" / "painted").iterdir())
     bad = _run([lp, "sample", "--out", "p", "--design", "two-stage", "--save-cubes", "c"], tmp_path)
     assert bad.returncode == 2 and "c/painted already holds files" in bad.stderr
+    bad = _run([lp, "calibrate", "--out", "p", "--gains", "2", "--save-cubes", "c2"], tmp_path)
+    assert bad.returncode == 2 and "c2/autoencoder already holds files" in bad.stderr
     assert sorted((tmp_path / "c" / "painted").iterdir()) == before  # nothing written over
