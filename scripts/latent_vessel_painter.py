@@ -413,7 +413,9 @@ def cmd_calibrate(a) -> int:
     masks = [p.masks for p in eyes]
     truth = torch.stack([p.cube for p in eyes]).float()
     if not torch.equal(torch.stack([p.masks["artery"] | p.masks["vein"] for p in eyes])[:, None], te["mask"][:n]):
-        raise ValueError(f"{out / 'held_out.pt'} is not the phantom's held-out eyes {HELD_OUT}.. at {SIDE} px")
+        print(f"latent_vessel_painter.py calibrate: {out / 'held_out.pt'} does not hold the phantom's held-out eyes "
+              f"{HELD_OUT}.. at {SIDE} px (made by another version of 'data'?)", file=sys.stderr)
+        return 2
     fov = torch.stack([p.masks["fov"] for p in eyes])
     vessels = torch.stack([p.masks["artery"] | p.masks["vein"] for p in eyes]) & fov
     wl = [float(w) for w in ldm.wavelengths]
@@ -497,8 +499,8 @@ def _map_tree(cond: torch.Tensor, mode: str) -> np.ndarray:
 
 
 def _figure(top: torch.Tensor, bottom: torch.Tensor, maps: torch.Tensor | None, path: Path) -> None:
-    """555 nm of two rows of draws over the maps (if any), on one grey scale: the 1st to 99.5th percentile of eight held-out
-    phantom eyes at 555 nm, so faint and strong vessels look as they are against the data."""
+    """555 nm of two rows of draws over the maps (if any), on one grey scale: the 1st to 99.5th percentile of eight
+    held-out phantom eyes at 555 nm, so faint and strong vessels look as they are against the data."""
     from PIL import Image
 
     from retina_fast.phantom import render

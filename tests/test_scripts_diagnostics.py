@@ -260,4 +260,26 @@ def test_latent_vessel_painter_runs_end_to_end(tmp_path):
     assert bad.returncode == 2 and "c/painted already holds files" in bad.stderr
     bad = _run([lp, "calibrate", "--out", "p", "--gains", "2", "--save-cubes", "c2"], tmp_path)
     assert bad.returncode == 2 and "c2/autoencoder already holds files" in bad.stderr
+    (tmp_path / "q").mkdir()  # held-out latents of other eyes than the phantom's held-out ones: refused, not compared
+    for src, dst in (("train.pt", "held_out.pt"), ("painter_full.pt", "painter_full.pt")):
+        (tmp_path / "q" / dst).write_bytes((tmp_path / "p" / src).read_bytes())
+    bad = _run([lp, "calibrate", "--out", "q", "--eyes", "2", "--gains", "1"], tmp_path)
+    assert bad.returncode == 2 and "does not hold the phantom's held-out eyes 6000.." in bad.stderr, bad.stderr[-500:]
+    assert "Traceback" not in bad.stderr and not (tmp_path / "q" / "calibrate_full.json").exists()
     assert sorted((tmp_path / "c" / "painted").iterdir()) == before  # nothing written over
+
+
+def test_decoder_capacity_fits_latents_through_the_frozen_decoder(tmp_path):
+    """scripts/decoder_capacity.py, as a user runs it: the eyes themselves are the reference row, the fitted
+    latents lower the L1 of their continuous decode, and every row carries the vessel measures."""
+    out = _run([str(ROOT / "scripts" / "decoder_capacity.py"), "--eyes", "1", "--steps", "3", "--lr", "0.01",
+                "--threads", "1", "--json", "cap.json"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "cap.json").read_text())
+    rows = res["rows"]
+    assert res["eyes"] == 1 and [e["step"] for e in res["log"]] == [3] and "--steps 3" in res["command"]
+    assert rows["phantom eyes"]["l1_465_600_fov"] < 1e-6 and rows["phantom eyes"]["contrast_555"] > 0.1
+    fit, enc = rows["fitted latents, continuous"], rows["encoder's latents, continuous"]
+    assert fit["l1_465_600_fov"] < enc["l1_465_600_fov"] and 0.03 < enc["contrast_555"] < 0.15
+    bad = _run([str(ROOT / "scripts" / "decoder_capacity.py"), "--steps", "0"], tmp_path)
+    assert bad.returncode == 2 and "--steps must be >= 1" in bad.stderr
