@@ -242,19 +242,14 @@ def cmd_bare(a) -> int:
     return _train(a, tr["bare"], f"bare_{a.mask}", cond=condition(tr, a.mask) * 2 - 1)
 
 
-def vessel_weights(frac: torch.Tensor, weight: float = 5.0) -> torch.Tensor:
-    """The shipped recipe's ``--vessel-weight``: 1 + (W - 1) v per latent pixel, v its patch's vessel fraction,
-    normalised to mean 1 per eye."""
-    w = 1 + (weight - 1) * frac
-    return w / w.mean((1, 2, 3), keepdim=True)
-
-
 def cmd_plain(a) -> int:
     """One unconditional LDM, the shipped recipe (vessel weight 5), on z_bare + G (z_full - z_bare): G = 1 the
     autoencoder's own latents; G > 1 latents whose vessels decode at the contrast ``calibrate`` found."""
+    from retina_fast.training.train_ldm import _entry_weights  # the trainer's --vessel-weight
+
     tr = torch.load(Path(a.out) / "train.pt")
     data = tr["bare"] + a.gain * (tr["full"] - tr["bare"])
-    return _train(a, data, f"plain_gain{a.gain:g}", weights=vessel_weights(tr["frac"]))
+    return _train(a, data, f"plain_gain{a.gain:g}", weights=_entry_weights(tr["frac"], 5.0))
 
 
 def upsample_net(f: int) -> nn.Module:
@@ -412,12 +407,13 @@ def cmd_calibrate(a) -> int:
     eyes = [render(HELD_OUT + i, SIDE) for i in range(n)]
     masks = [p.masks for p in eyes]
     truth = torch.stack([p.cube for p in eyes]).float()
-    if not torch.equal(torch.stack([p.masks["artery"] | p.masks["vein"] for p in eyes])[:, None], te["mask"][:n]):
+    vessel_masks = torch.stack([p.masks["artery"] | p.masks["vein"] for p in eyes])
+    if not torch.equal(vessel_masks[:, None], te["mask"][:n]):
         print(f"latent_vessel_painter.py calibrate: {out / 'held_out.pt'} does not hold the phantom's held-out eyes "
               f"{HELD_OUT}.. at {SIDE} px (made by another version of 'data'?)", file=sys.stderr)
         return 2
     fov = torch.stack([p.masks["fov"] for p in eyes])
-    vessels = torch.stack([p.masks["artery"] | p.masks["vein"] for p in eyes]) & fov
+    vessels = vessel_masks & fov
     wl = [float(w) for w in ldm.wavelengths]
     vis = [i for i, w in enumerate(wl) if w <= VISIBLE_NM]
     contrast_bands = [wl.index(w) for w in CONTRAST_NM]
