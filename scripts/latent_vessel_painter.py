@@ -216,6 +216,10 @@ def _train(a, data: torch.Tensor, name: str, cond: torch.Tensor | None = None,
     ldm = _loaded()
     torch.manual_seed(a.seed)
     path = out / f"{name}.pt"
+    if path.is_symlink():  # torch.save would write through it into whatever it points at
+        print(f"latent_vessel_painter.py: {path} is a symbolic link (saving would overwrite what it points at); "
+              "train into a folder of its own", file=sys.stderr)
+        raise SystemExit(2)
     save = lambda m, step: torch.save({"ema": m.state_dict(), "step": step}, path)  # noqa: E731
     k = 0 if cond is None else cond.shape[1]
     unet = _joint_unet(ldm, data.shape[1] + k)

@@ -54,6 +54,7 @@ VARIANTS: dict[str, tuple[str, dict, list[str]]] = {
                   {**NO_GAN, "f": 4}, ["--normalise", "band", "--grad-clip", "0"]),
     "f4-lr1e-3": ("f = 4, both fixes, lr 1e-3", {**NO_GAN, "f": 4}, ["--normalise", "band", "--lr", "1e-3"]),
     "f4-long": ("f = 4, both fixes, 3000 steps", {**NO_GAN, "f": 4}, ["--normalise", "band"], 3000),
+    "f2-both": ("f = 2 (64x64x8 latents) with both fixes", {**NO_GAN, "f": 2}, ["--normalise", "band"]),
 }
 
 

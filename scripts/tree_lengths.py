@@ -8,7 +8,10 @@ cube files drawn elsewhere (its first n in name order; e.g. ``latent_vessel_pain
 Each model samples images 0 .. n-1 of ``--seed`` (DDIM, ``--steps``; in batches of 64 with ``first_index``, so
 every model draws from the same initial noise) and ``retina_fast.metrics.vessel_tree_length`` measures each
 sample at 555 nm. Printed per model: mean, median, the 75 / 90 / 99 % points, how many samples have no tree, the
-median pixel noise relative to the background (``retina_fast.metrics.relative_noise``, the image the tree is
+median arcade length (``retina_fast.metrics.vessel_arcade_length``: the part of the tree whose curves reach the
+optic disc; the phantom's is ~90 % of its tree, but a dense dark crackle reaches the disc too) and branch length
+(``vessel_branch_length``: the part in unbranched runs of >= 15 px, which a crackle lacks), the median pixel
+noise relative to the background (``retina_fast.metrics.relative_noise``, the image the tree is
 traced in), and the paired difference of the mean against the first model with a 95 % bootstrap interval (2000
 resamples of the draws): model rows against the first model row, cube-folder rows against the first folder row
 only with ``--pair-folders`` (their files are the same draws, e.g. painted and unpainted). ``--phantom K`` adds K
@@ -35,16 +38,20 @@ BAND_555 = 5
 BATCH = 64
 
 
-def _measure(batches) -> tuple[np.ndarray, np.ndarray]:
-    """Tree length and relative noise at 555 nm of each cube in an iterable of (N, bands, H, W) batches."""
-    from retina_fast.metrics import relative_noise, vessel_tree_length
+def _measure(batches) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Tree length, relative noise and {"arcade", "branch"} lengths at 555 nm of each cube in an iterable of
+    (N, bands, H, W) batches."""
+    from retina_fast.metrics import relative_noise, vessel_arcade_length, vessel_branch_length, vessel_tree_length
 
-    trees, noise = [], []
+    trees, noise, arcades, branches = [], [], [], []
     for x in batches:
         x = torch.as_tensor(x)
         trees.append(vessel_tree_length(x, BAND_555).numpy())
         noise.append(relative_noise(x, BAND_555).numpy())
-    return np.concatenate(trees), np.concatenate(noise)
+        arcades.append(vessel_arcade_length(x, BAND_555).numpy())
+        branches.append(vessel_branch_length(x, BAND_555).numpy())
+    return np.concatenate(trees), np.concatenate(noise), {"arcade": np.concatenate(arcades),
+                                                        "branch": np.concatenate(branches)}
 
 
 def _folder(path: Path, n: int):
@@ -61,8 +68,9 @@ def _folder(path: Path, n: int):
         yield torch.stack(cubes[first:first + BATCH])
 
 
-def tree_lengths(model: str, n: int, seed: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tree lengths, relative noise) of draws 0 .. n-1 of ``model`` (or the first n cubes of ``cubes:DIR``)."""
+def tree_lengths(model: str, n: int, seed: int, steps: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(tree lengths, relative noise, {"arcade", "branch"} lengths) of draws 0 .. n-1 of ``model`` (or the first n
+    cubes of ``cubes:DIR``)."""
     if model.startswith("cubes:"):
         return _measure(_folder(Path(model[len("cubes:"):]), n))
     import retina_fast
@@ -93,6 +101,15 @@ def summary(t: np.ndarray) -> dict:
     p75, p90, p99 = np.percentile(t, [75, 90, 99])
     return {"n": int(t.size), "mean": float(t.mean()), "median": float(np.median(t)), "p75": float(p75),
             "p90": float(p90), "p99": float(p99), "no_tree": int((t == 0).sum())}
+
+
+def structure(parts: dict) -> dict:
+    """Median, mean and values of each of ``_measure``'s structure lengths."""
+    out = {}
+    for name, a in parts.items():
+        out.update({f"{name}_median": float(np.median(a)), f"{name}_mean": float(a.mean()),
+                    f"{name}_lengths": a.tolist()})
+    return out
 
 
 def paired(a: np.ndarray, b: np.ndarray, seed: int = 0, resamples: int = 2000) -> dict:
@@ -135,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         models = [m for _, m in pairs if not m.startswith("cubes:")]
         size = (retina_fast.load(models[0]).config.vqgan.image_size if models  # else the first folder's size
                 else next(_folder(folders[0], 1)).shape[-1])
-        t, z = _measure([phantom_cubes(args.phantom, size)])
-        rows["phantom"] = {**summary(t), "noise": float(np.median(z)), "noise_values": z.tolist()}
+        t, z, arc = _measure([phantom_cubes(args.phantom, size)])
+        rows["phantom"] = {**summary(t), **structure(arc), "noise": float(np.median(z)), "noise_values": z.tolist()}
         bare = phantom_cubes(args.phantom, size, vessels=False) if args.noise_floor else None
     top = max(rows["phantom"]["noise_values"]) if "phantom" in rows else None
 
@@ -146,23 +163,25 @@ def main(argv: list[str] | None = None) -> int:
         r["noisy"] = None if top is None else int((np.asarray(r["noise_values"]) > top).sum())
         return r
 
-    print(f"{'model':<16} {'mean':>6} {'median':>6} {'75/90/99 %':>16} {'no tree':>8} {'noise':>6}"
+    print(f"{'model':<16} {'mean':>6} {'median':>6} {'75/90/99 %':>16} {'no tree':>8} {'arcade':>6} {'branch':>6} "
+          f"{'noise':>6}"
           f"{' noisy' if top is not None else ''}{' floor' if bare is not None else ''}  paired mean difference")
 
     def line(name: str, r: dict) -> str:
         return (f"{name:<16} {r['mean']:6.1f} {r['median']:6.1f} {r['p75']:5.0f}/{r['p90']:4.0f}/{r['p99']:4.0f} "
-                f"{r['no_tree']:5d}/{r['n']} {r['noise']:6.3f}" + ("" if top is None else f" {r['noisy']:5d}")
+                f"{r['no_tree']:5d}/{r['n']} {r['arcade_median']:6.1f} {r['branch_median']:6.1f} {r['noise']:6.3f}"
+                + ("" if top is None else f" {r['noisy']:5d}")
                 + ("" if r["noise_floor"] is None else f" {r['noise_floor']:5.0f}"))
 
     if "phantom" in rows:
         print(line("phantom", noise_columns(rows["phantom"])))
     for name, model in pairs:
         try:
-            t, z = tree_lengths(model, args.n, args.seed, args.steps)
+            t, z, arc = tree_lengths(model, args.n, args.seed, args.steps)
         except FileNotFoundError as exc:
             print(f"tree_lengths.py: {exc}", file=sys.stderr)
             return 2
-        r = rows[name] = noise_columns({**summary(t), "noise": float(np.median(z)), "model": model,
+        r = rows[name] = noise_columns({**summary(t), **structure(arc), "noise": float(np.median(z)), "model": model,
                                         "lengths": t.tolist(), "noise_values": z.tolist()})
         text = line(name, r)
         kind = "folder" if model.startswith("cubes:") else "model"

@@ -1,5 +1,7 @@
 """vessel_tree_length: high on phantom eyes, low when their vessels are blurred, ~0 when painted over; its
-connected-length rule against a hand-drawn case; bad input refused. relative_noise: the known sigma of noise
+connected-length rule against a hand-drawn case; bad input refused. vessel_arcade_length: most of the phantom's
+tree, only the curves that reach the disc in a hand-drawn case, 0 without a disc. vessel_branch_length: a long line
+whole, a fine mesh (a crackle) nothing. relative_noise: the known sigma of noise
 added to a flat eye, quadrature on the phantom, blind to smooth shading, the vessels' small share."""
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from retina_fast.metrics import relative_noise, vessel_tree_length
+from retina_fast.metrics import relative_noise, vessel_arcade_length, vessel_branch_length, vessel_tree_length
 from retina_fast.phantom import render
 
 scipy_ndimage = pytest.importorskip("scipy.ndimage")
@@ -58,13 +60,62 @@ def test_tree_length_counts_long_connected_curves_only():
     assert float(vessel_tree_length(cube, BAND)[0]) == 0.0
 
 
+def test_arcade_length_keeps_the_curves_that_reach_the_disc(eyes):
+    """A flat eye with a bright disc, one dark line leaving it and one elsewhere: the tree counts both, the arcade
+    length only the first, and nothing once the disc is gone. On the phantom the tree is mostly arcade."""
+    cube = torch.full((1, 16, 128, 128), 0.3)
+    yy, xx = torch.meshgrid(torch.arange(128), torch.arange(128), indexing="ij")
+    cube[:, :, ((yy - 64) ** 2 + (xx - 64) ** 2) > 58 ** 2] = 0.0
+    disc = ((yy - 64) ** 2 + (xx - 40) ** 2) <= 5 ** 2
+    cube[0, BAND][disc] = 0.9
+    cube[0, BAND, 64, 46:100] = 0.2  # leaves the disc's edge; the first ~6 px lie in the left-out margin
+    cube[0, BAND, 96, 40:90] = 0.2
+    tree, arcade = float(vessel_tree_length(cube, BAND)[0]), float(vessel_arcade_length(cube, BAND)[0])
+    assert 85 <= tree <= 105 and 40 <= arcade <= 52, (tree, arcade)
+    assert float(vessel_arcade_length(cube, BAND, reach=1)[0]) == arcade  # the line starts at the margin itself
+    cube[0, BAND][disc] = 0.3
+    assert float(vessel_arcade_length(cube, BAND)[0]) == 0.0 < float(vessel_tree_length(cube, BAND)[0])
+    real = torch.stack([e.cube for e in eyes])
+    frac = vessel_arcade_length(real, BAND) / vessel_tree_length(real, BAND)
+    assert float(frac.median()) > 0.8, frac
+    with pytest.raises(ValueError, match="reach"):
+        vessel_arcade_length(real, BAND, reach=0)
+
+
+def test_branch_length_keeps_long_runs_and_drops_a_mesh():
+    """One 60-px line counts whole; a mesh of 10-px cells (a dark crackle) has a long tree and no long branch; a
+    ladder of 40-px rungs keeps its rungs only."""
+    def eye():
+        cube = torch.full((1, 16, 128, 128), 0.3)
+        yy, xx = torch.meshgrid(torch.arange(128), torch.arange(128), indexing="ij")
+        cube[:, :, ((yy - 64) ** 2 + (xx - 64) ** 2) > 58 ** 2] = 0.0
+        return cube
+
+    line = eye()
+    line[0, BAND, 40, 34:94] = 0.2
+    assert float(vessel_branch_length(line, BAND)[0]) == float(vessel_tree_length(line, BAND)[0]) == 60.0
+    mesh = eye()
+    for k in range(6):
+        mesh[0, BAND, 30:90, 30 + 10 * k] = 0.2
+        mesh[0, BAND, 30 + 10 * k, 30:90] = 0.2
+    assert float(vessel_tree_length(mesh, BAND)[0]) > 500 and float(vessel_branch_length(mesh, BAND)[0]) == 0.0
+    ladder = eye()
+    ladder[0, BAND, 40, 34:94] = ladder[0, BAND, 80, 34:94] = 0.2
+    for k in range(6):
+        ladder[0, BAND, 40:81, 34 + 10 * k] = 0.2
+    rungs = float(vessel_branch_length(ladder, BAND)[0])  # 6 rungs of ~36 px between the junctions; rails cut short
+    assert 6 * 30 <= rungs <= 6 * 40, rungs
+    with pytest.raises(ValueError, match="min_branch"):
+        vessel_branch_length(line, BAND, min_branch=0)
+
+
 @pytest.mark.parametrize("cubes,band,fov,match", [
     (torch.rand(16, 32, 32), 5, None, "need \\(N, bands"),
     (torch.rand(2, 16, 32, 32), 16, None, "band index"),
     (torch.rand(2, 16, 32, 32), 5, torch.ones(2, 31, 32, dtype=torch.bool), "fov must be"),
 ])
 def test_tree_length_rejects_bad_input(cubes, band, fov, match):
-    for fn in (vessel_tree_length, relative_noise):
+    for fn in (vessel_tree_length, vessel_arcade_length, vessel_branch_length, relative_noise):
         with pytest.raises(ValueError, match=match):
             fn(cubes, band, fov=fov)
 

@@ -130,6 +130,8 @@ def test_tree_lengths_reads_cube_folders_with_noise_and_its_floor(tmp_path):
         rows = json.loads((tmp_path / "t.json").read_text())["rows"]
         assert ("paired" in rows["n"]) == bool(extra)  # folders pair only when told they hold the same draws
     assert rows["e"]["median"] == rows["phantom"]["median"] > 200 and rows["e"]["noise"] == rows["phantom"]["noise"]
+    assert rows["e"]["arcade_median"] == rows["phantom"]["arcade_median"] > 0.8 * rows["e"]["median"]
+    assert rows["e"]["branch_median"] == rows["phantom"]["branch_median"] > 0 and len(rows["n"]["branch_lengths"]) == 3
     assert 0.05 < rows["e"]["noise"] < 0.2 < rows["n"]["noise"] and rows["n"]["paired"]["against"] == "e"
     assert rows["e"]["noisy"] == 0 and rows["n"]["noisy"] == 3 and len(rows["n"]["noise_values"]) == 3
     assert rows["e"]["noise_floor"] < rows["n"]["noise_floor"] and rows["e"]["noise_floor"] < 0.5 * rows["e"]["median"]
@@ -267,6 +269,12 @@ def test_latent_vessel_painter_runs_end_to_end(tmp_path):
     assert bad.returncode == 2 and "does not hold the phantom's held-out eyes 6000.." in bad.stderr, bad.stderr[-500:]
     assert "Traceback" not in bad.stderr and not (tmp_path / "q" / "calibrate_full.json").exists()
     assert sorted((tmp_path / "c" / "painted").iterdir()) == before  # nothing written over
+    kept = tmp_path / "kept.pt"  # a trained model linked in as OUT/NAME.pt: refused, not written through
+    (tmp_path / "p" / "maps_pooled.pt").rename(kept)
+    (tmp_path / "p" / "maps_pooled.pt").symlink_to(kept)
+    before = kept.read_bytes()
+    bad = _run([lp, "maps", "--out", "p", "--mask", "pooled", "--steps", "1", "--threads", "1"], tmp_path)
+    assert bad.returncode == 2 and "maps_pooled.pt is a symbolic link" in bad.stderr and kept.read_bytes() == before
 
 
 def test_decoder_capacity_fits_latents_through_the_frozen_decoder(tmp_path):
@@ -283,3 +291,33 @@ def test_decoder_capacity_fits_latents_through_the_frozen_decoder(tmp_path):
     assert fit["l1_465_600_fov"] < enc["l1_465_600_fov"] and 0.03 < enc["contrast_555"] < 0.15
     bad = _run([str(ROOT / "scripts" / "decoder_capacity.py"), "--steps", "0"], tmp_path)
     assert bad.returncode == 2 and "--steps must be >= 1" in bad.stderr
+
+
+def test_decoder_finetune_trains_the_decoder_alone_into_a_loadable_model(tmp_path):
+    """scripts/decoder_finetune.py at a toy budget, as a user runs it: the evaluation rows at step 0 and the end, a
+    model directory whose decoder changed while the encoder, codebook and U-Net did not, and refusals (exit 2)."""
+    import torch
+
+    from retina_fast.checkpoint import load_checkpoint
+    from retina_fast.modelzoo import resolve_model
+
+    script = str(ROOT / "scripts" / "decoder_finetune.py")
+    out = _run([script, "--out", "ft", "--eyes", "8", "--steps", "2", "--eval-every", "2", "--eval-eyes", "2",
+                "--vessel-weight", "5", "--grad-weight", "1", "--gan-start", "1", "--threads", "1"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "ft" / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 2] and all(0.03 < r["c555"] < 0.2 and r["l1"] < 0.05 for r in rows)
+    _, new = load_checkpoint(tmp_path / "ft" / "final")
+    _, old = load_checkpoint(resolve_model("default"))
+    assert all(torch.equal(new["unet"][k], v) for k, v in old["unet"].items())
+    frozen = [k for k in old["vqgan"] if k.startswith(("encoder.", "pre_quant.", "codebook."))]
+    assert frozen and all(torch.equal(new["vqgan"][k], old["vqgan"][k]) for k in frozen)
+    assert any(not torch.equal(new["vqgan"][k], old["vqgan"][k]) for k in old["vqgan"] if k.startswith("decoder."))
+    import retina_fast
+
+    assert retina_fast.load(str(tmp_path / "ft" / "final")).sample(1, 2, seed=0).shape == (1, 16, 128, 128)
+    assert (tmp_path / "ft" / "recon_555.png").is_file()
+    for bad_args, msg in ((["--out", "ft"], "exists: choose another --out"),
+                          (["--out", "g", "--vessel-weight", "0.5"], "--vessel-weight must be >= 1")):
+        bad = _run([script, *bad_args], tmp_path)
+        assert bad.returncode == 2 and msg in bad.stderr and "Traceback" not in bad.stderr

@@ -13,6 +13,8 @@ Images are (N, C, H, W) float tensors in a stated ``data_range`` (default 1.0: r
 - Authenticity: :func:`nn_authenticity` (nearest neighbours, ratio test, percentile rule).
 - Structure: :func:`vessel_contrast` (local retinal-vessel contrast, with phantom or segmenter masks),
   :func:`vessel_tree_length` (length of connected dark ridges: a vessel tree, without masks),
+  :func:`vessel_arcade_length` (the part of that length whose curves reach the optic disc),
+  :func:`vessel_branch_length` (the part of it in long unbranched runs, which a dark crackle lacks),
   :func:`relative_noise` (pixel noise relative to the local background, to read beside it).
 
 Cautions are raised as :class:`MetricWarning` (filter them by that class).
@@ -25,7 +27,8 @@ from retina_fast.metrics.fid import (default_extractor, default_segmenter, featu
                                      frechet_distance, frechet_distance_from_features, hs_fid, kid)
 from retina_fast.metrics.inception import BandTriplets, InceptionBandTriplets, default_triplets
 from retina_fast.metrics.spectral import kl_divergence_hist, spectral_kl
-from retina_fast.metrics.vessel import relative_noise, vessel_contrast, vessel_tree_length
+from retina_fast.metrics.vessel import (relative_noise, vessel_arcade_length, vessel_branch_length, vessel_contrast,
+                                        vessel_tree_length)
 from retina_fast.metrics.ssim import MS_SSIM_WEIGHTS, gaussian_window, ms_ssim, ms_ssim_scales, psnr, ssim
 
 __all__ = [
@@ -36,6 +39,7 @@ __all__ = [
     "bootstrap_ci", "bootstrap_indices",
     "spectral_kl", "kl_divergence_hist",
     "ms_ssim_diversity", "pairwise_ms_ssim", "sample_pairs",
-    "nn_authenticity", "nearest_two", "vessel_contrast", "vessel_tree_length", "relative_noise",
+    "nn_authenticity", "nearest_two", "vessel_contrast", "vessel_tree_length", "vessel_arcade_length",
+    "vessel_branch_length", "relative_noise",
     "MetricWarning",
 ]

@@ -16,7 +16,8 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["vessel_contrast", "vessel_tree_length", "relative_noise", "dilate"]
+__all__ = ["vessel_contrast", "vessel_tree_length", "vessel_arcade_length", "vessel_branch_length",
+           "relative_noise", "dilate"]
 
 
 def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
@@ -63,22 +64,93 @@ def vessel_tree_length(cubes: torch.Tensor, band: int, *, fov: torch.Tensor | No
     painted-over eyes with 10 % multiplicative noise give 0, with 20 % 368, so compare sets by their median
     and look at noisy images before reading a high value as vessels. Needs scipy and scikit-image (the
     ``eval`` extra). Returns an (N,) float64 tensor."""
+    def length(cube, rel, field) -> float:
+        _, sizes, _ = _ridge_skeleton(cube[band], rel, field, sigmas, threshold)
+        return float(sizes[sizes >= min_length].sum())
+
+    return _per_image(cubes, band, fov, length)
+
+
+def vessel_arcade_length(cubes: torch.Tensor, band: int, *, fov: torch.Tensor | None = None,
+                         sigmas: Sequence[float] = (1.5, 2.0), threshold: float = 0.05, min_length: int = 20,
+                         reach: int = 4) -> torch.Tensor:
+    """Per image: the part of :func:`vessel_tree_length` whose curves reach the optic disc -- the skeleton components
+    of at least ``min_length`` pixels with a pixel within ``reach`` px of the left-out disc (same steps and
+    parameters). Retinal vessels leave the disc and branch from there, so a tree is mostly connected to it; a
+    crackle of short dark segments is not, however dark (darker segments raise the tree length, not this).
+
+    At 128 px and 555 nm: the phantom's eyes 6000..6031 give a median of 312 of their tree's 336 (93 %), the shipped
+    VQ-GAN's reconstructions of the same kind of eyes 47 of 164 (30 %). An image whose disc is not found (no pixel
+    brighter than twice the band's median) gives 0. Returns an (N,) float64 tensor."""
+    import numpy as np
+    from scipy import ndimage as ndi
+
+    if reach < 1:
+        raise ValueError(f"reach must be >= 1 px (the skeleton never enters the left-out disc), got {reach}")
+
+    def length(cube, rel, field) -> float:
+        labels, sizes, disc = _ridge_skeleton(cube[band], rel, field, sigmas, threshold)
+        if not disc.any():
+            return 0.0
+        near = ndi.binary_dilation(disc, iterations=reach)
+        touching = np.zeros(sizes.shape, bool)
+        touching[np.unique(labels[near])] = True
+        touching[0] = False
+        return float(sizes[touching & (sizes >= min_length)].sum())
+
+    return _per_image(cubes, band, fov, length)
+
+
+def vessel_branch_length(cubes: torch.Tensor, band: int, *, fov: torch.Tensor | None = None,
+                         sigmas: Sequence[float] = (1.5, 2.0), threshold: float = 0.05, min_length: int = 20,
+                         min_branch: int = 15) -> torch.Tensor:
+    """Per image: the length of :func:`vessel_tree_length`'s curves that lies in long unbranched runs -- the skeleton
+    of its components of at least ``min_length`` pixels, cut at every junction (a pixel with three or more
+    8-neighbours, and the pixels around it), summed over the pieces of at least ``min_branch`` pixels. Vessels run
+    smoothly for tens of pixels between branchings; a crackle of short dark segments meshes into junctions every few
+    pixels, so darkening a crackle raises the tree length but not this.
+
+    At 128 px and 555 nm (medians): phantom eyes 6000..6031 106 of a tree of 336 (the camera noise cuts their
+    skeleton often), the shipped VQ-GAN's reconstructions of eyes 6000..6063 109 of 164, and an LDM whose draws are a
+    dark crackle 49 of 310. Returns an (N,) float64 tensor."""
+    import numpy as np
+    from scipy import ndimage as ndi
+    from skimage.measure import label
+
+    if min_branch < 1:
+        raise ValueError(f"min_branch must be >= 1 px, got {min_branch}")
+    neighbours = np.ones((3, 3))
+    neighbours[1, 1] = 0
+
+    def length(cube, rel, field) -> float:
+        labels, sizes, _ = _ridge_skeleton(cube[band], rel, field, sigmas, threshold)
+        skeleton = (sizes >= min_length)[labels] & (labels > 0)
+        junction = skeleton & (ndi.convolve(skeleton.astype(np.int32), neighbours, mode="constant") >= 3)
+        pieces = label(skeleton & ~ndi.binary_dilation(junction, np.ones((3, 3), bool)), connectivity=2)
+        counts = np.bincount(pieces.ravel())[1:]
+        return float(counts[counts >= min_branch].sum())
+
+    return _per_image(cubes, band, fov, length)
+
+
+def _ridge_skeleton(img, rel, field, sigmas: Sequence[float], threshold: float):
+    """The steps shared by the tree measures, on one band ``img`` (H, W) and its relative image ``rel``: the optic
+    disc (pixels brighter than twice the median inside ``field``, dilated by 6 px), Sato's dark-ridge response at
+    ``sigmas`` outside it, thresholded and skeletonised. Returns (8-connected component labels, pixels per label
+    with label 0 -- the background -- counted as 0, the disc mask)."""
     import numpy as np
     from scipy import ndimage as ndi
     from skimage.filters import sato
     from skimage.measure import label
     from skimage.morphology import skeletonize
 
-    def length(cube, rel, field) -> float:
-        img = cube[band]
-        disc = ndi.binary_dilation(img > 2.0 * float(np.median(img[field])), iterations=6)
-        response = sato(rel, sigmas=list(sigmas), black_ridges=True)
-        response[~field | disc] = 0.0
-        skeleton = skeletonize(response > threshold)
-        sizes = np.bincount(label(skeleton, connectivity=2).ravel())[1:]
-        return float(sizes[sizes >= min_length].sum())
-
-    return _per_image(cubes, band, fov, length)
+    disc = ndi.binary_dilation(img > 2.0 * float(np.median(img[field])), iterations=6)
+    response = sato(rel, sigmas=list(sigmas), black_ridges=True)
+    response[~field | disc] = 0.0
+    labels = label(skeletonize(response > threshold), connectivity=2)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels, sizes, disc
 
 
 def relative_noise(cubes: torch.Tensor, band: int, *, fov: torch.Tensor | None = None) -> torch.Tensor:
