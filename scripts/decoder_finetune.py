@@ -18,7 +18,7 @@ With --gan on a fresh PatchGAN (the trainer's, batch norm) learns from step 0 an
 --gan-start; Adam betas 0.5, 0.9 as the trainer; bf16 autocast.
 
 Every --eval-every steps: the 48 held-out eyes of scripts/vessel_contrast.py (5000..5047; --eval-eyes) are
-reconstructed; L1, the 465/555/570/600/730 nm vessel contrast and the 555 nm tree median go to RUN/eval.jsonl
+reconstructed; their ``vessel_contrast.measure`` row (L1, vessel contrast, 555 nm tree lengths) goes to RUN/eval.jsonl
 (step 0 = the model given). At the end RUN/final: the given model directory with this decoder (same U-Net, config
 and latent range), which ``retina_fast.load`` and ``retina-fast sample --model`` read, and RUN/recon_555.png: a
 held-out eye at 555 nm, phantom, given decoder and fine-tuned decoder (phantom's grey scale), crops at 2x below.
@@ -70,7 +70,6 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     from retina_fast.checkpoint import CONFIG_NAME, load_checkpoint, save_checkpoint
-    from retina_fast.metrics import vessel_tree_length
     from retina_fast.modelzoo import resolve_model
     from retina_fast.models.normalisation import model_to_reflectance, reflectance_to_model
     from retina_fast.phantom import render
@@ -80,9 +79,14 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from vessel_contrast import measure
 
-    src = resolve_model(a.model)
-    vq, _ = load_vqgan(src)
-    doc, states = load_checkpoint(src)
+    try:
+        src = resolve_model(a.model)
+        vq, _ = load_vqgan(src)
+        doc, states = load_checkpoint(src)
+    except (FileNotFoundError, ValueError) as exc:  # CheckpointError is a ValueError
+        p.error(f"--model {a.model}: {exc}")
+    if "unet" not in states:
+        p.error(f"--model {a.model}: not a model with a diffusion U-Net (kind {doc.get('kind')!r})")
     cfg = vq.config
     torch.manual_seed(a.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,9 +118,7 @@ def main(argv=None) -> int:
         recon = torch.cat([decoder(held_codes[i:i + 16]) for i in range(0, len(held_codes), 16)])
         decoder.train()
         cubes = model_to_reflectance(recon, cfg).float()
-        row = {"step": step, **measure(cubes, held_cubes, held_masks),
-               "tree_555_median": float(np.median(vessel_tree_length(cubes, 5).numpy())),
-               "s": round(time.time() - t0, 1)}
+        row = {"step": step, **measure(cubes, held_cubes, held_masks), "s": round(time.time() - t0, 1)}
         with open(out / "eval.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)

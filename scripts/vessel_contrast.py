@@ -6,7 +6,8 @@ RUN_DIR is a ``retina-fast train vqgan`` run (or its ``final/`` or a ``checkpoin
 phantom eyes (seeds 5000..5047, at the model's image size; training uses 0..1023) it reconstructs each cube
 (``VQGAN.reconstruct``: encode -> nearest code -> decode, reflectance in and out) and prints the mean L1 error
 (all bands, and the first 8 bands, 465-585 nm) and the local vessel contrast
-(``retina_fast.metrics.vessel_contrast``) at 465/555/570/600/730 nm. The first row is the phantom itself.
+(``retina_fast.metrics.vessel_contrast``) at 465/555/570/600/730 nm, and the medians of the vessel tree, arcade and
+branch lengths at 555 nm (``vessel_tree_length`` and the two after it). The first row is the phantom itself.
 ``--continuous`` adds, per run, a row "NAME~" decoding the encoder's output without quantising it: the gap
 between the two rows is what the codebook loses. ``--json FILE`` also writes the rows as JSON;
 ``--figure FILE.png`` draws the 555 nm band of the first two eyes (whole and a 48-px crop at 2x) for the
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from retina_fast.metrics import vessel_contrast
+from retina_fast.metrics import vessel_arcade_length, vessel_branch_length, vessel_contrast, vessel_tree_length
 from retina_fast.phantom import render
 from retina_fast.training.train_ldm import load_vqgan
 
@@ -31,6 +32,8 @@ EYES = range(5000, 5048)
 def measure(cubes: torch.Tensor, real: torch.Tensor, masks: list[dict]) -> dict:
     row = {"l1": float((cubes - real).abs().mean()), "l1_visible": float((cubes[:, :8] - real[:, :8]).abs().mean())}
     row.update({f"c{wl}": vessel_contrast(cubes, masks, b) for wl, b in BANDS.items()})
+    row.update({f"{name}_555": float(fn(cubes, BANDS[555]).median()) for name, fn in (
+        ("tree", vessel_tree_length), ("arcade", vessel_arcade_length), ("branch", vessel_branch_length))})
     return row
 
 
@@ -97,7 +100,8 @@ def main(argv: list[str]) -> int:
                 rows[name + "~"] = measure(recon, real, masks)
     for name, r in rows.items():
         contrast = " ".join(f"C{wl}={r[f'c{wl}']:.3f}" for wl in BANDS)
-        print(f"{name:16s} L1 {r['l1']:.4f}  visible-band L1 {r['l1_visible']:.4f}  {contrast}")
+        print(f"{name:16s} L1 {r['l1']:.4f}  visible-band L1 {r['l1_visible']:.4f}  {contrast}  tree/arcade/branch "
+              f"{r['tree_555']:.0f}/{r['arcade_555']:.0f}/{r['branch_555']:.0f}")
     if figure:
         draw(panels, figure)
     if out_json:

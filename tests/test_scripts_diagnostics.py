@@ -318,6 +318,8 @@ def test_decoder_finetune_trains_the_decoder_alone_into_a_loadable_model(tmp_pat
     assert retina_fast.load(str(tmp_path / "ft" / "final")).sample(1, 2, seed=0).shape == (1, 16, 128, 128)
     assert (tmp_path / "ft" / "recon_555.png").is_file()
     for bad_args, msg in ((["--out", "ft"], "exists: choose another --out"),
-                          (["--out", "g", "--vessel-weight", "0.5"], "--vessel-weight must be >= 1")):
+                          (["--out", "g", "--vessel-weight", "0.5"], "--vessel-weight must be >= 1"),
+                          (["--out", "g", "--model", str(tmp_path / "none")], "neither a packaged ldm model")):
         bad = _run([script, *bad_args], tmp_path)
         assert bad.returncode == 2 and msg in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "g").exists()  # refused before anything is written
