@@ -77,7 +77,9 @@ def vessel_arcade_length(cubes: torch.Tensor, band: int, *, fov: torch.Tensor | 
     """Per image: the part of :func:`vessel_tree_length` whose curves reach the optic disc -- the skeleton components
     of at least ``min_length`` pixels with a pixel within ``reach`` px of the left-out disc (same steps and
     parameters). Retinal vessels leave the disc and branch from there, so a tree is mostly connected to it; a
-    crackle of short dark segments is not, however dark (darker segments raise the tree length, not this).
+    crackle of short dark segments is mostly not -- but a dense, dark one reaches the disc too: over 256 draws an LDM
+    whose draws are such a crackle gives a median of 110 of its 301, one whose draws carry vessels along a drawn tree
+    130 of 268.
 
     At 128 px and 555 nm: the phantom's eyes 6000..6031 give a median of 312 of their tree's 336 (93 %), the shipped
     VQ-GAN's reconstructions of the same kind of eyes 47 of 164 (30 %). An image whose disc is not found (no pixel
@@ -110,9 +112,10 @@ def vessel_branch_length(cubes: torch.Tensor, band: int, *, fov: torch.Tensor | 
     smoothly for tens of pixels between branchings; a crackle of short dark segments meshes into junctions every few
     pixels, so darkening a crackle raises the tree length but not this.
 
-    At 128 px and 555 nm (medians): phantom eyes 6000..6031 106 of a tree of 336 (the camera noise cuts their
-    skeleton often), the shipped VQ-GAN's reconstructions of eyes 6000..6063 109 of 164, and an LDM whose draws are a
-    dark crackle 49 of 310. Returns an (N,) float64 tensor."""
+    At 128 px and 555 nm (medians): phantom eyes 100000..100063 105 of a tree of 356 (the camera noise cuts their
+    skeleton often), the shipped VQ-GAN's reconstructions of eyes 6000..6063 109 of 164; over 256 draws, an LDM whose
+    draws are a dark crackle 63 of 301, one whose draws carry vessels along a drawn tree 93 of 268: the order is
+    right, the margin small, so look at the images too. Returns an (N,) float64 tensor."""
     import numpy as np
     from scipy import ndimage as ndi
     from skimage.measure import label
