@@ -65,8 +65,9 @@ def main(argv=None) -> int:
     if not (a.vessel_weight >= 1.0 and a.grad_weight >= 0.0):
         p.error("--vessel-weight must be >= 1 and --grad-weight >= 0")
     out = Path(a.out)
-    if (out / "final").exists():
-        p.error(f"{out / 'final'} exists: choose another --out")
+    taken = [out / n for n in ("final", "eval.jsonl") if (out / n).exists()]
+    if taken:
+        p.error(f"{taken[0]} exists: choose another --out")
     if a.threads:
         torch.set_num_threads(a.threads)
     from retina_fast.checkpoint import CONFIG_NAME, load_checkpoint, save_checkpoint
@@ -149,6 +150,8 @@ def main(argv=None) -> int:
             parts["fm"] = feature_matching_loss([f.float() for f in feats_fake], [f.float() for f in feats_real])
             total = total + cfg.gan_weight * parts["gan"] + cfg.feature_matching_weight * parts["fm"]
             disc.requires_grad_(True)
+        if not torch.isfinite(total):
+            raise SystemExit(f"error: the loss is not finite at step {step + 1}")
         opt_g.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
@@ -161,8 +164,6 @@ def main(argv=None) -> int:
             torch.nn.utils.clip_grad_norm_(disc.parameters(), 1.0)
             opt_d.step()
             parts["d"] = loss_d
-        if not torch.isfinite(total):
-            raise SystemExit(f"error: the loss is not finite at step {step + 1}")
         if (step + 1) % 25 == 0:
             row = {"step": step + 1, **{k: round(float(v.detach()), 5) for k, v in parts.items()}}
             log.write(json.dumps(row) + "\n")

@@ -19,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from retina_fast.metrics import vessel_arcade_length, vessel_branch_length, vessel_contrast, vessel_tree_length
@@ -32,7 +33,7 @@ EYES = range(5000, 5048)
 def measure(cubes: torch.Tensor, real: torch.Tensor, masks: list[dict]) -> dict:
     row = {"l1": float((cubes - real).abs().mean()), "l1_visible": float((cubes[:, :8] - real[:, :8]).abs().mean())}
     row.update({f"c{wl}": vessel_contrast(cubes, masks, b) for wl, b in BANDS.items()})
-    row.update({f"{name}_555": float(fn(cubes, BANDS[555]).median()) for name, fn in (
+    row.update({f"{name}_555": float(np.median(fn(cubes, BANDS[555]).numpy())) for name, fn in (
         ("tree", vessel_tree_length), ("arcade", vessel_arcade_length), ("branch", vessel_branch_length))})
     return row
 

@@ -307,6 +307,7 @@ def test_decoder_finetune_trains_the_decoder_alone_into_a_loadable_model(tmp_pat
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "ft" / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 2] and all(0.03 < r["c555"] < 0.2 and r["l1"] < 0.05 for r in rows)
+    assert rows[0]["tree_555"] > 50 and {"arcade_555", "branch_555"} <= set(rows[0])  # the 555 nm structure
     _, new = load_checkpoint(tmp_path / "ft" / "final")
     _, old = load_checkpoint(resolve_model("default"))
     assert all(torch.equal(new["unet"][k], v) for k, v in old["unet"].items())
