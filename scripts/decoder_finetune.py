@@ -20,8 +20,8 @@ With --gan on a fresh PatchGAN (the trainer's, batch norm) learns from step 0 an
 Every --eval-every steps: the 48 held-out eyes of scripts/vessel_contrast.py (5000..5047; --eval-eyes) are
 reconstructed; their ``vessel_contrast.measure`` row (L1, vessel contrast, 555 nm tree lengths) goes to RUN/eval.jsonl
 (step 0 = the model given). At the end RUN/final: the given model directory with this decoder (same U-Net, config
-and latent range), which ``retina_fast.load`` and ``retina-fast sample --model`` read, and RUN/recon_555.png: a
-held-out eye at 555 nm, phantom, given decoder and fine-tuned decoder (phantom's grey scale), crops at 2x below.
+and latent range), which ``retina_fast.load`` and ``retina-fast sample --model`` read, and RUN/recon_555.png: the
+first two held-out eyes at 555 nm, phantom, given decoder and fine-tuned decoder (``vessel_contrast.py``'s figure).
 """
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 EYES_TRAIN, EYES_EVAL, SIDE = 0, 5000, 128
@@ -60,8 +59,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     a = p.parse_args(argv)
-    if min(a.steps, a.batch_size, a.eval_every, a.eval_eyes) < 1 or a.eyes < a.batch_size or not a.lr > 0:
-        p.error("--steps, --batch-size, --eval-every, --eval-eyes must be >= 1, --eyes >= --batch-size, --lr > 0")
+    if min(a.steps, a.batch_size, a.eval_every) < 1 or a.eval_eyes < 2 or a.eyes < a.batch_size or not a.lr > 0:
+        p.error("--steps, --batch-size, --eval-every must be >= 1, --eval-eyes >= 2 (the figure shows two), "
+                "--eyes >= --batch-size, --lr > 0")
     if not (a.vessel_weight >= 1.0 and a.grad_weight >= 0.0):
         p.error("--vessel-weight must be >= 1 and --grad-weight >= 0")
     out = Path(a.out)
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         spectral_angle
     from retina_fast.training.train_ldm import load_vqgan
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from vessel_contrast import measure
+    from vessel_contrast import draw, measure
 
     try:
         src = resolve_model(a.model)
@@ -182,28 +182,9 @@ def main(argv=None) -> int:
     for extra in sorted(src.iterdir()):
         if extra.suffix in {".md", ".csv"} and extra.name != CONFIG_NAME:
             shutil.copy(extra, out / "final" / extra.name)
-    _figure(held_cubes[0], first[0], last[0], out / "recon_555.png")
+    draw({"phantom": held_cubes[:2, 5], "given decoder": first[:2, 5], "fine-tuned": last[:2, 5]},
+         str(out / "recon_555.png"))
     return 0
-
-
-def _figure(truth: torch.Tensor, before: torch.Tensor, after: torch.Tensor, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    band = 5
-    lo, hi = np.percentile(truth[band].numpy(), [1, 99.5])
-    fig, ax = plt.subplots(2, 3, figsize=(9, 6))
-    for col, (name, cube) in enumerate({"phantom": truth, "given decoder": before, "fine-tuned": after}.items()):
-        img = cube[band].numpy()
-        ax[0, col].imshow(img, cmap="gray", vmin=lo, vmax=hi)
-        ax[1, col].imshow(np.kron(img[20:68, 36:84], np.ones((2, 2))), cmap="gray", vmin=lo, vmax=hi)
-        ax[0, col].set_title(f"{name}, 555 nm")
-        for r in ax[:, col]:
-            r.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
